@@ -1,0 +1,84 @@
+"""The Task contract: an algorithm owns its model, loss and evaluation, and nothing else.
+
+A task never calls ``backward()``, never moves data between devices and never knows which
+strategy runs it. The trainer calls the task through ``forward`` so that wrappers (DDP, FSDP)
+see every call::
+
+    out = task(batch)                 # -> training_step(batch) -> {"loss": ..., "accuracy": ...}
+    out = task(batch, stage="val")    # -> validation_step(batch) -> {"loss": ..., ...}
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from src.data.info import DatasetInfo
+
+
+class Task(nn.Module):
+    """Base class of every algorithm in TASKS.
+
+    Subclasses implement ``training_step`` and usually ``validation_step``; they may override
+    ``configure`` (build heads from the data), ``on_step_end`` (EMA teachers, queues),
+    ``parameter_groups`` and ``validation_epoch_end`` (metrics over the whole split).
+    Extra state that must survive a resume lives in buffers or ``get_extra_state``.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def configure(self, info: DatasetInfo) -> None:
+        """Called once with the data's facts before the optimizer is built."""
+
+    def forward(self, batch: dict[str, Any], stage: str = "train") -> dict[str, torch.Tensor]:
+        return self.training_step(batch) if stage == "train" else self.validation_step(batch)
+
+    def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Returns ``{"loss": scalar, **other scalar metrics}`` for one micro-batch."""
+        raise NotImplementedError(f"{type(self).__name__} must implement training_step")
+
+    def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Scalar metrics of one batch; the trainer averages them weighted by batch size."""
+        return {}
+
+    def validation_epoch_end(self, gather) -> dict[str, torch.Tensor]:
+        """Metrics over the whole split (retrieval, confusion ...), after all validation steps.
+
+        Args:
+            gather: concatenates a tensor from every rank along dim 0 (identity in one process).
+        """
+        return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        """Non-tensor state to checkpoint (tensors belong in buffers, saved with the weights)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``extra_state`` returned."""
+
+    def on_step_end(self, step: int, max_steps: int) -> None:
+        """After each optimizer step (momentum teachers, schedules of the algorithm itself)."""
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters for the optimizer: biases and norm weights get no weight decay."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        groups = [{"params": decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+
+def batch_size_of(batch: Any) -> int:
+    """Number of samples in a batch (first dimension of its first tensor)."""
+    if isinstance(batch, dict):
+        batch = next(iter(batch.values()))
+    if isinstance(batch, (list, tuple)):
+        batch = batch[0]
+    return int(batch.shape[0])

@@ -1,0 +1,38 @@
+"""The Callback base: a few hooks into the loop, each a no-op until overridden.
+
+Hooks receive the trainer, whose public attributes (``step``, ``epoch``, ``task``, ``optimizer``,
+``strategy``, ``should_stop``, ``run_dir``) are theirs to read; ``should_stop = True`` ends the
+run after the current step. ``state_dict`` is saved with every checkpoint.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class Callback:
+    def on_fit_start(self, trainer) -> None:
+        """Before the first step (after any resume)."""
+
+    def on_step_end(self, trainer, outputs: dict[str, Any]) -> None:
+        """After each optimizer step; ``outputs`` holds this step's tensors and ``grad_norm``."""
+
+    def on_log(self, trainer, metrics: dict[str, float]) -> None:
+        """Before metrics are sent to the loggers; may add entries to ``metrics``."""
+
+    def on_validation_start(self, trainer) -> None:
+        """Before evaluation (EMA swaps its weights in here)."""
+
+    def on_validation_end(self, trainer, metrics: dict[str, float]) -> None:
+        """After evaluation with its ``val/...`` metrics."""
+
+    def on_epoch_end(self, trainer) -> None:
+        """After the last step of an epoch."""
+
+    def on_fit_end(self, trainer) -> None:
+        """After training, also when it stops on an error."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

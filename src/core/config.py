@@ -1,0 +1,313 @@
+"""The experiment config: one YAML file, validated by pydantic before anything heavy starts.
+
+Precedence: CLI override > YAML (a file's own keys > its ``base:``) > default. Every section is a
+pydantic model with ``extra="forbid"``; component sections (``type: name`` plus parameters) are
+checked against their registry entry's signature by :func:`validate_components`.
+
+    cfg, origins = load_config("configs/exp001.yaml", ["trainer.max_steps=50"])
+"""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from src.core.errors import ConfigError
+
+Section = dict[str, Any]  # a component: {"type": name, **params}, checked by its registry
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(BaseModel):
+    """Data: loader options here; every other key goes to the DATASETS entry named by ``type``."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = Field("digits", description="DATASETS entry that builds train and val sets.")
+    batch_size: int = Field(64, gt=0, description="Global batch size of one micro-step.")
+    eval_batch_size: Optional[int] = Field(None, gt=0, description="Batch size for evaluation.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    pin_memory: bool = Field(False, description="Pin host memory (faster copies to a GPU).")
+    drop_last: bool = Field(True, description="Drop the last incomplete training batch.")
+    shuffle: bool = Field(True, description="Shuffle training samples each epoch.")
+
+
+class TrainerConfig(_Strict):
+    """The loop. Training stops at ``max_steps`` or ``max_epochs``, whichever comes first."""
+
+    max_epochs: Optional[int] = Field(None, gt=0, description="Epochs to train.")
+    max_steps: Optional[int] = Field(None, gt=0, description="Optimizer steps to train.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast dtype.")
+    grad_accum_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    grad_clip: Optional[float] = Field(None, gt=0, description="Max gradient norm (None: off).")
+    log_every: int = Field(10, gt=0, description="Log averaged metrics every N steps.")
+    eval_every_n_steps: Optional[int] = Field(None, gt=0, description="Evaluate every N steps.")
+    eval_every_n_epochs: Optional[int] = Field(1, gt=0, description="Evaluate every N epochs.")
+    max_bad_steps: int = Field(5, gt=0, description="Stop after N consecutive non-finite steps.")
+    compile: bool = Field(False, description="torch.compile the model.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations (HF/timm).")
+    deterministic: bool = Field(False, description="Deterministic algorithms only.")
+    progress_bar: bool = Field(False, description="Rich progress bar with ETA.")
+
+
+class CheckpointConfig(_Strict):
+    """Checkpoints under ``experiments/<name>/checkpoints/step_<N>/``."""
+
+    every_n_steps: Optional[int] = Field(None, gt=0, description="Save every N steps.")
+    every_n_epochs: Optional[int] = Field(None, gt=0, description="Save every N epochs.")
+    save_last: bool = Field(True, description="Save when training ends.")
+    save_on_eval: bool = Field(False, description="Save after every evaluation (for top_k).")
+    keep_last: Optional[int] = Field(3, gt=0, description="Keep the newest N (None: all).")
+    keep_every: Optional[int] = Field(None, gt=0, description="Also keep steps divisible by N.")
+    top_k: int = Field(0, ge=0, description="Also keep the best K by `monitor`.")
+    monitor: Optional[str] = Field(None, description="Metric for top_k, e.g. val/accuracy.")
+    mode: Literal["min", "max"] = Field("max", description="Whether the monitor improves up/down.")
+    resume: str = Field("auto", description="auto | never | path to a checkpoint directory.")
+
+
+class LoggingConfig(_Strict):
+    """Where metrics go; every logger writes under ``experiments/<name>/``."""
+
+    loggers: list[Union[str, Section]] = Field(["console", "jsonl"], description="LOGGERS.")
+    root: str = Field("experiments", description="Folder that holds one folder per run.")
+
+
+class ExperimentConfig(_Strict):
+    """One experiment. Sections map to registries; see configs/exp001.yaml."""
+
+    name: str = Field(..., description="Run name: the folder experiments/<name>/.")
+    seed: int = Field(0, description="Seed for python, numpy and torch (offset per rank).")
+    imports: list[str] = Field([], description="User modules imported to register components.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: Section = Field(..., description="MODELS entry.")
+    task: Section = Field(..., description="TASKS entry.")
+    optimizer: Section = Field({"type": "adamw"}, description="OPTIMIZERS entry.")
+    scheduler: Section = Field({"type": "constant"}, description="SCHEDULERS entry.")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    strategy: Section = Field({"type": "single"}, description="STRATEGIES entry.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    callbacks: list[Section] = Field([], description="CALLBACKS entries.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError("must be letters, digits, '.', '_' or '-' (it names a folder)")
+        return v
+
+    @field_validator("model", "task", "optimizer", "scheduler", "strategy")
+    @classmethod
+    def _has_type(cls, v: Section) -> Section:
+        if "type" not in v:
+            raise ValueError("needs a 'type' key naming a registered component")
+        return v
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _yaml_loader():
+    """SafeLoader that also reads ``3e-4`` as a float (YAML 1.1 wants ``3.0e-4``)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."))
+    return Loader
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML with the safe loader above: no tag can construct a Python object."""
+    loader = _yaml_loader()(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML: {exc.problem or exc.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if data is None:
+        raise ConfigError(f"{path}: config file is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """Deep-merge ``top`` into a copy of ``base``: mappings merge, everything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _leaf_sources(data: Any, source: str, prefix: str = "") -> dict[str, str]:
+    """dotted leaf path -> source, for every leaf of ``data`` (lists are leaves)."""
+    if not isinstance(data, dict) or not data:
+        return {prefix.rstrip("."): source} if prefix else {}
+    out: dict[str, str] = {}
+    for k, v in data.items():
+        out.update(_leaf_sources(v, source, f"{prefix}{k}."))
+    return out
+
+
+def _set_sources(origins: dict[str, str], new: dict[str, str]) -> None:
+    for path in new:
+        for old in [p for p in origins if p.startswith(path + ".")]:
+            del origins[old]
+    origins.update(new)
+
+
+def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:
+    """A file merged over its ``base:`` files, and the file each leaf came from."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' inheritance forms a cycle")
+    data = _read_yaml(path)
+    bases = data.pop("base", None)
+    merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for b in [bases] if isinstance(bases, str) else (bases or []):
+        if not isinstance(b, str):
+            raise ConfigError(f"{path}: base: expected a file name, got {b!r}")
+        bdata, borigins = _load_with_bases(path.parent / b, seen + (path.resolve(),))
+        merged = _merge(merged, bdata)
+        _set_sources(origins, borigins)
+    _set_sources(origins, _leaf_sources(data, str(path)))
+    return _merge(merged, data), origins
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optimizer.lr=3e-4"`` -> (["optimizer", "lr"], 0.0003); values are YAML scalars or lists."""
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}': expected key.path=value")
+    try:
+        value = yaml_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc.__class__.__name__})"
+                          ) from None
+    return key.split("."), value
+
+
+def _apply_override(data: dict, keys: list[str], value: Any, text: str) -> None:
+    node: Any = data
+    for i, k in enumerate(keys[:-1]):
+        if isinstance(node, list) and k.isdigit() and int(k) < len(node):
+            node = node[int(k)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{text}': {'.'.join(keys[:i])} is not a mapping")
+        node = node.setdefault(k, {})
+    last = keys[-1]
+    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"override '{text}': {'.'.join(keys[:-1])} is not a mapping")
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[ExperimentConfig, dict[str, str]]:
+    """Read, inherit, override and validate a config.
+
+    Returns:
+        The validated config and ``origins``: dotted path -> the file or ``override`` it came from.
+    Raises:
+        ConfigError: every problem, one line each, naming its source and dotted path.
+    """
+    data, origins = _load_with_bases(Path(path))
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply_override(data, keys, value, text)
+        _set_sources(origins, _leaf_sources({".".join(keys): value}, f"override '{text}'")
+                     if not isinstance(value, dict)
+                     else _leaf_sources(value, f"override '{text}'", ".".join(keys) + "."))
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _located(ConfigError.from_pydantic(exc), origins, str(Path(path))) from None
+    return cfg, origins
+
+
+def _located(err: ConfigError, origins: dict[str, str], default: str) -> ConfigError:
+    """Prefix each line with the file or override that set the offending path."""
+    lines = []
+    for line in err.lines:
+        loc = line.split(":", 1)[0]
+        parts = loc.split(".")
+        prefixes = [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
+        below = [src for p, src in origins.items() if p.startswith(loc + ".")]
+        source = next((origins[p] for p in prefixes if p in origins), below[0] if below else default)
+        lines.append(f"{source}: {line}")
+    return ConfigError(*lines)
+
+
+def component_sections(cfg: ExperimentConfig) -> list[tuple[str, str, Section]]:
+    """(registry name, dotted path, section) for every component the config names."""
+    data = {k: v for k, v in (cfg.data.model_extra or {}).items()}
+    out = [
+        ("datasets", "data", {"type": cfg.data.type, **data}),
+        ("models", "model", cfg.model),
+        ("tasks", "task", cfg.task),
+        ("optimizers", "optimizer", cfg.optimizer),
+        ("schedulers", "scheduler", cfg.scheduler),
+        ("strategies", "strategy", cfg.strategy),
+    ]
+    out += [("callbacks", f"callbacks.{i}", s) for i, s in enumerate(cfg.callbacks)]
+    for i, s in enumerate(cfg.logging.loggers):
+        out.append(("loggers", f"logging.loggers.{i}", {"type": s} if isinstance(s, str) else s))
+    return out
+
+
+def validate_components(cfg: ExperimentConfig, origins: dict[str, str], source: str) -> None:
+    """Check every component section against its registry entry; all problems in one error."""
+    from src.core.registry import ALL
+
+    lines: list[str] = []
+    for registry, path, section in component_sections(cfg):
+        if registry not in ALL:
+            continue
+        try:
+            ALL[registry].validate(section, path)
+        except ConfigError as exc:
+            lines += exc.lines
+    if lines:
+        raise _located(ConfigError(*lines), origins, source)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML (defaults filled in), as written to the run folder."""
+    import yaml
+
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,233 @@
+"""From a validated config to a running experiment: each section built by its registry.
+
+    cfg, origins = prepare("configs/exp001.yaml", ["trainer.max_steps=50"])
+    exp = build(cfg, origins)      # data, model, task, strategy, optimizer, scheduler, loaders
+    exp.run()                      # writes experiments/<name>/ and trains
+
+Nothing is written to disk before ``run()``: a config, data or model error leaves no run folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import math
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from src.core.catalog import load_builtins
+from src.core.config import ExperimentConfig, dump_config, load_config, validate_components
+from src.core.errors import ConfigError, UserError
+from src.core.registry import (CALLBACKS, DATASETS, LOGGERS, MODELS, OPTIMIZERS, SCHEDULERS,
+                               STRATEGIES, TASKS)
+
+PLUGIN_GROUP = "src.plugins"
+
+
+def import_user_modules(modules: list[str], where: str = "imports") -> None:
+    """Import user modules that register components (``imports:`` in YAML, ``--import``)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    for i, name in enumerate(modules):
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"{where}.{i}: cannot import '{name}': {exc}") from None
+
+
+def load_plugins() -> None:
+    """Import every module advertised in the ``src.plugins`` entry-point group."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            ep.load()
+        except ImportError as exc:
+            raise ConfigError(f"plugin '{ep.name}' ({ep.value}): cannot import: {exc}") from None
+
+
+def prepare(path: str, overrides: list[str] = (), extra_imports: list[str] = ()
+            ) -> tuple[ExperimentConfig, dict[str, str]]:
+    """Load and fully validate a config, component parameters included; builds nothing."""
+    cfg, origins = load_config(path, list(overrides))
+    load_builtins()
+    load_plugins()
+    import_user_modules(list(extra_imports), "--import")
+    import_user_modules(cfg.imports)
+    validate_components(cfg, origins, str(path))
+    return cfg, origins
+
+
+@dataclass
+class Experiment:
+    """Every built component of a run, ready to train."""
+
+    cfg: ExperimentConfig
+    origins: dict[str, str]
+    strategy: Any
+    data: Any
+    task: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    train_loader: Any
+    val_loader: Any
+    derived: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.logging.root) / self.cfg.name
+
+    def summary(self) -> dict[str, Any]:
+        params = sum(p.numel() for p in self.task.parameters())
+        trainable = sum(p.numel() for p in self.task.parameters() if p.requires_grad)
+        return {"model_parameters": params, "trainable_parameters": trainable,
+                "train_samples": len(self.data.train),
+                "val_samples": len(self.data.val) if self.data.val is not None else 0,
+                **self.derived}
+
+    def run_info(self) -> dict[str, Any]:
+        """Provenance: each value with where it came from (user/default/data/derived/environment)."""
+        params: dict[str, Any] = {}
+        origin: dict[str, str] = {}
+        for k, v in _flatten(self.cfg.model_dump(mode="json")).items():
+            params[k] = v
+            origin[k] = "user" if _source(k, self.origins) else "default"
+        info = self.data.info
+        facts = {"data.num_classes": info.num_classes, "data.input_shape": list(info.input_shape),
+                 "data.num_train": len(self.data.train),
+                 "data.num_val": len(self.data.val) if self.data.val is not None else 0}
+        import torch
+
+        env = {"env.python": platform.python_version(), "env.torch": torch.__version__,
+               "env.platform": platform.platform(), "env.device": str(self.strategy.device),
+               "env.world_size": self.strategy.world_size}
+        if self.strategy.device.type == "cuda":
+            env["env.gpu"] = torch.cuda.get_device_name(self.strategy.device)
+        for group, kind in ((facts, "data"), ({f"derived.{k}": v for k, v in self.derived.items()},
+                                              "derived"), (env, "environment")):
+            params.update(group)
+            origin.update({k: kind for k in group})
+        return {"params": params, "origin": origin, "derived": self.derived}
+
+    def run(self) -> dict[str, float]:
+        """Create the run folder, write the resolved config, and train."""
+        from src.core.checkpoint import CheckpointManager
+        from src.core.trainer import Trainer
+
+        cfg, run_dir, strategy = self.cfg, self.run_dir, self.strategy
+        resolved = dump_config(cfg)
+        ckpt = CheckpointManager(cfg.checkpoint, run_dir / "checkpoints", strategy,
+                                 hashlib.sha256(resolved.encode()).hexdigest()[:16])
+        if cfg.checkpoint.resume == "never" and ckpt.committed():
+            raise ConfigError(f"checkpoint.resume: never, but {ckpt.dir} holds checkpoints of an "
+                              "earlier run; choose another name or resume it")
+        ckpt.candidates()  # an explicit resume path is checked before anything is written
+        if strategy.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = run_dir / "config.yaml.tmp"
+            tmp.write_text(resolved)
+            os.replace(tmp, run_dir / "config.yaml")
+            import json
+
+            (run_dir / "run_info.json").write_text(json.dumps(self.run_info(), indent=1,
+                                                              default=str))
+        strategy.barrier()
+        callbacks = [CALLBACKS.build(s, f"callbacks.{i}") for i, s in enumerate(cfg.callbacks)]
+        loggers = []
+        if strategy.is_main:
+            for i, s in enumerate(cfg.logging.loggers):
+                section = {"type": s} if isinstance(s, str) else s
+                loggers.append(LOGGERS.build(section, f"logging.loggers.{i}", run_dir=run_dir))
+        trainer = Trainer(cfg.trainer, task=self.task, model=self.model, strategy=strategy,
+                          optimizer=self.optimizer, scheduler=self.scheduler,
+                          train_loader=self.train_loader, val_loader=self.val_loader,
+                          max_steps=self.derived["total_steps"], callbacks=callbacks,
+                          loggers=loggers, checkpoints=ckpt, checkpoint_cfg=cfg.checkpoint,
+                          run_dir=run_dir, run_info=self.run_info())
+        return trainer.fit()
+
+
+def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Experiment:
+    """Build every component of ``cfg`` (already validated by :func:`prepare`)."""
+    from src.core.seeding import seed_everything, set_deterministic
+    from src.data.loader import TrainLoader, eval_loader
+
+    strategy = STRATEGIES.build(cfg.strategy, "strategy")
+    strategy.setup()
+    seed_everything(cfg.seed, strategy.rank)
+    set_deterministic(cfg.trainer.deterministic)
+
+    d = cfg.data
+    world = strategy.world_size
+    if d.batch_size % world:
+        raise ConfigError(f"data.batch_size: {d.batch_size} does not divide among {world} processes")
+    data = DATASETS.build({"type": d.type, **(d.model_extra or {})}, "data", seed=cfg.seed)
+    model = MODELS.build(cfg.model, "model", info=data.info)
+    _apply_model_switches(model, cfg)
+    task = TASKS.build(cfg.task, "task", model=model)
+    task.configure(data.info)
+
+    per_rank = d.batch_size // world
+    train_loader = TrainLoader(data.train, per_rank, cfg.seed, d.shuffle, strategy.rank, world,
+                               d.drop_last, d.num_workers, d.pin_memory)
+    val_loader = eval_loader(data.val, (d.eval_batch_size or d.batch_size) // world or 1,
+                             strategy.rank, world, d.num_workers, d.pin_memory)
+    batches = train_loader.batches_per_epoch()
+    if batches == 0:
+        raise ConfigError(f"data.batch_size: {d.batch_size} is larger than the training set "
+                          f"({len(data.train)} samples over {world} processes)")
+    t = cfg.trainer
+    steps_per_epoch = math.ceil(batches / t.grad_accum_steps)
+    limits = [s for s in (t.max_steps, t.max_epochs and t.max_epochs * steps_per_epoch) if s]
+    if not limits:
+        raise ConfigError("trainer: set max_steps or max_epochs (training stops at the first)")
+    total = min(limits)
+
+    model_w, optimizer = strategy.wrap(
+        task, lambda m: OPTIMIZERS.build(cfg.optimizer, "optimizer", params=m.parameter_groups()))
+    scheduler = SCHEDULERS.build(cfg.scheduler, "scheduler", optimizer=optimizer, total_steps=total)
+    derived = {"steps_per_epoch": steps_per_epoch, "total_steps": total,
+               "batches_per_epoch": batches, "per_rank_batch_size": per_rank,
+               "effective_batch_size": d.batch_size * t.grad_accum_steps, "world_size": world}
+    return Experiment(cfg, origins or {}, strategy, data, task, model_w, optimizer, scheduler,
+                      train_loader, val_loader, derived)
+
+
+def _apply_model_switches(model, cfg: ExperimentConfig) -> None:
+    t = cfg.trainer
+    if t.gradient_checkpointing:
+        if hasattr(model, "gradient_checkpointing_enable"):  # transformers
+            model.gradient_checkpointing_enable()
+        elif hasattr(model, "set_grad_checkpointing"):  # timm
+            model.set_grad_checkpointing(True)
+        else:
+            raise ConfigError(f"trainer.gradient_checkpointing: model '{cfg.model['type']}' "
+                              "supports it only for transformers and timm models")
+    if t.compile:
+        model.compile()  # in place: parameter names (and checkpoints) stay the same
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _source(path: str, origins: dict[str, str]) -> Optional[str]:
+    parts = path.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in origins:
+            return origins[".".join(parts[:n])]
+    return None
+
+
+__all__ = ["Experiment", "build", "prepare", "UserError"]

@@ -1,0 +1,176 @@
+"""Loggers: where metrics go. Only the main process builds them.
+
+Each receives ``start(run_info, resume_step)`` once, ``log(metrics, step)`` with metric names
+``split/name`` (``train/loss``, ``val/accuracy``) plus ``epoch``, and ``finish(status)``.
+``run_info`` is the run's provenance: the resolved config flattened, where each value came from
+(user, default, data, derived, environment), and the derived and environment facts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from src.core.registry import LOGGERS
+
+
+class Logger:
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+
+    def start(self, run_info: dict[str, Any], resume_step: int = 0) -> None:
+        pass
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        raise NotImplementedError
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return str(v)
+
+
+@LOGGERS.register("console")
+class ConsoleLogger(Logger):
+    """One line per log call: ``step 100/280 | epoch 3 | train/loss 0.1234 | ...``."""
+
+    def __init__(self, run_dir: Path, total_steps: Optional[int] = None):
+        super().__init__(run_dir)
+        self.total = total_steps
+        from rich.console import Console
+
+        self.console = Console(highlight=False, soft_wrap=True)
+
+    def start(self, run_info: dict[str, Any], resume_step: int = 0) -> None:
+        self.total = self.total or run_info.get("derived", {}).get("total_steps")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        parts = [f"step {step}" + (f"/{self.total}" if self.total else "")]
+        parts += [f"{k} {_fmt(v)}" for k, v in metrics.items()]
+        self.console.print(" | ".join(parts))
+
+
+@LOGGERS.register("jsonl")
+class JSONLLogger(Logger):
+    """``metrics.jsonl``: one object per line with ``step``, ``epoch``, ``time`` and the metrics.
+
+    On resume, lines logged after the resumed step (by the interrupted run) are dropped first, so
+    the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, run_dir: Path, filename: str = "metrics.jsonl"):
+        super().__init__(run_dir)
+        self.path = self.run_dir / filename
+        self.file = None
+        self.t0 = time.time()
+
+    def start(self, run_info: dict[str, Any], resume_step: int = 0) -> None:
+        if self.path.exists():
+            if resume_step:
+                keep = [line for line in self.path.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                if keep:
+                    self.t0 -= json.loads(keep[-1]).get("time", 0.0)
+                self.path.write_text("".join(line + "\n" for line in keep))
+            else:
+                self.path.unlink()
+        self.file = open(self.path, "a", buffering=1)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        row = {"step": step, "epoch": metrics.get("epoch"), "time": round(time.time() - self.t0, 3)}
+        row.update({k: v for k, v in metrics.items() if k != "epoch"})
+        self.file.write(json.dumps(row) + "\n")
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.file:
+            self.file.close()
+            self.file = None
+
+
+@LOGGERS.register("tensorboard")
+class TensorBoardLogger(Logger):
+    """Event files under ``<run>/tensorboard/``; the run info as text under ``config``."""
+
+    def __init__(self, run_dir: Path, subdir: str = "tensorboard"):
+        super().__init__(run_dir)
+        self.dir = self.run_dir / subdir
+        self.writer = None
+
+    def start(self, run_info: dict[str, Any], resume_step: int = 0) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.dir), purge_step=resume_step + 1 if resume_step else None)
+        rows = "\n".join(f"| {k} | {v} | {run_info['origin'].get(k, '')} |"
+                         for k, v in run_info["params"].items())
+        self.writer.add_text("config", "| key | value | origin |\n|---|---|---|\n" + rows, 0)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, step)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.writer:
+            self.writer.close()
+            self.writer = None
+
+
+@LOGGERS.register("mlflow")
+class MLflowLogger(Logger):
+    """An MLflow run: params = the run info flattened, metrics, ``config.yaml`` as an artifact.
+
+    Args:
+        tracking_uri: an MLflow tracking URI; default a local store in ``<run>/mlruns``.
+        experiment: MLflow experiment name (default: the run's name).
+    """
+
+    def __init__(self, run_dir: Path, tracking_uri: Optional[str] = None,
+                 experiment: Optional[str] = None):
+        super().__init__(run_dir)
+        self.uri = tracking_uri or (self.run_dir / "mlruns").resolve().as_uri()
+        self.experiment = experiment or self.run_dir.name
+        self.client = None
+        self.run_id: Optional[str] = None
+
+    def start(self, run_info: dict[str, Any], resume_step: int = 0) -> None:
+        from mlflow.entities import Param, RunTag
+        from mlflow.tracking import MlflowClient
+
+        os.environ.setdefault("MLFLOW_ENABLE_TRACKING_ARTIFACT_STORE_WARNING", "false")
+        self.client = MlflowClient(tracking_uri=self.uri)
+        id_file = self.run_dir / "mlflow_run_id"
+        if resume_step and id_file.exists():
+            self.run_id = id_file.read_text().strip()
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
+        exp = self.client.get_experiment_by_name(self.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        run = self.client.create_run(exp_id, run_name=self.run_dir.name)
+        self.run_id = run.info.run_id
+        id_file.write_text(self.run_id)
+        params = [Param(k, str(v)[:6000]) for k, v in run_info["params"].items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        tags = [RunTag(f"origin.{k}", v) for k, v in run_info["origin"].items()]
+        for i in range(0, len(tags), 100):
+            self.client.log_batch(self.run_id, tags=tags[i:i + 100])
+        config = self.run_dir / "config.yaml"
+        if config.exists():
+            self.client.log_artifact(self.run_id, str(config))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step)
+                                                    for k, v in metrics.items()])
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.client and self.run_id:
+            self.client.set_terminated(self.run_id, status=status)
+            self.client = None

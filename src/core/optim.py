@@ -1,0 +1,143 @@
+"""Optimizers and learning-rate schedules, registered by name.
+
+Every ``torch.optim`` optimizer is registered by its lower-case class name (``adamw``, ``sgd``,
+...), plus ``lars``. Schedulers are per-step: ``constant``, ``warmup_cosine``, ``warmup_linear``,
+``step`` and ``onecycle``; warm-up is given in steps (``warmup_steps``) or as a fraction of the
+run (``warmup_ratio``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from pydantic import confloat, conint
+
+from src.core.errors import ConfigError
+from src.core.registry import OPTIMIZERS, SCHEDULERS
+
+# Literal so that `--list` can read them without importing torch (see src/core/catalog.py).
+TORCH_OPTIMIZERS = ("adadelta", "adafactor", "adagrad", "adam", "adamax", "adamw", "asgd",
+                    "lbfgs", "muon", "nadam", "radam", "rmsprop", "rprop", "sgd", "sparseadam")
+
+
+def torch_optimizer_classes() -> dict[str, type]:
+    """Lower-case name -> optimizer class, for every optimizer this torch ships."""
+    return {name.lower(): cls for name, cls in vars(torch.optim).items()
+            if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)
+            and cls is not torch.optim.Optimizer}
+
+
+for _name, _cls in torch_optimizer_classes().items():
+    if _name in TORCH_OPTIMIZERS:
+        OPTIMIZERS.register(_name)(_cls)
+
+
+@OPTIMIZERS.register("lars")
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al., 2017), as used for SSL.
+
+    Each parameter's update is scaled by ``trust_coefficient * ||w|| / (||g|| + wd * ||w||)``.
+    Parameters with ``ndim <= 1`` (biases, norms) skip weight decay and the scaling.
+    """
+
+    def __init__(self, params, lr: confloat(gt=0) = 0.1, momentum: confloat(ge=0, lt=1) = 0.9,
+                 weight_decay: confloat(ge=0) = 1e-6, trust_coefficient: confloat(gt=0) = 0.001,
+                 eps: confloat(gt=0) = 1e-8):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, eps=eps)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if p.ndim > 1:
+                    g = g.add(p, alpha=group["weight_decay"])
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    trust = torch.where(
+                        (w_norm > 0) & (g_norm > 0),
+                        group["trust_coefficient"] * w_norm / (g_norm + group["eps"]),
+                        torch.ones_like(w_norm))
+                    g = g.mul(trust)
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = g.clone()
+                else:
+                    buf.mul_(group["momentum"]).add_(g)
+                p.add_(buf, alpha=-group["lr"])
+        return loss
+
+
+def _warmup(total_steps: int, warmup_steps: int, warmup_ratio: float) -> int:
+    if warmup_steps and warmup_ratio:
+        raise ConfigError("scheduler: give warmup_steps or warmup_ratio, not both")
+    return warmup_steps or int(round(warmup_ratio * total_steps))
+
+
+def _lambda(optimizer, fn):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+@SCHEDULERS.register("constant")
+def constant(optimizer, total_steps: int, warmup_steps: conint(ge=0) = 0,
+             warmup_ratio: confloat(ge=0, lt=1) = 0.0):
+    """The optimizer's lr, after an optional linear warm-up from 0."""
+    w = _warmup(total_steps, warmup_steps, warmup_ratio)
+    return _lambda(optimizer, lambda s: min(1.0, (s + 1) / w) if w else 1.0)
+
+
+@SCHEDULERS.register("warmup_cosine")
+def warmup_cosine(optimizer, total_steps: int, warmup_steps: conint(ge=0) = 0,
+                  warmup_ratio: confloat(ge=0, lt=1) = 0.0,
+                  min_lr_ratio: confloat(ge=0, le=1) = 0.0):
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at ``total_steps``."""
+    w = _warmup(total_steps, warmup_steps, warmup_ratio)
+
+    def fn(s: int) -> float:
+        if s < w:
+            return (s + 1) / w
+        progress = min(1.0, (s - w) / max(1, total_steps - w))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return _lambda(optimizer, fn)
+
+
+@SCHEDULERS.register("warmup_linear")
+def warmup_linear(optimizer, total_steps: int, warmup_steps: conint(ge=0) = 0,
+                  warmup_ratio: confloat(ge=0, lt=1) = 0.0,
+                  min_lr_ratio: confloat(ge=0, le=1) = 0.0):
+    """Linear warm-up, then linear decay to ``min_lr_ratio * lr`` at ``total_steps``."""
+    w = _warmup(total_steps, warmup_steps, warmup_ratio)
+
+    def fn(s: int) -> float:
+        if s < w:
+            return (s + 1) / w
+        progress = min(1.0, (s - w) / max(1, total_steps - w))
+        return 1 - (1 - min_lr_ratio) * progress
+
+    return _lambda(optimizer, fn)
+
+
+@SCHEDULERS.register("step")
+def step(optimizer, total_steps: int, step_size: conint(gt=0), gamma: confloat(gt=0) = 0.1,
+         warmup_steps: conint(ge=0) = 0, warmup_ratio: confloat(ge=0, lt=1) = 0.0):
+    """Multiply the lr by ``gamma`` every ``step_size`` optimizer steps (after warm-up)."""
+    w = _warmup(total_steps, warmup_steps, warmup_ratio)
+    return _lambda(optimizer, lambda s: (s + 1) / w if s < w else gamma ** ((s - w) // step_size))
+
+
+@SCHEDULERS.register("onecycle")
+def onecycle(optimizer, total_steps: int, pct_start: confloat(gt=0, lt=1) = 0.3,
+             div_factor: confloat(gt=0) = 25.0, final_div_factor: confloat(gt=0) = 1e4,
+             anneal_strategy: str = "cos", max_lr: Optional[float] = None):
+    """torch's OneCycleLR; the peak is the optimizer's lr unless ``max_lr`` is given."""
+    peak = max_lr if max_lr is not None else [g["lr"] for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=peak, total_steps=max(total_steps, 2), pct_start=pct_start,
+        div_factor=div_factor, final_div_factor=final_div_factor, anneal_strategy=anneal_strategy,
+        cycle_momentum=False)

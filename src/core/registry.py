@@ -1,0 +1,196 @@
+"""Registries: every buildable component of an experiment is looked up here by name.
+
+A component joins with a decorator, in the project or in the user's own module::
+
+    from src.core.registry import TASKS
+
+    @TASKS.register("my_task")
+    class MyTask(Task):
+        def __init__(self, model, temperature: float = 0.1): ...
+
+and is then built from its YAML section (``task: {type: my_task, temperature: 0.2}``).
+``build`` validates the section against the entry's signature (or its ``params_model``) before
+constructing anything, so a wrong key or type fails at load time with its dotted path.
+Only registered names can be built: a ``type`` is never an import path.
+
+This module imports nothing heavy, so ``--help`` and ``--list`` stay fast.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any, Callable, Iterable
+
+from src.core.errors import ConfigError
+
+
+class Registry:
+    """A name -> component table.
+
+    Args:
+        name: plural noun used in messages (``"models"``).
+        doc: what every entry must do (shown by ``--list``).
+        injected: parameter names the platform passes to ``build`` itself (e.g. ``params`` for
+            optimizers); a config may not set them.
+    """
+
+    def __init__(self, name: str, doc: str, injected: Iterable[str] = ()):
+        self.name = name
+        self.doc = doc
+        self.injected = frozenset(injected)
+        self._entries: dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator that registers a class or factory function under ``name``."""
+
+        def decorator(obj: Callable[..., Any]) -> Callable[..., Any]:
+            held = self._entries.get(name)
+            if held is not None and held is not obj:
+                raise ValueError(
+                    f"{self.name} already has '{name}', registered by module {held.__module__}"
+                )
+            self._entries[name] = obj
+            return obj
+
+        return decorator
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def get(self, name: str, path: str = "type") -> Callable[..., Any]:
+        """The entry registered as ``name``; an unknown name lists the choices and the closest."""
+        if not isinstance(name, str) or name not in self._entries:
+            close = difflib.get_close_matches(str(name), self.names(), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"{path}: unknown {self.name[:-1]} '{name}'{hint} "
+                f"(available: {', '.join(self.names()) or 'none'})"
+            )
+        return self._entries[name]
+
+    def validate(self, section: dict[str, Any], path: str) -> dict[str, Any]:
+        """Check a section (``type`` plus parameters) and return its parameters, coerced.
+
+        Raises:
+            ConfigError: one line per problem, each with its dotted path under ``path``.
+        """
+        if not isinstance(section, dict) or "type" not in section:
+            raise ConfigError(f"{path}: expected a mapping with a 'type' key, got {section!r}")
+        params = {k: v for k, v in section.items() if k != "type"}
+        entry = self.get(section["type"], f"{path}.type")
+        for key in sorted(self.injected & params.keys()):
+            raise ConfigError(f"{path}.{key}: is set by the platform, not by the config")
+        model = params_model(entry, self.injected)
+        from pydantic import ValidationError
+
+        try:
+            checked = model.model_validate(params)
+        except ValidationError as exc:
+            raise ConfigError.from_pydantic(exc, path) from None
+        # Keep only what the user gave (coerced), so entries see their own defaults.
+        return {k: getattr(checked, k) for k in params}
+
+    def build(self, section: dict[str, Any], path: str | None = None, **injected: Any) -> Any:
+        """Validate ``section`` and construct its entry with the platform's ``injected`` values."""
+        path = path or self.name
+        params = self.validate(section, path)
+        return self._entries[section["type"]](**params, **injected)
+
+
+def params_model(entry: Callable[..., Any], skip: Iterable[str] = ()):
+    """The pydantic model that validates an entry's parameters.
+
+    An entry may declare ``params_model`` (a pydantic model) itself; otherwise one is derived from
+    its signature: annotations become field types, defaults stay defaults, and ``**kwargs`` entries
+    accept extra keys.
+    """
+    declared = getattr(entry, "params_model", None)
+    if declared is not None:
+        return declared
+    from pydantic import ConfigDict, create_model
+
+    target = entry.__init__ if inspect.isclass(entry) else entry
+    try:
+        sig = inspect.signature(target, eval_str=True)
+    except (NameError, TypeError, ValueError):
+        sig = inspect.signature(target)
+    fields: dict[str, Any] = {}
+    extra = "forbid"
+    for i, (pname, p) in enumerate(sig.parameters.items()):
+        if inspect.isclass(entry) and i == 0:
+            continue  # self
+        if p.kind is p.VAR_KEYWORD:
+            extra = "allow"
+            continue
+        if p.kind is p.VAR_POSITIONAL or pname in skip:
+            continue
+        ann = Any if p.annotation is p.empty or isinstance(p.annotation, str) else p.annotation
+        ann = _config_type(ann)
+        fields[pname] = (ann, ... if p.default is p.empty else p.default)
+    config = ConfigDict(extra=extra, arbitrary_types_allowed=True, protected_namespaces=())
+    return create_model(f"{getattr(entry, '__name__', 'Entry')}Params", __config__=config, **fields)
+
+
+def _config_type(ann: Any) -> Any:
+    """Drop torch types from a Union (``float | Tensor`` -> ``float``): YAML can't hold tensors."""
+    import types
+    import typing
+
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        kept = [a for a in typing.get_args(ann)
+                if not (inspect.isclass(a) and a.__module__.split(".")[0] == "torch")]
+        if kept and len(kept) < len(typing.get_args(ann)):
+            return typing.Union[tuple(kept)] if len(kept) > 1 else kept[0]
+    return ann
+
+
+DATASETS = Registry(
+    "datasets",
+    "Build the train/val datasets. Return a DataModule with `train`, `val` and `info` (DatasetInfo).",
+    injected=("seed",),
+)
+MODELS = Registry(
+    "models",
+    "Build an nn.Module from the data's DatasetInfo (`info`): classes and input shape flow from data.",
+    injected=("info",),
+)
+TASKS = Registry(
+    "tasks",
+    "A training algorithm (Task): owns model, loss and evaluation; returns {'loss': ...} per step.",
+    injected=("model",),
+)
+OPTIMIZERS = Registry(
+    "optimizers",
+    "A torch.optim.Optimizer built over the task's parameter groups (`params`).",
+    injected=("params",),
+)
+SCHEDULERS = Registry(
+    "schedulers",
+    "A per-step LR schedule: a torch LRScheduler built from `optimizer` and `total_steps`.",
+    injected=("optimizer", "total_steps"),
+)
+STRATEGIES = Registry(
+    "strategies",
+    "How the model is spread over processes and devices (single, ddp, fsdp, deepspeed).",
+)
+CALLBACKS = Registry(
+    "callbacks",
+    "A Callback: hooks into the training loop; its state_dict() is checkpointed.",
+)
+LOGGERS = Registry(
+    "loggers",
+    "A Logger: receives metrics dicts and hyper-parameters; only the main process logs.",
+    injected=("run_dir",),
+)
+LOSSES = Registry("losses", "A loss module: (outputs, targets) -> scalar tensor.")
+TRANSFORMS = Registry("transforms", "A tensor -> tensor transform (augmentations, views).")
+REWARDS = Registry("rewards", "A reward function for alignment: (prompts, completions) -> tensor.")
+
+ALL: dict[str, Registry] = {
+    r.name: r
+    for r in (DATASETS, MODELS, TASKS, OPTIMIZERS, SCHEDULERS, STRATEGIES, CALLBACKS, LOGGERS,
+              LOSSES, TRANSFORMS, REWARDS)
+}

@@ -1,0 +1,346 @@
+"""The training loop: steps, accumulation, precision, clipping, the non-finite guard, evaluation,
+callbacks, loggers and checkpoints. ``train_step`` is the one override point.
+
+The hot path keeps metrics as device tensors and syncs with the host once per optimizer step (the
+non-finite guard must decide whether to apply the update) and once per log interval.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+
+from src.algorithms.base import batch_size_of
+from src.core.config import TrainerConfig
+from src.core.seeding import rng_state, set_rng_state
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps; the last good state was checkpointed."""
+
+
+class Trainer:
+    """Runs a task under a strategy until ``max_steps`` optimizer steps (or a stop).
+
+    Args:
+        cfg: the ``trainer`` config section.
+        task: the (unwrapped) Task; ``model`` is what the strategy wrapped it into.
+        max_steps: total optimizer steps (derived from max_steps / max_epochs).
+        checkpoints: a CheckpointManager, or None for no checkpoints.
+    """
+
+    def __init__(self, cfg: TrainerConfig, *, task, model, strategy, optimizer, scheduler,
+                 train_loader, val_loader, max_steps: int, callbacks: Iterable = (),
+                 loggers: Iterable = (), checkpoints=None, checkpoint_cfg=None,
+                 run_dir: Optional[Path] = None, run_info: Optional[dict] = None):
+        self.cfg, self.task, self.model, self.strategy = cfg, task, model, strategy
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.max_steps, self.callbacks, self.loggers = max_steps, list(callbacks), list(loggers)
+        self.checkpoints, self.ckpt_cfg = checkpoints, checkpoint_cfg
+        self.run_dir, self.run_info = run_dir, run_info or {}
+        self.batches_per_epoch = train_loader.batches_per_epoch()
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.bad_steps = self.total_bad_steps = 0
+        self.should_stop = False
+        self.last_val: dict[str, float] = {}
+        self.last_logged: dict[str, float] = {}
+        self._signal = 0
+        self._last_eval = self._last_save = -1
+        device = strategy.device
+        self.dtype = DTYPES[cfg.precision]
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+        self._reset_interval()
+
+    # ------------------------------------------------------------------ public
+
+    def fit(self) -> dict[str, float]:
+        """Train (resuming first if a checkpoint is there); returns the last logged metrics."""
+        resumed = self._resume()
+        for lg in self.loggers:
+            lg.start(self.run_info, resumed)
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        status = "FAILED"
+        try:
+            with self._catch_signals():
+                self._run()
+            status = "KILLED" if self._signal else "FINISHED"
+        finally:
+            for cb in self.callbacks:
+                cb.on_fit_end(self)
+            for lg in self.loggers:
+                lg.finish(status)
+        if self._signal:
+            raise SystemExit(128 + self._signal)
+        return {**self.last_logged, **self.last_val}
+
+    def train_step(self, batch: Any, final: bool, n_micro: int) -> dict[str, torch.Tensor]:
+        """Forward and backward of one micro-batch; the override point for custom steps.
+
+        Args:
+            final: the last micro-batch of this optimizer step (gradients are synchronised).
+            n_micro: micro-batches in this step (the loss is divided by it).
+        Returns:
+            The task's outputs, detached.
+        """
+        ctx = contextlib.nullcontext() if final else self.strategy.no_sync(self.model)
+        with ctx:
+            with self._autocast():
+                out = self.model(batch)
+            loss = out["loss"] / n_micro if n_micro > 1 else out["loss"]
+            if self.scaler is not None:
+                loss = self.scaler.scale(loss)
+            self.strategy.backward(loss)
+        return {k: v.detach() for k, v in out.items() if isinstance(v, torch.Tensor) and v.ndim == 0}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Run the validation split; returns (and logs) ``val/...`` metrics averaged over samples."""
+        if self.val_loader is None:
+            return {}
+        for cb in self.callbacks:
+            cb.on_validation_start(self)
+        self.model.eval()
+        sums: dict[str, torch.Tensor] = {}
+        n = 0
+        for batch in self.val_loader:
+            batch = self.strategy.to_device(batch)
+            bs = batch_size_of(batch)
+            with self._autocast():
+                out = self.model(batch, stage="val")
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0) + v.detach().float() * bs
+            n += bs
+        sums["_n"] = torch.tensor(float(n), device=self.strategy.device)
+        totals = self.strategy.reduce(sums)
+        count = totals.pop("_n")
+        metrics = {f"val/{k}": v for k, v in
+                   zip(totals, (torch.stack(list(totals.values())) / count).tolist())} if totals else {}
+        extra = self.task.validation_epoch_end(self.strategy.gather)
+        metrics.update({f"val/{k}": float(v) for k, v in extra.items()})
+        self.model.train()
+        self.last_val = metrics
+        self._last_eval = self.step
+        for cb in self.callbacks:
+            cb.on_validation_end(self, metrics)
+        self._emit({"epoch": self.epoch, **metrics})
+        return metrics
+
+    def save(self) -> Optional[Path]:
+        """Checkpoint the full state now (no-op without a CheckpointManager)."""
+        if self.checkpoints is None or self._last_save == self.step:
+            return None
+        state = {
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "task": self.task.extra_state(),
+            "interval": {"sums": {k: v.cpu() for k, v in self._sums.items()},
+                         "steps": self._steps, "samples": self._samples,
+                         "tokens": None if self._tokens is None else self._tokens.cpu()},
+            "bad_steps": self.bad_steps, "total_bad_steps": self.total_bad_steps,
+            "last_val": self.last_val,
+        }
+        path = self.checkpoints.save(self.step, self.epoch, self.model, self.optimizer, state,
+                                     {"rng": rng_state()}, metrics=self.last_val)
+        self._last_save = self.step
+        return path
+
+    # ------------------------------------------------------------------ loop
+
+    def _run(self) -> None:
+        accum = self.cfg.grad_accum_steps
+        while self.step < self.max_steps and not self._stopping():
+            self.train_loader.set_epoch(self.epoch, self.batch_in_epoch)
+            for batch in self.train_loader:
+                i = self.batch_in_epoch
+                group_start = i - i % accum
+                n_micro = min(accum, self.batches_per_epoch - group_start)
+                final = i - group_start == n_micro - 1
+                self.batch_in_epoch += 1
+                batch = self.strategy.to_device(batch)
+                self._count_batch(batch)
+                out = self.train_step(batch, final, n_micro)
+                for k, v in out.items():
+                    self._micro[k] = self._micro.get(k, 0) + v / n_micro
+                if final:
+                    self._optimizer_step()
+                    if self.step >= self.max_steps or self._stopping():
+                        break
+        if self._last_eval != self.step and not self._signal:
+            self.evaluate()
+        if self.ckpt_cfg is None or self.ckpt_cfg.save_last or self._signal:
+            self.save()
+
+    def _optimizer_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = self.strategy.clip_grad_norm(self.model, self.cfg.grad_clip)
+        outputs, self._micro = self._micro, {}
+        loss = outputs["loss"]
+        ok = torch.isfinite(loss) if self.scaler is not None else torch.isfinite(loss) & torch.isfinite(norm)
+        if bool(ok):  # the one host sync per step: a bad update must not be applied
+            self.strategy.optimizer_step(self.optimizer, self.scaler)
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.bad_steps = 0
+            outputs["grad_norm"] = norm
+            for k, v in outputs.items():
+                self._sums[k] = self._sums.get(k, 0) + v.float()
+            self._steps += 1
+        else:
+            if self.scaler is not None:
+                self.scaler.update()
+            self.bad_steps += 1
+            self.total_bad_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.bad_steps:
+            self._on_bad_step()
+        self.task.on_step_end(self.step, self.max_steps)
+        for cb in self.callbacks:
+            cb.on_step_end(self, outputs)
+        self._after_step()
+
+    def _after_step(self) -> None:
+        cfg, ck = self.cfg, self.ckpt_cfg
+        if self.step % cfg.log_every == 0 or self.step == self.max_steps:
+            self._log_interval()
+        epoch_end = self.batch_in_epoch >= self.batches_per_epoch
+        if epoch_end:
+            self.epoch += 1
+            self.batch_in_epoch = 0
+        if (cfg.eval_every_n_steps and self.step % cfg.eval_every_n_steps == 0) or \
+                (epoch_end and cfg.eval_every_n_epochs and self.epoch % cfg.eval_every_n_epochs == 0):
+            self.evaluate()
+        if epoch_end:
+            for cb in self.callbacks:
+                cb.on_epoch_end(self)
+        if ck is not None and ((ck.every_n_steps and self.step % ck.every_n_steps == 0) or
+                               (epoch_end and ck.every_n_epochs and self.epoch % ck.every_n_epochs == 0)
+                               or (ck.save_on_eval and self._last_eval == self.step)):
+            self.save()
+
+    def _on_bad_step(self) -> None:
+        warnings.warn(f"step {self.step}: non-finite loss or gradient, update skipped "
+                      f"({self.bad_steps} in a row)", stacklevel=2)
+        if self.bad_steps >= self.cfg.max_bad_steps:
+            path = self.save()
+            where = f"; last good state saved to {path}" if path else ""
+            raise TrainingDiverged(f"training stopped at step {self.step}: {self.bad_steps} "
+                                   f"consecutive non-finite steps (trainer.max_bad_steps){where}")
+
+    # ------------------------------------------------------------------ logging
+
+    def _reset_interval(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._micro: dict[str, torch.Tensor] = {}
+        self._steps = self._samples = 0
+        self._tokens: Optional[torch.Tensor] = None
+        self._t0 = time.perf_counter()
+
+    def _count_batch(self, batch: Any) -> None:
+        self._samples += batch_size_of(batch)
+        if isinstance(batch, dict) and ("attention_mask" in batch or "input_ids" in batch):
+            mask = batch.get("attention_mask")
+            n = mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel())
+            self._tokens = n if self._tokens is None else self._tokens + n
+
+    def _log_interval(self) -> None:
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        sums = dict(self._sums)
+        sums["_steps"] = torch.tensor(float(self._steps), device=self.strategy.device)
+        if self._tokens is not None:
+            sums["_tokens"] = self._tokens.to(self.strategy.device).float()
+        totals = self.strategy.reduce(sums)
+        steps = totals.pop("_steps")
+        tokens = totals.pop("_tokens", None)
+        names = list(totals)
+        values = (torch.stack([totals[k] for k in names]) / steps.clamp(min=1)).tolist() if names else []
+        metrics: dict[str, float] = {"epoch": self.epoch}
+        metrics.update({f"train/{k}": v for k, v in zip(names, values)})
+        metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["train/samples_per_sec"] = self._samples * self.strategy.world_size / elapsed
+        if tokens is not None:
+            metrics["train/tokens_per_sec"] = float(tokens) / elapsed
+        if self.total_bad_steps:
+            metrics["train/bad_steps"] = self.total_bad_steps
+        self._reset_interval()
+        self.last_logged = metrics
+        self._emit(metrics)
+
+    def _emit(self, metrics: dict[str, float]) -> None:
+        for cb in self.callbacks:
+            cb.on_log(self, metrics)
+        if self.strategy.is_main:
+            for lg in self.loggers:
+                lg.log(metrics, self.step)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.strategy.device.type, dtype=self.dtype)
+
+    def _stopping(self) -> bool:
+        return self.should_stop or bool(self._signal)
+
+    def _resume(self) -> int:
+        if self.checkpoints is None:
+            return 0
+        self.checkpoints.clean_uncommitted()
+        self.strategy.barrier()
+        got = self.checkpoints.load(self.model, self.optimizer)
+        if got is None:
+            return 0
+        path, state, rank_state = got
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        for cb, cb_state in zip(self.callbacks, state["callbacks"]):
+            cb.load_state_dict(cb_state)
+        self.task.load_extra_state(state.get("task", {}))
+        dev = self.strategy.device
+        iv = state["interval"]
+        self._sums = {k: v.to(dev) for k, v in iv["sums"].items()}
+        self._steps, self._samples, self._tokens = iv["steps"], iv["samples"], iv["tokens"]
+        self.bad_steps, self.total_bad_steps = state["bad_steps"], state["total_bad_steps"]
+        self.last_val = state.get("last_val", {})
+        if "rng" in rank_state:
+            set_rng_state(rank_state["rng"])
+        self._last_save = self._last_eval = self.step
+        if self.strategy.is_main:
+            print(f"resumed from {path} at step {self.step} (epoch {self.epoch})", flush=True)
+        return self.step
+
+    @contextlib.contextmanager
+    def _catch_signals(self):
+        """SIGTERM/SIGINT: finish the current step, checkpoint, exit with 128 + signal."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            self._signal = signum
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)

@@ -1,0 +1,1 @@
+"""Datasets, loaders and samplers; each dataset module registers itself in DATASETS."""

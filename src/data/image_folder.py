@@ -1,0 +1,86 @@
+"""Images on disk in the ImageFolder layout: ``root/<class_name>/<image>``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from pydantic import confloat, conint
+
+from src.core.errors import ConfigError
+from src.core.registry import DATASETS
+from src.data.digits import stratified_split
+from src.data.info import DataModule, DatasetInfo
+
+
+def _image_transform(size: int, channels: int):
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.ToImage(),
+        v2.Grayscale(num_output_channels=1) if channels == 1 else v2.RGB(),
+        v2.Resize((size, size), antialias=True),
+        v2.ToDtype(torch.float32, scale=True),
+    ])
+
+
+@DATASETS.register("image_folder")
+def image_folder(seed: int, root: str, val_root: Optional[str] = None,
+                 val_fraction: confloat(ge=0.0, lt=1.0) = 0.2, image_size: conint(gt=0) = 32,
+                 channels: conint(ge=1, le=3) = 3) -> DataModule:
+    """Class-per-folder images, resized to ``image_size`` and scaled to [0, 1].
+
+    Args:
+        root: training folder (one sub-folder per class).
+        val_root: validation folder with the same classes; if absent, ``val_fraction`` of
+            ``root`` is held out, stratified by class with ``seed``.
+        image_size: square side the images are resized to.
+        channels: 1 (grey) or 3 (RGB).
+    """
+    from torch.utils.data import Subset
+    from torchvision.datasets import ImageFolder
+
+    tf = _image_transform(image_size, channels)
+
+    def load(path: str, key: str) -> ImageFolder:
+        if not Path(path).is_dir():
+            raise ConfigError(f"data.{key}: folder not found: {path}")
+        try:
+            return ImageFolder(path, transform=tf, target_transform=torch.tensor)
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise ConfigError(f"data.{key}: {path}: {exc}") from None
+
+    full = load(root, "root")
+    targets = full.targets
+    if val_root is not None:
+        train, val = full, load(val_root, "val_root")
+        if val.classes != full.classes:
+            raise ConfigError(f"data.val_root: classes {val.classes} differ from root's {full.classes}")
+        train_targets = targets
+    else:
+        train_idx, val_idx = stratified_split(targets, val_fraction, seed)
+        train, val = Subset(full, train_idx.tolist()), Subset(full, val_idx.tolist())
+        train_targets = [targets[i] for i in train_idx]
+    counts = torch.bincount(torch.tensor(train_targets), minlength=len(full.classes))
+    info = DatasetInfo(
+        num_samples=len(train),
+        num_classes=len(full.classes),
+        class_names=tuple(full.classes),
+        class_counts=tuple(int(c) for c in counts),
+        input_shape=(channels, image_size, image_size),
+    )
+    return DataModule(_Dicts(train), _Dicts(val), info)
+
+
+class _Dicts(torch.utils.data.Dataset):
+    """(image, label) samples as ``{"inputs", "labels"}`` dicts, the platform's batch format."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x, y = self.ds[i]
+        return {"inputs": x, "labels": y}

@@ -1,0 +1,97 @@
+"""Loaders that resume mid-epoch exactly: a seeded per-epoch order, sharded by rank, with a start.
+
+Sample order depends only on (seed, epoch, rank, world size), never on global RNG state, so a run
+stopped at any batch and resumed sees the same batches in the same order.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+
+class ResumableSampler(Sampler[int]):
+    """Per-epoch permutation (or identity), split across ranks like DistributedSampler.
+
+    Args:
+        size: dataset length.
+        shuffle: permute each epoch with seed ``seed + epoch``.
+        rank, world_size: this process's shard.
+        drop_last: drop the tail that does not divide evenly among ranks (else pad by repeating).
+    """
+
+    def __init__(self, size: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = False):
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch, self.start = 0, 0
+        if drop_last:
+            self.per_rank = size // world_size
+        else:
+            self.per_rank = math.ceil(size / world_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Begin ``epoch`` at sample ``start`` of this rank's shard (to resume mid-epoch)."""
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        total = self.per_rank * self.world_size
+        if total > len(order):
+            order += order[: total - len(order)]  # pad, as DistributedSampler does
+        return order[:total][self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.start:])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+def _identity(batch):
+    return batch
+
+
+class TrainLoader:
+    """A DataLoader over a :class:`ResumableSampler` whose worker seeds follow (seed, epoch)."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = True, num_workers: int = 0,
+                 pin_memory: bool = False):
+        self.sampler = ResumableSampler(len(dataset), shuffle, seed, rank, world_size, drop_last)
+        self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
+        self.generator = torch.Generator()
+        self.loader = DataLoader(
+            dataset, batch_size=batch_size, sampler=self.sampler, drop_last=drop_last,
+            num_workers=num_workers, pin_memory=pin_memory, generator=self.generator,
+            collate_fn=_identity if getattr(dataset, "batched", False) else None,
+            persistent_workers=False,
+        )
+
+    def batches_per_epoch(self) -> int:
+        n = self.sampler.per_rank
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_batch * self.batch_size)
+        self.generator.manual_seed(self.seed * 100_003 + epoch)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def eval_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                pin_memory: bool = False) -> Optional[DataLoader]:
+    """In-order loader over this rank's share of ``dataset`` (no padding, so nothing counts twice)."""
+    if dataset is None or len(dataset) == 0:
+        return None
+    shard = list(range(rank, len(dataset), world_size))
+    return DataLoader(dataset, batch_size=batch_size, sampler=shard, num_workers=num_workers,
+                      pin_memory=pin_memory,
+                      collate_fn=_identity if getattr(dataset, "batched", False) else None)

@@ -1,0 +1,202 @@
+"""The Strategy contract (after Lightning Fabric's): a small base, one subclass per way to run.
+
+The trainer only talks to a strategy; tasks never know which one runs them.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from src.core.errors import CheckpointError, CheckpointMismatchError
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+TRAINER_FILE = "trainer.pt"
+
+
+def rank_file(rank: int) -> str:
+    """Per-rank state (RNG) lives in its own file."""
+    return f"rank_{rank:05d}.pt"
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto``: cuda > mps > cpu; otherwise the device named."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def safe_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, with a one-line error naming a missing or corrupt file."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, bad pickle, disallowed global ...
+        raise CheckpointError(f"{path}: unreadable checkpoint file ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def check_shapes(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    """Raise a CheckpointError that lists every key whose shape or presence does not match."""
+    own = model.state_dict()
+    bad = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+           for k, v in own.items() if k in state and state[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if bad or missing or unexpected:
+        parts = []
+        if bad:
+            parts.append("shape mismatch: " + ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
+        if missing:
+            parts.append("missing: " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+        if unexpected:
+            parts.append("unexpected: " + ", ".join(unexpected[:10]))
+        raise CheckpointMismatchError(f"{where}: checkpoint does not fit the model; " + "; ".join(parts))
+
+
+class Strategy:
+    """How a run uses processes and devices.
+
+    Subclasses override what differs; the defaults here are those of one process owning the
+    whole model (``single``). ``save``/``load`` write and read the model, optimizer and trainer
+    state of one checkpoint directory; the CheckpointManager owns everything around them.
+    """
+
+    rank = 0
+    local_rank = 0
+    world_size = 1
+    device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def setup(self) -> None:
+        """Join the process group, pick the device."""
+
+    def wrap(self, task: nn.Module, make_optimizer=None):
+        """Place (and wrap) the task; build the optimizer over the placed parameters.
+
+        Args:
+            make_optimizer: ``task -> Optimizer``, called once the parameters are where they stay.
+        Returns:
+            (model to call in the loop, optimizer or None)
+        """
+        task = task.to(self.device)
+        return task, make_optimizer(task) if make_optimizer else None
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def to_device(self, batch: Any) -> Any:
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, dict):
+            return {k: self.to_device(v) for k, v in batch.items()}
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self.to_device(v) for v in batch)
+        return batch
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    @contextlib.contextmanager
+    def no_sync(self, model: nn.Module) -> Iterator[None]:
+        """Skip gradient synchronisation on non-final accumulation micro-steps."""
+        yield
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> torch.Tensor:
+        """Total gradient 2-norm (a tensor, no sync); grads scaled down to ``max_norm`` if given."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+        if max_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=True)
+        return norm
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler=None) -> None:
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+
+    def reduce(self, values: dict[str, torch.Tensor], op: str = "sum") -> dict[str, torch.Tensor]:
+        """Combine tensors across ranks (identity in one process)."""
+        return values
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate along dim 0 the tensors of every rank (identity in one process)."""
+        return tensor
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    def barrier(self) -> None:
+        pass
+
+    def teardown(self) -> None:
+        pass
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save(self, directory: Path, model: nn.Module, optimizer, trainer_state: dict,
+             rank_state: dict) -> None:
+        """Write one checkpoint's files into ``directory`` (which exists)."""
+        from safetensors.torch import save_model
+
+        if self.is_main:
+            save_model(self.unwrap(model), str(directory / MODEL_FILE))
+            if optimizer is not None:
+                torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+            torch.save(trainer_state, directory / TRAINER_FILE)
+        torch.save(rank_state, directory / rank_file(self.rank))
+
+    def load(self, directory: Path, model: nn.Module, optimizer) -> tuple[dict, dict]:
+        """Restore model and optimizer in place; returns (trainer_state, this rank's state)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = directory / MODEL_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{path}: checkpoint file missing")
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: unreadable checkpoint file ({exc})") from None
+        module = self.unwrap(model)
+        own = module.state_dict()
+        # safetensors stores a tied tensor once; fill aliases from their partner.
+        for k in own:
+            if k not in state:
+                for other, v in own.items():
+                    if other in state and v.data_ptr() == own[k].data_ptr():
+                        state[k] = state[other]
+                        break
+        check_shapes(module, state, path)
+        module.load_state_dict(state)
+        if optimizer is not None:
+            optimizer.load_state_dict(safe_load(directory / OPTIMIZER_FILE))
+        trainer_state = safe_load(directory / TRAINER_FILE)
+        rank_path = directory / rank_file(self.rank)
+        rank_state = safe_load(rank_path) if rank_path.exists() else {}
+        return trainer_state, rank_state
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None

@@ -1,0 +1,104 @@
+"""Command line: ``python -m src.main --config configs/exp001.yaml [key.path=value ...]``.
+
+    python -m src.main --config configs/exp001.yaml                      # train
+    python -m src.main --config configs/exp001.yaml trainer.max_steps=50 optimizer.lr=3e-4
+    python -m src.main --config configs/exp001.yaml --dry-run            # build, report, no training
+    python -m src.main --list [REGISTRY]                                 # registered components
+    python -m src.main --import my_pkg.my_module --config my.yaml        # user components
+
+Bad input (config, data, checkpoint, command line) prints one line per problem and exits with 2.
+Heavy libraries are imported only once a config is being built, so --help and --list are instant.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m src.main",
+        description="Train an experiment described by one YAML file.",
+        epilog="Overrides: dotted paths with YAML values, e.g. trainer.max_steps=50 "
+               "model.hidden=[256,256]. They win over the file, which wins over defaults.")
+    p.add_argument("--config", "-c", help="experiment YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and build everything, print sizes and step counts, do not train")
+    p.add_argument("--list", nargs="?", const="all", metavar="REGISTRY",
+                   help="list registered components (all registries, or one)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import a module that registers components (repeatable)")
+    return p
+
+
+def _list(which: str, imports: list[str]) -> int:
+    from src.core.catalog import builtin_names
+    from src.core.errors import ConfigError
+    from src.core.registry import ALL
+
+    if which != "all" and which not in ALL:
+        import difflib
+
+        close = difflib.get_close_matches(which, list(ALL), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"--list: unknown registry '{which}'{hint} (available: {', '.join(ALL)})")
+    names = builtin_names()
+    if imports:  # user modules register at import; show them too
+        from src.core.experiment import import_user_modules
+
+        import_user_modules(imports, "--import")
+        for reg_name, reg in ALL.items():
+            for n in reg.names():
+                names[reg_name].setdefault(n, "")
+    for reg_name, reg in ALL.items():
+        if which not in ("all", reg_name):
+            continue
+        print(f"{reg_name}: {reg.doc}")
+        for n, doc in sorted(names[reg_name].items()):
+            print(f"  {n:<22} {doc}".rstrip())
+    return 0
+
+
+def _dry_run(exp) -> None:
+    s = exp.summary()
+    print(f"experiment      {exp.cfg.name}")
+    print(f"model           {exp.cfg.model['type']}: {s['model_parameters']:,} parameters "
+          f"({s['trainable_parameters']:,} trainable)")
+    print(f"data            {exp.cfg.data.type}: {s['train_samples']:,} train, "
+          f"{s['val_samples']:,} val samples; input {tuple(exp.data.info.input_shape)}, "
+          f"{exp.data.info.num_classes} classes")
+    print(f"steps/epoch     {s['steps_per_epoch']} (batch {exp.cfg.data.batch_size} x "
+          f"accumulation {exp.cfg.trainer.grad_accum_steps})")
+    print(f"total steps     {s['total_steps']}")
+    print(f"strategy        {exp.cfg.strategy['type']} on {exp.strategy.device}, "
+          f"world size {exp.strategy.world_size}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from src.core.errors import UserError
+
+    try:
+        if args.list:
+            return _list(args.list, args.imports)
+        if not args.config:
+            raise UserError("--config: required (or use --list / --help)")
+        from src.core.experiment import build, prepare
+
+        cfg, origins = prepare(args.config, args.overrides, args.imports)
+        exp = build(cfg, origins)
+        if args.dry_run:
+            _dry_run(exp)
+            return 0
+        exp.run()
+        exp.strategy.teardown()
+        return 0
+    except UserError as exc:
+        for line in exc.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Backbones and heads, registered in MODELS. Import order does not matter: each module registers itself."""

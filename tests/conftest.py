@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny configs, a CLI runner, free ports, and clean process state per test."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "data": {"type": "digits", "val_fraction": 0.2, "batch_size": 32},
+    "model": {"type": "mlp", "hidden": [32]},
+    "task": {"type": "classification"},
+    "optimizer": {"type": "adamw", "lr": 1e-3},
+    "scheduler": {"type": "constant"},
+    "trainer": {"max_steps": 20, "log_every": 5, "eval_every_n_epochs": None},
+    "checkpoint": {"every_n_steps": 10, "keep_last": 2},
+    "logging": {"loggers": ["jsonl"]},
+}
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_state(monkeypatch):
+    """Each test gets its own environment copy; any process group it made is destroyed."""
+    env = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(env)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """write_config(overrides: dict, name="c.yaml") -> Path of a tiny config under tmp_path.
+
+    Runs write into ``tmp_path / "runs"``.
+    """
+
+    def write(changes: dict | None = None, name: str = "c.yaml") -> Path:
+        cfg = yaml.safe_load(yaml.safe_dump(TINY))
+        cfg["logging"]["root"] = str(tmp_path / "runs")
+        for key, value in (changes or {}).items():
+            node = cfg
+            *parents, last = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[last] = value
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    return write
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300, env: dict | None = None):
+    """Run ``python -m src.main ARGS`` in a subprocess; returns CompletedProcess (text)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "src.main", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,94 @@
+import pytest
+import yaml
+
+from src.core.config import dump_config, load_config, parse_override
+from src.core.errors import ConfigError
+from src.core.experiment import prepare
+
+
+def test_base_inheritance_deep_merges_and_records_sources(tmp_path, write_config):
+    base = write_config({"optimizer.weight_decay": 0.5}, name="base.yaml")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\nname: child\noptimizer: {lr: 0.1}\nmodel: {hidden: [8]}\n")
+    cfg, origins = load_config(child)
+    assert cfg.name == "child"
+    assert cfg.optimizer == {"type": "adamw", "lr": 0.1, "weight_decay": 0.5}  # merged
+    assert cfg.model == {"type": "mlp", "hidden": [8]}  # lists replace
+    assert origins["optimizer.lr"] == str(child) and origins["optimizer.weight_decay"] == str(base)
+
+
+def test_overrides_win_and_parse_yaml_values(write_config):
+    path = write_config()
+    cfg, origins = load_config(path, ["trainer.max_steps=7", "optimizer.lr=3e-4",
+                                      "model.hidden=[16,16]", "trainer.max_epochs=2"])
+    assert cfg.trainer.max_steps == 7 and cfg.trainer.max_epochs == 2
+    assert cfg.optimizer["lr"] == 3e-4 and cfg.model["hidden"] == [16, 16]
+    assert origins["model.hidden"] == "override 'model.hidden=[16,16]'"
+
+
+def test_parse_override_rejects_malformed():
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    for bad in ("novalue", "=3", "a..b=1"):
+        with pytest.raises(ConfigError, match="expected key.path=value"):
+            parse_override(bad)
+
+
+def test_cycle_in_base_is_an_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["trainer.foo=1"], r"override 'trainer.foo=1': trainer.foo: unknown key"),
+    (["optimizer.lr=fast"], r"optimizer.lr: Input should be a valid number.*'fast'"),
+    (["data.batch_size=-4"], r"data.batch_size: Input should be greater than 0 \(got -4\)"),
+    (["model.type=mlpp"], r"model.type: unknown model 'mlpp'; did you mean 'mlp'"),
+    (["model.hiden=[3]"], r"model.hiden: unknown key"),
+    (["nothere.x=1"], r"nothere: unknown key"),
+    (["optimizer.lr.x=1"], r"optimizer.lr is not a mapping"),
+    (["trainer.precision=fp8"], r"trainer.precision: Input should be 'fp32', 'bf16' or 'fp16'"),
+    (["name=a/b"], r"name: Value error, must be letters"),
+    (["callbacks=[{type: nope}]"], r"callbacks.0.type: unknown callback 'nope'"),
+])
+def test_each_error_names_its_source_and_path(write_config, overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        prepare(str(write_config()), overrides)
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path, write_config):
+    path = write_config({"trainer.colour": "red"})
+    with pytest.raises(ConfigError, match=rf"{path}: trainer.colour: unknown key"):
+        load_config(path)
+
+
+def test_several_problems_one_line_each(write_config):
+    with pytest.raises(ConfigError) as e:
+        prepare(str(write_config()), ["optimizer.lr=x", "scheduler.warmup_steps=y"])
+    assert len(e.value.lines) == 2
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("", "config file is empty"),
+    ("name: x\nmodel: {type: mlp\n", r":3:1: invalid YAML"),
+    ("- a\n- b\n", "expected a mapping at the top"),
+    ("name: x\nmodel: !!python/object/apply:os.system ['echo hacked > {p}']\n", "invalid YAML"),
+])
+def test_bad_files(tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text.replace("{p}", str(tmp_path / "hacked")))
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path)
+    assert not (tmp_path / "hacked").exists()
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config("nope.yaml")
+
+
+def test_dump_round_trips(write_config):
+    cfg, _ = load_config(write_config())
+    again = yaml.safe_load(dump_config(cfg))
+    assert again["trainer"]["max_steps"] == 20 and again["trainer"]["precision"] == "fp32"
