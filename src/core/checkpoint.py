@@ -67,6 +67,9 @@ class CheckpointManager:
 
     def __init__(self, cfg: CheckpointConfig, directory: Path, strategy, config_hash: str = ""):
         self.cfg, self.dir, self.strategy, self.config_hash = cfg, Path(directory), strategy, config_hash
+        # top-k selection; the model_checkpoint callback may set these too
+        self.top_k, self.monitor, self.mode = cfg.top_k, cfg.monitor, cfg.mode
+        self.save_on_eval = cfg.save_on_eval or bool(cfg.top_k and cfg.monitor)
 
     # ------------------------------------------------------------------ listing
 
@@ -116,11 +119,8 @@ class CheckpointManager:
         keep = set(done[-cfg.keep_last:] if cfg.keep_last else done)
         if cfg.keep_every:
             keep |= {p for p in done if step_of(p) % cfg.keep_every == 0}
-        if cfg.top_k and cfg.monitor:
-            scored = [(self.meta(p)["metrics"].get(cfg.monitor), p) for p in done]
-            scored = [(v, p) for v, p in scored if v is not None]
-            scored.sort(key=lambda vp: vp[0], reverse=cfg.mode == "max")
-            keep |= {p for _, p in scored[:cfg.top_k]}
+        if self.top_k and self.monitor:
+            keep |= set(self.ranked()[:self.top_k])
         latest = self.latest()
         if latest is not None:
             keep.add(latest)
@@ -129,6 +129,17 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True)
 
     # ------------------------------------------------------------------ reading
+
+    def ranked(self) -> list[Path]:
+        """Committed checkpoints that recorded ``monitor``, best first."""
+        scored = [(self.meta(p)["metrics"].get(self.monitor), p) for p in self.committed()]
+        scored = [(v, p) for v, p in scored if v is not None]
+        scored.sort(key=lambda vp: vp[0], reverse=self.mode == "max")
+        return [p for _, p in scored]
+
+    def best(self) -> Optional[Path]:
+        ranked = self.ranked() if self.monitor else []
+        return ranked[0] if ranked else None
 
     def meta(self, path: Path) -> dict[str, Any]:
         try:

@@ -52,7 +52,6 @@ class TrainerConfig(_Strict):
     compile: bool = Field(False, description="torch.compile the model.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations (HF/timm).")
     deterministic: bool = Field(False, description="Deterministic algorithms only.")
-    progress_bar: bool = Field(False, description="Rich progress bar with ETA.")
 
 
 class CheckpointConfig(_Strict):

@@ -147,7 +147,7 @@ class Experiment:
                           optimizer=self.optimizer, scheduler=self.scheduler,
                           train_loader=self.train_loader, val_loader=self.val_loader,
                           max_steps=self.derived["total_steps"], callbacks=callbacks,
-                          loggers=loggers, checkpoints=ckpt, checkpoint_cfg=cfg.checkpoint,
+                          loggers=loggers, checkpoints=ckpt,
                           run_dir=run_dir, run_info=self.run_info())
         return trainer.fit()
 

@@ -38,13 +38,13 @@ class Trainer:
 
     def __init__(self, cfg: TrainerConfig, *, task, model, strategy, optimizer, scheduler,
                  train_loader, val_loader, max_steps: int, callbacks: Iterable = (),
-                 loggers: Iterable = (), checkpoints=None, checkpoint_cfg=None,
+                 loggers: Iterable = (), checkpoints=None,
                  run_dir: Optional[Path] = None, run_info: Optional[dict] = None):
         self.cfg, self.task, self.model, self.strategy = cfg, task, model, strategy
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.val_loader = train_loader, val_loader
         self.max_steps, self.callbacks, self.loggers = max_steps, list(callbacks), list(loggers)
-        self.checkpoints, self.ckpt_cfg = checkpoints, checkpoint_cfg
+        self.checkpoints = checkpoints
         self.run_dir, self.run_info = run_dir, run_info or {}
         self.batches_per_epoch = train_loader.batches_per_epoch()
         self.step = self.epoch = self.batch_in_epoch = 0
@@ -178,13 +178,15 @@ class Trainer:
                         break
         if self._last_eval != self.step and not self._signal:
             self.evaluate()
-        if self.ckpt_cfg is None or self.ckpt_cfg.save_last or self._signal:
+        if self.checkpoints is not None and (self.checkpoints.cfg.save_last or self._signal):
             self.save()
 
     def _optimizer_step(self) -> None:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = self.strategy.clip_grad_norm(self.model, self.cfg.grad_clip)
+        for cb in self.callbacks:
+            cb.on_before_optimizer_step(self, norm)
         outputs, self._micro = self._micro, {}
         loss = outputs["loss"]
         ok = torch.isfinite(loss) if self.scaler is not None else torch.isfinite(loss) & torch.isfinite(norm)
@@ -212,7 +214,7 @@ class Trainer:
         self._after_step()
 
     def _after_step(self) -> None:
-        cfg, ck = self.cfg, self.ckpt_cfg
+        cfg = self.cfg
         if self.step % cfg.log_every == 0 or self.step == self.max_steps:
             self._log_interval()
         epoch_end = self.batch_in_epoch >= self.batches_per_epoch
@@ -225,10 +227,14 @@ class Trainer:
         if epoch_end:
             for cb in self.callbacks:
                 cb.on_epoch_end(self)
-        if ck is not None and ((ck.every_n_steps and self.step % ck.every_n_steps == 0) or
-                               (epoch_end and ck.every_n_epochs and self.epoch % ck.every_n_epochs == 0)
-                               or (ck.save_on_eval and self._last_eval == self.step)):
+        if self.checkpoints is not None and self._save_due(epoch_end):
             self.save()
+
+    def _save_due(self, epoch_end: bool) -> bool:
+        ck = self.checkpoints.cfg
+        return bool((ck.every_n_steps and self.step % ck.every_n_steps == 0)
+                    or (epoch_end and ck.every_n_epochs and self.epoch % ck.every_n_epochs == 0)
+                    or (self.checkpoints.save_on_eval and self._last_eval == self.step))
 
     def _on_bad_step(self) -> None:
         warnings.warn(f"step {self.step}: non-finite loss or gradient, update skipped "

@@ -13,6 +13,9 @@ class Callback:
     def on_fit_start(self, trainer) -> None:
         """Before the first step (after any resume)."""
 
+    def on_before_optimizer_step(self, trainer, grad_norm) -> None:
+        """Gradients are ready (unscaled, clipped); ``grad_norm`` is their total norm (a tensor)."""
+
     def on_step_end(self, trainer, outputs: dict[str, Any]) -> None:
         """After each optimizer step; ``outputs`` holds this step's tensors and ``grad_norm``."""
 

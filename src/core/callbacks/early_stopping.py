@@ -1,0 +1,66 @@
+"""Stop when a validation metric stops improving, or diverges."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Literal, Optional
+
+from pydantic import confloat, conint
+
+from src.core.callbacks.base import Callback
+from src.core.registry import CALLBACKS
+
+
+@CALLBACKS.register("early_stopping")
+class EarlyStopping(Callback):
+    """Sets ``trainer.should_stop`` after ``patience`` evaluations without improvement.
+
+    Args:
+        monitor: a logged validation metric, e.g. ``val/loss``.
+        mode: ``min`` if lower is better, ``max`` if higher is.
+        patience: evaluations without an improvement of at least ``min_delta``.
+        divergence_threshold: stop at once when the metric is worse than this.
+        check_finite: stop at once when the metric is NaN or infinite.
+    """
+
+    def __init__(self, monitor: str = "val/loss", mode: Literal["min", "max"] = "min",
+                 patience: conint(ge=1) = 3, min_delta: confloat(ge=0) = 0.0,
+                 divergence_threshold: Optional[float] = None, check_finite: bool = True):
+        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
+        self.divergence_threshold, self.check_finite = divergence_threshold, check_finite
+        self.best: Optional[float] = None
+        self.wait = 0
+        self.reason = ""
+
+    def _better(self, value: float, than: float) -> bool:
+        return value < than - self.min_delta if self.mode == "min" else value > than + self.min_delta
+
+    def on_validation_end(self, trainer, metrics: dict[str, float]) -> None:
+        if self.monitor not in metrics:
+            warnings.warn(f"early_stopping: metric '{self.monitor}' not among {sorted(metrics)}",
+                          stacklevel=2)
+            return
+        value = metrics[self.monitor]
+        if self.check_finite and not math.isfinite(value):
+            self.reason = f"{self.monitor} is {value}"
+        elif self.divergence_threshold is not None and not self._better(
+                value, self.divergence_threshold) and value != self.divergence_threshold:
+            self.reason = f"{self.monitor} = {value:.4g} is past divergence_threshold"
+        elif self.best is None or self._better(value, self.best):
+            self.best, self.wait = value, 0
+            return
+        else:
+            self.wait += 1
+            if self.wait < self.patience:
+                return
+            self.reason = f"{self.monitor} did not improve for {self.wait} evaluations " \
+                          f"(best {self.best:.4g})"
+        trainer.should_stop = True
+        if trainer.strategy.is_main:
+            print(f"early stopping at step {trainer.step}: {self.reason}", flush=True)
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "wait": self.wait}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.wait = state["best"], state["wait"]

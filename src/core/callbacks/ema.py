@@ -1,0 +1,67 @@
+"""Exponential moving average of the weights, optionally used for evaluation; checkpointed."""
+from __future__ import annotations
+
+import torch
+from pydantic import confloat
+
+from src.core.callbacks.base import Callback
+from src.core.registry import CALLBACKS
+
+
+@CALLBACKS.register("ema")
+class EMA(Callback):
+    """``shadow = decay * shadow + (1 - decay) * weights`` after every optimizer step.
+
+    With ``warmup``, the decay ramps as ``min(decay, (1 + n) / (10 + n))`` so early averages are
+    not dominated by the random initialisation. Floating-point buffers (BatchNorm statistics) are
+    averaged too.
+
+    Args:
+        decay: the average's decay per step.
+        use_for_eval: evaluate with the averaged weights (the training weights are restored after).
+    """
+
+    def __init__(self, decay: confloat(gt=0, lt=1) = 0.999, use_for_eval: bool = True,
+                 warmup: bool = True):
+        self.decay, self.use_for_eval, self.warmup = decay, use_for_eval, warmup
+        self.updates = 0
+        self.shadow: list[torch.Tensor] = []
+        self._backup: list[torch.Tensor] = []
+
+    def _tensors(self, trainer) -> list[torch.Tensor]:
+        module = trainer.task
+        return [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+
+    def on_fit_start(self, trainer) -> None:
+        if not self.shadow:
+            self.shadow = [t.detach().clone() for t in self._tensors(trainer)]
+        else:  # restored from a checkpoint: move to the model's device
+            dev = self._tensors(trainer)[0].device
+            self.shadow = [s.to(dev) for s in self.shadow]
+
+    @torch.no_grad()
+    def on_step_end(self, trainer, outputs) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
+        torch._foreach_lerp_(self.shadow, [t.detach() for t in self._tensors(trainer)], 1 - d)
+
+    @torch.no_grad()
+    def _swap(self, trainer) -> None:
+        for t, s in zip(self._tensors(trainer), self.shadow):
+            tmp = t.detach().clone()
+            t.copy_(s)
+            s.copy_(tmp)
+
+    def on_validation_start(self, trainer) -> None:
+        if self.use_for_eval and self.shadow:
+            self._swap(trainer)
+
+    def on_validation_end(self, trainer, metrics) -> None:
+        if self.use_for_eval and self.shadow:
+            self._swap(trainer)
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "shadow": [s.cpu() for s in self.shadow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates, self.shadow = state["updates"], list(state["shadow"])

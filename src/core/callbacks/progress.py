@@ -1,0 +1,40 @@
+"""A rich progress bar with ETA and the latest loss."""
+from __future__ import annotations
+
+from src.core.callbacks.base import Callback
+from src.core.registry import CALLBACKS
+
+
+@CALLBACKS.register("progress_bar")
+class RichProgressBar(Callback):
+    """Steps done / total, steps per second and ETA; the latest logged loss in the description."""
+
+    def __init__(self, transient: bool = False):
+        self.transient = transient
+        self.progress = None
+
+    def on_fit_start(self, trainer) -> None:
+        if not trainer.strategy.is_main:
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                                 TimeRemainingColumn(), transient=self.transient)
+        self.task_id = self.progress.add_task("train", total=trainer.max_steps,
+                                              completed=trainer.step)
+        self.progress.start()
+
+    def on_step_end(self, trainer, outputs) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task_id, completed=trainer.step)
+
+    def on_log(self, trainer, metrics) -> None:
+        if self.progress is not None and "train/loss" in metrics:
+            self.progress.update(self.task_id, description=f"train loss {metrics['train/loss']:.4f}")
+
+    def on_fit_end(self, trainer) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

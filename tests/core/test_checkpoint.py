@@ -1,0 +1,193 @@
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from helpers import metrics, params, run, same
+from src.core.callbacks.base import Callback
+from src.core.checkpoint import CheckpointManager
+from src.core.config import CheckpointConfig
+from src.core.errors import CheckpointError
+from src.core.registry import CALLBACKS
+from src.distributed.single import SingleDeviceStrategy
+
+
+@CALLBACKS.register("signal_at_step")
+class SignalAtStep(Callback):
+    """Sends this process a signal after the given step (tests of stop-and-resume)."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM)):
+        self.at, self.signum = step, signum
+
+    def on_step_end(self, trainer, outputs) -> None:
+        if trainer.step == self.at:
+            os.kill(os.getpid(), self.signum)
+
+
+RESUME = {"trainer.max_steps": 70, "trainer.eval_every_n_steps": 25, "trainer.log_every": 7,
+          "checkpoint.every_n_steps": 10, "model": {"type": "mlp", "hidden": [32], "dropout": 0.2},
+          "data.batch_size": 48}
+
+
+@pytest.mark.parametrize("stop_at,signum", [(37, signal.SIGTERM), (55, signal.SIGINT)])
+def test_stop_then_resume_is_bitwise_identical(write_config, tmp_path, stop_at, signum):
+    """Straight to 70 steps == stop mid-epoch (29 batches/epoch) at k + resume to 70."""
+    straight = run(write_config({**RESUME, "name": "straight"}))
+    cfg = write_config({**RESUME, "name": "stopped",
+                        "callbacks": [{"type": "signal_at_step", "step": stop_at,
+                                       "signum": int(signum)}]})
+    with pytest.raises(SystemExit) as e:
+        run(cfg)
+    assert e.value.code == 128 + signum
+    run_dir = tmp_path / "runs/stopped"
+    assert (run_dir / f"checkpoints/step_{stop_at:08d}/COMMIT").exists()
+    resumed = run(cfg, "callbacks=[]")
+    assert same(params(straight), params(resumed))
+    assert metrics(tmp_path / "runs/straight") == metrics(run_dir)
+
+
+SLOW_PLUGIN = '''
+import time
+from src.core.callbacks.base import Callback
+from src.core.registry import CALLBACKS
+
+@CALLBACKS.register("slow")
+class Slow(Callback):
+    def on_step_end(self, trainer, outputs):
+        time.sleep(0.05)
+'''
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_identical(write_config, tmp_path):
+    (tmp_path / "slow_plugin.py").write_text(SLOW_PLUGIN)
+    base = {**RESUME, "imports": ["slow_plugin"], "callbacks": [{"type": "slow"}],
+            "checkpoint.every_n_steps": 5}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{tmp_path}"}
+    cmd = [sys.executable, "-m", "src.main", "--config"]
+    straight = write_config({**base, "name": "straight"}, name="s.yaml")
+    subprocess.run(cmd + [str(straight)], env=env, check=True, capture_output=True)
+    killed = write_config({**base, "name": "killed"}, name="k.yaml")
+    ckpts = tmp_path / "runs/killed/checkpoints"
+    target = random.Random().randint(2, 12) * 5
+    proc = subprocess.Popen(cmd + [str(killed)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (ckpts / f"step_{target:08d}/COMMIT").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before the kill"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    out = subprocess.run(cmd + [str(killed)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "resumed from" in out.stdout, out.stderr
+    a = load_file(str(tmp_path / "runs/straight/checkpoints/step_00000070/model.safetensors"))
+    b = load_file(str(ckpts / "step_00000070/model.safetensors"))
+    assert same(a, b)
+    assert metrics(tmp_path / "runs/straight") == metrics(tmp_path / "runs/killed")
+
+
+def _manager(tmp_path, **cfg) -> CheckpointManager:
+    strategy = SingleDeviceStrategy("cpu")
+    strategy.setup()
+    return CheckpointManager(CheckpointConfig(**cfg), tmp_path / "ckpt", strategy)
+
+
+def _save(m, step, metric=None):
+    model = torch.nn.Linear(2, 2)
+    return m.save(step, 0, model, None, {"step": step}, {},
+                  metrics={"val/acc": metric} if metric is not None else None)
+
+
+def test_rotation_keep_last_keep_every_top_k(tmp_path):
+    m = _manager(tmp_path, keep_last=2, keep_every=40, top_k=1, monitor="val/acc", mode="max")
+    scores = {10: 0.5, 20: 0.9, 30: 0.6, 40: 0.1, 50: 0.2, 60: 0.3}
+    for step, score in scores.items():
+        _save(m, step, score)
+    assert [p.name for p in m.committed()] == ["step_00000020", "step_00000040",
+                                               "step_00000050", "step_00000060"]
+    assert (tmp_path / "ckpt/latest").read_text() == "step_00000060"
+    assert m.best().name == "step_00000020"
+
+
+def test_uncommitted_directories_are_ignored_and_cleaned(tmp_path):
+    m = _manager(tmp_path)
+    _save(m, 10)
+    half = tmp_path / "ckpt/step_00000020"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"partial")
+    assert m.latest().name == "step_00000010"
+    assert [p.name for p in m.candidates()] == ["step_00000010"]
+    m.clean_uncommitted()
+    assert not half.exists()
+
+
+def test_corrupt_latest_falls_back_with_a_warning(write_config, tmp_path):
+    cfg = write_config({"trainer.max_steps": 20})
+    run(cfg)
+    ckpts = tmp_path / "runs/tiny/checkpoints"
+    model = ckpts / "step_00000020/model.safetensors"
+    model.write_bytes(model.read_bytes()[:100])  # truncated
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exp = run(cfg, "trainer.max_steps=25")
+    msgs = [str(w.message) for w in caught if "skipping checkpoint" in str(w.message)]
+    assert msgs and "model.safetensors" in msgs[0]
+    assert metrics(tmp_path / "runs/tiny")[-1]["step"] == 25
+    assert exp is not None
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_explicit_corrupt_checkpoint_is_a_one_line_error(write_config, tmp_path, capsys, damage):
+    from src.main import main
+
+    cfg = write_config({"trainer.max_steps": 10})
+    run(cfg)
+    step = tmp_path / "runs/tiny/checkpoints/step_00000010"
+    f = step / "optimizer.pt"
+    f.write_bytes(f.read_bytes()[:50] if damage == "truncate" else b"\x80\x04garbage")
+    code = main(["--config", str(cfg), f"checkpoint.resume={step}", "trainer.max_steps=12"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"{f}: unreadable checkpoint file" in err[0]
+
+
+def test_shape_mismatch_lists_the_keys(write_config, tmp_path, capsys):
+    from src.main import main
+
+    cfg = write_config({"trainer.max_steps": 10})
+    run(cfg)
+    code = main(["--config", str(cfg), "model.hidden=[16]", "trainer.max_steps=12"])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not fit the model" in err
+    assert "model.net.1.weight (32, 64) vs model (16, 64)" in err
+
+
+def test_resume_never_refuses_to_overwrite_an_earlier_run(write_config, tmp_path, capsys):
+    from src.main import main
+
+    cfg = write_config({"trainer.max_steps": 10})
+    run(cfg)
+    code = main(["--config", str(cfg), "checkpoint.resume=never"])
+    assert code == 2 and "holds checkpoints of an earlier run" in capsys.readouterr().err
+
+
+def test_loading_never_unpickles_code(tmp_path):
+    from src.distributed.base import safe_load
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="unreadable checkpoint file"):
+        safe_load(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()

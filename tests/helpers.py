@@ -1,0 +1,30 @@
+"""Helpers shared by tests: run an experiment in-process and read what it wrote."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from src.core.experiment import build, prepare
+
+
+def run(config: Path, *overrides: str):
+    """Build and train in this process; returns the Experiment (its task holds the weights)."""
+    cfg, origins = prepare(str(config), list(overrides))
+    exp = build(cfg, origins)
+    exp.run()
+    return exp
+
+
+def metrics(run_dir: Path, drop=("time", "train/samples_per_sec", "train/tokens_per_sec")):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+def params(exp) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in exp.task.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
