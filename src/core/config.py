@@ -159,10 +159,16 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _merge(base: dict, top: dict) -> dict:
-    """Deep-merge ``top`` into a copy of ``base``: mappings merge, everything else replaces."""
+    """Deep-merge ``top`` into a copy of ``base``: mappings merge, everything else replaces.
+
+    A component section whose ``type`` changes replaces the inherited one whole: the old
+    component's parameters mean nothing to the new one.
+    """
     out = copy.deepcopy(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and \
+                value.get("type", old.get("type")) == old.get("type"):
             out[key] = _merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

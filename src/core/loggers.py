@@ -125,14 +125,16 @@ class MLflowLogger(Logger):
     """An MLflow run: params = the run info flattened, metrics, ``config.yaml`` as an artifact.
 
     Args:
-        tracking_uri: an MLflow tracking URI; default a local store in ``<run>/mlruns``.
+        tracking_uri: an MLflow tracking URI; default a local SQLite store in
+            ``<run>/mlruns/mlflow.db`` with artifacts in ``<run>/mlruns/artifacts``.
         experiment: MLflow experiment name (default: the run's name).
     """
 
     def __init__(self, run_dir: Path, tracking_uri: Optional[str] = None,
                  experiment: Optional[str] = None):
         super().__init__(run_dir)
-        self.uri = tracking_uri or (self.run_dir / "mlruns").resolve().as_uri()
+        self.store = None if tracking_uri else (self.run_dir / "mlruns").resolve()
+        self.uri = tracking_uri or f"sqlite:///{self.store / 'mlflow.db'}"
         self.experiment = experiment or self.run_dir.name
         self.client = None
         self.run_id: Optional[str] = None
@@ -141,7 +143,8 @@ class MLflowLogger(Logger):
         from mlflow.entities import Param, RunTag
         from mlflow.tracking import MlflowClient
 
-        os.environ.setdefault("MLFLOW_ENABLE_TRACKING_ARTIFACT_STORE_WARNING", "false")
+        if self.store is not None:
+            self.store.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=self.uri)
         id_file = self.run_dir / "mlflow_run_id"
         if resume_step and id_file.exists():
@@ -149,7 +152,9 @@ class MLflowLogger(Logger):
             self.client.update_run(self.run_id, status="RUNNING")
             return
         exp = self.client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(
+            self.experiment,
+            artifact_location=(self.store / "artifacts").as_uri() if self.store else None)
         run = self.client.create_run(exp_id, run_name=self.run_dir.name)
         self.run_id = run.info.run_id
         id_file.write_text(self.run_id)

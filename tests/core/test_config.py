@@ -17,6 +17,14 @@ def test_base_inheritance_deep_merges_and_records_sources(tmp_path, write_config
     assert origins["optimizer.lr"] == str(child) and origins["optimizer.weight_decay"] == str(base)
 
 
+def test_a_changed_type_replaces_the_inherited_section(tmp_path, write_config):
+    write_config({"model": {"type": "cnn", "channels": [4]}}, name="base.yaml")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\nmodel: {type: mlp, hidden: [8]}\n")
+    cfg, _ = load_config(child)
+    assert cfg.model == {"type": "mlp", "hidden": [8]}
+
+
 def test_overrides_win_and_parse_yaml_values(write_config):
     path = write_config()
     cfg, origins = load_config(path, ["trainer.max_steps=7", "optimizer.lr=3e-4",

@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+import torch
+
+from src.core.errors import ConfigError
+from src.data.digits import digits
+from src.data.loader import ResumableSampler, TrainLoader
+
+
+def test_digits_is_real_stratified_and_deterministic():
+    a, b = digits(seed=0), digits(seed=0)
+    info = a.info
+    assert info.num_classes == 10 and info.input_shape == (1, 8, 8)
+    assert len(a.train) + len(a.val) == 1797 and info.num_samples == len(a.train)
+    totals = torch.bincount(torch.cat([a.train.labels, a.val.labels]))
+    assert sum(info.class_counts) == len(a.train)
+    assert all(abs(c - 0.8 * t) <= 1 for c, t in zip(info.class_counts, totals.tolist()))
+    assert torch.equal(a.val.labels, b.val.labels)
+    assert not torch.equal(a.val.labels, digits(seed=1).val.labels)
+    x = a.train.inputs
+    assert x.min() == 0 and x.max() == 1
+
+
+def test_digits_resize_and_channels():
+    dm = digits(seed=0, resize=32, channels=3)
+    assert dm.info.input_shape == (3, 32, 32)
+    batch = dm.train.__getitems__([0, 1, 2])
+    assert batch["inputs"].shape == (3, 3, 32, 32) and batch["labels"].shape == (3,)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sampler_shards_cover_the_data_and_resume(world):
+    shards = [ResumableSampler(10, True, 0, r, world) for r in range(world)]
+    for s in shards:
+        s.set_epoch(3)
+    seen = sorted(i for s in shards for i in s)
+    assert set(seen) == set(range(10)) and len(seen) == shards[0].per_rank * world
+    full = list(shards[0])
+    shards[0].set_epoch(3, start=2)
+    assert list(shards[0]) == full[2:] and len(shards[0]) == len(full) - 2
+    shards[0].set_epoch(4)
+    assert list(shards[0]) != full
+
+
+def test_loader_resumes_mid_epoch_with_the_same_batches():
+    ds = digits(seed=0).train
+    loader = TrainLoader(ds, 100, seed=5)
+    loader.set_epoch(2)
+    full = [b["labels"] for b in loader]
+    loader.set_epoch(2, start_batch=4)
+    rest = [b["labels"] for b in loader]
+    assert len(full) == loader.batches_per_epoch() == 14
+    assert all(torch.equal(x, y) for x, y in zip(full[4:], rest))
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    from src.data.image_folder import image_folder
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(
+                tmp_path / cls / f"{i}.png")
+    dm = image_folder(seed=0, root=str(tmp_path), val_fraction=0.2, image_size=16)
+    assert dm.info.class_names == ("cat", "dog") and dm.info.input_shape == (3, 16, 16)
+    assert len(dm.train) == 8 and len(dm.val) == 2 and dm.info.class_counts == (4, 4)
+    sample = dm.train[0]
+    assert sample["inputs"].shape == (3, 16, 16) and sample["inputs"].dtype == torch.float32
+    with pytest.raises(ConfigError, match="data.root: folder not found"):
+        image_folder(seed=0, root=str(tmp_path / "nope"))

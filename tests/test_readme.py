@@ -1,0 +1,31 @@
+"""The README's promises: its set-up commands are the ones CI runs, and its example works."""
+import re
+
+from conftest import ROOT
+from helpers import metrics, run
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_ci_runs_the_readme_commands():
+    block = re.search(r"## Set up.*?```bash\n(.*?)```", README, re.S).group(1)
+    commands = [line for line in block.splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 2, "the README has exactly two set-up commands"
+    ci = (ROOT / ".ci/run").read_text()
+    for command in commands:
+        assert command in ci
+
+
+def test_the_add_your_own_algorithm_example_runs(tmp_path, monkeypatch):
+    python = re.search(r"```python\n# my_lab/tasks.py\n(.*?)```", README, re.S).group(1)
+    yaml_text = re.search(r"```yaml\n# my_experiment.yaml\n(.*?)```", README, re.S).group(1)
+    (tmp_path / "my_lab").mkdir()
+    (tmp_path / "my_lab/__init__.py").write_text("")
+    (tmp_path / "my_lab/tasks.py").write_text(python)
+    cfg = tmp_path / "my_experiment.yaml"
+    cfg.write_text(yaml_text.replace("configs/exp001.yaml", str(ROOT / "configs/exp001.yaml")))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run(cfg, "trainer.max_steps=4", f"logging.root={tmp_path / 'runs'}")
+    rows = metrics(tmp_path / "runs/focal")
+    assert rows[-1]["step"] == 4 and "val/accuracy" in rows[-1]
