@@ -52,6 +52,8 @@ class TrainerConfig(_Strict):
     compile: bool = Field(False, description="torch.compile the model.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations (HF/timm).")
     deterministic: bool = Field(False, description="Deterministic algorithms only.")
+    peak_tflops: Optional[float] = Field(None, gt=0, description=(
+        "Device peak TFLOP/s for model FLOPs utilisation (train/mfu); known GPUs are detected."))
 
 
 class CheckpointConfig(_Strict):

@@ -77,6 +77,7 @@ class Experiment:
     train_loader: Any
     val_loader: Any
     derived: dict[str, Any] = field(default_factory=dict)
+    trainer: Any = None  # set by run()
 
     @property
     def run_dir(self) -> Path:
@@ -149,6 +150,7 @@ class Experiment:
                           max_steps=self.derived["total_steps"], callbacks=callbacks,
                           loggers=loggers, checkpoints=ckpt,
                           run_dir=run_dir, run_info=self.run_info())
+        self.trainer = trainer
         return trainer.fit()
 
 

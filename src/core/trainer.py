@@ -57,6 +57,10 @@ class Trainer:
         device = strategy.device
         self.dtype = DTYPES[cfg.precision]
         self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+        from src.core.throughput import peak_flops
+
+        self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else peak_flops(device, cfg.precision)
+        self.flops_per_micro: Optional[int] = None  # measured once, on the first micro-batch
         self._reset_interval()
 
     # ------------------------------------------------------------------ public
@@ -169,7 +173,14 @@ class Trainer:
                 self.batch_in_epoch += 1
                 batch = self.strategy.to_device(batch)
                 self._count_batch(batch)
-                out = self.train_step(batch, final, n_micro)
+                if self.peak and self.flops_per_micro is None:
+                    from src.core.throughput import measure_flops
+
+                    out, self.flops_per_micro = measure_flops(
+                        lambda: self.train_step(batch, final, n_micro))
+                else:
+                    out = self.train_step(batch, final, n_micro)
+                self._micros += 1
                 for k, v in out.items():
                     self._micro[k] = self._micro.get(k, 0) + v / n_micro
                 if final:
@@ -250,7 +261,7 @@ class Trainer:
     def _reset_interval(self) -> None:
         self._sums: dict[str, torch.Tensor] = {}
         self._micro: dict[str, torch.Tensor] = {}
-        self._steps = self._samples = 0
+        self._steps = self._samples = self._micros = 0
         self._tokens: Optional[torch.Tensor] = None
         self._t0 = time.perf_counter()
 
@@ -278,6 +289,10 @@ class Trainer:
         metrics["train/samples_per_sec"] = self._samples * self.strategy.world_size / elapsed
         if tokens is not None:
             metrics["train/tokens_per_sec"] = float(tokens) / elapsed
+        if self.peak and self.flops_per_micro:
+            achieved = self.flops_per_micro * self._micros / elapsed
+            metrics["train/tflops"] = achieved / 1e12
+            metrics["train/mfu"] = achieved / self.peak
         if self.total_bad_steps:
             metrics["train/bad_steps"] = self.total_bad_steps
         self._reset_interval()

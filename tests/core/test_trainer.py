@@ -104,6 +104,26 @@ def test_grad_clip_bounds_the_update(write_config, tmp_path):
     assert all(r["train/grad_norm"] > 1e-3 for r in rows if "train/grad_norm" in r)  # pre-clip norm
 
 
-def test_compile_and_deterministic_switches_run(write_config, tmp_path):
+def test_deterministic_switch_runs(write_config, tmp_path):
     run(write_config({"trainer.deterministic": True, "trainer.max_steps": 3}))
     assert metrics(tmp_path / "runs/tiny")[-1]["step"] == 3
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_keeps_parameter_names(write_config, tmp_path):
+    plain = run(write_config({"name": "plain", "trainer.max_steps": 2}))
+    compiled = run(write_config({"name": "compiled", "trainer.compile": True,
+                                 "trainer.max_steps": 2}))
+    assert params(plain).keys() == params(compiled).keys()
+
+
+def test_mfu_from_measured_flops(write_config, tmp_path):
+    """FLOPs of one step are counted once; MFU = achieved FLOP/s over the device peak."""
+    exp = run(write_config({"trainer.peak_tflops": 1.0, "model.hidden": [32]}))
+    # forward 2*B*(64*32 + 32*10); backward: weight grads the same, input grad of layer 2 only
+    expected = 2 * 32 * (64 * 32 + 32 * 10) * 2 + 2 * 32 * 32 * 10
+    assert exp.trainer.flops_per_micro == expected
+    rows = [r for r in metrics(tmp_path / "runs/tiny", drop=()) if "train/loss" in r]
+    assert 0 < rows[-1]["train/mfu"] < 1
+    assert rows[-1]["train/tflops"] == pytest.approx(rows[-1]["train/mfu"])
+
