@@ -5,6 +5,7 @@
     python -m src.main --config configs/exp001.yaml --dry-run            # build, report, no training
     python -m src.main --list [REGISTRY]                                 # registered components
     python -m src.main --import my_pkg.my_module --config my.yaml        # user components
+    python -m src.main export --checkpoint DIR --out model.safetensors   # consolidated weights
 
 Bad input (config, data, checkpoint, command line) prints one line per problem and exits with 2.
 Heavy libraries are imported only once a config is being built, so --help and --list are instant.
@@ -29,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="list registered components (all registries, or one)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import a module that registers components (repeatable)")
+    # The deepspeed launcher passes --local_rank; the same value is in the LOCAL_RANK variable.
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return p
 
 
@@ -76,28 +79,45 @@ def _dry_run(exp) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     from src.core.errors import UserError
 
     try:
-        if args.list:
-            return _list(args.list, args.imports)
-        if not args.config:
-            raise UserError("--config: required (or use --list / --help)")
-        from src.core.experiment import build, prepare
-
-        cfg, origins = prepare(args.config, args.overrides, args.imports)
-        exp = build(cfg, origins)
-        if args.dry_run:
-            _dry_run(exp)
-            return 0
-        exp.run()
-        exp.strategy.teardown()
-        return 0
+        return _dispatch(argv)
     except UserError as exc:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)
         return exc.exit_code
+
+
+def _dispatch(argv: list[str]) -> int:
+    if argv[:1] == ["export"]:
+        from src.core import export
+
+        return export.main(argv[1:])
+    args = _parser().parse_args(argv)
+    if args.list:
+        return _list(args.list, args.imports)
+    if not args.config:
+        from src.core.errors import UserError
+
+        raise UserError("--config: required (or use --list / --help)")
+    from src.core.experiment import build, prepare
+    from src.core.trainer import TrainingDiverged
+
+    cfg, origins = prepare(args.config, args.overrides, args.imports)
+    exp = build(cfg, origins)
+    if args.dry_run:
+        _dry_run(exp)
+        return 0
+    try:
+        exp.run()
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        exp.strategy.teardown()
+    return 0
 
 
 if __name__ == "__main__":

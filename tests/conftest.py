@@ -40,27 +40,26 @@ def _restore_process_state(monkeypatch):
         dist.destroy_process_group()
 
 
+def make_config(folder: Path, changes: dict | None = None, name: str = "c.yaml") -> Path:
+    """A tiny config (TINY with dotted-key ``changes``) written to folder/name; runs go to
+    folder/runs."""
+    cfg = yaml.safe_load(yaml.safe_dump(TINY))
+    cfg["logging"]["root"] = str(folder / "runs")
+    for key, value in (changes or {}).items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path = folder / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 @pytest.fixture
 def write_config(tmp_path):
-    """write_config(overrides: dict, name="c.yaml") -> Path of a tiny config under tmp_path.
-
-    Runs write into ``tmp_path / "runs"``.
-    """
-
-    def write(changes: dict | None = None, name: str = "c.yaml") -> Path:
-        cfg = yaml.safe_load(yaml.safe_dump(TINY))
-        cfg["logging"]["root"] = str(tmp_path / "runs")
-        for key, value in (changes or {}).items():
-            node = cfg
-            *parents, last = key.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[last] = value
-        path = tmp_path / name
-        path.write_text(yaml.safe_dump(cfg))
-        return path
-
-    return write
+    """write_config(changes: dict, name="c.yaml") -> Path of a tiny config under tmp_path."""
+    return lambda changes=None, name="c.yaml": make_config(tmp_path, changes, name)
 
 
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300, env: dict | None = None):

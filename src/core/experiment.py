@@ -161,7 +161,7 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
 
     strategy = STRATEGIES.build(cfg.strategy, "strategy")
     strategy.setup()
-    seed_everything(cfg.seed, strategy.rank)
+    seed_everything(cfg.seed)  # the same initial weights on every rank (FSDP shards them as built)
     set_deterministic(cfg.trainer.deterministic)
 
     d = cfg.data
@@ -190,9 +190,11 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
         raise ConfigError("trainer: set max_steps or max_epochs (training stops at the first)")
     total = min(limits)
 
+    strategy.configure(cfg)
     model_w, optimizer = strategy.wrap(
         task, lambda m: OPTIMIZERS.build(cfg.optimizer, "optimizer", params=m.parameter_groups()))
     scheduler = SCHEDULERS.build(cfg.scheduler, "scheduler", optimizer=optimizer, total_steps=total)
+    seed_everything(cfg.seed, strategy.rank)  # from here on, each rank draws its own randomness
     derived = {"steps_per_epoch": steps_per_epoch, "total_steps": total,
                "batches_per_epoch": batches, "per_rank_batch_size": per_rank,
                "effective_batch_size": d.batch_size * t.grad_accum_steps, "world_size": world}

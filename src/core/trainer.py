@@ -52,11 +52,13 @@ class Trainer:
         self.should_stop = False
         self.last_val: dict[str, float] = {}
         self.last_logged: dict[str, float] = {}
-        self._signal = 0
+        self._signal = self._pending_signal = 0
         self._last_eval = self._last_save = -1
         device = strategy.device
-        self.dtype = DTYPES[cfg.precision]
-        self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+        own = strategy.owns_precision
+        self.dtype = None if own else DTYPES[cfg.precision]
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" and not own \
+            else None
         from src.core.throughput import peak_flops
 
         self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else peak_flops(device, cfg.precision)
@@ -201,12 +203,17 @@ class Trainer:
         outputs, self._micro = self._micro, {}
         loss = outputs["loss"]
         ok = torch.isfinite(loss) if self.scaler is not None else torch.isfinite(loss) & torch.isfinite(norm)
-        if bool(ok):  # the one host sync per step: a bad update must not be applied
+        # The one host sync per step: a bad update must not be applied, and every rank must take
+        # the same decision (and see the same stop signal) at the same step.
+        flags = torch.stack([(~ok).float(), torch.tensor(float(self._pending_signal), device=ok.device)])
+        bad, signum = self.strategy.agree(flags).tolist()
+        self._signal = int(signum)
+        if not bad:
             self.strategy.optimizer_step(self.optimizer, self.scaler)
             if self.scheduler is not None:
                 self.scheduler.step()
             self.bad_steps = 0
-            outputs["grad_norm"] = norm
+            outputs["grad_norm"] = self.strategy.grad_norm_after_step(norm)
             for k, v in outputs.items():
                 self._sums[k] = self._sums.get(k, 0) + v.float()
             self._steps += 1
@@ -357,7 +364,7 @@ class Trainer:
             return
 
         def handler(signum, frame):
-            self._signal = signum
+            self._pending_signal = signum  # acted on at the end of the step, by every rank
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
         try:

@@ -73,6 +73,7 @@ class Strategy:
     state of one checkpoint directory; the CheckpointManager owns everything around them.
     """
 
+    owns_precision = False  # True: the strategy casts and scales itself (no autocast, no GradScaler)
     rank = 0
     local_rank = 0
     world_size = 1
@@ -84,6 +85,9 @@ class Strategy:
 
     def setup(self) -> None:
         """Join the process group, pick the device."""
+
+    def configure(self, cfg) -> None:
+        """See the whole experiment config once, before ``wrap`` (DeepSpeed builds its own)."""
 
     def wrap(self, task: nn.Module, make_optimizer=None):
         """Place (and wrap) the task; build the optimizer over the placed parameters.
@@ -133,9 +137,17 @@ class Strategy:
         else:
             optimizer.step()
 
+    def grad_norm_after_step(self, norm: torch.Tensor) -> torch.Tensor:
+        """The step's gradient norm for logging (strategies that clip inside step() override)."""
+        return norm
+
     def reduce(self, values: dict[str, torch.Tensor], op: str = "sum") -> dict[str, torch.Tensor]:
         """Combine tensors across ranks (identity in one process)."""
         return values
+
+    def agree(self, flags: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum of ``flags`` over all ranks (identity in one process)."""
+        return flags
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate along dim 0 the tensors of every rank (identity in one process)."""
@@ -169,6 +181,11 @@ class Strategy:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        from src.distributed.dcp_io import has_dcp, load_dcp
+
+        if has_dcp(directory):  # written by a sharded strategy: load it resharded to this one
+            load_dcp(directory, model, optimizer)
+            return safe_load(directory / TRAINER_FILE), self._rank_state(directory)
         path = directory / MODEL_FILE
         if not path.is_file():
             raise CheckpointError(f"{path}: checkpoint file missing")
@@ -189,10 +206,12 @@ class Strategy:
         module.load_state_dict(state)
         if optimizer is not None:
             optimizer.load_state_dict(safe_load(directory / OPTIMIZER_FILE))
-        trainer_state = safe_load(directory / TRAINER_FILE)
-        rank_path = directory / rank_file(self.rank)
-        rank_state = safe_load(rank_path) if rank_path.exists() else {}
-        return trainer_state, rank_state
+        return safe_load(directory / TRAINER_FILE), self._rank_state(directory)
+
+    def _rank_state(self, directory: Path) -> dict:
+        """This rank's RNG state; a rank that did not exist when saving starts from its seed."""
+        path = directory / rank_file(self.rank)
+        return safe_load(path) if path.exists() else {}
 
 
 def read_json(path: Path) -> dict:

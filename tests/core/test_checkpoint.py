@@ -23,13 +23,13 @@ from src.distributed.single import SingleDeviceStrategy
 
 @CALLBACKS.register("signal_at_step")
 class SignalAtStep(Callback):
-    """Sends this process a signal after the given step (tests of stop-and-resume)."""
+    """Sends this process a signal during the given step (tests of stop-and-resume)."""
 
     def __init__(self, step: int, signum: int = int(signal.SIGTERM)):
         self.at, self.signum = step, signum
 
-    def on_step_end(self, trainer, outputs) -> None:
-        if trainer.step == self.at:
+    def on_before_optimizer_step(self, trainer, grad_norm) -> None:
+        if trainer.step + 1 == self.at:
             os.kill(os.getpid(), self.signum)
 
 

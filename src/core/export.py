@@ -1,0 +1,74 @@
+"""Export a checkpoint of any strategy as one consolidated safetensors file.
+
+    python -m src.main export --checkpoint experiments/exp001/checkpoints/step_00000330 \\
+        --out exp001.safetensors
+
+By default the file holds the model the config built (``model:``), with its own parameter names,
+so ``model.load_state_dict(safetensors.torch.load_file(path))`` works without this project;
+``--task`` keeps every weight of the task (heads, teachers) under the task's names.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from src.core.errors import CheckpointError, UserError
+
+MODEL_PREFIX = "model."
+
+
+def load_consolidated(directory: Path) -> dict[str, torch.Tensor]:
+    """The task's full state dict from a committed checkpoint directory of any strategy."""
+    from src.core.checkpoint import is_committed
+    from src.distributed.base import MODEL_FILE
+    from src.distributed.dcp_io import consolidated_model_state, has_dcp
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"--checkpoint: not a directory: {directory}")
+    if not is_committed(directory):
+        raise CheckpointError(f"{directory}: not a committed checkpoint (no COMMIT marker)")
+    if (directory / MODEL_FILE).is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(directory / MODEL_FILE))
+    if has_dcp(directory):
+        return consolidated_model_state(directory)
+    from src.distributed.deepspeed import consolidated_deepspeed_state, is_deepspeed_checkpoint
+
+    if is_deepspeed_checkpoint(directory):
+        return consolidated_deepspeed_state(directory)
+    raise CheckpointError(f"{directory}: no model weights found (model.safetensors, dcp/ or a "
+                          "DeepSpeed checkpoint)")
+
+
+def export(directory: Path, out: Path, whole_task: bool = False) -> dict[str, torch.Tensor]:
+    from safetensors.torch import save_file
+
+    state = load_consolidated(directory)
+    if not whole_task:
+        state = {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+    state = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(state, str(tmp), metadata={"source": str(directory)})
+    os.replace(tmp, out)
+    return state
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m src.main export",
+                                description="Write a checkpoint's weights as one safetensors file.")
+    p.add_argument("--checkpoint", required=True, help="a step_<N> checkpoint directory")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--task", action="store_true",
+                   help="keep every task weight (heads, teachers), not only the model")
+    args = p.parse_args(argv)
+    state = export(Path(args.checkpoint), Path(args.out), args.task)
+    n = sum(v.numel() for v in state.values())
+    print(f"wrote {args.out}: {len(state)} tensors, {n:,} parameters")
+    return 0

@@ -1,0 +1,79 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP).
+
+Every rank writes its own shards under ``<step dir>/dcp/``; the keys are fully qualified
+parameter names, so a checkpoint written by N ranks loads into M ranks (or one process).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from src.core.errors import CheckpointError, CheckpointMismatchError
+
+DCP_DIR = "dcp"
+
+
+def has_dcp(directory: Path) -> bool:
+    return (Path(directory) / DCP_DIR / ".metadata").is_file()
+
+
+def save_dcp(directory: Path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else \
+        (get_state_dict(model, [])[0], None)
+    state = {"model": model_sd}
+    if optim_sd is not None:
+        state["optimizer"] = optim_sd
+    dcp.save(state, checkpoint_id=str(Path(directory) / DCP_DIR))
+
+
+def load_dcp(directory: Path, model, optimizer) -> None:
+    """Load (and reshard) a DCP checkpoint into ``model`` and ``optimizer`` in place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = Path(directory) / DCP_DIR
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    state = {"model": model_sd}
+    if optimizer is not None:
+        state["optimizer"] = optim_sd
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    _check_keys(model_sd, saved, path)
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as exc:  # a missing or truncated shard surfaces here
+        raise CheckpointError(f"{path}: unreadable sharded checkpoint ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    set_state_dict(model, optimizer if optimizer is not None else [],
+                   model_state_dict=state["model"],
+                   optim_state_dict=state.get("optimizer", {}))
+
+
+def _check_keys(model_sd: dict, saved: dict, path: Path) -> None:
+    bad, missing = [], []
+    for k, v in model_sd.items():
+        meta = saved.get(f"model.{k}")
+        if meta is None:
+            missing.append(k)
+        elif hasattr(meta, "size") and tuple(meta.size) != tuple(v.shape):
+            bad.append(f"{k} {tuple(meta.size)} vs model {tuple(v.shape)}")
+    if bad or missing:
+        parts = ([f"shape mismatch: {', '.join(bad[:10])}"] if bad else []) + \
+                ([f"missing: {', '.join(missing[:10])}"] if missing else [])
+        raise CheckpointMismatchError(f"{path}: checkpoint does not fit the model; " + "; ".join(parts))
+
+
+def consolidated_model_state(directory: Path) -> dict[str, torch.Tensor]:
+    """The full model state dict of a DCP checkpoint, read in one process (for export)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "full.pt"
+        dcp_to_torch_save(str(Path(directory) / DCP_DIR), str(out))
+        state = torch.load(out, map_location="cpu", weights_only=True)
+    return {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor)}

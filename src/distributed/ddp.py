@@ -1,0 +1,116 @@
+"""DistributedDataParallel: every rank holds the whole model; gradients are all-reduced."""
+from __future__ import annotations
+
+import contextlib
+import datetime
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from pydantic import conint
+
+from src.core.registry import STRATEGIES
+from src.distributed.base import Strategy
+from src.distributed.launch import launch_env
+
+
+class ProcessGroupStrategy(Strategy):
+    """What every multi-process strategy shares: the process group and the collectives."""
+
+    name = "ddp"
+
+    def __init__(self, backend: str = "auto", timeout_minutes: conint(gt=0) = 30):
+        self.backend_name, self.timeout = backend, timeout_minutes
+
+    def setup(self) -> None:
+        env = launch_env(self.name)
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            backend = self.backend_name if self.backend_name != "auto" else ("nccl" if cuda else "gloo")
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=self.timeout),
+                                    device_id=self.device if cuda else None)
+        self.rank, self.local_rank = dist.get_rank(), env.local_rank
+        self.world_size = dist.get_world_size()
+
+    def reduce(self, values: dict[str, torch.Tensor], op: str = "sum") -> dict[str, torch.Tensor]:
+        """One all-reduce for the whole dict (values stacked into one tensor)."""
+        if not values:
+            return values
+        keys = list(values)
+        flat = torch.stack([torch.as_tensor(values[k], device=self.device).float().reshape(())
+                            for k in keys])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return dict(zip(keys, flat.unbind()))
+
+    def agree(self, flags: torch.Tensor) -> torch.Tensor:
+        flags = flags.clone()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return flags
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All ranks' tensors concatenated on dim 0 (ranks may hold different lengths)."""
+        tensor = tensor.contiguous()
+        n = torch.tensor([tensor.shape[0]], device=self.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
+        dist.all_gather(sizes, n)
+        longest = int(max(s.item() for s in sizes))
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[:tensor.shape[0]] = tensor
+        out = [torch.zeros_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(out, padded)
+        return torch.cat([o[:int(s.item())] for o, s in zip(out, sizes)])
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def teardown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@STRATEGIES.register("ddp")
+class DDPStrategy(ProcessGroupStrategy):
+    """torch DistributedDataParallel; launch with torchrun (or the deepspeed launcher).
+
+    Args:
+        backend: ``auto`` (nccl on CUDA, gloo on CPU), or a torch.distributed backend name.
+        find_unused_parameters: for models whose forward skips parameters.
+        static_graph: the same parameters are used every step (enables DDP's optimisations).
+        bucket_cap_mb: gradient bucket size.
+    """
+
+    name = "ddp"
+
+    def __init__(self, backend: str = "auto", timeout_minutes: conint(gt=0) = 30,
+                 find_unused_parameters: bool = False, static_graph: bool = False,
+                 bucket_cap_mb: Optional[conint(gt=0)] = None):
+        super().__init__(backend, timeout_minutes)
+        self.ddp_kwargs = {"find_unused_parameters": find_unused_parameters,
+                           "static_graph": static_graph, "gradient_as_bucket_view": True}
+        if bucket_cap_mb:
+            self.ddp_kwargs["bucket_cap_mb"] = bucket_cap_mb
+
+    def wrap(self, task, make_optimizer=None):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        task = task.to(self.device)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        model = DDP(task, device_ids=ids, **self.ddp_kwargs)
+        return model, make_optimizer(task) if make_optimizer else None
+
+    def unwrap(self, model):
+        return getattr(model, "module", model)
+
+    @contextlib.contextmanager
+    def no_sync(self, model) -> Iterator[None]:
+        with model.no_sync():
+            yield

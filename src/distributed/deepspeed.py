@@ -1,0 +1,160 @@
+"""DeepSpeed (ZeRO stages 0-3, offload, ...): launch with the ``deepspeed`` launcher or torchrun.
+
+The DeepSpeed config is built from the one validated YAML: micro-batch size, accumulation,
+gradient clipping and precision come from ``data`` and ``trainer``; the optimizer and the lr
+schedule are ours (built from their sections and handed to DeepSpeed). Everything else in
+``strategy.config`` (``zero_optimization``, offload, communication knobs ...) passes through to
+DeepSpeed untouched; a pass-through value that contradicts our sections is an error naming both.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from pydantic import conint
+
+from src.core.errors import CheckpointError, ConfigError
+from src.core.registry import STRATEGIES
+from src.distributed.base import TRAINER_FILE, rank_file, safe_load
+from src.distributed.ddp import ProcessGroupStrategy
+
+TAG = "deepspeed"
+# DeepSpeed keys that our own sections own: key -> (our dotted path, how to read our value)
+OWNED = {
+    "train_micro_batch_size_per_gpu": "data.batch_size / world size",
+    "gradient_accumulation_steps": "trainer.grad_accum_steps",
+    "train_batch_size": "data.batch_size x trainer.grad_accum_steps",
+    "gradient_clipping": "trainer.grad_clip",
+}
+
+
+def is_deepspeed_checkpoint(directory: Path) -> bool:
+    return (Path(directory) / TAG).is_dir()
+
+
+def consolidated_deepspeed_state(directory: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights gathered from ZeRO shards with DeepSpeed's own zero_to_fp32 code."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+@STRATEGIES.register("deepspeed")
+class DeepSpeedStrategy(ProcessGroupStrategy):
+    """``deepspeed.initialize`` over the task, with a config built from ours.
+
+    Args:
+        config: DeepSpeed config entries passed through (``zero_optimization: {stage: 2}`` ...).
+    """
+
+    name = "deepspeed"
+    owns_precision = True  # DeepSpeed casts the model and scales fp16 losses itself
+
+    def __init__(self, backend: str = "auto", timeout_minutes: conint(gt=0) = 30,
+                 config: dict[str, Any] = {}):
+        super().__init__(backend, timeout_minutes)
+        self.user_config = dict(config)
+        self.ds_config: dict[str, Any] = {}
+        self._accumulating = False
+
+    def setup(self) -> None:
+        import deepspeed
+
+        super().setup()
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+
+    def configure(self, cfg) -> None:
+        """Build the DeepSpeed config from the experiment's sections; refuse contradictions."""
+        t, d = cfg.trainer, cfg.data
+        ours: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": d.batch_size // self.world_size,
+            "gradient_accumulation_steps": t.grad_accum_steps,
+            "train_batch_size": d.batch_size * t.grad_accum_steps,
+            "gradient_clipping": t.grad_clip or 0.0,
+            "bf16": {"enabled": t.precision == "bf16"},
+            "fp16": {"enabled": t.precision == "fp16"},
+        }
+        user = self.user_config
+        for key in ("optimizer", "scheduler"):
+            if key in user:
+                raise ConfigError(f"strategy.config.{key}: set by the '{key}' section, not in the "
+                                  "DeepSpeed pass-through")
+        for key, ours_path in OWNED.items():
+            if key in user and user[key] != ours[key]:
+                raise ConfigError(f"strategy.config.{key}: {user[key]} conflicts with {ours_path} "
+                                  f"= {ours[key]}; set it in one place")
+        for key in ("bf16", "fp16"):
+            if key in user and bool(user[key].get("enabled")) != ours[key]["enabled"]:
+                raise ConfigError(f"strategy.config.{key}.enabled: {user[key].get('enabled')} "
+                                  f"conflicts with trainer.precision = {t.precision}")
+        merged = {**ours, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+        for key, value in user.items():
+            merged[key] = {**merged[key], **value} if isinstance(merged.get(key), dict) else value
+        self.ds_config = merged
+
+    def wrap(self, task, make_optimizer=None):
+        import deepspeed
+
+        optimizer = make_optimizer(task)
+        engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer,
+                                               config=self.ds_config)
+        self.engine = engine
+        self.device = engine.device if isinstance(engine.device, torch.device) \
+            else torch.device(engine.device)
+        return engine, optimizer
+
+    def unwrap(self, model):
+        return getattr(model, "module", model)
+
+    @contextlib.contextmanager
+    def no_sync(self, model) -> Iterator[None]:
+        self._accumulating = True
+        try:
+            yield
+        finally:
+            self._accumulating = False
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # We tell DeepSpeed where the accumulation boundary is (our loop may end an epoch on a
+        # shorter accumulation) and have already divided the loss by the micro-batch count.
+        self.engine.set_gradient_accumulation_boundary(not self._accumulating)
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def clip_grad_norm(self, model, max_norm):
+        # DeepSpeed clips inside step() (gradient_clipping); the norm is read after it.
+        return torch.zeros((), device=self.device)
+
+    def optimizer_step(self, optimizer, scaler=None) -> None:
+        self.engine.step()
+
+    def grad_norm_after_step(self, norm: torch.Tensor) -> torch.Tensor:
+        value = self.engine.get_global_grad_norm()
+        return torch.as_tensor(value if value is not None else float("nan"), dtype=torch.float32)
+
+    def save(self, directory: Path, model, optimizer, trainer_state: dict, rank_state: dict) -> None:
+        self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+        if self.is_main:
+            torch.save(trainer_state, directory / TRAINER_FILE)
+        torch.save(rank_state, directory / rank_file(self.rank))
+
+    def load(self, directory: Path, model, optimizer):
+        meta_path = directory / "meta.json"
+        saved_world = json.loads(meta_path.read_text()).get("world_size") if meta_path.exists() else None
+        if not is_deepspeed_checkpoint(directory):
+            raise CheckpointError(f"{directory}: not a DeepSpeed checkpoint; resume it with the "
+                                  "strategy that wrote it, or export its weights")
+        if saved_world is not None and saved_world != self.world_size:
+            raise CheckpointError(
+                f"{directory}: written by {saved_world} DeepSpeed ranks, resumed with "
+                f"{self.world_size}; ZeRO shards do not reshard on load. Convert it with "
+                f"`python -m deepspeed.checkpoint.ds_to_universal --input_folder {directory / TAG} "
+                f"--output_folder {directory / TAG}_universal`, or relaunch with {saved_world} ranks")
+        path, _ = self.engine.load_checkpoint(str(directory), tag=TAG,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"{directory / TAG}: DeepSpeed could not load this checkpoint")
+        return safe_load(directory / TRAINER_FILE), self._rank_state(directory)

@@ -1,0 +1,125 @@
+"""Fully sharded data parallel (FSDP2, ``fully_shard``): parameters, gradients and optimizer state
+are sharded over ranks; each block is gathered just in time for its forward and backward."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+import torch
+from pydantic import conint
+
+from src.core.errors import CheckpointError, ConfigError
+from src.core.registry import STRATEGIES
+from src.distributed.base import TRAINER_FILE, rank_file, safe_load
+from src.distributed.ddp import ProcessGroupStrategy
+from src.distributed.dcp_io import has_dcp, load_dcp, save_dcp
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}
+Precision = Optional[Literal["fp32", "bf16", "fp16"]]
+
+
+def block_classes(task: torch.nn.Module, names: list[str]) -> tuple[type, ...]:
+    """The module classes to shard one by one.
+
+    Given ``names``, the classes of those names found in the model (an unknown name is an error
+    listing the classes there are). Otherwise detected: a transformers model's
+    ``_no_split_modules``, else the children of a timm-style ``blocks`` / ``layers`` / ``stages``.
+    """
+    present = {type(m).__name__: type(m) for m in task.modules()}
+    if names:
+        unknown = [n for n in names if n not in present]
+        if unknown:
+            raise ConfigError(f"strategy.wrap_classes: {unknown} not in the model; its classes: "
+                              f"{', '.join(sorted(present))}")
+        return tuple(present[n] for n in names)
+    model = getattr(task, "model", task)
+    no_split = getattr(model, "_no_split_modules", None)
+    if no_split:
+        return tuple(present[n] for n in no_split if n in present)
+    for attr in ("blocks", "layers", "stages", "layer"):
+        seq = getattr(model, attr, None)
+        if isinstance(seq, (torch.nn.ModuleList, torch.nn.Sequential)) and len(seq):
+            return tuple({type(m) for m in seq})
+    return ()
+
+
+@STRATEGIES.register("fsdp")
+class FSDPStrategy(ProcessGroupStrategy):
+    """FSDP2 over all ranks; launch with torchrun.
+
+    Args:
+        wrap_classes: class names of the blocks to shard individually (default: detected).
+        param_dtype: dtype of parameters in forward/backward (mixed precision), e.g. bf16.
+        reduce_dtype: dtype of the gradient reduce-scatter.
+        cpu_offload: keep sharded parameters, gradients and optimizer state on the CPU.
+        activation_checkpointing: recompute each block's activations in backward.
+        reshard_after_forward: free gathered parameters after forward (saves memory, costs a
+            second all-gather in backward).
+    """
+
+    name = "fsdp"
+
+    def __init__(self, backend: str = "auto", timeout_minutes: conint(gt=0) = 30,
+                 wrap_classes: list[str] = [], param_dtype: Precision = None,
+                 reduce_dtype: Precision = None, cpu_offload: bool = False,
+                 activation_checkpointing: bool = False, reshard_after_forward: bool = True):
+        super().__init__(backend, timeout_minutes)
+        self.wrap_names, self.cpu_offload = list(wrap_classes), cpu_offload
+        self.param_dtype, self.reduce_dtype = DTYPES[param_dtype], DTYPES[reduce_dtype]
+        self.activation_checkpointing = activation_checkpointing
+        self.reshard_after_forward = reshard_after_forward
+        self.blocks: tuple[type, ...] = ()
+
+    def wrap(self, task, make_optimizer=None):
+        from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy,
+                                            fully_shard)
+
+        self.blocks = block_classes(task, self.wrap_names)
+        if self.activation_checkpointing:
+            if not self.blocks:
+                raise ConfigError("strategy.activation_checkpointing: no blocks found to "
+                                  "checkpoint; name them in strategy.wrap_classes")
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import \
+                apply_activation_checkpointing
+
+            apply_activation_checkpointing(task, check_fn=lambda m: isinstance(m, self.blocks))
+        if not self.cpu_offload:
+            task = task.to(self.device)
+        kw = dict(mp_policy=MixedPrecisionPolicy(param_dtype=self.param_dtype,
+                                                 reduce_dtype=self.reduce_dtype),
+                  offload_policy=CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy(),
+                  reshard_after_forward=self.reshard_after_forward)
+        for m in list(task.modules()):
+            if self.blocks and isinstance(m, self.blocks) and m is not task:
+                fully_shard(m, **kw)
+        fully_shard(task, **kw)
+        return task, make_optimizer(task) if make_optimizer else None
+
+    @contextlib.contextmanager
+    def no_sync(self, model) -> Iterator[None]:
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+    def clip_grad_norm(self, model, max_norm):
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None
+                                              else float("inf"), foreach=True)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def save(self, directory: Path, model, optimizer, trainer_state: dict, rank_state: dict) -> None:
+        save_dcp(directory, model, optimizer)
+        if self.is_main:
+            torch.save(trainer_state, directory / TRAINER_FILE)
+        torch.save(rank_state, directory / rank_file(self.rank))
+
+    def load(self, directory: Path, model, optimizer):
+        if not has_dcp(directory):
+            raise CheckpointError(f"{directory}: not a sharded (DCP) checkpoint; it was written by "
+                                  "the single or ddp strategy: resume it with that strategy, or "
+                                  "start from its weights with `export` and a model's pretrained path")
+        load_dcp(directory, model, optimizer)
+        return safe_load(directory / TRAINER_FILE), self._rank_state(directory)
