@@ -19,13 +19,15 @@ class Classification(Task):
     Args:
         label_smoothing: cross-entropy label smoothing in [0, 1).
         top_k: extra top-k accuracies reported in validation (k >= 2, below num_classes).
+        train_accuracy: also report accuracy on training batches (a few cheap ops per step).
     """
 
     def __init__(self, model, label_smoothing: confloat(ge=0, lt=1) = 0.0,
-                 top_k: list[conint(ge=2)] = [5]):
+                 top_k: list[conint(ge=2)] = [5], train_accuracy: bool = True):
         super().__init__(model)
         self.label_smoothing = label_smoothing
         self.top_k = list(top_k)
+        self.train_accuracy = train_accuracy
 
     def configure(self, info: DatasetInfo) -> None:
         self.top_k = [k for k in self.top_k if info.num_classes and k < info.num_classes]
@@ -34,8 +36,9 @@ class Classification(Task):
         logits = self.model(batch["inputs"])
         labels = batch["labels"]
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        accuracy = (logits.detach().argmax(-1) == labels).float().mean()
-        return {"loss": loss, "accuracy": accuracy}
+        if not self.train_accuracy:
+            return {"loss": loss}
+        return {"loss": loss, "accuracy": (logits.detach().argmax(-1) == labels).float().mean()}
 
     def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         logits = self.model(batch["inputs"]).float()

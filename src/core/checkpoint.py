@@ -70,6 +70,7 @@ class CheckpointManager:
         # top-k selection; the model_checkpoint callback may set these too
         self.top_k, self.monitor, self.mode = cfg.top_k, cfg.monitor, cfg.mode
         self.save_on_eval = cfg.save_on_eval or bool(cfg.top_k and cfg.monitor)
+        self._pending = None  # (future, path, meta) of a background write not yet committed
 
     # ------------------------------------------------------------------ listing
 
@@ -88,6 +89,7 @@ class CheckpointManager:
     def save(self, step: int, epoch: int, model, optimizer, trainer_state: dict[str, Any],
              rank_state: dict[str, Any], metrics: Optional[dict[str, float]] = None) -> Path:
         """Write ``step_<N>/`` through the strategy, commit it, point ``latest`` at it, rotate."""
+        self.wait()  # a previous background write commits first
         path = self.dir / f"{PREFIX}{step:08d}"
         s = self.strategy
         if s.is_main:
@@ -95,22 +97,38 @@ class CheckpointManager:
                 shutil.rmtree(path)
             path.mkdir(parents=True)
         s.barrier()
-        s.save(path, model, optimizer, trainer_state, rank_state)
+        meta = {"step": step, "epoch": epoch, "world_size": s.world_size,
+                "strategy": type(s).__name__, "config_hash": self.config_hash,
+                "time": time.time(), "metrics": metrics or {}}
+        future = s.save(path, model, optimizer, trainer_state, rank_state,
+                         async_save=self.cfg.async_save)
+        if future is not None:
+            self._pending = (future, path, meta)
+        else:
+            self._commit(path, meta)
+        return path
+
+    def wait(self) -> None:
+        """Finish a background write, then commit it (every rank calls this at the same point)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            future, path, meta = pending
+            future.result()
+            self._commit(path, meta)
+
+    def _commit(self, path: Path, meta: dict[str, Any]) -> None:
+        s = self.strategy
         s.barrier()
         if s.is_main:
-            meta = {"step": step, "epoch": epoch, "world_size": s.world_size,
-                    "strategy": type(s).__name__, "config_hash": self.config_hash,
-                    "time": time.time(), "metrics": metrics or {}}
             _write_durably(path / META, json.dumps(meta, indent=1))
             for f in path.rglob("*"):
                 if f.is_file():
                     _fsync(f)
-            _write_durably(path / COMMIT, str(step))
+            _write_durably(path / COMMIT, str(meta["step"]))
             _fsync(path)
             _write_durably(self.dir / LATEST, path.name)
             self.rotate()
         s.barrier()
-        return path
 
     def rotate(self) -> None:
         """Delete what no rule keeps: keep_last, keep_every, top_k by monitor, and ``latest``."""

@@ -69,6 +69,9 @@ class CheckpointConfig(_Strict):
     monitor: Optional[str] = Field(None, description="Metric for top_k, e.g. val/accuracy.")
     mode: Literal["min", "max"] = Field("max", description="Whether the monitor improves up/down.")
     resume: str = Field("auto", description="auto | never | path to a checkpoint directory.")
+    async_save: bool = Field(False, description=(
+        "Write model and optimizer in the background (DCP); training waits only for the copy "
+        "to host memory. The commit marker follows when the write completes."))
 
 
 class LoggingConfig(_Strict):

@@ -86,9 +86,9 @@ def _lambda(optimizer, fn):
 @SCHEDULERS.register("constant")
 def constant(optimizer, total_steps: int, warmup_steps: conint(ge=0) = 0,
              warmup_ratio: confloat(ge=0, lt=1) = 0.0):
-    """The optimizer's lr, after an optional linear warm-up from 0."""
+    """The optimizer's lr, after an optional linear warm-up from 0 (no scheduler without one)."""
     w = _warmup(total_steps, warmup_steps, warmup_ratio)
-    return _lambda(optimizer, lambda s: min(1.0, (s + 1) / w) if w else 1.0)
+    return _lambda(optimizer, lambda s: min(1.0, (s + 1) / w)) if w else None
 
 
 @SCHEDULERS.register("warmup_cosine")

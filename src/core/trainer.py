@@ -80,6 +80,8 @@ class Trainer:
                 self._run()
             status = "KILLED" if self._signal else "FINISHED"
         finally:
+            if self.checkpoints is not None:
+                self.checkpoints.wait()
             for cb in self.callbacks:
                 cb.on_fit_end(self)
             for lg in self.loggers:
@@ -150,7 +152,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "callbacks": [cb.state_dict() for cb in self.callbacks],
             "task": self.task.extra_state(),
-            "interval": {"sums": {k: v.cpu() for k, v in self._sums.items()},
+            "interval": {"sums": {k: v.cpu() for k, v in self._interval_sums().items()},
                          "steps": self._steps, "samples": self._samples,
                          "tokens": None if self._tokens is None else self._tokens.cpu()},
             "bad_steps": self.bad_steps, "total_bad_steps": self.total_bad_steps,
@@ -183,13 +185,17 @@ class Trainer:
                 else:
                     out = self.train_step(batch, final, n_micro)
                 self._micros += 1
-                for k, v in out.items():
-                    self._micro[k] = self._micro.get(k, 0) + v / n_micro
+                if n_micro == 1:
+                    self._micro = out
+                else:
+                    for k, v in out.items():
+                        self._micro[k] = self._micro.get(k, 0) + v / n_micro
                 if final:
                     self._optimizer_step()
                     if self.step >= self.max_steps or self._stopping():
                         break
-        if self._last_eval != self.step and not self._signal:
+        evaluates = self.cfg.eval_every_n_steps or self.cfg.eval_every_n_epochs
+        if evaluates and self._last_eval != self.step and not self._signal:
             self.evaluate()
         if self.checkpoints is not None and (self.checkpoints.cfg.save_last or self._signal):
             self.save()
@@ -202,20 +208,18 @@ class Trainer:
             cb.on_before_optimizer_step(self, norm)
         outputs, self._micro = self._micro, {}
         loss = outputs["loss"]
-        ok = torch.isfinite(loss) if self.scaler is not None else torch.isfinite(loss) & torch.isfinite(norm)
+        # NaN and inf survive the sum; under fp16 the GradScaler owns gradient overflows.
+        ok = torch.isfinite(loss if self.scaler is not None else loss + norm)
         # The one host sync per step: a bad update must not be applied, and every rank must take
         # the same decision (and see the same stop signal) at the same step.
-        flags = torch.stack([(~ok).float(), torch.tensor(float(self._pending_signal), device=ok.device)])
-        bad, signum = self.strategy.agree(flags).tolist()
-        self._signal = int(signum)
+        bad, self._signal = self.strategy.agree_step(ok, self._pending_signal)
         if not bad:
             self.strategy.optimizer_step(self.optimizer, self.scaler)
             if self.scheduler is not None:
                 self.scheduler.step()
             self.bad_steps = 0
             outputs["grad_norm"] = self.strategy.grad_norm_after_step(norm)
-            for k, v in outputs.items():
-                self._sums[k] = self._sums.get(k, 0) + v.float()
+            self._accumulate(outputs)
             self._steps += 1
         else:
             if self.scaler is not None:
@@ -267,10 +271,29 @@ class Trainer:
 
     def _reset_interval(self) -> None:
         self._sums: dict[str, torch.Tensor] = {}
+        self._sum_keys: tuple[str, ...] = ()
+        self._sum_vec: Optional[torch.Tensor] = None
         self._micro: dict[str, torch.Tensor] = {}
         self._steps = self._samples = self._micros = 0
         self._tokens: Optional[torch.Tensor] = None
         self._t0 = time.perf_counter()
+
+    def _accumulate(self, outputs: dict[str, torch.Tensor]) -> None:
+        """Add this step's scalars to the interval sums: one stack and one add, no sync."""
+        keys = tuple(outputs)
+        vec = torch.stack([outputs[k].float() for k in keys])
+        if keys == self._sum_keys:
+            self._sum_vec += vec
+        else:  # first step of an interval, or the task returned other keys
+            for k, v in zip(self._sum_keys, self._sum_vec.unbind() if self._sum_keys else ()):
+                self._sums[k] = self._sums.get(k, 0) + v
+            self._sum_keys, self._sum_vec = keys, vec
+
+    def _interval_sums(self) -> dict[str, torch.Tensor]:
+        sums = dict(self._sums)
+        for k, v in zip(self._sum_keys, self._sum_vec.unbind() if self._sum_keys else ()):
+            sums[k] = sums.get(k, 0) + v
+        return sums
 
     def _count_batch(self, batch: Any) -> None:
         self._samples += batch_size_of(batch)
@@ -281,7 +304,7 @@ class Trainer:
 
     def _log_interval(self) -> None:
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
-        sums = dict(self._sums)
+        sums = self._interval_sums()
         sums["_steps"] = torch.tensor(float(self._steps), device=self.strategy.device)
         if self._tokens is not None:
             sums["_tokens"] = self._tokens.to(self.strategy.device).float()
@@ -343,7 +366,9 @@ class Trainer:
         self.task.load_extra_state(state.get("task", {}))
         dev = self.strategy.device
         iv = state["interval"]
-        self._sums = {k: v.to(dev) for k, v in iv["sums"].items()}
+        sums = {k: v.to(dev) for k, v in iv["sums"].items()}
+        if sums:  # continue the same running sums, so the logged averages match bit for bit
+            self._sum_keys, self._sum_vec = tuple(sums), torch.stack(list(sums.values()))
         self._steps, self._samples, self._tokens = iv["steps"], iv["samples"], iv["tokens"]
         self.bad_steps, self.total_bad_steps = state["bad_steps"], state["total_bad_steps"]
         self.last_val = state.get("last_val", {})

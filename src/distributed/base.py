@@ -120,9 +120,16 @@ class Strategy:
         """Skip gradient synchronisation on non-final accumulation micro-steps."""
         yield
 
+    def trainable(self, model: nn.Module) -> list[torch.Tensor]:
+        """The model's trainable parameters, listed once (walking modules every step costs)."""
+        if getattr(self, "_trainable_of", None) is not model:
+            self._trainable_of = model
+            self._trainable = [p for p in model.parameters() if p.requires_grad]
+        return self._trainable
+
     def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> torch.Tensor:
         """Total gradient 2-norm (a tensor, no sync); grads scaled down to ``max_norm`` if given."""
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.trainable(model) if p.grad is not None]
         if not grads:
             return torch.zeros((), device=self.device)
         norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
@@ -145,9 +152,9 @@ class Strategy:
         """Combine tensors across ranks (identity in one process)."""
         return values
 
-    def agree(self, flags: torch.Tensor) -> torch.Tensor:
-        """Element-wise maximum of ``flags`` over all ranks (identity in one process)."""
-        return flags
+    def agree_step(self, ok: torch.Tensor, signal: int) -> tuple[bool, int]:
+        """(skip this update?, stop signal) decided alike on every rank; one host sync."""
+        return not bool(ok), signal
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate along dim 0 the tensors of every rank (identity in one process)."""
@@ -165,16 +172,37 @@ class Strategy:
     # ------------------------------------------------------------ checkpoints
 
     def save(self, directory: Path, model: nn.Module, optimizer, trainer_state: dict,
-             rank_state: dict) -> None:
-        """Write one checkpoint's files into ``directory`` (which exists)."""
+             rank_state: dict, async_save: bool = False):
+        """Write one checkpoint's files into ``directory`` (which exists).
+
+        With ``async_save``, model and optimizer go through DCP's async save: the call returns
+        once they are copied to host memory, with a Future of the write (None when synchronous).
+        """
         from safetensors.torch import save_model
 
-        if self.is_main:
+        future = None
+        if async_save:
+            future = self._save_sharded(directory, model, optimizer, async_save=True)
+        elif self.is_main:
             save_model(self.unwrap(model), str(directory / MODEL_FILE))
             if optimizer is not None:
                 torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+        self._save_small(directory, trainer_state, rank_state)
+        return future
+
+    def _save_sharded(self, directory: Path, model, optimizer, async_save: bool):
+        from src.distributed.dcp_io import save_dcp
+
+        return save_dcp(directory, model, optimizer, async_save, self.checkpoint_group())
+
+    def _save_small(self, directory: Path, trainer_state: dict, rank_state: dict) -> None:
+        if self.is_main:
             torch.save(trainer_state, directory / TRAINER_FILE)
         torch.save(rank_state, directory / rank_file(self.rank))
+
+    def checkpoint_group(self):
+        """Process group for background checkpoint writes (None in one process)."""
+        return None
 
     def load(self, directory: Path, model: nn.Module, optimizer) -> tuple[dict, dict]:
         """Restore model and optimizer in place; returns (trainer_state, this rank's state)."""

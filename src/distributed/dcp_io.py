@@ -18,16 +18,21 @@ def has_dcp(directory: Path) -> bool:
     return (Path(directory) / DCP_DIR / ".metadata").is_file()
 
 
-def save_dcp(directory: Path, model, optimizer) -> None:
+def save_dcp(directory: Path, model, optimizer, async_save: bool = False, process_group=None):
+    """Write model (and optimizer) shards; with ``async_save`` only the copy to host memory blocks
+    and a Future of the write is returned (None when synchronous)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else \
-        (get_state_dict(model, [])[0], None)
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
     state = {"model": model_sd}
-    if optim_sd is not None:
+    if optimizer is not None:
         state["optimizer"] = optim_sd
-    dcp.save(state, checkpoint_id=str(Path(directory) / DCP_DIR))
+    path = str(Path(directory) / DCP_DIR)
+    if async_save:
+        return dcp.async_save(state, checkpoint_id=path, process_group=process_group)
+    dcp.save(state, checkpoint_id=path)
+    return None
 
 
 def load_dcp(directory: Path, model, optimizer) -> None:

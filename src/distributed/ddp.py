@@ -45,10 +45,11 @@ class ProcessGroupStrategy(Strategy):
         dist.all_reduce(flat, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
         return dict(zip(keys, flat.unbind()))
 
-    def agree(self, flags: torch.Tensor) -> torch.Tensor:
-        flags = flags.clone()
+    def agree_step(self, ok: torch.Tensor, signal: int) -> tuple[bool, int]:
+        flags = torch.stack([(~ok).float(), torch.tensor(float(signal), device=ok.device)])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return flags
+        bad, signum = flags.tolist()
+        return bool(bad), int(signum)
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """All ranks' tensors concatenated on dim 0 (ranks may hold different lengths)."""
@@ -67,6 +68,13 @@ class ProcessGroupStrategy(Strategy):
         box = [obj]
         dist.broadcast_object_list(box, src=src)
         return box[0]
+
+    def checkpoint_group(self):
+        """A gloo group of its own, so background checkpoint writes never interleave with the
+        training collectives on the default group."""
+        if getattr(self, "_ckpt_group", None) is None:
+            self._ckpt_group = dist.new_group(backend="gloo")
+        return self._ckpt_group
 
     def barrier(self) -> None:
         if dist.is_initialized():

@@ -18,7 +18,7 @@ from pydantic import conint
 
 from src.core.errors import CheckpointError, ConfigError
 from src.core.registry import STRATEGIES
-from src.distributed.base import TRAINER_FILE, rank_file, safe_load
+from src.distributed.base import TRAINER_FILE, safe_load
 from src.distributed.ddp import ProcessGroupStrategy
 
 TAG = "deepspeed"
@@ -79,6 +79,9 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
             "fp16": {"enabled": t.precision == "fp16"},
         }
         user = self.user_config
+        if cfg.checkpoint.async_save:
+            raise ConfigError("checkpoint.async_save: not available with deepspeed; configure "
+                              "DeepSpeed's own checkpoint engine in strategy.config instead")
         for key in ("optimizer", "scheduler"):
             if key in user:
                 raise ConfigError(f"strategy.config.{key}: set by the '{key}' section, not in the "
@@ -135,11 +138,11 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
         value = self.engine.get_global_grad_norm()
         return torch.as_tensor(value if value is not None else float("nan"), dtype=torch.float32)
 
-    def save(self, directory: Path, model, optimizer, trainer_state: dict, rank_state: dict) -> None:
+    def save(self, directory: Path, model, optimizer, trainer_state: dict, rank_state: dict,
+             async_save: bool = False):
         self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
-        if self.is_main:
-            torch.save(trainer_state, directory / TRAINER_FILE)
-        torch.save(rank_state, directory / rank_file(self.rank))
+        self._save_small(directory, trainer_state, rank_state)
+        return None
 
     def load(self, directory: Path, model, optimizer):
         meta_path = directory / "meta.json"

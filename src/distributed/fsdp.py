@@ -11,9 +11,9 @@ from pydantic import conint
 
 from src.core.errors import CheckpointError, ConfigError
 from src.core.registry import STRATEGIES
-from src.distributed.base import TRAINER_FILE, rank_file, safe_load
+from src.distributed.base import TRAINER_FILE, safe_load
 from src.distributed.ddp import ProcessGroupStrategy
-from src.distributed.dcp_io import has_dcp, load_dcp, save_dcp
+from src.distributed.dcp_io import has_dcp, load_dcp
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}
 Precision = Optional[Literal["fp32", "bf16", "fp16"]]
@@ -105,16 +105,16 @@ class FSDPStrategy(ProcessGroupStrategy):
             model.set_requires_gradient_sync(True)
 
     def clip_grad_norm(self, model, max_norm):
-        params = [p for p in model.parameters() if p.grad is not None]
+        params = [p for p in self.trainable(model) if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None
                                               else float("inf"), foreach=True)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
-    def save(self, directory: Path, model, optimizer, trainer_state: dict, rank_state: dict) -> None:
-        save_dcp(directory, model, optimizer)
-        if self.is_main:
-            torch.save(trainer_state, directory / TRAINER_FILE)
-        torch.save(rank_state, directory / rank_file(self.rank))
+    def save(self, directory: Path, model, optimizer, trainer_state: dict, rank_state: dict,
+             async_save: bool = False):
+        future = self._save_sharded(directory, model, optimizer, async_save)
+        self._save_small(directory, trainer_state, rank_state)
+        return future
 
     def load(self, directory: Path, model, optimizer):
         if not has_dcp(directory):

@@ -55,6 +55,19 @@ def test_stop_then_resume_is_bitwise_identical(write_config, tmp_path, stop_at, 
     assert metrics(tmp_path / "runs/straight") == metrics(run_dir)
 
 
+def test_async_save_commits_after_the_write_and_resumes_exactly(write_config, tmp_path):
+    straight = run(write_config({**RESUME, "name": "straight"}))
+    cfg = write_config({**RESUME, "name": "async", "checkpoint.async_save": True,
+                        "callbacks": [{"type": "signal_at_step", "step": 44}]})
+    with pytest.raises(SystemExit):
+        run(cfg)
+    step = tmp_path / "runs/async/checkpoints/step_00000044"
+    assert (step / "COMMIT").exists() and (step / "dcp/.metadata").exists()
+    resumed = run(cfg, "callbacks=[]")
+    assert same(params(straight), params(resumed))
+    assert metrics(tmp_path / "runs/straight") == metrics(tmp_path / "runs/async")
+
+
 SLOW_PLUGIN = '''
 import time
 from src.core.callbacks.base import Callback

@@ -18,7 +18,8 @@ def lrs(name, total=100, **kw):
     for _ in range(total):
         out.append(opt.param_groups[0]["lr"])
         opt.step()
-        sched.step()
+        if sched is not None:
+            sched.step()
     return out
 
 
@@ -30,7 +31,8 @@ def test_warmup_in_steps_or_ratio():
 
 
 def test_schedule_shapes():
-    assert lrs("constant") == [1.0] * 100
+    assert lrs("constant") == [1.0] * 100  # no scheduler object at all
+    assert lrs("constant", warmup_steps=4)[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
     lin = lrs("warmup_linear", warmup_steps=0, min_lr_ratio=0.1)
     assert lin[0] == 1.0 and lin[50] == pytest.approx(1 - 0.9 * 0.5)
     st = lrs("step", step_size=30, gamma=0.5)

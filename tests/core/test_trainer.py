@@ -55,7 +55,8 @@ def test_accumulation_matches_a_big_batch(write_config, tmp_path):
 
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(write_config, tmp_path):
-    cfg = write_config({"task": {"type": "nan_at_steps", "steps": [3]}, "trainer.max_steps": 5})
+    cfg = write_config({"task": {"type": "nan_at_steps", "steps": [3]}, "trainer.max_steps": 5,
+                        "scheduler": {"type": "warmup_linear"}})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         exp = run(cfg)
