@@ -11,8 +11,10 @@ import numpy as np
 
 def loader_rate(dataset, batch_size: int, workers: int, batches: int) -> float:
     from src.data.loader import TrainLoader
+    from src.data.samplers import ShardedBatchSampler
 
-    loader = TrainLoader(dataset, batch_size, seed=0, num_workers=workers)
+    loader = TrainLoader(dataset, ShardedBatchSampler(len(dataset), batch_size, seed=0), seed=0,
+                         num_workers=workers)
     n, t0, epoch = 0, time.perf_counter(), 0
     while n < batches:
         loader.set_epoch(epoch)

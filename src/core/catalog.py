@@ -13,6 +13,7 @@ from pathlib import Path
 BUILTIN_MODULES = (
     "src.data.digits",
     "src.data.image_folder",
+    "src.data.samplers",
     "src.models.mlp",
     "src.models.cnn",
     "src.models.timm_backbone",

@@ -35,6 +35,7 @@ class DataConfig(BaseModel):
     pin_memory: bool = Field(False, description="Pin host memory (faster copies to a GPU).")
     drop_last: bool = Field(True, description="Drop the last incomplete training batch.")
     shuffle: bool = Field(True, description="Shuffle training samples each epoch.")
+    sampler: Optional[Section] = Field(None, description="SAMPLERS entry (pk, class_balanced).")
 
 
 class TrainerConfig(_Strict):
@@ -285,7 +286,7 @@ def _located(err: ConfigError, origins: dict[str, str], default: str) -> ConfigE
 
 def component_sections(cfg: ExperimentConfig) -> list[tuple[str, str, Section]]:
     """(registry name, dotted path, section) for every component the config names."""
-    data = {k: v for k, v in (cfg.data.model_extra or {}).items()}
+    data = dict(cfg.data.model_extra or {})
     out = [
         ("datasets", "data", {"type": cfg.data.type, **data}),
         ("models", "model", cfg.model),
@@ -297,6 +298,8 @@ def component_sections(cfg: ExperimentConfig) -> list[tuple[str, str, Section]]:
     out += [("callbacks", f"callbacks.{i}", s) for i, s in enumerate(cfg.callbacks)]
     for i, s in enumerate(cfg.logging.loggers):
         out.append(("loggers", f"logging.loggers.{i}", {"type": s} if isinstance(s, str) else s))
+    if cfg.data.sampler is not None:
+        out.append(("samplers", "data.sampler", cfg.data.sampler))
     return out
 
 

@@ -21,8 +21,8 @@ from typing import Any, Optional
 from src.core.catalog import load_builtins
 from src.core.config import ExperimentConfig, dump_config, load_config, validate_components
 from src.core.errors import ConfigError, UserError
-from src.core.registry import (CALLBACKS, DATASETS, LOGGERS, MODELS, OPTIMIZERS, SCHEDULERS,
-                               STRATEGIES, TASKS)
+from src.core.registry import (CALLBACKS, DATASETS, LOGGERS, MODELS, OPTIMIZERS, SAMPLERS,
+                               SCHEDULERS, STRATEGIES, TASKS)
 
 PLUGIN_GROUP = "src.plugins"
 
@@ -157,7 +157,8 @@ class Experiment:
 def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Experiment:
     """Build every component of ``cfg`` (already validated by :func:`prepare`)."""
     from src.core.seeding import seed_everything, set_deterministic
-    from src.data.loader import TrainLoader, eval_loader
+    from src.data.loader import TrainLoader, eval_loader, sample_labels
+    from src.data.samplers import ShardedBatchSampler
 
     strategy = STRATEGIES.build(cfg.strategy, "strategy")
     strategy.setup()
@@ -175,8 +176,14 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
     task.configure(data.info)
 
     per_rank = d.batch_size // world
-    train_loader = TrainLoader(data.train, per_rank, cfg.seed, d.shuffle, strategy.rank, world,
-                               d.drop_last, d.num_workers, d.pin_memory)
+    if d.sampler is None:
+        batches = ShardedBatchSampler(len(data.train), per_rank, cfg.seed, d.shuffle,
+                                      strategy.rank, world, d.drop_last)
+    else:
+        batches = SAMPLERS.build(d.sampler, "data.sampler", labels=sample_labels(data.train),
+                                 batch_size=per_rank, seed=cfg.seed, rank=strategy.rank,
+                                 world_size=world)
+    train_loader = TrainLoader(data.train, batches, cfg.seed, d.num_workers, d.pin_memory)
     val_loader = eval_loader(data.val, (d.eval_batch_size or d.batch_size) // world or 1,
                              strategy.rank, world, d.num_workers, d.pin_memory)
     batches = train_loader.batches_per_epoch()

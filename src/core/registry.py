@@ -185,6 +185,11 @@ LOGGERS = Registry(
     "A Logger: receives metrics dicts and hyper-parameters; only the main process logs.",
     injected=("run_dir",),
 )
+SAMPLERS = Registry(
+    "samplers",
+    "A training batch sampler (pk, class_balanced): resumable per (seed, epoch), sharded by rank.",
+    injected=("labels", "batch_size", "seed", "rank", "world_size"),
+)
 LOSSES = Registry("losses", "A loss module: (outputs, targets) -> scalar tensor.")
 TRANSFORMS = Registry("transforms", "A tensor -> tensor transform (augmentations, views).")
 REWARDS = Registry("rewards", "A reward function for alignment: (prompts, completions) -> tensor.")
@@ -192,5 +197,5 @@ REWARDS = Registry("rewards", "A reward function for alignment: (prompts, comple
 ALL: dict[str, Registry] = {
     r.name: r
     for r in (DATASETS, MODELS, TASKS, OPTIMIZERS, SCHEDULERS, STRATEGIES, CALLBACKS, LOGGERS,
-              LOSSES, TRANSFORMS, REWARDS)
+              SAMPLERS, LOSSES, TRANSFORMS, REWARDS)
 }

@@ -107,7 +107,7 @@ class Trainer:
             if self.scaler is not None:
                 loss = self.scaler.scale(loss)
             self.strategy.backward(loss)
-        return {k: v.detach() for k, v in out.items() if isinstance(v, torch.Tensor) and v.ndim == 0}
+        return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -125,7 +125,10 @@ class Trainer:
             with self._autocast():
                 out = self.model(batch, stage="val")
             for k, v in out.items():
-                sums[k] = sums.get(k, 0) + v.detach().float() * bs
+                if isinstance(v, torch.Tensor) and v.ndim == 0:
+                    sums[k] = sums.get(k, 0) + v.detach().float() * bs
+            for cb in self.callbacks:
+                cb.on_validation_batch_end(self, out)
             n += bs
         sums["_n"] = torch.tensor(float(n), device=self.strategy.device)
         totals = self.strategy.reduce(sums)
@@ -185,11 +188,11 @@ class Trainer:
                 else:
                     out = self.train_step(batch, final, n_micro)
                 self._micros += 1
-                if n_micro == 1:
-                    self._micro = out
-                else:
-                    for k, v in out.items():
-                        self._micro[k] = self._micro.get(k, 0) + v / n_micro
+                for k, v in out.items():
+                    if isinstance(v, torch.Tensor) and v.ndim == 0:  # metrics: mean of micros
+                        self._micro[k] = v if n_micro == 1 else self._micro.get(k, 0) + v / n_micro
+                    else:  # features, labels ...: the last micro-batch's, for callbacks
+                        self._extras[k] = v
                 if final:
                     self._optimizer_step()
                     if self.step >= self.max_steps or self._stopping():
@@ -207,6 +210,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_before_optimizer_step(self, norm)
         outputs, self._micro = self._micro, {}
+        extras, self._extras = self._extras, {}
         loss = outputs["loss"]
         # NaN and inf survive the sum; under fp16 the GradScaler owns gradient overflows.
         ok = torch.isfinite(loss if self.scaler is not None else loss + norm)
@@ -231,8 +235,10 @@ class Trainer:
         if self.bad_steps:
             self._on_bad_step()
         self.task.on_step_end(self.step, self.max_steps)
-        for cb in self.callbacks:
-            cb.on_step_end(self, outputs)
+        if self.callbacks:
+            step_outputs = {**extras, **outputs}
+            for cb in self.callbacks:
+                cb.on_step_end(self, step_outputs)
         self._after_step()
 
     def _after_step(self) -> None:
@@ -274,6 +280,7 @@ class Trainer:
         self._sum_keys: tuple[str, ...] = ()
         self._sum_vec: Optional[torch.Tensor] = None
         self._micro: dict[str, torch.Tensor] = {}
+        self._extras: dict[str, Any] = {}
         self._steps = self._samples = self._micros = 0
         self._tokens: Optional[torch.Tensor] = None
         self._t0 = time.perf_counter()

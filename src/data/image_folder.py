@@ -69,14 +69,15 @@ def image_folder(seed: int, root: str, val_root: Optional[str] = None,
         class_counts=tuple(int(c) for c in counts),
         input_shape=(channels, image_size, image_size),
     )
-    return DataModule(_Dicts(train), _Dicts(val), info)
+    val_targets = val.targets if val_root is not None else [targets[i] for i in val_idx]
+    return DataModule(_Dicts(train, train_targets), _Dicts(val, val_targets), info)
 
 
 class _Dicts(torch.utils.data.Dataset):
     """(image, label) samples as ``{"inputs", "labels"}`` dicts, the platform's batch format."""
 
-    def __init__(self, ds):
-        self.ds = ds
+    def __init__(self, ds, targets):
+        self.ds, self.targets = ds, list(targets)
 
     def __len__(self) -> int:
         return len(self.ds)

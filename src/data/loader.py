@@ -59,31 +59,41 @@ def _identity(batch):
 
 
 class TrainLoader:
-    """A DataLoader over a :class:`ResumableSampler` whose worker seeds follow (seed, epoch)."""
+    """A DataLoader over a resumable batch sampler; worker seeds follow (seed, epoch).
 
-    def __init__(self, dataset, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = True, num_workers: int = 0,
+    Args:
+        batch_sampler: yields index lists; has ``set_epoch(epoch, start_batch)`` and
+            ``batches_per_epoch()`` (see src/data/samplers.py).
+    """
+
+    def __init__(self, dataset, batch_sampler, seed: int, num_workers: int = 0,
                  pin_memory: bool = False):
-        self.sampler = ResumableSampler(len(dataset), shuffle, seed, rank, world_size, drop_last)
-        self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
+        self.batch_sampler, self.seed = batch_sampler, seed
         self.generator = torch.Generator()
         self.loader = DataLoader(
-            dataset, batch_size=batch_size, sampler=self.sampler, drop_last=drop_last,
-            num_workers=num_workers, pin_memory=pin_memory, generator=self.generator,
-            collate_fn=_identity if getattr(dataset, "batched", False) else None,
-            persistent_workers=False,
-        )
+            dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
+            generator=self.generator,
+            collate_fn=_identity if getattr(dataset, "batched", False) else None)
 
     def batches_per_epoch(self) -> int:
-        n = self.sampler.per_rank
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return self.batch_sampler.batches_per_epoch()
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.sampler.set_epoch(epoch, start_batch * self.batch_size)
+        self.batch_sampler.set_epoch(epoch, start_batch)
         self.generator.manual_seed(self.seed * 100_003 + epoch)
 
     def __iter__(self):
         return iter(self.loader)
+
+
+def sample_labels(dataset) -> torch.Tensor:
+    """Every training sample's label, for samplers that balance classes."""
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = getattr(dataset, "targets", None)
+    if labels is None:
+        labels = [dataset[i]["labels"] for i in range(len(dataset))]
+    return torch.as_tensor(labels)
 
 
 def eval_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,

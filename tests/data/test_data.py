@@ -5,6 +5,7 @@ import torch
 from src.core.errors import ConfigError
 from src.data.digits import digits
 from src.data.loader import ResumableSampler, TrainLoader
+from src.data.samplers import ClassBalancedSampler, PKSampler, ShardedBatchSampler
 
 
 def test_digits_is_real_stratified_and_deterministic():
@@ -44,7 +45,7 @@ def test_sampler_shards_cover_the_data_and_resume(world):
 
 def test_loader_resumes_mid_epoch_with_the_same_batches():
     ds = digits(seed=0).train
-    loader = TrainLoader(ds, 100, seed=5)
+    loader = TrainLoader(ds, ShardedBatchSampler(len(ds), 100, seed=5), seed=5)
     loader.set_epoch(2)
     full = [b["labels"] for b in loader]
     loader.set_epoch(2, start_batch=4)
@@ -71,3 +72,34 @@ def test_image_folder(tmp_path):
     assert sample["inputs"].shape == (3, 16, 16) and sample["inputs"].dtype == torch.float32
     with pytest.raises(ConfigError, match="data.root: folder not found"):
         image_folder(seed=0, root=str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_pk_sampler_gives_every_rank_k_per_world_of_p_classes(world):
+    labels = torch.arange(10).repeat_interleave(30)
+    shards = [PKSampler(labels, 40 // world, 0, r, world, classes_per_batch=5,
+                        samples_per_class=8) for r in range(world)]
+    for s in shards:
+        s.set_epoch(1)
+    batches = [list(s) for s in shards]
+    assert len(batches[0]) == 300 // 40
+    for step in range(len(batches[0])):
+        for r in range(world):
+            got = torch.bincount(labels[batches[r][step]], minlength=10)
+            assert sorted(got[got > 0].tolist()) == [8 // world] * 5
+    shards[0].set_epoch(1, start_batch=3)
+    assert list(shards[0]) == batches[0][3:]
+
+
+def test_pk_sampler_checks_its_sizes():
+    labels = torch.arange(4).repeat_interleave(5)
+    with pytest.raises(ConfigError, match="must equal data.batch_size"):
+        PKSampler(labels, 10, 0, 0, 1, classes_per_batch=2, samples_per_class=4)
+
+
+def test_class_balanced_sampler_evens_out_classes():
+    labels = torch.cat([torch.zeros(900, dtype=torch.long), torch.ones(100, dtype=torch.long)])
+    s = ClassBalancedSampler(labels, 50, 0, 0, 1)
+    s.set_epoch(0)
+    drawn = torch.cat([labels[b] for b in s])
+    assert len(drawn) == 1000 and abs(drawn.float().mean().item() - 0.5) < 0.06

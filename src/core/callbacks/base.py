@@ -17,13 +17,17 @@ class Callback:
         """Gradients are ready (unscaled, clipped); ``grad_norm`` is their total norm (a tensor)."""
 
     def on_step_end(self, trainer, outputs: dict[str, Any]) -> None:
-        """After each optimizer step; ``outputs`` holds this step's tensors and ``grad_norm``."""
+        """After each optimizer step: the step's scalars (averaged over micro-batches) and
+        ``grad_norm``, plus the last micro-batch's other outputs (features, labels ...)."""
 
     def on_log(self, trainer, metrics: dict[str, float]) -> None:
         """Before metrics are sent to the loggers; may add entries to ``metrics``."""
 
     def on_validation_start(self, trainer) -> None:
         """Before evaluation (EMA swaps its weights in here)."""
+
+    def on_validation_batch_end(self, trainer, outputs: dict[str, Any]) -> None:
+        """After each validation batch, with everything the task returned (features, labels)."""
 
     def on_validation_end(self, trainer, metrics: dict[str, float]) -> None:
         """After evaluation with its ``val/...`` metrics."""
