@@ -120,6 +120,19 @@ def write(path: Path, quick: bool, sections: dict) -> None:
     path.write_text("\n".join(lines))
 
 
+def previous_sections(path: Path) -> dict[str, list[str]]:
+    """The ``## `` sections of an existing results file, by title."""
+    out: dict[str, list[str]] = {}
+    title = None
+    for line in path.read_text().splitlines():
+        if line.startswith("## "):
+            title = line[3:]
+            out[title] = []
+        elif title is not None:
+            out[title].append(line)
+    return {k: v[1:] if v and not v[0] else v for k, v in out.items()}
+
+
 def overhead_section(res: dict, pairs: int, steps: int) -> list[str]:
     body = [f"digits, batch 64, AdamW lr 1e-3, {steps} steps, fp32, CPU; {pairs} alternating "
             "runs of every variant. `torch`: a hand-written loop over a DataLoader of a "
@@ -141,7 +154,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Regenerate benchmarks/RESULTS.md")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (for tests)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/RESULTS.md"))
-    p.add_argument("--only", default="overhead,startup,checkpoint,dataloader,ddp")
+    p.add_argument("--only", default="overhead,startup,checkpoint,dataloader,ddp,ssl")
+    p.add_argument("--update", action="store_true",
+                   help="keep the sections of the existing file that this run does not redo")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
     q = args.quick
@@ -192,6 +207,17 @@ def main(argv=None) -> int:
             f"| hand-written DDP | {stats(res['torch'])} |", f"| ours | {stats(res['ours'])} |",
             f"| ratio | {stats(ratios(res['ours'], res['torch']))} |"]
 
+    if "ssl" in only:
+        from benchmarks import ssl
+
+        methods = ("simclr",) if q else ssl.METHODS
+        tiny = ["trainer.max_steps=2", "trainer.max_epochs=null", "callbacks=[]"] if q else []
+        results = [ssl.run_method(m, tiny) for m in methods]
+        sections["Self-supervised and metric learning on digits"] = ssl.section(
+            results, ssl.run_arcface(tiny))
+
+    if args.update and Path(args.out).exists():
+        sections = {**previous_sections(Path(args.out)), **sections}
     write(Path(args.out), q, sections)
     print(f"wrote {args.out}")
     return 0

@@ -4,9 +4,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import os
+import signal
+
 import torch
 
+from src.core.callbacks.base import Callback
 from src.core.experiment import build, prepare
+from src.core.registry import CALLBACKS
 
 
 def run(config: Path, *overrides: str):
@@ -28,3 +33,15 @@ def params(exp) -> dict[str, torch.Tensor]:
 
 def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@CALLBACKS.register("signal_at_step")
+class SignalAtStep(Callback):
+    """Sends this process a signal during the given step (tests of stop-and-resume)."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM)):
+        self.at, self.signum = step, signum
+
+    def on_before_optimizer_step(self, trainer, grad_norm) -> None:
+        if trainer.step + 1 == self.at:
+            os.kill(os.getpid(), self.signum)

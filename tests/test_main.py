@@ -39,7 +39,7 @@ def test_dry_run_reports_sizes_and_writes_nothing(cli, write_config, tmp_path):
     out = cli("--config", str(write_config()), "--dry-run", "trainer.max_steps=1000",
               "trainer.max_epochs=3")
     assert out.returncode == 0, out.stderr
-    assert "1,437 train, 360 val" in out.stdout
+    assert "1,438 train, 359 val" in out.stdout
     assert "steps/epoch     44" in out.stdout and "total steps     132" in out.stdout
     assert "parameters" in out.stdout
     assert not (tmp_path / "runs").exists()

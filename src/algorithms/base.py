@@ -9,7 +9,8 @@ see every call::
 """
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -32,6 +33,11 @@ class Task(nn.Module):
 
     def configure(self, info: DatasetInfo) -> None:
         """Called once with the data's facts before the optimizer is built."""
+
+    def train_views(self) -> Optional[dict[str, Any]]:
+        """A TRANSFORMS section whose per-sample views the training batches should carry
+        (``batch["views"]``), or None. Self-supervised tasks use it."""
+        return None
 
     def forward(self, batch: dict[str, Any], stage: str = "train") -> dict[str, torch.Tensor]:
         return self.training_step(batch) if stage == "train" else self.validation_step(batch)
@@ -58,6 +64,9 @@ class Task(nn.Module):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what ``extra_state`` returned."""
+
+    def write_artifacts(self, run_dir: Path) -> None:
+        """Write files of the finished run (plots, tables) into ``run_dir``; main process only."""
 
     def on_step_end(self, step: int, max_steps: int) -> None:
         """After each optimizer step (momentum teachers, schedules of the algorithm itself)."""

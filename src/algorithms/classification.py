@@ -1,6 +1,8 @@
-"""Supervised classification: cross-entropy with optional label smoothing, accuracy and top-k."""
+"""Supervised classification: cross-entropy (label smoothing, mixup/cutmix), accuracy, top-k, and
+a confusion matrix written as a PNG at the end of a run."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,22 +22,44 @@ class Classification(Task):
         label_smoothing: cross-entropy label smoothing in [0, 1).
         top_k: extra top-k accuracies reported in validation (k >= 2, below num_classes).
         train_accuracy: also report accuracy on training batches (a few cheap ops per step).
+        mixup_alpha, cutmix_alpha: timm's Mixup/CutMix (0 = off); mix_prob: chance per batch.
+        confusion_matrix: write ``confusion_matrix.png`` of the last evaluation.
     """
 
     def __init__(self, model, label_smoothing: confloat(ge=0, lt=1) = 0.0,
-                 top_k: list[conint(ge=2)] = [5], train_accuracy: bool = True):
+                 top_k: list[conint(ge=2)] = [5], train_accuracy: bool = True,
+                 mixup_alpha: confloat(ge=0) = 0.0, cutmix_alpha: confloat(ge=0) = 0.0,
+                 mix_prob: confloat(ge=0, le=1) = 1.0, confusion_matrix: bool = True):
         super().__init__(model)
         self.label_smoothing = label_smoothing
         self.top_k = list(top_k)
         self.train_accuracy = train_accuracy
+        self.mix = (mixup_alpha, cutmix_alpha, mix_prob)
+        self.mixup = None
+        self.want_confusion = confusion_matrix
+        self.confusion: torch.Tensor | None = None
+        self._preds: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def configure(self, info: DatasetInfo) -> None:
+        self.num_classes = info.num_classes
+        self.class_names = list(info.class_names) or [str(i) for i in range(info.num_classes)]
         self.top_k = [k for k in self.top_k if info.num_classes and k < info.num_classes]
+        mixup_alpha, cutmix_alpha, prob = self.mix
+        if mixup_alpha or cutmix_alpha:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob,
+                               label_smoothing=self.label_smoothing, num_classes=info.num_classes)
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        logits = self.model(batch["inputs"])
-        labels = batch["labels"]
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        x, labels = batch["inputs"], batch["labels"]
+        if self.mixup is not None and x.shape[0] % 2 == 0:
+            x, soft = self.mixup(x, labels)  # soft (B, C) targets, smoothing included
+            logits = self.model(x)
+            loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         if not self.train_accuracy:
             return {"loss": loss}
         return {"loss": loss, "accuracy": (logits.detach().argmax(-1) == labels).float().mean()}
@@ -43,11 +67,49 @@ class Classification(Task):
     def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         logits = self.model(batch["inputs"]).float()
         labels = batch["labels"]
-        out = {"loss": F.cross_entropy(logits, labels),
-               "accuracy": (logits.argmax(-1) == labels).float().mean()}
+        pred = logits.argmax(-1)
+        out = {"loss": F.cross_entropy(logits, labels), "accuracy": (pred == labels).float().mean()}
         if self.top_k:
             ranked = logits.topk(max(self.top_k), dim=-1).indices  # (B, kmax)
             hits = ranked == labels[:, None]
             for k in self.top_k:
                 out[f"top{k}_accuracy"] = hits[:, :k].any(-1).float().mean()
+        if self.want_confusion:
+            self._preds.append((pred, labels))
         return out
+
+    def validation_epoch_end(self, gather) -> dict[str, torch.Tensor]:
+        if self._preds:
+            pred = gather(torch.cat([p for p, _ in self._preds]))
+            true = gather(torch.cat([t for _, t in self._preds]))
+            self._preds = []
+            c = self.num_classes
+            self.confusion = torch.bincount(true * c + pred, minlength=c * c).view(c, c).cpu()
+        return {}
+
+    def write_artifacts(self, run_dir: Path) -> None:
+        if self.confusion is None:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        cm = self.confusion.numpy()
+        c = len(cm)
+        fig, ax = plt.subplots(figsize=(max(4, c * 0.5), max(4, c * 0.5)))
+        ax.imshow(cm, cmap="Blues")
+        names = self.class_names[:c]
+        ax.set_xticks(range(c), names, rotation=90 if c > 10 else 0)
+        ax.set_yticks(range(c), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        if c <= 30:
+            for i in range(c):
+                for j in range(c):
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if cm[i, j] > cm.max() / 2 else "black")
+        ax.set_title(f"confusion matrix (accuracy {cm.trace() / max(cm.sum(), 1):.4f})")
+        fig.tight_layout()
+        fig.savefig(run_dir / "confusion_matrix.png", dpi=100)
+        plt.close(fig)

@@ -14,6 +14,7 @@ BUILTIN_MODULES = (
     "src.data.digits",
     "src.data.image_folder",
     "src.data.samplers",
+    "src.data.views",
     "src.models.mlp",
     "src.models.cnn",
     "src.models.timm_backbone",

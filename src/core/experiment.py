@@ -22,7 +22,7 @@ from src.core.catalog import load_builtins
 from src.core.config import ExperimentConfig, dump_config, load_config, validate_components
 from src.core.errors import ConfigError, UserError
 from src.core.registry import (CALLBACKS, DATASETS, LOGGERS, MODELS, OPTIMIZERS, SAMPLERS,
-                               SCHEDULERS, STRATEGIES, TASKS)
+                               SCHEDULERS, STRATEGIES, TASKS, TRANSFORMS)
 
 PLUGIN_GROUP = "src.plugins"
 
@@ -174,6 +174,12 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
     _apply_model_switches(model, cfg)
     task = TASKS.build(cfg.task, "task", model=model)
     task.configure(data.info)
+    views = task.train_views()
+    if views is not None:  # self-supervised tasks train on per-sample augmented views
+        if not hasattr(data.train, "view_transform"):
+            raise ConfigError(f"data: dataset '{d.type}' cannot produce the views task "
+                              f"'{cfg.task['type']}' trains on")
+        data.train.view_transform = TRANSFORMS.build(views, "task.views")
 
     per_rank = d.batch_size // world
     if d.sampler is None:

@@ -1,6 +1,6 @@
 """Export a checkpoint of any strategy as one consolidated safetensors file.
 
-    python -m src.main export --checkpoint experiments/exp001/checkpoints/step_00000330 \\
+    python -m src.main export --checkpoint experiments/exp001/checkpoints/step_00000660 \\
         --out exp001.safetensors
 
 By default the file holds the model the config built (``model:``), with its own parameter names,

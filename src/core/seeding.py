@@ -21,7 +21,8 @@ def set_deterministic(on: bool) -> None:
     """Deterministic kernels only (an error names any op that has none)."""
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(on)
+    if torch.are_deterministic_algorithms_enabled() != on:  # the call imports inductor: ~1 s
+        torch.use_deterministic_algorithms(on)
     torch.backends.cudnn.benchmark = not on
     torch.backends.cudnn.deterministic = on
 

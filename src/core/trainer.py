@@ -88,6 +88,8 @@ class Trainer:
                 lg.finish(status)
         if self._signal:
             raise SystemExit(128 + self._signal)
+        if self.run_dir is not None and self.strategy.is_main:
+            self.task.write_artifacts(Path(self.run_dir))
         return {**self.last_logged, **self.last_val}
 
     def train_step(self, batch: Any, final: bool, n_micro: int) -> dict[str, torch.Tensor]:
@@ -211,12 +213,11 @@ class Trainer:
             cb.on_before_optimizer_step(self, norm)
         outputs, self._micro = self._micro, {}
         extras, self._extras = self._extras, {}
-        loss = outputs["loss"]
-        # NaN and inf survive the sum; under fp16 the GradScaler owns gradient overflows.
-        ok = torch.isfinite(loss if self.scaler is not None else loss + norm)
         # The one host sync per step: a bad update must not be applied, and every rank must take
-        # the same decision (and see the same stop signal) at the same step.
-        bad, self._signal = self.strategy.agree_step(ok, self._pending_signal)
+        # the same decision (and stop on a signal) at the same step. Under fp16 the GradScaler
+        # owns gradient overflows, so only the loss is checked.
+        bad, self._signal = self.strategy.step_decision(
+            outputs["loss"], norm if self.scaler is None else None, self._pending_signal)
         if not bad:
             self.strategy.optimizer_step(self.optimizer, self.scaler)
             if self.scheduler is not None:

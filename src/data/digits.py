@@ -15,14 +15,19 @@ from src.data.tensor_dataset import InMemoryDataset
 
 
 def stratified_split(labels, val_fraction: float, seed: int):
-    """Deterministic stratified (train_idx, val_idx) for a given seed."""
+    """Deterministic stratified (train_idx, val_idx): each class gives ``val_fraction`` of its
+    samples (rounded) to validation, chosen by a generator seeded with ``seed``."""
     import numpy as np
-    from sklearn.model_selection import train_test_split
 
-    idx = np.arange(len(labels))
-    if val_fraction == 0:
-        return idx, idx[:0]
-    return train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=labels)
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        val.append(rng.permutation(members)[:int(round(val_fraction * len(members)))])
+    val_idx = np.sort(np.concatenate(val)) if val else np.array([], dtype=int)
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    return rng.permutation(train_idx), val_idx
 
 
 @DATASETS.register("digits")

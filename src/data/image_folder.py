@@ -78,10 +78,14 @@ class _Dicts(torch.utils.data.Dataset):
 
     def __init__(self, ds, targets):
         self.ds, self.targets = ds, list(targets)
+        self.view_transform = None  # set by tasks that train on augmented views
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         x, y = self.ds[i]
-        return {"inputs": x, "labels": y}
+        sample = {"inputs": x, "labels": y}
+        if self.view_transform is not None:
+            sample["views"] = self.view_transform(x)
+        return sample

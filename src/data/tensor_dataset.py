@@ -8,7 +8,8 @@ from torch.utils.data import Dataset
 
 
 class InMemoryDataset(Dataset):
-    """Inputs and labels held as tensors; a batch is ``{"inputs": x[idx], "labels": y[idx]}``.
+    """Inputs and labels held as tensors; a batch is ``{"inputs": x[idx], "labels": y[idx]}``,
+    plus ``views`` (a list of (B, ...) tensors) when a task sets ``view_transform``.
 
     DataLoader calls ``__getitems__`` with a whole batch of indices, so fetching a batch costs one
     tensor gather rather than ``batch_size`` Python calls plus a collate.
@@ -25,6 +26,7 @@ class InMemoryDataset(Dataset):
                  transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         assert len(inputs) == len(labels)
         self.inputs, self.labels, self.transform = inputs, labels, transform
+        self.view_transform: Optional[Callable[[torch.Tensor], list[torch.Tensor]]] = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -38,4 +40,8 @@ class InMemoryDataset(Dataset):
         x = self.inputs[idx]
         if self.transform is not None:
             x = self.transform(x)
-        return {"inputs": x, "labels": self.labels[idx]}
+        batch = {"inputs": x, "labels": self.labels[idx]}
+        if self.view_transform is not None:  # per sample: each gets its own random views
+            per_sample = [self.view_transform(xi) for xi in x]
+            batch["views"] = [torch.stack(v) for v in zip(*per_sample)]
+        return batch

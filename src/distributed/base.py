@@ -8,7 +8,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -152,9 +152,14 @@ class Strategy:
         """Combine tensors across ranks (identity in one process)."""
         return values
 
-    def agree_step(self, ok: torch.Tensor, signal: int) -> tuple[bool, int]:
-        """(skip this update?, stop signal) decided alike on every rank; one host sync."""
-        return not bool(ok), signal
+    def step_decision(self, loss: torch.Tensor, grad_norm: Optional[torch.Tensor],
+                      signal: int) -> tuple[bool, int]:
+        """(skip this update?, stop signal), decided alike on every rank; one host sync.
+
+        NaN and inf survive the sum of loss and gradient norm, so one check covers both.
+        """
+        value = loss if grad_norm is None else loss + grad_norm
+        return not bool(torch.isfinite(value)), signal
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate along dim 0 the tensors of every rank (identity in one process)."""

@@ -21,6 +21,7 @@ class ProcessGroupStrategy(Strategy):
 
     def __init__(self, backend: str = "auto", timeout_minutes: conint(gt=0) = 30):
         self.backend_name, self.timeout = backend, timeout_minutes
+        self._signal_work = None  # (async all-reduce, its tensor) of the last step's stop flag
 
     def setup(self) -> None:
         env = launch_env(self.name)
@@ -45,11 +46,28 @@ class ProcessGroupStrategy(Strategy):
         dist.all_reduce(flat, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
         return dict(zip(keys, flat.unbind()))
 
-    def agree_step(self, ok: torch.Tensor, signal: int) -> tuple[bool, int]:
-        flags = torch.stack([(~ok).float(), torch.tensor(float(signal), device=ok.device)])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        bad, signum = flags.tolist()
-        return bool(bad), int(signum)
+    def step_decision(self, loss, grad_norm, signal: int) -> tuple[bool, int]:
+        """The gradient norm is computed from all-reduced (or sharded and reduced) gradients, so
+        it is the same number on every rank: deciding on it needs no extra collective; a
+        non-finite loss anywhere makes every rank's gradients, and so the norm, non-finite.
+        Stop signals are agreed with an asynchronous all-reduce read one step later, so no rank
+        waits for it."""
+        bad = not bool(torch.isfinite(grad_norm if grad_norm is not None else loss))
+        if grad_norm is None:  # fp16: the loss alone, which differs per rank: agree on it
+            flag = torch.tensor([float(bad)], device=loss.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad = bool(flag.item())
+        return bad, self._agree_signal(signal)
+
+    def _agree_signal(self, signal: int) -> int:
+        agreed = 0
+        if self._signal_work is not None:
+            work, flag = self._signal_work
+            work.wait()
+            agreed = int(flag.item())
+        flag = torch.tensor([float(signal)], device=self.device)
+        self._signal_work = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+        return agreed
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """All ranks' tensors concatenated on dim 0 (ranks may hold different lengths)."""

@@ -127,6 +127,14 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
         self.engine.set_gradient_accumulation_boundary(not self._accumulating)
         self.engine.backward(loss, scale_wrt_gas=False)
 
+    def step_decision(self, loss, grad_norm, signal: int) -> tuple[bool, int]:
+        """DeepSpeed clips and steps inside its engine, so the decision rests on each rank's loss,
+        agreed with one all-reduce (every rank must call engine.step() alike)."""
+        flags = torch.tensor([float(not torch.isfinite(loss)), float(signal)], device=loss.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        bad, signum = flags.tolist()
+        return bool(bad), int(signum)
+
     def clip_grad_norm(self, model, max_norm):
         # DeepSpeed clips inside step() (gradient_clipping); the norm is read after it.
         return torch.zeros((), device=self.device)

@@ -13,24 +13,10 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from helpers import metrics, params, run, same
-from src.core.callbacks.base import Callback
 from src.core.checkpoint import CheckpointManager
 from src.core.config import CheckpointConfig
 from src.core.errors import CheckpointError
-from src.core.registry import CALLBACKS
 from src.distributed.single import SingleDeviceStrategy
-
-
-@CALLBACKS.register("signal_at_step")
-class SignalAtStep(Callback):
-    """Sends this process a signal during the given step (tests of stop-and-resume)."""
-
-    def __init__(self, step: int, signum: int = int(signal.SIGTERM)):
-        self.at, self.signum = step, signum
-
-    def on_before_optimizer_step(self, trainer, grad_norm) -> None:
-        if trainer.step + 1 == self.at:
-            os.kill(os.getpid(), self.signum)
 
 
 RESUME = {"trainer.max_steps": 70, "trainer.eval_every_n_steps": 25, "trainer.log_every": 7,

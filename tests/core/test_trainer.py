@@ -39,7 +39,7 @@ def test_jsonl_rows_have_step_epoch_time_and_split_names(write_config, tmp_path)
 
 def test_stops_at_whichever_limit_comes_first(write_config, tmp_path):
     exp = run(write_config({"trainer.max_steps": 1000, "trainer.max_epochs": 1}))
-    assert exp.derived["total_steps"] == 44  # 1,437 samples // 32
+    assert exp.derived["total_steps"] == 44  # 1,438 samples // 32
     rows = metrics(tmp_path / "runs/tiny")
     assert rows[-1]["step"] == 44
 

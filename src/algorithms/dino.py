@@ -1,0 +1,75 @@
+"""DINO (Caron et al., 2021): self-distillation with multi-crop, a centred and sharpened teacher."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from pydantic import confloat, conint
+from torch import nn
+
+from src.algorithms.ssl_base import SSLTask, cosine_momentum, ema_update, frozen_copy
+from src.core.registry import TASKS
+from src.models.heads import DINOHead
+from src.models.losses import dino_loss
+
+
+@TASKS.register("dino")
+class DINO(SSLTask):
+    """Student sees every crop, the teacher (EMA of the student) only the global ones.
+
+    The teacher's outputs are centred (``center``: an EMA of their mean, checkpointed) and
+    sharpened with a temperature that warms up linearly from ``warmup_teacher_temp`` to
+    ``teacher_temp`` over ``warmup_teacher_temp_steps``; the teacher momentum follows a cosine from
+    ``base_momentum`` to 1.
+    """
+
+    default_views = {"type": "multi_crop", "global_views": 2, "local_views": 4}
+
+    def __init__(self, model, out_dim: conint(gt=0) = 256, hidden: conint(gt=0) = 256,
+                 bottleneck: conint(gt=0) = 64, student_temp: confloat(gt=0) = 0.1,
+                 teacher_temp: confloat(gt=0) = 0.04, warmup_teacher_temp: confloat(gt=0) = 0.02,
+                 warmup_teacher_temp_steps: conint(ge=0) = 100,
+                 center_momentum: confloat(ge=0, lt=1) = 0.9,
+                 base_momentum: confloat(ge=0, lt=1) = 0.99,
+                 views: Optional[dict[str, Any]] = None):
+        super().__init__(model, views)
+        self.out_dim, self.hidden, self.bottleneck = out_dim, hidden, bottleneck
+        self.student_temp, self.teacher_temp = student_temp, teacher_temp
+        self.warmup_temp, self.warmup_steps = warmup_teacher_temp, warmup_teacher_temp_steps
+        self.center_momentum, self.base_momentum = center_momentum, base_momentum
+        self.n_global = int((self.views or {}).get("global_views", 2))
+
+    def configure(self, info) -> None:
+        super().configure(info)
+        self.head = DINOHead(self.feat_dim, self.out_dim, self.hidden, self.bottleneck)
+        self.teacher = frozen_copy(nn.Sequential(self.model, self.head))
+        self.register_buffer("center", torch.zeros(1, self.out_dim))
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+
+    def teacher_temperature(self) -> torch.Tensor:
+        frac = (self.steps_done.float() / max(self.warmup_steps, 1)).clamp(max=1.0)
+        return self.warmup_temp + frac * (self.teacher_temp - self.warmup_temp)
+
+    def training_step(self, batch):
+        views = self.batch_views(batch, self.n_global)
+        g = self.n_global
+        n = views[0].shape[0]
+        h_global = self.model(torch.cat(views[:g]))  # (g*N, D)
+        student = [self.head(h_global)]
+        if len(views) > g:  # local crops share one smaller resolution: one more pass
+            student.append(self.head(self.model(torch.cat(views[g:]))))
+        student = torch.cat(student).float().chunk(len(views))
+        with torch.no_grad():
+            t_out = self.teacher(torch.cat(views[:g])).float()
+        teacher = t_out.chunk(g)
+        loss = dino_loss(list(student), list(teacher), self.center, self.student_temp,
+                         self.teacher_temperature())
+        with torch.no_grad():
+            self.center.mul_(self.center_momentum).add_(
+                t_out.mean(0, keepdim=True), alpha=1 - self.center_momentum)
+        return {"loss": loss, "features": h_global[:n].detach(), "labels": batch["labels"]}
+
+    def on_step_end(self, step: int, max_steps: int) -> None:
+        self.steps_done += 1
+        ema_update(self.teacher, nn.Sequential(self.model, self.head),
+                   cosine_momentum(self.base_momentum, step, max_steps))

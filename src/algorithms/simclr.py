@@ -1,0 +1,34 @@
+"""SimCLR (Chen et al., 2020): two views, a projector, NT-Xent over the 2N views."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from pydantic import confloat, conint
+
+from src.algorithms.ssl_base import SSLTask
+from src.core.registry import TASKS
+from src.models.heads import mlp
+from src.models.losses import nt_xent
+
+
+@TASKS.register("simclr")
+class SimCLR(SSLTask):
+    """Args: proj_dim, hidden (projector), temperature of NT-Xent, views (TRANSFORMS section)."""
+
+    def __init__(self, model, proj_dim: conint(gt=0) = 128, hidden: conint(gt=0) = 512,
+                 temperature: confloat(gt=0) = 0.2, views: Optional[dict[str, Any]] = None):
+        super().__init__(model, views)
+        self.proj_dim, self.hidden, self.temperature = proj_dim, hidden, temperature
+
+    def configure(self, info) -> None:
+        super().configure(info)
+        self.projector = mlp(self.feat_dim, self.hidden, self.proj_dim)
+
+    def training_step(self, batch):
+        v1, v2 = self.batch_views(batch, 2)[:2]
+        n = v1.shape[0]
+        h = self.model(torch.cat([v1, v2]))  # (2N, D): one pass, batch statistics over both views
+        z1, z2 = self.projector(h).chunk(2)
+        return {"loss": nt_xent(z1, z2, self.temperature), "features": h[:n].detach(),
+                "labels": batch["labels"]}

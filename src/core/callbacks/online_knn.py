@@ -1,0 +1,75 @@
+"""Weighted k-NN accuracy of validation features against a queue of recent training features."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import confloat, conint
+
+from src.core.callbacks.base import Callback
+from src.core.registry import CALLBACKS
+
+
+@CALLBACKS.register("online_knn")
+class OnlineKNN(Callback):
+    """Keeps the last ``queue_size`` training ``features`` (L2-normalised) with their labels; each
+    validation feature votes among its ``k`` nearest, weighted by exp(similarity / temperature)
+    (Wu et al., 2018). Reports ``val/knn_accuracy``."""
+
+    def __init__(self, k: conint(ge=1) = 20, temperature: confloat(gt=0) = 0.07,
+                 queue_size: conint(ge=1) = 4096):
+        self.k, self.t, self.size = k, temperature, queue_size
+        self.bank = self.bank_labels = None
+        self.ptr, self.filled = 0, 0
+        self._val = None
+
+    def on_step_end(self, trainer, outputs) -> None:
+        feats, labels = outputs.get("features"), outputs.get("labels")
+        if feats is None or labels is None or feats.ndim != 2:
+            return
+        feats = F.normalize(feats.detach().float(), dim=1)
+        if self.bank is None:
+            self.bank = feats.new_zeros(self.size, feats.shape[1])
+            self.bank_labels = labels.new_zeros(self.size)
+        n = min(len(feats), self.size)
+        idx = (self.ptr + torch.arange(n, device=feats.device)) % self.size
+        self.bank[idx], self.bank_labels[idx] = feats[:n], labels[:n]
+        self.ptr = (self.ptr + n) % self.size
+        self.filled = min(self.size, self.filled + n)
+
+    def on_validation_batch_end(self, trainer, outputs) -> None:
+        feats, labels = outputs.get("features"), outputs.get("labels")
+        if self.bank is None or feats is None or labels is None or self.filled == 0:
+            return
+        bank, bank_labels = self.bank[:self.filled], self.bank_labels[:self.filled]
+        sim = F.normalize(feats.float(), dim=1) @ bank.T  # (B, M)
+        top, idx = sim.topk(min(self.k, self.filled), dim=1)
+        weights = (top / self.t).exp()
+        classes = int(max(bank_labels.max(), labels.max())) + 1
+        votes = torch.zeros(len(feats), classes, device=feats.device)
+        votes.scatter_add_(1, bank_labels[idx], weights)
+        hits = (votes.argmax(1) == labels).sum().float()
+        n = torch.tensor(float(len(labels)), device=hits.device)
+        self._val = (hits, n) if self._val is None else (self._val[0] + hits, self._val[1] + n)
+
+    def on_validation_end(self, trainer, metrics) -> None:
+        if self._val is None:
+            return
+        total = trainer.strategy.reduce({"hits": self._val[0], "n": self._val[1]})
+        metrics["val/knn_accuracy"] = float(total["hits"] / total["n"])
+        self._val = None
+
+    def state_dict(self) -> dict:
+        if self.bank is None:
+            return {}
+        return {"bank": self.bank.cpu(), "labels": self.bank_labels.cpu(), "ptr": self.ptr,
+                "filled": self.filled}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.bank, self.bank_labels = state["bank"], state["labels"]
+            self.ptr, self.filled = state["ptr"], state["filled"]
+
+    def on_fit_start(self, trainer) -> None:
+        if self.bank is not None:
+            self.bank = self.bank.to(trainer.strategy.device)
+            self.bank_labels = self.bank_labels.to(trainer.strategy.device)

@@ -1,0 +1,107 @@
+"""The vision algorithms end to end on digits, briefly; and what their states must restore."""
+import pytest
+import torch
+
+from helpers import metrics, params, run, same
+from src.algorithms.retrieval import retrieval_metrics
+
+SSL = {"data.batch_size": 64, "model": {"type": "cnn", "channels": [8, 16], "num_classes": 0},
+       "trainer.max_steps": 6, "trainer.eval_every_n_steps": 3, "checkpoint.every_n_steps": 3,
+       "callbacks": [{"type": "online_linear_probe"}, {"type": "online_knn", "k": 5},
+                     {"type": "rankme"}]}
+
+
+def test_retrieval_metrics_by_hand():
+    emb = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.8, 0.2]])
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    out = retrieval_metrics(emb, labels, ks=(1, 2))
+    # sample 4 (label 1) is nearest to the label-0 pair: its top-1 and top-2 are misses
+    assert out["recall@1"] == pytest.approx(4 / 5)
+    assert out["recall@2"] == pytest.approx(4 / 5)
+    # mAP@R: queries 0 and 1 (R=1) hit; 2 and 3 (R=2) find each other then sample 4; sample 4
+    # (R=2) finds the two label-0 samples first: AP 0
+    assert out["map@r"] == pytest.approx((1 + 1 + 1 + 1 + 0) / 5)
+
+
+@pytest.mark.parametrize("task", [
+    {"type": "simclr", "proj_dim": 16, "hidden": 32},
+    {"type": "moco", "proj_dim": 16, "hidden": 32, "queue_size": 128},
+    {"type": "byol", "proj_dim": 16, "hidden": 32},
+    {"type": "vicreg", "proj_dim": 32, "hidden": 32},
+    {"type": "dino", "out_dim": 32, "hidden": 32, "bottleneck": 16,
+     "views": {"type": "multi_crop", "global_views": 2, "local_views": 2}},
+], ids=lambda t: t["type"])
+def test_ssl_methods_train_and_report_online_metrics(write_config, tmp_path, task):
+    run(write_config({**SSL, "task": task}))
+    rows = metrics(tmp_path / "runs/tiny")
+    val = [r for r in rows if "val/knn_accuracy" in r][-1]
+    assert 0 <= val["val/knn_accuracy"] <= 1 and 0 <= val["val/probe_accuracy"] <= 1
+    assert 1 <= val["val/rankme"] <= 16
+    train = [r for r in rows if "train/loss" in r]
+    assert all(r["train/loss"] == r["train/loss"] for r in train)  # finite, not NaN
+    assert "train/probe_accuracy" in train[-1]
+
+
+def test_mae_masks_patches_through_a_timm_vit(write_config, tmp_path):
+    vit = {"type": "timm", "name": "vit_tiny_patch16_224", "img_size": 8, "patch_size": 2,
+           "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 0}
+    exp = run(write_config({**SSL, "model": vit, "task": {"type": "mae", "mask_ratio": 0.75,
+                                                          "decoder_dim": 16}}))
+    task = exp.task
+    imgs = torch.rand(3, 1, 8, 8)
+    latent, mask, restore = task.encode(imgs)
+    assert latent.shape == (3, 1 + 4, 32)  # cls + 25% of 16 patches: the encoder sees only them
+    assert mask.sum(1).tolist() == [12.0] * 3
+    assert task.decode(latent, restore).shape == (3, 16, 4)
+    patches = task.patchify(imgs)
+    assert torch.equal(patches[0, 0], imgs[0, 0, :2, :2].reshape(-1))
+
+
+@pytest.mark.parametrize("task", [{"type": "byol", "proj_dim": 16, "hidden": 32},
+                                  {"type": "moco", "proj_dim": 16, "hidden": 32, "queue_size": 96},
+                                  {"type": "dino", "out_dim": 16, "hidden": 16, "bottleneck": 8}],
+                         ids=lambda t: t["type"])
+def test_momentum_methods_resume_exactly(write_config, tmp_path, task):
+    """Teachers, queues and centres are checkpointed: 6 straight == 3 + resume to 6."""
+    knn = {"type": "online_knn", "k": 5}
+    base = {**SSL, "task": task, "callbacks": [knn]}
+    straight = run(write_config({**base, "name": "a"}))
+    cfg = write_config({**base, "name": "b",
+                        "callbacks": [knn, {"type": "signal_at_step", "step": 3}]})
+    with pytest.raises(SystemExit):
+        run(cfg)
+    resumed = run(cfg, "callbacks=[{type: online_knn, k: 5}]")
+    assert same(params(straight), params(resumed))
+    a = [r for r in metrics(tmp_path / "runs/a") if r["step"] > 3]
+    b = [r for r in metrics(tmp_path / "runs/b") if r["step"] > 3]
+    assert a == b
+
+
+def test_metric_learning_with_pk_batches(write_config, tmp_path):
+    run(write_config({"data.batch_size": 40,
+                      "data.sampler": {"type": "pk", "classes_per_batch": 10,
+                                       "samples_per_class": 4},
+                      "model": {"type": "cnn", "channels": [8, 16], "num_classes": 0},
+                      "task": {"type": "metric_learning", "head": "subcenter_arcface",
+                               "embedding_dim": 16},
+                      "trainer.max_steps": 5, "trainer.eval_every_n_steps": 5}))
+    val = [r for r in metrics(tmp_path / "runs/tiny") if "val/recall@1" in r][-1]
+    assert 0 <= val["val/map@r"] <= val["val/recall@1"] <= val["val/recall@5"] <= 1
+
+
+def test_classification_mixup_and_confusion_png(write_config, tmp_path):
+    run(write_config({"task": {"type": "classification", "mixup_alpha": 0.2,
+                               "cutmix_alpha": 0.5},
+                      "model": {"type": "cnn", "channels": [8, 16]},
+                      "trainer.eval_every_n_steps": 10}))
+    png = tmp_path / "runs/tiny/confusion_matrix.png"
+    assert png.exists() and png.stat().st_size > 1000
+
+
+def test_ssl_needs_a_feature_backbone(write_config, capsys):
+    from src.main import main
+
+    code = main(["--config", str(write_config({**SSL, "model": {"type": "cnn",
+                                                                "channels": [8]},
+                                               "task": {"type": "simclr"}})), "--dry-run"])
+    assert code == 2 and "set model.num_classes: 0" in capsys.readouterr().err
