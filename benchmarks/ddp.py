@@ -43,6 +43,7 @@ def run_torch(steps: int) -> float:
                 break
         epoch += 1
     elapsed = time.perf_counter() - t0
+    dist.barrier()
     dist.destroy_process_group()
     return elapsed
 

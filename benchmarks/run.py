@@ -1,6 +1,7 @@
 """Regenerate benchmarks/RESULTS.md with one command:
 
-    python -m benchmarks.run            # full: about 10 minutes on 2 CPU cores
+    python -m benchmarks.run            # full: about an hour on 2 CPU cores
+    python -m benchmarks.run --only ssl,lm --update   # redo some sections, keep the others
     python -m benchmarks.run --quick --out /tmp/RESULTS.md   # every benchmark at a tiny size
 
 Every figure is reported as min / median / max over its repeats. Overhead runs alternate the
@@ -73,7 +74,7 @@ def bench_ddp(pairs: int, steps: int) -> dict:
             try:
                 rec, _ = _python(args, {"OMP_NUM_THREADS": "1"})
             except RuntimeError as exc:  # a free port taken meanwhile: one more try, on another
-                print(f"retrying once: {str(exc).splitlines()[0]}", file=sys.stderr)
+                print(f"retrying once: {exc}", file=sys.stderr)
                 args[3] = f"--master_port={port + 1}"
                 rec, _ = _python(args, {"OMP_NUM_THREADS": "1"})
             loop[v].append(rec["loop_s"])
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Regenerate benchmarks/RESULTS.md")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (for tests)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/RESULTS.md"))
-    p.add_argument("--only", default="overhead,startup,checkpoint,dataloader,ddp,ssl")
+    p.add_argument("--only", default="overhead,startup,checkpoint,dataloader,ddp,ssl,lm")
     p.add_argument("--update", action="store_true",
                    help="keep the sections of the existing file that this run does not redo")
     args = p.parse_args(argv)
@@ -215,6 +216,11 @@ def main(argv=None) -> int:
         results = [ssl.run_method(m, tiny) for m in methods]
         sections["Self-supervised and metric learning on digits"] = ssl.section(
             results, ssl.run_arcface(tiny))
+
+    if "lm" in only:
+        from benchmarks import lm
+
+        sections["Language models on the standard library"] = lm.section(lm.measure(q))
 
     if args.update and Path(args.out).exists():
         sections = {**previous_sections(Path(args.out)), **sections}

@@ -11,9 +11,41 @@ SMOKE = ["trainer.max_steps=3", "trainer.max_epochs=null", "trainer.log_every=1"
          "checkpoint.every_n_steps=2"]
 
 
+# What a config needs from earlier steps (a pretrained base, a data file), made small here.
+NEEDS_BASE = {"lora_email", "dpo_docstrings"}
+FASTER = {"lm_stdlib": ["data.max_files=20"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    """A 1-layer GPT and its BPE tokenizer saved as a transformers folder, plus DPO pairs."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from benchmarks.dpo_data import write_pairs
+    from src.data.text import resolve_files, train_tokenizer
+
+    folder = tmp_path_factory.mktemp("base")
+    tok = train_tokenizer(resolve_files(["stdlib:json"]), 400)
+    tok.save_pretrained(str(folder))
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32,
+                               n_positions=128)).save_pretrained(str(folder))
+    write_pairs(folder / "pairs.jsonl", limit=24)
+    return folder
+
+
+def needs(path: Path, request) -> list[str]:
+    extra = list(FASTER.get(path.stem, []))
+    if path.stem in NEEDS_BASE:
+        base = request.getfixturevalue("tiny_base")
+        extra += [f"model.path={base}", f"data.tokenizer={base}"]
+        if path.stem == "dpo_docstrings":
+            extra.append(f"data.path={base / 'pairs.jsonl'}")
+    return extra
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_config_runs_a_few_steps(path: Path, tmp_path):
-    run(path, *SMOKE, f"logging.root={tmp_path}", "logging.loggers=[jsonl]")
+def test_config_runs_a_few_steps(path: Path, tmp_path, request):
+    run(path, *SMOKE, *needs(path, request), f"logging.root={tmp_path}", "logging.loggers=[jsonl]")
     run_dir = next(p for p in tmp_path.iterdir() if p.is_dir())
     rows = metrics(run_dir)
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]

@@ -58,12 +58,23 @@ class Task(nn.Module):
         """
         return {}
 
+    def validation_texts(self) -> dict[str, str]:
+        """Text to log after an evaluation (sampled generations ...): name -> text."""
+        return {}
+
     def extra_state(self) -> dict[str, Any]:
         """Non-tensor state to checkpoint (tensors belong in buffers, saved with the weights)."""
         return {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what ``extra_state`` returned."""
+
+    def write_checkpoint_files(self, directory: Path) -> None:
+        """Extra files of a checkpoint, written by the main process before its commit marker.
+        A PEFT model's adapter is saved in PEFT's own layout (``PeftModel.from_pretrained``)."""
+        model = getattr(self, "model", None)
+        if model is not None and hasattr(model, "peft_config"):
+            model.save_pretrained(str(directory / "adapter"))
 
     def write_artifacts(self, run_dir: Path) -> None:
         """Write files of the finished run (plots, tables) into ``run_dir``; main process only."""

@@ -19,7 +19,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from src.core.config import CheckpointConfig
 from src.core.errors import CheckpointError, CheckpointMismatchError, ConfigError
@@ -87,7 +87,8 @@ class CheckpointManager:
     # ------------------------------------------------------------------ saving
 
     def save(self, step: int, epoch: int, model, optimizer, trainer_state: dict[str, Any],
-             rank_state: dict[str, Any], metrics: Optional[dict[str, float]] = None) -> Path:
+             rank_state: dict[str, Any], metrics: Optional[dict[str, float]] = None,
+             extra_files: Optional[Callable[[Path], None]] = None) -> Path:
         """Write ``step_<N>/`` through the strategy, commit it, point ``latest`` at it, rotate."""
         self.wait()  # a previous background write commits first
         path = self.dir / f"{PREFIX}{step:08d}"
@@ -102,6 +103,8 @@ class CheckpointManager:
                 "time": time.time(), "metrics": metrics or {}}
         future = s.save(path, model, optimizer, trainer_state, rank_state,
                          async_save=self.cfg.async_save)
+        if extra_files is not None and s.is_main:
+            extra_files(path)
         if future is not None:
             self._pending = (future, path, meta)
         else:

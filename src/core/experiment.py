@@ -137,6 +137,9 @@ class Experiment:
 
             (run_dir / "run_info.json").write_text(json.dumps(self.run_info(), indent=1,
                                                               default=str))
+            tokenizer = self.data.info.extra.get("tokenizer")
+            if tokenizer is not None and not (run_dir / "tokenizer").exists():
+                tokenizer.save_pretrained(str(run_dir / "tokenizer"))  # reused on resume
         strategy.barrier()
         callbacks = [CALLBACKS.build(s, f"callbacks.{i}") for i, s in enumerate(cfg.callbacks)]
         loggers = []
@@ -157,7 +160,7 @@ class Experiment:
 def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Experiment:
     """Build every component of ``cfg`` (already validated by :func:`prepare`)."""
     from src.core.seeding import seed_everything, set_deterministic
-    from src.data.loader import TrainLoader, eval_loader, sample_labels
+    from src.data.loader import TrainLoader, eval_loader, sample_labels, sample_lengths
     from src.data.samplers import ShardedBatchSampler
 
     strategy = STRATEGIES.build(cfg.strategy, "strategy")
@@ -169,7 +172,8 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
     world = strategy.world_size
     if d.batch_size % world:
         raise ConfigError(f"data.batch_size: {d.batch_size} does not divide among {world} processes")
-    data = DATASETS.build({"type": d.type, **(d.model_extra or {})}, "data", seed=cfg.seed)
+    data = DATASETS.build({"type": d.type, **(d.model_extra or {})}, "data", seed=cfg.seed,
+                          run_dir=Path(cfg.logging.root) / cfg.name)
     model = MODELS.build(cfg.model, "model", info=data.info)
     _apply_model_switches(model, cfg)
     task = TASKS.build(cfg.task, "task", model=model)
@@ -187,8 +191,8 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
                                       strategy.rank, world, d.drop_last)
     else:
         batches = SAMPLERS.build(d.sampler, "data.sampler", labels=sample_labels(data.train),
-                                 batch_size=per_rank, seed=cfg.seed, rank=strategy.rank,
-                                 world_size=world)
+                                 lengths=sample_lengths(data.train), batch_size=per_rank,
+                                 seed=cfg.seed, rank=strategy.rank, world_size=world)
     train_loader = TrainLoader(data.train, batches, cfg.seed, d.num_workers, d.pin_memory)
     val_loader = eval_loader(data.val, (d.eval_batch_size or d.batch_size) // world or 1,
                              strategy.rank, world, d.num_workers, d.pin_memory)
@@ -209,6 +213,8 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
     scheduler = SCHEDULERS.build(cfg.scheduler, "scheduler", optimizer=optimizer, total_steps=total)
     seed_everything(cfg.seed, strategy.rank)  # from here on, each rank draws its own randomness
     derived = {"steps_per_epoch": steps_per_epoch, "total_steps": total,
+               "model_parameters": sum(p.numel() for p in task.parameters()),
+               "trainable_parameters": sum(p.numel() for p in task.parameters() if p.requires_grad),
                "batches_per_epoch": batches, "per_rank_batch_size": per_rank,
                "effective_batch_size": d.batch_size * t.grad_accum_steps, "world_size": world}
     return Experiment(cfg, origins or {}, strategy, data, task, model_w, optimizer, scheduler,

@@ -60,14 +60,46 @@ def export(directory: Path, out: Path, whole_task: bool = False) -> dict[str, to
     return state
 
 
+def export_hf(config: str, overrides: list[str], directory: Path, out: Path) -> None:
+    """A transformers model folder (``save_pretrained``, tokenizer included) from a checkpoint of
+    a ``type: hf`` model; a PEFT adapter is merged into the base weights first."""
+    from src.core.experiment import build, prepare
+
+    cfg, origins = prepare(config, overrides)
+    exp = build(cfg, origins)
+    exp.strategy.load(Path(directory), exp.model, None)
+    model = exp.task.model
+    if not hasattr(model, "save_pretrained"):
+        raise UserError(f"--hf: model '{cfg.model['type']}' is not a transformers model; use --out")
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tokenizer = exp.data.info.extra.get("tokenizer")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m src.main export",
-                                description="Write a checkpoint's weights as one safetensors file.")
+                                description="Write a checkpoint's weights as one safetensors file, "
+                                            "or (with --config and --hf) a transformers folder.")
     p.add_argument("--checkpoint", required=True, help="a step_<N> checkpoint directory")
-    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--out", help="output .safetensors file")
     p.add_argument("--task", action="store_true",
                    help="keep every task weight (heads, teachers), not only the model")
+    p.add_argument("--config", help="the run's config (needed for --hf)")
+    p.add_argument("--hf", help="output folder for a merged transformers model and tokenizer")
+    p.add_argument("overrides", nargs="*", help="config overrides, as for training")
     args = p.parse_args(argv)
+    if args.hf:
+        if not args.config:
+            raise UserError("--hf: needs --config (the run's config) to rebuild the model")
+        export_hf(args.config, args.overrides, Path(args.checkpoint), Path(args.hf))
+        print(f"wrote {args.hf}")
+        return 0
+    if not args.out:
+        raise UserError("export: give --out FILE.safetensors (or --config C --hf FOLDER)")
     state = export(Path(args.checkpoint), Path(args.out), args.task)
     n = sum(v.numel() for v in state.values())
     print(f"wrote {args.out}: {len(state)} tensors, {n:,} parameters")

@@ -26,6 +26,9 @@ class Logger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         raise NotImplementedError
 
+    def log_text(self, texts: dict[str, str], step: int) -> None:
+        """Named texts (generated samples ...) at ``step``; loggers without text ignore them."""
+
     def finish(self, status: str = "FINISHED") -> None:
         pass
 
@@ -54,6 +57,10 @@ class ConsoleLogger(Logger):
         parts = [f"step {step}" + (f"/{self.total}" if self.total else "")]
         parts += [f"{k} {_fmt(v)}" for k, v in metrics.items()]
         self.console.print(" | ".join(parts))
+
+    def log_text(self, texts: dict[str, str], step: int) -> None:
+        for name, text in texts.items():
+            self.console.print(f"step {step} | {name}: {text!r}", markup=False)
 
 
 @LOGGERS.register("jsonl")
@@ -87,6 +94,10 @@ class JSONLLogger(Logger):
         row.update({k: v for k, v in metrics.items() if k != "epoch"})
         self.file.write(json.dumps(row) + "\n")
 
+    def log_text(self, texts: dict[str, str], step: int) -> None:
+        self.file.write(json.dumps({"step": step, "time": round(time.time() - self.t0, 3),
+                                    **{f"text/{k}": v for k, v in texts.items()}}) + "\n")
+
     def finish(self, status: str = "FINISHED") -> None:
         if self.file:
             self.file.close()
@@ -113,6 +124,10 @@ class TensorBoardLogger(Logger):
     def log(self, metrics: dict[str, float], step: int) -> None:
         for k, v in metrics.items():
             self.writer.add_scalar(k, v, step)
+
+    def log_text(self, texts: dict[str, str], step: int) -> None:
+        for k, v in texts.items():
+            self.writer.add_text(f"text/{k}", v, step)
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.writer:

@@ -97,7 +97,20 @@ class Registry:
         """Validate ``section`` and construct its entry with the platform's ``injected`` values."""
         path = path or self.name
         params = self.validate(section, path)
-        return self._entries[section["type"]](**params, **injected)
+        entry = self._entries[section["type"]]
+        return entry(**params, **_accepted(entry, injected))
+
+
+def _accepted(entry: Callable[..., Any], offered: dict[str, Any]) -> dict[str, Any]:
+    """The injected values an entry takes: those its signature names (all, with ``**kwargs``)."""
+    target = entry.__init__ if inspect.isclass(entry) else entry
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return offered
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return offered
+    return {k: v for k, v in offered.items() if k in params}
 
 
 def params_model(entry: Callable[..., Any], skip: Iterable[str] = ()):
@@ -150,7 +163,7 @@ def _config_type(ann: Any) -> Any:
 DATASETS = Registry(
     "datasets",
     "Build the train/val datasets. Return a DataModule with `train`, `val` and `info` (DatasetInfo).",
-    injected=("seed",),
+    injected=("seed", "run_dir"),
 )
 MODELS = Registry(
     "models",
@@ -188,7 +201,7 @@ LOGGERS = Registry(
 SAMPLERS = Registry(
     "samplers",
     "A training batch sampler (pk, class_balanced): resumable per (seed, epoch), sharded by rank.",
-    injected=("labels", "batch_size", "seed", "rank", "world_size"),
+    injected=("labels", "lengths", "batch_size", "seed", "rank", "world_size"),
 )
 LOSSES = Registry("losses", "A loss module: (outputs, targets) -> scalar tensor.")
 TRANSFORMS = Registry("transforms", "A tensor -> tensor transform (augmentations, views).")

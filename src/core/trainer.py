@@ -145,6 +145,10 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_validation_end(self, metrics)
         self._emit({"epoch": self.epoch, **metrics})
+        texts = self.task.validation_texts()
+        if texts and self.strategy.is_main:
+            for lg in self.loggers:
+                lg.log_text(texts, self.step)
         return metrics
 
     def save(self) -> Optional[Path]:
@@ -164,7 +168,8 @@ class Trainer:
             "last_val": self.last_val,
         }
         path = self.checkpoints.save(self.step, self.epoch, self.model, self.optimizer, state,
-                                     {"rng": rng_state()}, metrics=self.last_val)
+                                     {"rng": rng_state()}, metrics=self.last_val,
+                                     extra_files=self.task.write_checkpoint_files)
         self._last_save = self.step
         return path
 

@@ -58,6 +58,13 @@ def _identity(batch):
     return batch
 
 
+def collate_fn(dataset):
+    """Batched datasets collate themselves; others may name one (padding); else torch's default."""
+    if getattr(dataset, "batched", False):
+        return _identity
+    return getattr(dataset, "collate_fn", None)
+
+
 class TrainLoader:
     """A DataLoader over a resumable batch sampler; worker seeds follow (seed, epoch).
 
@@ -72,8 +79,7 @@ class TrainLoader:
         self.generator = torch.Generator()
         self.loader = DataLoader(
             dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
-            generator=self.generator,
-            collate_fn=_identity if getattr(dataset, "batched", False) else None)
+            generator=self.generator, collate_fn=collate_fn(dataset))
 
     def batches_per_epoch(self) -> int:
         return self.batch_sampler.batches_per_epoch()
@@ -84,6 +90,11 @@ class TrainLoader:
 
     def __iter__(self):
         return iter(self.loader)
+
+
+def sample_lengths(dataset) -> list[int]:
+    """Every training sample's length in tokens (1 each where lengths do not apply)."""
+    return list(getattr(dataset, "lengths", [1] * len(dataset)))
 
 
 def sample_labels(dataset) -> torch.Tensor:
@@ -103,5 +114,4 @@ def eval_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, nu
         return None
     shard = list(range(rank, len(dataset), world_size))
     return DataLoader(dataset, batch_size=batch_size, sampler=shard, num_workers=num_workers,
-                      pin_memory=pin_memory,
-                      collate_fn=_identity if getattr(dataset, "batched", False) else None)
+                      pin_memory=pin_memory, collate_fn=collate_fn(dataset))

@@ -130,3 +130,25 @@ class ClassBalancedSampler(_GlobalBatches):
         draw = torch.multinomial(self.weights, n, replacement=True, generator=g).tolist()
         size = self.batch_size * self.world
         return [draw[i:i + size] for i in range(0, n, size)]
+
+
+@SAMPLERS.register("length_grouped")
+class LengthGroupedSampler(_GlobalBatches):
+    """Batches of similar lengths (less padding): each epoch's shuffled order is cut into mega
+    batches of ``group`` global batches, each sorted by length; batch order is shuffled again."""
+
+    def __init__(self, labels: torch.Tensor, lengths: list[int], batch_size: int, seed: int,
+                 rank: int, world_size: int, group: conint(ge=1) = 50):
+        super().__init__(torch.zeros(len(lengths)), batch_size, seed, rank, world_size)
+        self.lengths, self.group = torch.tensor(lengths), group
+
+    def global_batches(self, g: torch.Generator) -> list[list[int]]:
+        size = self.batch_size * self.world
+        order = torch.randperm(len(self.lengths), generator=g)[:self.batches_per_epoch() * size]
+        mega = size * self.group
+        batches = []
+        for i in range(0, len(order), mega):
+            chunk = order[i:i + mega]
+            chunk = chunk[self.lengths[chunk].argsort(descending=True, stable=True)].tolist()
+            batches += [chunk[j:j + size] for j in range(0, len(chunk), size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]

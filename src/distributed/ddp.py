@@ -100,6 +100,9 @@ class ProcessGroupStrategy(Strategy):
 
     def teardown(self) -> None:
         if dist.is_initialized():
+            if self._signal_work is not None:
+                self._signal_work[0].wait()
+            dist.barrier()  # no rank tears the store down while another still talks to it
             dist.destroy_process_group()
 
 

@@ -67,3 +67,15 @@ def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: 
             total = total + (-t * s).sum(-1).mean()
             terms += 1
     return total / terms
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+             ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Direct Preference Optimisation (Rafailov et al., 2023) from sequence log-probabilities (N,).
+
+    Returns (loss, logits) with logits = beta * ((pi_c - pi_r) - (ref_c - ref_r)) and
+    loss = -mean(log sigmoid(logits)).
+    """
+    logits = beta * ((policy_chosen - policy_rejected) - (ref_chosen - ref_rejected))
+    return -F.logsigmoid(logits).mean(), logits

@@ -1,0 +1,195 @@
+"""JSONL data for language models: instruction and chat data with the prompt masked out of the
+loss, labelled text for classification, and preference pairs for DPO. Examples have different
+lengths; the padding collator pads each batch to its longest example.
+
+Formats (one JSON object per line):
+    alpaca:      {"instruction": ..., "input": ... (optional), "output": ...}
+    messages:    {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
+    labelled:    {"text": ..., "label": ...}
+    preference:  {"prompt": ..., "chosen": ..., "rejected": ...}
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+from pydantic import confloat, conint
+
+from src.core.errors import ConfigError
+from src.core.registry import DATASETS
+from src.data.info import DataModule, DatasetInfo
+from src.data.text import load_tokenizer, token_info
+
+ALPACA = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+
+
+def read_jsonl(path: str, key: str = "data.path") -> list[dict[str, Any]]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{key}: file not found: {path}")
+    rows = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:{n}: expected a JSON object")
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"{path}: no examples")
+    return rows
+
+
+def _need(row: dict, keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if k not in row]
+    if missing:
+        raise ConfigError(f"{where}: missing {', '.join(missing)}")
+
+
+def prompt_and_answer(row: dict, fmt: str, tok, where: str) -> tuple[str, str]:
+    """The text the model reads (not trained on) and the text it learns to write."""
+    if fmt == "alpaca":
+        _need(row, ("instruction", "output"), where)
+        inp = row.get("input") or ""
+        block = f"### Input:\n{inp}\n\n" if inp else ""
+        return ALPACA.format(instruction=row["instruction"], input_block=block), row["output"]
+    _need(row, ("messages",), where)
+    msgs = row["messages"]
+    if not msgs or msgs[-1].get("role") != "assistant":
+        raise ConfigError(f"{where}: the last message must be the assistant's")
+    prompt = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    return prompt, msgs[-1]["content"]
+
+
+def encode_pair(tok, prompt: str, answer: str, max_length: int, mask_prompt: bool
+                ) -> dict[str, torch.Tensor]:
+    """input_ids = prompt + answer + EOS; labels = -100 over the prompt (when masked)."""
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = (p + a)[:max_length]
+    labels = ([-100] * len(p) if mask_prompt else p) + a
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels[:max_length])}
+
+
+class Examples(torch.utils.data.Dataset):
+    """Pre-tokenised examples of different lengths (``lengths`` for length-grouped batches)."""
+
+    def __init__(self, items: list[dict[str, torch.Tensor]], labels: Optional[list[int]] = None):
+        self.items = items
+        self.lengths = [len(x["input_ids"]) if "input_ids" in x else
+                        len(x["chosen_input_ids"]) for x in items]
+        if labels is not None:
+            self.labels = torch.tensor(labels)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.items[i]
+
+
+class PadCollator:
+    """Pads every ``*input_ids`` with the pad id (and builds its ``*attention_mask``), every
+    ``*labels`` sequence with -100; stacks everything else."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for key in rows[0]:
+            values = [r[key] for r in rows]
+            if values[0].ndim == 0:
+                out[key] = torch.stack(values)
+                continue
+            fill = self.pad_id if key.endswith("input_ids") else -100
+            out[key] = torch.nn.utils.rnn.pad_sequence(values, batch_first=True, padding_value=fill)
+            if key.endswith("input_ids"):
+                mask = [torch.ones(len(v), dtype=torch.long) for v in values]
+                out[key.replace("input_ids", "attention_mask")] = torch.nn.utils.rnn.pad_sequence(
+                    mask, batch_first=True, padding_value=0)
+        return out
+
+
+def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    n_val = int(round(val_fraction * n))
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def _module(items, labels, val_fraction, seed, tok, extra_info=None) -> DataModule:
+    tr, va = _split(len(items), val_fraction, seed)
+    pick = (lambda idx: [labels[i] for i in idx]) if labels is not None else (lambda idx: None)
+    train = Examples([items[i] for i in tr], pick(tr))
+    val = Examples([items[i] for i in va], pick(va)) if va else None
+    collate = PadCollator(tok.pad_token_id)
+    train.collate_fn = collate
+    if val is not None:
+        val.collate_fn = collate
+    extra = {**token_info(tok), **(extra_info or {})}
+    longest = max(train.lengths)
+    return DataModule(train, val, DatasetInfo(num_samples=len(train), input_shape=(longest,),
+                                              extra=extra))
+
+
+@DATASETS.register("instructions")
+def instructions(seed: int, path: str, tokenizer: str, format: Literal["alpaca", "messages"] = "alpaca",
+                 max_length: conint(ge=8) = 512, mask_prompt: bool = True,
+                 val_fraction: confloat(ge=0, lt=1) = 0.1) -> DataModule:
+    """Instruction or chat data for supervised fine-tuning; the prompt is masked out of the loss.
+
+    Args:
+        path: JSONL file. tokenizer: local tokenizer folder (``pkg:...`` too).
+        format: ``alpaca`` or ``messages`` (rendered with the tokenizer's chat template).
+    """
+    tok = load_tokenizer(tokenizer)
+    rows = read_jsonl(path)
+    items = [encode_pair(tok, *prompt_and_answer(r, format, tok, f"{path}:{i + 1}"), max_length,
+                         mask_prompt) for i, r in enumerate(rows)]
+    return _module(items, None, val_fraction, seed, tok)
+
+
+@DATASETS.register("labelled_text")
+def labelled_text(seed: int, path: str, tokenizer: str, max_length: conint(ge=8) = 256,
+                  val_fraction: confloat(ge=0, lt=1) = 0.2) -> DataModule:
+    """``{"text", "label"}`` lines for sequence classification; labels may be names or ints."""
+    tok = load_tokenizer(tokenizer)
+    rows = read_jsonl(path)
+    for i, r in enumerate(rows):
+        _need(r, ("text", "label"), f"{path}:{i + 1}")
+    names = sorted({str(r["label"]) for r in rows})
+    index = {n: i for i, n in enumerate(names)}
+    labels = [index[str(r["label"])] for r in rows]
+    items = []
+    for r, y in zip(rows, labels):
+        ids = tok(r["text"], truncation=True, max_length=max_length)["input_ids"]
+        items.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(y)})
+    dm = _module(items, labels, val_fraction, seed, tok)
+    counts = np.bincount([labels[i] for i in _split(len(items), val_fraction, seed)[0]],
+                         minlength=len(names))
+    dm.info = DatasetInfo(num_samples=dm.info.num_samples, num_classes=len(names),
+                          class_names=tuple(names), class_counts=tuple(int(c) for c in counts),
+                          input_shape=dm.info.input_shape, extra=dm.info.extra)
+    return dm
+
+
+@DATASETS.register("preference")
+def preference(seed: int, path: str, tokenizer: str, max_length: conint(ge=8) = 256,
+               val_fraction: confloat(ge=0, lt=1) = 0.1) -> DataModule:
+    """``{"prompt", "chosen", "rejected"}`` pairs for DPO; prompts are masked out of the labels."""
+    tok = load_tokenizer(tokenizer)
+    rows = read_jsonl(path)
+    items = []
+    for i, r in enumerate(rows):
+        _need(r, ("prompt", "chosen", "rejected"), f"{path}:{i + 1}")
+        c = encode_pair(tok, r["prompt"], r["chosen"], max_length, True)
+        j = encode_pair(tok, r["prompt"], r["rejected"], max_length, True)
+        items.append({"chosen_input_ids": c["input_ids"], "chosen_labels": c["labels"],
+                      "rejected_input_ids": j["input_ids"], "rejected_labels": j["labels"]})
+    return _module(items, None, val_fraction, seed, tok)

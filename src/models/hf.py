@@ -1,0 +1,107 @@
+"""transformers models, from a local folder or built from a config to train from scratch.
+
+Nothing is downloaded: ``path`` is a local folder (or ``pkg:<package>/<sub/folder>``, a folder
+inside an installed Python package), loaded with ``local_files_only``. An optional ``adapter``
+section wraps the model with PEFT (LoRA, QLoRA, prefix tuning), see src/models/adapters.py.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from src.core.errors import ConfigError
+from src.core.registry import MODELS
+from src.data.info import DatasetInfo
+
+AUTO_CLASSES = {
+    "causal_lm": "AutoModelForCausalLM",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "masked_lm": "AutoModelForMaskedLM",
+    "sequence_classification": "AutoModelForSequenceClassification",
+    "base": "AutoModel",
+}
+
+
+def resolve_path(path: str, key: str = "model.path") -> Path:
+    """A local folder; ``pkg:name/sub`` means the folder ``sub`` inside installed package ``name``."""
+    if path.startswith("pkg:"):
+        name, _, sub = path[4:].partition("/")
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"{key}: package '{name}' is not installed")
+        folder = Path(list(spec.submodule_search_locations)[0]) / sub
+    else:
+        folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: not a local folder: {path}")
+    return folder
+
+
+@MODELS.register("hf")
+def hf_model(info: DatasetInfo, kind: Literal[tuple(AUTO_CLASSES)] = "causal_lm",
+             path: Optional[str] = None, config: Optional[dict[str, Any]] = None,
+             adapter: Optional[dict[str, Any]] = None,
+             dtype: Optional[Literal["fp32", "bf16", "fp16"]] = None):
+    """A transformers ``Auto*`` model.
+
+    Args:
+        kind: which Auto class (causal_lm, seq2seq, masked_lm, sequence_classification, base).
+        path: local folder with config and weights (``pkg:...`` for a packaged model).
+        config: build from scratch instead: ``{model_type: gpt2, n_layer: 4, ...}``; the vocabulary
+            size and (for classification) number of labels come from the data.
+        adapter: PEFT section: ``{type: lora, r: 8, ...}``, ``{type: qlora, ...}``,
+            ``{type: prefix_tuning, num_virtual_tokens: 16}``.
+        dtype: weights dtype when loading.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    import transformers
+
+    if (path is None) == (config is None):
+        raise ConfigError("model: give exactly one of 'path' (a local folder) or 'config'")
+    auto = getattr(transformers, AUTO_CLASSES[kind])
+    extra: dict[str, Any] = {}
+    if kind == "sequence_classification" and info.num_classes:
+        extra["num_labels"] = info.num_classes
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    quantized = adapter is not None and adapter.get("type") == "qlora"
+    if path is not None:
+        folder = resolve_path(path)
+        kwargs: dict[str, Any] = {"local_files_only": True, **extra}
+        if torch_dtype is not None:
+            kwargs["dtype"] = torch_dtype
+        if quantized:
+            from src.models.adapters import quantization_config
+
+            kwargs["quantization_config"] = quantization_config(adapter)
+        try:
+            model = auto.from_pretrained(str(folder), **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model.path: {path}: {str(exc).splitlines()[0]}") from None
+    else:
+        if quantized:
+            raise ConfigError("model.adapter: qlora quantizes pretrained weights; give model.path")
+        cfg = dict(config)
+        model_type = cfg.pop("model_type", None)
+        if model_type is None:
+            raise ConfigError("model.config.model_type: required (gpt2, llama, t5, bert, ...)")
+        vocab = info.extra.get("vocab_size")
+        if vocab and "vocab_size" not in cfg:
+            cfg["vocab_size"] = vocab
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
+            if key in info.extra and key not in cfg:
+                cfg[key] = info.extra[key]
+        try:
+            hf_config = transformers.AutoConfig.for_model(model_type, **cfg, **extra)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"model.config: {exc}") from None
+        model = auto.from_config(hf_config)
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
+    if adapter is not None:
+        from src.models.adapters import apply_adapter
+
+        model = apply_adapter(model, adapter, kind)
+    return model

