@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -41,7 +42,9 @@ def safe_load(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file missing")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a damaged file also warns; the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle, disallowed global ...
         raise CheckpointError(f"{path}: unreadable checkpoint file ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
