@@ -6,6 +6,7 @@
   GPT: held-out perplexity of the package before and after.
 - LoRA on the packaged MiniLM: which package a docstring comes from (configs/minilm_docstrings.yaml).
 - DPO on docstring pairs (configs/dpo_docstrings.yaml): preference accuracy before and after.
+- PPO with a reward function (configs/ppo_docstrings.yaml): the reward over training.
 """
 from __future__ import annotations
 
@@ -118,6 +119,21 @@ def run_dpo(root: str, base: str, quick: bool) -> dict:
             "pairs": len(exp.data.train) + len(exp.data.val)}
 
 
+def run_ppo(root: str, base: str, quick: bool) -> dict:
+    ov = [f"logging.root={root}", "logging.loggers=[jsonl]", f"model.path={base}",
+          f"data.tokenizer={base}"]
+    if quick:
+        ov += ["trainer.max_steps=2", "trainer.eval_every_n_steps=2", "trainer.log_every=1"]
+    exp = build("configs/ppo_docstrings.yaml", ov)
+    t0 = time.perf_counter()
+    exp.run()
+    rows = [json.loads(line) for line in (exp.run_dir / "metrics.jsonl").open()]
+    train = [r for r in rows if "train/reward" in r]
+    return {"first": train[0]["train/reward"], "last": train[-1]["train/reward"],
+            "kl": train[-1]["train/kl"], "steps": exp.derived["total_steps"],
+            "minutes": (time.perf_counter() - t0) / 60}
+
+
 @torch.no_grad()
 def evaluate_dpo(exp) -> float:
     hits, n = 0.0, 0
@@ -141,6 +157,7 @@ def measure(quick: bool = False) -> dict:
     out["adapters"] = [run_adapter(root, base, a, quick) for a in adapters]
     out["minilm"] = run_minilm(root, quick)
     out["dpo"] = run_dpo(root, base, quick)
+    out["ppo"] = run_ppo(root, base, quick)
     return out
 
 
@@ -177,4 +194,12 @@ def section(r: dict) -> list[str]:
              "chosen, another function's docstring rejected; the GPT above is the policy and the "
              "reference.", "", "| preference accuracy before | after |", "|---|---|",
              f"| {d['before']:.4f} | {d['after']:.4f} |"]
+    p = r["ppo"]
+    body += ["", "### PPO (`configs/ppo_docstrings.yaml`)", "",
+             "Prompts: standard-library function headers; reward: occurrences of `return` in "
+             "the completion (capped at 3), KL penalty 0.02 to the starting model.", "",
+             "| mean reward, first logged interval | last | KL at the end | steps | minutes |",
+             "|---|---|---|---|---|",
+             f"| {p['first']:.3f} | {p['last']:.3f} | {p['kl']:.3f} | {p['steps']} | "
+             f"{p['minutes']:.1f} |"]
     return body

@@ -12,7 +12,7 @@ SMOKE = ["trainer.max_steps=3", "trainer.max_epochs=null", "trainer.log_every=1"
 
 
 # What a config needs from earlier steps (a pretrained base, a data file), made small here.
-NEEDS_BASE = {"lora_email", "dpo_docstrings"}
+NEEDS_BASE = {"lora_email", "dpo_docstrings", "ppo_docstrings"}
 FASTER = {"lm_stdlib": ["data.max_files=20"]}
 
 

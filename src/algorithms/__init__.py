@@ -1,4 +1,5 @@
 """Training algorithms (tasks). Every built-in algorithm is imported here explicitly, so
 registration never depends on import order."""
 from src.algorithms import (byol, causal_lm, classification, dino, dpo, mae,  # noqa: F401
-                            metric_learning, moco, sequence_classification, simclr, vicreg)
+                            masked_lm, metric_learning, moco, ppo, rewards, seq2seq,
+                            sequence_classification, simclr, vicreg)

@@ -68,3 +68,22 @@ def stdlib_docstrings(seed: int, tokenizer: str,
                        class_names=tuple(packages), class_counts=tuple(int(c) for c in counts),
                        input_shape=(max_length,), extra=token_info(tok))
     return DataModule(train, val, info)
+
+
+def function_prompts(packages=("json", "email", "http", "urllib", "logging", "csv", "textwrap",
+                               "string"), seed: int = 0) -> list[str]:
+    """``def name(args):`` headers of public standard-library functions, shuffled with ``seed``."""
+    import random
+
+    out = []
+    for f in resolve_files([f"stdlib:{p}" for p in packages]):
+        try:
+            tree = ast.parse(read(f))
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                args = ", ".join(a.arg for a in node.args.args)
+                out.append(f"def {node.name}({args}):\n    ")
+    random.Random(seed).shuffle(out)
+    return out

@@ -193,3 +193,67 @@ def preference(seed: int, path: str, tokenizer: str, max_length: conint(ge=8) = 
         items.append({"chosen_input_ids": c["input_ids"], "chosen_labels": c["labels"],
                       "rejected_input_ids": j["input_ids"], "rejected_labels": j["labels"]})
     return _module(items, None, val_fraction, seed, tok)
+
+
+@DATASETS.register("pairs")
+def pairs(seed: int, path: str, tokenizer: str, max_length: conint(ge=8) = 256,
+          val_fraction: confloat(ge=0, lt=1) = 0.1) -> DataModule:
+    """``{"source", "target"}`` lines for sequence-to-sequence models."""
+    tok = load_tokenizer(tokenizer)
+    rows = read_jsonl(path)
+    items = []
+    for i, r in enumerate(rows):
+        _need(r, ("source", "target"), f"{path}:{i + 1}")
+        src = tok(r["source"], add_special_tokens=False)["input_ids"][:max_length - 1]
+        tgt = tok(r["target"], add_special_tokens=False)["input_ids"][:max_length - 1]
+        items.append({"input_ids": torch.tensor(src + [tok.eos_token_id]),
+                      "labels": torch.tensor(tgt + [tok.eos_token_id])})
+    return _module(items, None, val_fraction, seed, tok)
+
+
+class LeftPadCollator:
+    """Left-pads prompt ids (generation continues from the right end)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        longest = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, longest - n:] = r["input_ids"]
+            mask[i, longest - n:] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+@DATASETS.register("prompts")
+def prompts(seed: int, tokenizer: str, path: Optional[str] = None,
+            stdlib_functions: bool = False, max_length: conint(ge=2) = 64,
+            val_fraction: confloat(ge=0, lt=1) = 0.1, limit: Optional[conint(ge=2)] = None
+            ) -> DataModule:
+    """Prompts for PPO: ``{"prompt"}`` JSONL lines, or (``stdlib_functions``) the signature and
+    docstring opening of standard-library functions."""
+    tok = load_tokenizer(tokenizer)
+    if path:
+        rows = read_jsonl(path)
+        for i, r in enumerate(rows):
+            _need(r, ("prompt",), f"{path}:{i + 1}")
+        texts = [r["prompt"] for r in rows]
+    elif stdlib_functions:
+        from src.data.docstrings import function_prompts
+
+        texts = function_prompts()
+    else:
+        raise ConfigError("data: give 'path' (JSONL of prompts) or stdlib_functions: true")
+    if limit:
+        texts = texts[:limit]
+    items = [{"input_ids": torch.tensor(tok(t, add_special_tokens=False)["input_ids"][-max_length:])}
+             for t in texts]
+    dm = _module(items, None, val_fraction, seed, tok)
+    collate = LeftPadCollator(tok.pad_token_id)
+    dm.train.collate_fn = collate
+    if dm.val is not None:
+        dm.val.collate_fn = collate
+    return dm

@@ -108,7 +108,8 @@ def get_tokenizer(tokenizer: Optional[str], files: list[Path], vocab_size: int,
 def token_info(tok) -> dict:
     """What models built from a config need to know of the tokenizer."""
     info = {"tokenizer": tok, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id,
-            "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id or tok.eos_token_id}
+            "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id or tok.eos_token_id,
+            "decoder_start_token_id": tok.pad_token_id}
     if tok.mask_token_id is not None:
         info["mask_token_id"] = tok.mask_token_id
     return info

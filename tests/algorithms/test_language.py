@@ -156,3 +156,117 @@ def test_dpo_runs_on_preference_pairs(write_config, tmp_path, tokenizer_dir):
     train = [r for r in metrics(tmp_path / "runs/tiny") if "train/loss" in r]
     assert train[-1]["train/loss"] < math.log(2)  # starts at log 2 (policy == reference)
     assert train[-1]["train/preference_accuracy"] > 0.5
+
+
+def test_masking_chooses_about_15_percent_and_never_special_tokens(write_config):
+    from src.algorithms.masked_lm import MaskedLM
+    from src.data.info import DatasetInfo
+
+    task = MaskedLM(torch.nn.Identity(), mask_prob=0.15)
+    task.configure(DatasetInfo(num_samples=1, extra={"mask_token_id": 2, "vocab_size": 50}))
+    task.special = [0, 1, 2]
+    torch.manual_seed(0)
+    ids = torch.randint(3, 50, (64, 64))
+    ids[:, 0] = 0  # a special token at every start
+    masked, labels = task.mask(ids)
+    chosen = labels != -100
+    assert abs(chosen.float().mean().item() - 0.15) < 0.02
+    assert not chosen[:, 0].any()
+    assert torch.equal(labels[chosen], ids[chosen])
+    became_mask = (masked == 2) & chosen
+    assert abs(became_mask.sum().item() / chosen.sum().item() - 0.8) < 0.05
+
+
+def test_masked_lm_and_seq2seq_train_from_config(write_config, tmp_path):
+    run(write_config({"name": "mlm",
+                      "data": {"type": "text", "paths": ["stdlib:json"], "vocab_size": 400,
+                               "block_size": 32, "val_fraction": 0.3, "batch_size": 8},
+                      "model": {"type": "hf", "kind": "masked_lm",
+                                "config": {"model_type": "bert", "hidden_size": 32,
+                                           "num_hidden_layers": 1, "num_attention_heads": 2,
+                                           "intermediate_size": 64,
+                                           "max_position_embeddings": 64}},
+                      "task": {"type": "masked_lm"}, "trainer.max_steps": 3,
+                      "trainer.eval_every_n_steps": 3}))
+    val = [r for r in metrics(tmp_path / "runs/mlm") if "val/loss" in r][-1]
+    assert val["val/loss"] > 0 and 0 <= val["val/masked_accuracy"] <= 1
+
+    tok = train_tokenizer(resolve_files(["stdlib:json"]), 400)
+    tok.save_pretrained(str(tmp_path / "tok"))
+    rows = [{"source": f"reverse: {a} {b}", "target": f"{b} {a}"}
+            for a, b in [("one", "two"), ("red", "blue"), ("up", "down")] * 4]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run(write_config({"name": "t5",
+                      "data": {"type": "pairs", "path": str(tmp_path / "pairs.jsonl"),
+                               "tokenizer": str(tmp_path / "tok"), "batch_size": 4,
+                               "val_fraction": 0.25},
+                      "model": {"type": "hf", "kind": "seq2seq",
+                                "config": {"model_type": "t5", "d_model": 32, "d_ff": 64,
+                                           "num_layers": 1, "num_heads": 2, "d_kv": 16}},
+                      "task": {"type": "seq2seq"}, "trainer.max_steps": 3,
+                      "trainer.eval_every_n_steps": 3}))
+    val = [r for r in metrics(tmp_path / "runs/t5") if "val/loss" in r][-1]
+    assert val["val/perplexity"] == pytest.approx(math.exp(val["val/loss"]), rel=1e-4)
+
+
+def test_prefix_tuning_and_qlora_forward_backward(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from src.data.info import DatasetInfo
+    from src.models.hf import hf_model
+
+    folder = tmp_path / "gpt"
+    GPT2LMHeadModel(GPT2Config(vocab_size=100, n_layer=1, n_head=2, n_embd=64,
+                               n_positions=32)).save_pretrained(str(folder))
+    info = DatasetInfo(num_samples=1)
+    ids = torch.randint(0, 100, (2, 12))
+    for adapter in ({"type": "qlora", "r": 4, "target_modules": ["c_attn"]},
+                    {"type": "prefix_tuning", "num_virtual_tokens": 4}):
+        model = hf_model(info, kind="causal_lm", path=str(folder), adapter=adapter)
+        if adapter["type"] == "qlora":
+            import bitsandbytes as bnb
+
+            assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert trainable and all(p.grad is not None for p in trainable)
+        assert sum(p.numel() for p in trainable) < sum(p.numel() for p in model.parameters()) / 4
+
+
+def test_gae_by_hand():
+    from src.algorithms.ppo import gae
+
+    mask = torch.ones(1, 3)
+    adv, ret = gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.zeros(1, 3), mask, 1.0, 1.0)
+    assert adv.tolist() == [[1.0, 1.0, 1.0]] and ret.tolist() == [[1.0, 1.0, 1.0]]
+    adv, ret = gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.full((1, 3), 0.5), mask, 1.0, 1.0)
+    assert adv.tolist() == [[0.5, 0.5, 0.5]] and ret.tolist() == [[1.0, 1.0, 1.0]]
+    # gamma discounts the future; a masked tail contributes nothing
+    adv, _ = gae(torch.tensor([[0.0, 1.0, 5.0]]), torch.zeros(1, 3), torch.tensor([[1.0, 1.0, 0.0]]),
+                 0.5, 1.0)
+    assert adv.tolist() == [[0.5, 1.0, 0.0]]
+
+
+def test_ppo_collects_rollouts_and_updates(write_config, tmp_path, tokenizer_dir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from src.data.text import load_tokenizer
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32,
+                               n_positions=128)).save_pretrained(str(tokenizer_dir))
+    run(write_config({"data": {"type": "prompts", "tokenizer": str(tokenizer_dir),
+                               "stdlib_functions": True, "limit": 24, "batch_size": 4,
+                               "val_fraction": 0.2},
+                      "model": {"type": "hf", "kind": "causal_lm", "path": str(tokenizer_dir)},
+                      "task": {"type": "ppo", "reward": {"type": "contains", "pattern": "e"},
+                               "max_new_tokens": 8, "ppo_epochs": 2},
+                      "trainer.max_steps": 4, "trainer.log_every": 2,
+                      "trainer.eval_every_n_steps": 4}))
+    rows = metrics(tmp_path / "runs/tiny")
+    train = [r for r in rows if "train/reward" in r]
+    assert len(train) == 2 and all(math.isfinite(r["train/loss"]) for r in train)
+    assert train[-1]["train/response_length"] > 0
+    assert "val/reward" in [r for r in rows if "val/kl" in r][-1]

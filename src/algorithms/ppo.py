@@ -1,0 +1,139 @@
+"""PPO for language models (RLHF): a policy with a value head samples completions; rewards come
+from a REWARDS function or a reward model, with a per-token KL penalty to a frozen reference;
+advantages by GAE; the clipped surrogate objective. Each rollout serves ``ppo_epochs`` steps."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import confloat, conint
+from torch import nn
+
+from src.algorithms.base import Task
+from src.algorithms.ssl_base import frozen_copy
+from src.core.registry import REWARDS, TASKS
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over (N, T) response tokens; returns (advantages,
+    returns). ``mask`` is 1 on real response tokens; values after the last one count as 0."""
+    n, t = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(n, device=rewards.device)
+    for i in reversed(range(t)):
+        next_value = values[:, i + 1] * mask[:, i + 1] if i + 1 < t else torch.zeros_like(last)
+        delta = rewards[:, i] + gamma * next_value - values[:, i]
+        last = delta + gamma * lam * last * (mask[:, i + 1] if i + 1 < t else 0)
+        adv[:, i] = last * mask[:, i]
+    return adv, adv + values
+
+
+def token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None])[..., 0]
+
+
+@TASKS.register("ppo")
+class PPO(Task):
+    """Batches hold left-padded ``input_ids``/``attention_mask`` of prompts (the ``prompts`` data).
+
+    Args:
+        reward: a REWARDS section, e.g. ``{type: contains, pattern: "return"}``.
+        max_new_tokens, temperature: sampling of completions.
+        kl_coef: per-token penalty on log pi - log pi_ref.
+        clip: PPO ratio clip. vf_coef: value-loss weight. gamma, lam: GAE.
+        ppo_epochs: optimizer steps per rollout (the ratio moves away from 1 after the first).
+        reference: ``frozen_copy`` or ``disable_adapter`` (``auto`` picks by the model).
+    """
+
+    def __init__(self, model, reward: dict[str, Any], max_new_tokens: conint(ge=1) = 24,
+                 temperature: confloat(gt=0) = 1.0, kl_coef: confloat(ge=0) = 0.05,
+                 clip: confloat(gt=0) = 0.2, vf_coef: confloat(ge=0) = 0.5,
+                 gamma: confloat(gt=0, le=1) = 1.0, lam: confloat(gt=0, le=1) = 0.95,
+                 ppo_epochs: conint(ge=1) = 2,
+                 reference: Literal["auto", "frozen_copy", "disable_adapter"] = "auto"):
+        super().__init__(model)
+        self.reward_section = reward
+        self.gen = dict(max_new_tokens=max_new_tokens, temperature=temperature)
+        self.kl_coef, self.clip, self.vf_coef = kl_coef, clip, vf_coef
+        self.gamma, self.lam, self.ppo_epochs = gamma, lam, ppo_epochs
+        self.adapter_off = reference == "disable_adapter" or (
+            reference == "auto" and hasattr(model, "disable_adapter"))
+        if not self.adapter_off:
+            self.reference = frozen_copy(model).eval()
+        self._rollout: Optional[dict[str, torch.Tensor]] = None
+        self._uses = 0
+
+    def configure(self, info) -> None:
+        self.tokenizer = info.extra["tokenizer"]
+        hidden = self.model.config.get_text_config().hidden_size if hasattr(
+            self.model.config, "get_text_config") else self.model.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self.reward_fn = REWARDS.build(self.reward_section, "task.reward")
+
+    def _forward(self, model, seq, mask, with_values: bool):
+        out = model(input_ids=seq, attention_mask=mask, output_hidden_states=with_values)
+        values = self.value_head(out.hidden_states[-1].float())[..., 0] if with_values else None
+        return out.logits, values
+
+    @torch.no_grad()
+    def collect(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sample completions and score them: everything the updates of this rollout need."""
+        prompt, pmask = batch["input_ids"], batch["attention_mask"]
+        tok = self.tokenizer
+        seq = self.model.generate(input_ids=prompt, attention_mask=pmask, do_sample=True,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                  top_k=0, **self.gen)
+        p = prompt.shape[1]
+        response = seq[:, p:]
+        # response tokens up to and including the first EOS count; the rest is padding
+        ended = (response == tok.eos_token_id).long().cumsum(1)
+        rmask = ((ended == 0) | ((ended == 1) & (response == tok.eos_token_id))).float()
+        mask = torch.cat([pmask, rmask.long()], dim=1)
+        logits, values = self._forward(self.model, seq, mask, True)
+        old_logp = token_logps(logits[:, p - 1:-1], response)
+        ref_model, ctx = (self.model, self.model.disable_adapter()) if self.adapter_off else \
+            (self.reference, contextlib.nullcontext())
+        with ctx:
+            ref_logits, _ = self._forward(ref_model, seq, mask, False)
+        ref_logp = token_logps(ref_logits[:, p - 1:-1], response)
+        texts = tok.batch_decode(response * rmask.long() + tok.pad_token_id * (1 - rmask.long()),
+                                 skip_special_tokens=True)
+        prompts = tok.batch_decode(prompt, skip_special_tokens=True)
+        score = self.reward_fn(prompts, texts).to(seq.device).float()
+        kl = (old_logp - ref_logp) * rmask
+        rewards = -self.kl_coef * kl
+        last = (rmask.sum(1) - 1).clamp(min=0).long()
+        rewards[torch.arange(len(seq)), last] += score
+        vals = values[:, p - 1:-1] * rmask
+        adv, returns = gae(rewards, vals, rmask, self.gamma, self.lam)
+        valid = adv[rmask.bool()]
+        adv = (adv - valid.mean()) / (valid.std() + 1e-8) * rmask
+        return {"seq": seq, "mask": mask, "rmask": rmask, "old_logp": old_logp, "adv": adv,
+                "returns": returns, "score": score.mean(), "kl": kl.sum(1).mean(),
+                "length": rmask.sum(1).mean(), "p": torch.tensor(p)}
+
+    def training_step(self, batch):
+        if self._rollout is None or self._uses >= self.ppo_epochs:
+            self._rollout, self._uses = self.collect(batch), 0
+        r = self._rollout
+        self._uses += 1
+        p = int(r["p"])
+        logits, values = self._forward(self.model, r["seq"], r["mask"], True)
+        logp = token_logps(logits[:, p - 1:-1], r["seq"][:, p:])
+        m = r["rmask"]
+        ratio = torch.exp(logp - r["old_logp"])
+        surrogate = torch.minimum(ratio * r["adv"], ratio.clamp(1 - self.clip, 1 + self.clip) * r["adv"])
+        policy_loss = -(surrogate * m).sum() / m.sum()
+        value_loss = (((values[:, p - 1:-1] - r["returns"]) ** 2) * m).sum() / m.sum()
+        return {"loss": policy_loss + self.vf_coef * value_loss, "reward": r["score"],
+                "kl": r["kl"], "response_length": r["length"],
+                "clip_fraction": (((ratio - 1).abs() > self.clip).float() * m).sum() / m.sum()}
+
+    def validation_step(self, batch):
+        r = self.collect(batch)
+        return {"reward": r["score"], "kl": r["kl"]}

@@ -1,0 +1,53 @@
+"""Reward functions for alignment (REWARDS registry): (prompts, completions) -> (N,) scores.
+
+Register your own with ``@REWARDS.register("name")`` on a factory that returns the function.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Optional
+
+import torch
+from pydantic import conint
+
+from src.core.registry import REWARDS
+
+RewardFn = Callable[[list[str], list[str]], torch.Tensor]
+
+
+@REWARDS.register("contains")
+def contains(pattern: str, ignore_case: bool = True) -> RewardFn:
+    """1 for every occurrence of the regular expression in the completion, capped at 3."""
+    rx = re.compile(pattern, re.IGNORECASE if ignore_case else 0)
+    return lambda prompts, completions: torch.tensor(
+        [min(3.0, float(len(rx.findall(c)))) for c in completions])
+
+
+@REWARDS.register("length")
+def length(target: conint(ge=1) = 20) -> RewardFn:
+    """1 - |characters - target| / target: completions close to ``target`` characters score 1."""
+    return lambda prompts, completions: torch.tensor(
+        [1.0 - abs(len(c) - target) / target for c in completions])
+
+
+@REWARDS.register("reward_model")
+def reward_model(path: str, label: int = 1, max_length: conint(ge=8) = 256,
+                 tokenizer: Optional[str] = None) -> RewardFn:
+    """The logit of class ``label`` of a local sequence-classification model on prompt+completion."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from src.models.hf import resolve_path
+
+    folder = resolve_path(path, "task.reward.path")
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(resolve_path(tokenizer, "task.reward.tokenizer"))
+                                        if tokenizer else str(folder), local_files_only=True)
+    model.eval()
+
+    @torch.no_grad()
+    def score(prompts: list[str], completions: list[str]) -> torch.Tensor:
+        enc = tok([p + c for p, c in zip(prompts, completions)], return_tensors="pt",
+                  padding=True, truncation=True, max_length=max_length)
+        return model(**enc).logits[:, label].float()
+
+    return score
