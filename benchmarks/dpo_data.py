@@ -5,31 +5,17 @@ its docstring, chosen = the function's own docstring line, rejected = another fu
 """
 from __future__ import annotations
 
-import ast
 import json
 import random
 import sys
 from pathlib import Path
 
-from src.data.text import read, resolve_files
+from src.data.docstrings import public_functions
 
-PACKAGES = ("json", "email", "http", "urllib", "logging", "csv", "textwrap", "string")
-
-
-def functions(packages=PACKAGES) -> list[tuple[str, str]]:
-    out = []
-    for f in resolve_files([f"stdlib:{p}" for p in packages]):
-        try:
-            tree = ast.parse(read(f))
-        except SyntaxError:
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
-                doc = ast.get_docstring(node)
-                if doc and 20 <= len(doc.splitlines()[0]) <= 120:
-                    args = ", ".join(a.arg for a in node.args.args)
-                    out.append((f"def {node.name}({args}):\n    \"\"\"", doc.splitlines()[0]))
-    return out
+def functions() -> list[tuple[str, str]]:
+    """(prompt, first docstring line) of public functions with a one-line summary."""
+    return [(header + '\n    """', doc.splitlines()[0]) for header, doc in public_functions()
+            if doc and 20 <= len(doc.splitlines()[0]) <= 120]
 
 
 def write_pairs(path: Path, seed: int = 0, limit: int = 400) -> int:

@@ -184,8 +184,10 @@ def main(argv=None) -> int:
         blocked = statistics.median(res["async blocked"])
         sections["Checkpoint"] = [
             f"{n:.0f}M parameters in fp32 with AdamW state ({n * 12 / 1000:.2f} GB), same disk, "
-            "files fsync'ed in both. `async blocked` is how long the training step waits with "
-            "`checkpoint.async_save: true` (goal: at most 10% of the synchronous save).", "",
+            "files fsync'ed in both. `async blocked` is how long training waits with "
+            "`checkpoint.async_save: true`: the save call, plus the wait before the next update "
+            "for the background copy, which overlaps that step's forward and backward (goal: at "
+            "most 10% of the synchronous save).", "",
             "| operation | s |", "|---|---|"] + [f"| {k} | {stats(v)} |" for k, v in res.items()] + \
             ["", f"Async save blocks for {100 * blocked / sync:.1f}% of the synchronous save."]
 

@@ -70,7 +70,7 @@ class CheckpointManager:
         # top-k selection; the model_checkpoint callback may set these too
         self.top_k, self.monitor, self.mode = cfg.top_k, cfg.monitor, cfg.mode
         self.save_on_eval = cfg.save_on_eval or bool(cfg.top_k and cfg.monitor)
-        self._pending = None  # (future, path, meta) of a background write not yet committed
+        self._pending = None  # (BackgroundSave, path, meta) of a write not yet committed
 
     # ------------------------------------------------------------------ listing
 
@@ -110,6 +110,11 @@ class CheckpointManager:
         else:
             self._commit(path, meta)
         return path
+
+    def before_update(self) -> None:
+        """Called before the weights change: a background save must have copied them by now."""
+        if self._pending is not None:
+            self._pending[0].wait_staged()
 
     def wait(self) -> None:
         """Finish a background write, then commit it (every rank calls this at the same point)."""

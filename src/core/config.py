@@ -71,8 +71,8 @@ class CheckpointConfig(_Strict):
     mode: Literal["min", "max"] = Field("max", description="Whether the monitor improves up/down.")
     resume: str = Field("auto", description="auto | never | path to a checkpoint directory.")
     async_save: bool = Field(False, description=(
-        "Write model and optimizer in the background (DCP); training waits only for the copy "
-        "to host memory. The commit marker follows when the write completes."))
+        "Copy and write model and optimizer in a background thread (DCP) while the next step's "
+        "forward and backward run; the update waits for the copy. COMMIT follows the write."))
 
 
 class LoggingConfig(_Strict):

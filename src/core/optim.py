@@ -91,20 +91,24 @@ def constant(optimizer, total_steps: int, warmup_steps: conint(ge=0) = 0,
     return _lambda(optimizer, lambda s: min(1.0, (s + 1) / w)) if w else None
 
 
+def _warmup_then(optimizer, total_steps: int, warmup: int, decay):
+    """Linear warm-up over ``warmup`` steps, then ``decay(progress in [0, 1])`` as the factor."""
+
+    def fn(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        return decay(min(1.0, (s - warmup) / max(1, total_steps - warmup)))
+
+    return _lambda(optimizer, fn)
+
+
 @SCHEDULERS.register("warmup_cosine")
 def warmup_cosine(optimizer, total_steps: int, warmup_steps: conint(ge=0) = 0,
                   warmup_ratio: confloat(ge=0, lt=1) = 0.0,
                   min_lr_ratio: confloat(ge=0, le=1) = 0.0):
     """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at ``total_steps``."""
-    w = _warmup(total_steps, warmup_steps, warmup_ratio)
-
-    def fn(s: int) -> float:
-        if s < w:
-            return (s + 1) / w
-        progress = min(1.0, (s - w) / max(1, total_steps - w))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return _lambda(optimizer, fn)
+    return _warmup_then(optimizer, total_steps, _warmup(total_steps, warmup_steps, warmup_ratio),
+                        lambda p: min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 @SCHEDULERS.register("warmup_linear")
@@ -112,15 +116,8 @@ def warmup_linear(optimizer, total_steps: int, warmup_steps: conint(ge=0) = 0,
                   warmup_ratio: confloat(ge=0, lt=1) = 0.0,
                   min_lr_ratio: confloat(ge=0, le=1) = 0.0):
     """Linear warm-up, then linear decay to ``min_lr_ratio * lr`` at ``total_steps``."""
-    w = _warmup(total_steps, warmup_steps, warmup_ratio)
-
-    def fn(s: int) -> float:
-        if s < w:
-            return (s + 1) / w
-        progress = min(1.0, (s - w) / max(1, total_steps - w))
-        return 1 - (1 - min_lr_ratio) * progress
-
-    return _lambda(optimizer, fn)
+    return _warmup_then(optimizer, total_steps, _warmup(total_steps, warmup_steps, warmup_ratio),
+                        lambda p: 1 - (1 - min_lr_ratio) * p)
 
 
 @SCHEDULERS.register("step")

@@ -211,6 +211,8 @@ class Trainer:
             self.save()
 
     def _optimizer_step(self) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.before_update()  # a background save has finished copying
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = self.strategy.clip_grad_norm(self.model, self.cfg.grad_clip)

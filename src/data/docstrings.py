@@ -4,6 +4,7 @@ are on both sides."""
 from __future__ import annotations
 
 import ast
+from typing import Optional
 
 import numpy as np
 import torch
@@ -70,11 +71,11 @@ def stdlib_docstrings(seed: int, tokenizer: str,
     return DataModule(train, val, info)
 
 
-def function_prompts(packages=("json", "email", "http", "urllib", "logging", "csv", "textwrap",
-                               "string"), seed: int = 0) -> list[str]:
-    """``def name(args):`` headers of public standard-library functions, shuffled with ``seed``."""
-    import random
+PROMPT_PACKAGES = ("json", "email", "http", "urllib", "logging", "csv", "textwrap", "string")
 
+
+def public_functions(packages=PROMPT_PACKAGES) -> list[tuple[str, Optional[str]]]:
+    """(``def name(args):`` header, its docstring or None) of public standard-library functions."""
     out = []
     for f in resolve_files([f"stdlib:{p}" for p in packages]):
         try:
@@ -84,6 +85,14 @@ def function_prompts(packages=("json", "email", "http", "urllib", "logging", "cs
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
                 args = ", ".join(a.arg for a in node.args.args)
-                out.append(f"def {node.name}({args}):\n    ")
+                out.append((f"def {node.name}({args}):", ast.get_docstring(node)))
+    return out
+
+
+def function_prompts(seed: int = 0) -> list[str]:
+    """Function headers with the body's indentation, shuffled with ``seed`` (PPO prompts)."""
+    import random
+
+    out = [header + "\n    " for header, _ in public_functions()]
     random.Random(seed).shuffle(out)
     return out

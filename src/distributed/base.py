@@ -183,8 +183,9 @@ class Strategy:
              rank_state: dict, async_save: bool = False):
         """Write one checkpoint's files into ``directory`` (which exists).
 
-        With ``async_save``, model and optimizer go through DCP's async save: the call returns
-        once they are copied to host memory, with a Future of the write (None when synchronous).
+        With ``async_save``, a thread copies model and optimizer state and writes it through DCP;
+        the returned :class:`BackgroundSave` says when the copy and the write are done (None when
+        synchronous).
         """
         from safetensors.torch import save_model
 

@@ -18,33 +18,69 @@ def has_dcp(directory: Path) -> bool:
     return (Path(directory) / DCP_DIR / ".metadata").is_file()
 
 
-def save_dcp(directory: Path, model, optimizer, async_save: bool = False, process_group=None):
-    """Write model (and optimizer) shards; with ``async_save`` only the copy to host memory blocks
-    and a Future of the write is returned (None when synchronous)."""
-    import torch.distributed.checkpoint as dcp
+def _state(model, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
     state = {"model": model_sd}
     if optimizer is not None:
         state["optimizer"] = optim_sd
-    path = str(Path(directory) / DCP_DIR)
+    return state
+
+
+class BackgroundSave:
+    """A checkpoint written by a thread: ``staged`` is set once the state is copied (the weights
+    may change after that), ``future`` completes when the files are written."""
+
+    def __init__(self, directory: Path, model, optimizer, process_group=None):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.staged = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self.future = self._pool.submit(self._run, directory, model, optimizer, process_group)
+        self._pool.shutdown(wait=False)
+
+    def _run(self, directory, model, optimizer, process_group) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.utils._pytree import tree_map
+
+        try:
+            state = tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t,
+                             _state(model, optimizer))
+        finally:
+            self.staged.set()
+        dcp.save(state, checkpoint_id=str(Path(directory) / DCP_DIR), process_group=process_group)
+
+    def wait_staged(self) -> None:
+        self.staged.wait()
+        if self.future.done() and self.future.exception() is not None:
+            raise self.future.exception()
+
+    def result(self) -> None:
+        self.future.result()
+
+
+def save_dcp(directory: Path, model, optimizer, async_save: bool = False, process_group=None):
+    """Write model (and optimizer) shards. With ``async_save`` a thread copies the state and
+    writes it while training goes on: a :class:`BackgroundSave` is returned (None when
+    synchronous); the weights must not change before its ``wait_staged()``."""
+    import torch.distributed.checkpoint as dcp
+
     if async_save:
-        return dcp.async_save(state, checkpoint_id=path, process_group=process_group)
-    dcp.save(state, checkpoint_id=path)
+        return BackgroundSave(directory, model, optimizer, process_group)
+    dcp.save(_state(model, optimizer), checkpoint_id=str(Path(directory) / DCP_DIR))
     return None
 
 
 def load_dcp(directory: Path, model, optimizer) -> None:
     """Load (and reshard) a DCP checkpoint into ``model`` and ``optimizer`` in place."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     path = Path(directory) / DCP_DIR
-    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
-    state = {"model": model_sd}
-    if optimizer is not None:
-        state["optimizer"] = optim_sd
+    state = _state(model, optimizer)
+    model_sd = state["model"]
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     _check_keys(model_sd, saved, path)
     try:
@@ -53,8 +89,7 @@ def load_dcp(directory: Path, model, optimizer) -> None:
         raise CheckpointError(f"{path}: unreadable sharded checkpoint ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     set_state_dict(model, optimizer if optimizer is not None else [],
-                   model_state_dict=state["model"],
-                   optim_state_dict=state.get("optimizer", {}))
+                   model_state_dict=state["model"], optim_state_dict=state.get("optimizer", {}))
 
 
 def _check_keys(model_sd: dict, saved: dict, path: Path) -> None:

@@ -131,8 +131,8 @@ def test_fsdp_matches_single_and_reshards_both_ways(write_config, tmp_path, sing
     two = losses(tmp_path / "runs/two")
     close(single_losses, two, range(1, 21))
 
-    # 2 ranks -> 1 rank
-    cfg = write_config({**fsdp, "name": "down"}, "b.yaml")
+    # 2 ranks -> 1 rank (written by background threads: async_save)
+    cfg = write_config({**fsdp, "name": "down", "checkpoint.async_save": True}, "b.yaml")
     launch(2, cfg, "trainer.max_steps=10")
     launch(1, cfg)
     close(two, losses(tmp_path / "runs/down"), range(11, 21))
