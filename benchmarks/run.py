@@ -163,17 +163,24 @@ def main(argv=None) -> int:
     q = args.quick
     pairs, steps = (1, 20) if q else (5, 400)
     sections: dict[str, list[str]] = {}
+    if args.update and Path(args.out).exists():
+        sections.update(previous_sections(Path(args.out)))
+
+    def done(title: str, body: list[str]) -> None:
+        """Record a section and rewrite the file now, so a later failure loses nothing."""
+        sections[title] = body
+        write(Path(args.out), q, sections)
 
     if "overhead" in only:
-        sections["Loop overhead"] = overhead_section(bench_overhead(pairs, steps, q), pairs, steps)
+        done("Loop overhead", overhead_section(bench_overhead(pairs, steps, q), pairs, steps))
 
     if "startup" in only:
         from benchmarks import startup
 
         res = startup.measure(1 if q else 5)
-        sections["Start-up"] = ["Wall time of a fresh process, seconds. Goal: `--help` under 1 s.",
+        done("Start-up", ["Wall time of a fresh process, seconds. Goal: `--help` under 1 s.",
                                 "", "| command | s |", "|---|---|"] + \
-            [f"| `python -m src.main {k}` | {stats(v)} |" for k, v in res.items()]
+            [f"| `python -m src.main {k}` | {stats(v)} |" for k, v in res.items()])
 
     if "checkpoint" in only:
         from benchmarks import checkpoint
@@ -182,33 +189,33 @@ def main(argv=None) -> int:
         n = res.pop("parameters_millions")[0]
         sync = statistics.median(res["ours save+commit"])
         blocked = statistics.median(res["async blocked"])
-        sections["Checkpoint"] = [
+        done("Checkpoint", [
             f"{n:.0f}M parameters in fp32 with AdamW state ({n * 12 / 1000:.2f} GB), same disk, "
             "files fsync'ed in both. `async blocked` is how long training waits with "
             "`checkpoint.async_save: true`: the save call, plus the wait before the next update "
             "for the background copy, which overlaps that step's forward and backward (goal: at "
             "most 10% of the synchronous save).", "",
             "| operation | s |", "|---|---|"] + [f"| {k} | {stats(v)} |" for k, v in res.items()] + \
-            ["", f"Async save blocks for {100 * blocked / sync:.1f}% of the synchronous save."]
+            ["", f"Async save blocks for {100 * blocked / sync:.1f}% of the synchronous save."])
 
     if "dataloader" in only:
         from benchmarks import dataloader
 
         res = dataloader.measure(20 if q else 300, 10 if q else 200, 20 if q else 300)
         train = res["exp001 training (samples/s)"]
-        sections["Data loading"] = [
+        done("Data loading", [
             "Samples per second delivered by each pipeline alone, against the samples per second "
             "the default classification config trains at (the loader must be faster).", "",
             "| pipeline | samples/s | x training rate |", "|---|---|---|"] + \
-            [f"| {k} | {v:,.0f} | {v / train:.1f} |" for k, v in res.items()]
+            [f"| {k} | {v:,.0f} | {v / train:.1f} |" for k, v in res.items()])
 
     if "ddp" in only:
         res = bench_ddp(1 if q else 5, 20 if q else 400)
-        sections["2-process DDP"] = [
+        done("2-process DDP", [
             "gloo on CPU, MLP 64-256-256-10, global batch 64, loop seconds of rank 0. "
             "Goal: ours / hand-written <= 1.05.", "", "| variant | loop s |", "|---|---|",
             f"| hand-written DDP | {stats(res['torch'])} |", f"| ours | {stats(res['ours'])} |",
-            f"| ratio | {stats(ratios(res['ours'], res['torch']))} |"]
+            f"| ratio | {stats(ratios(res['ours'], res['torch']))} |"])
 
     if "ssl" in only:
         from benchmarks import ssl
@@ -216,16 +223,14 @@ def main(argv=None) -> int:
         methods = ("simclr",) if q else ssl.METHODS
         tiny = ["trainer.max_steps=2", "trainer.max_epochs=null", "callbacks=[]"] if q else []
         results = [ssl.run_method(m, tiny) for m in methods]
-        sections["Self-supervised and metric learning on digits"] = ssl.section(
-            results, ssl.run_arcface(tiny))
+        done("Self-supervised and metric learning on digits",
+             ssl.section(results, ssl.run_arcface(tiny)))
 
     if "lm" in only:
         from benchmarks import lm
 
-        sections["Language models on the standard library"] = lm.section(lm.measure(q))
+        done("Language models on the standard library", lm.section(lm.measure(q)))
 
-    if args.update and Path(args.out).exists():
-        sections = {**previous_sections(Path(args.out)), **sections}
     write(Path(args.out), q, sections)
     print(f"wrote {args.out}")
     return 0

@@ -31,8 +31,9 @@ class DPO(Task):
         beta: strength of the implicit KL constraint.
         reference: ``frozen_copy`` of the initial model, or ``disable_adapter`` (a PEFT model's
             base, the adapter switched off; no copy). ``auto``: the latter when there is an adapter.
-    Reports the loss, the preference accuracy (policy prefers the chosen answer more than the
-    reference does) and the reward margin.
+    Reports the loss, the preference accuracy (the policy prefers the chosen answer more than the
+    reference does), the reward margin, and ``chosen_preferred``: how often the policy itself
+    gives the chosen answer the higher log-probability.
     """
 
     def __init__(self, model, beta: confloat(gt=0) = 0.1,
@@ -60,7 +61,8 @@ class DPO(Task):
             rc, rr = self._pair(ref, batch, "chosen"), self._pair(ref, batch, "rejected")
         loss, logits = dpo_loss(pc, pr, rc, rr, self.beta)
         return {"loss": loss, "preference_accuracy": (logits.detach() > 0).float().mean(),
-                "reward_margin": logits.detach().mean() / self.beta}
+                "reward_margin": logits.detach().mean() / self.beta,
+                "chosen_preferred": (pc.detach() > pr.detach()).float().mean()}
 
     def training_step(self, batch):
         return self._step(batch)
