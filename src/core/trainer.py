@@ -236,6 +236,7 @@ class Trainer:
         else:
             if self.scaler is not None:
                 self.scaler.update()
+            self.strategy.discard_step()
             self.bad_steps += 1
             self.total_bad_steps += 1
         self.optimizer.zero_grad(set_to_none=True)

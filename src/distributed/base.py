@@ -147,6 +147,9 @@ class Strategy:
         else:
             optimizer.step()
 
+    def discard_step(self) -> None:
+        """Drop a skipped step's gradients held outside the parameters (the trainer zeroes those)."""
+
     def grad_norm_after_step(self, norm: torch.Tensor) -> torch.Tensor:
         """The step's gradient norm for logging (strategies that clip inside step() override)."""
         return norm

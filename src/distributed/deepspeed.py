@@ -135,6 +135,9 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
         bad, signum = flags.tolist()
         return bool(bad), int(signum)
 
+    def discard_step(self) -> None:
+        self.engine.zero_grad()  # the engine keeps its own (partitioned) gradient buffers
+
     def clip_grad_norm(self, model, max_norm):
         # DeepSpeed clips inside step() (gradient_clipping); the norm is read after it.
         return torch.zeros((), device=self.device)
