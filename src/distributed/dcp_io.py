@@ -37,17 +37,20 @@ class BackgroundSave:
         from concurrent.futures import ThreadPoolExecutor
 
         self.staged = threading.Event()
+        # The state dict (references, no copy) is taken here: FSDP swaps a module's parameters
+        # while it computes, so names and tensors must be read before the next step starts.
+        state = _state(model, optimizer)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self.future = self._pool.submit(self._run, directory, model, optimizer, process_group)
+        self.future = self._pool.submit(self._run, directory, state, process_group)
         self._pool.shutdown(wait=False)
 
-    def _run(self, directory, model, optimizer, process_group) -> None:
+    def _run(self, directory, state, process_group) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.utils._pytree import tree_map
 
         try:
             state = tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t,
-                             _state(model, optimizer))
+                             state)
         finally:
             self.staged.set()
         dcp.save(state, checkpoint_id=str(Path(directory) / DCP_DIR), process_group=process_group)
