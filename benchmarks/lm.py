@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import lzma
-import math
 import statistics
 import tempfile
 import time

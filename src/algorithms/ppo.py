@@ -7,7 +7,6 @@ import contextlib
 from typing import Any, Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from pydantic import confloat, conint
 from torch import nn
 

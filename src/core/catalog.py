@@ -63,7 +63,6 @@ def _registrations(tree: ast.Module) -> list[tuple[str, str, str]]:
     loops: dict[str, list[str]] = {}  # loop variable -> names it runs over
     for node in ast.walk(tree):
         if isinstance(node, ast.For) and isinstance(node.target, ast.Tuple):
-            it = node.iter
             # `for a, b in f().items(): if a in CONST:` -> CONST's names
             for inner in ast.walk(node):
                 if isinstance(inner, ast.Compare) and isinstance(inner.left, ast.Name) and \

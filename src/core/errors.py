@@ -31,10 +31,6 @@ class ConfigError(UserError):
             lines.append(f"{source + ': ' if source else ''}{loc}: {msg}")
         return cls(*lines)
 
-    def with_source(self, source: str) -> "ConfigError":
-        return ConfigError(*(line if line.startswith(source) else f"{source}: {line}"
-                             for line in self.lines))
-
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the model."""

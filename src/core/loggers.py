@@ -8,7 +8,6 @@ Each receives ``start(run_info, resume_step)`` once, ``log(metrics, step)`` with
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional

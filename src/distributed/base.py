@@ -5,7 +5,6 @@ The trainer only talks to a strategy; tasks never know which one runs them.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import warnings
 from pathlib import Path
@@ -253,9 +252,3 @@ class Strategy:
         path = directory / rank_file(self.rank)
         return safe_load(path) if path.exists() else {}
 
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc})") from None

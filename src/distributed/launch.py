@@ -1,4 +1,4 @@
-"""Rank arithmetic and launcher detection: pure functions, tested for every rank in one process.
+"""Launcher detection: pure functions, tested for every rank in one process.
 
 torchrun and the deepspeed launcher both export RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
 MASTER_PORT to each process they start; a distributed strategy refuses to start without them.
@@ -33,9 +33,3 @@ def launch_env(strategy: str, env: Mapping[str, str] = os.environ) -> LaunchEnv:
     return LaunchEnv(rank=int(env["RANK"]), local_rank=int(env.get("LOCAL_RANK", 0)),
                      world_size=world, local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)))
 
-
-def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
-    """[start, end) of rank's contiguous share of n items (the first n % world ranks get one more)."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)

@@ -3,7 +3,7 @@ import pytest
 
 from src.core.errors import ConfigError
 from src.data.loader import ResumableSampler
-from src.distributed.launch import launch_env, shard_bounds
+from src.distributed.launch import launch_env
 
 
 def test_missing_launcher_is_a_one_line_error_with_the_command():
@@ -19,14 +19,6 @@ def test_launch_env_reads_torchrun_variables():
            "MASTER_ADDR": "h", "MASTER_PORT": "1"}
     e = launch_env("ddp", env)
     assert (e.rank, e.local_rank, e.world_size, e.local_world_size) == (3, 1, 4, 2)
-
-
-@pytest.mark.parametrize("n,world", [(10, 3), (7, 7), (3, 5), (100, 4)])
-def test_shard_bounds_partition_every_item_once(n, world):
-    spans = [shard_bounds(n, r, world) for r in range(world)]
-    assert spans[0][0] == 0 and spans[-1][1] == n
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
-    assert max(e - s for s, e in spans) - min(e - s for s, e in spans) <= 1
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -6,7 +6,6 @@ import json
 import math
 from typing import Optional
 
-import torch
 from pydantic import confloat, conint
 
 from src.core.callbacks.base import Callback
