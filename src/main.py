@@ -110,13 +110,15 @@ def _dispatch(argv: list[str]) -> int:
     if args.dry_run:
         _dry_run(exp)
         return 0
+    strategy = exp.strategy
     try:
         exp.run()
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
-        exp.strategy.teardown()
+        del exp  # the wrapped model holds the process group: free it before the group goes
+        strategy.teardown()
     return 0
 
 

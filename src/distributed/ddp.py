@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import datetime
 from typing import Any, Iterator, Optional
 
@@ -99,10 +100,15 @@ class ProcessGroupStrategy(Strategy):
             dist.barrier()
 
     def teardown(self) -> None:
+        """Wait for the last asynchronous collective, then destroy the groups while nothing else
+        holds them: a pending work handle or group left for interpreter shutdown to free can
+        outlive gloo's threads and abort the process at exit."""
         if dist.is_initialized():
             if self._signal_work is not None:
                 self._signal_work[0].wait()
+            self._signal_work, self._ckpt_group = None, None
             dist.barrier()  # no rank tears the store down while another still talks to it
+            gc.collect()
             dist.destroy_process_group()
 
 
