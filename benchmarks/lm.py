@@ -133,9 +133,13 @@ def run_ppo(root: str, base: str, quick: bool) -> dict:
     exp.run()
     rows = [json.loads(line) for line in (exp.run_dir / "metrics.jsonl").open()]
     train = [r for r in rows if "train/reward" in r]
+    val = [r for r in rows if "val/reward" in r]
+    task = exp.cfg.task
     return {"first": train[0]["train/reward"], "last": train[-1]["train/reward"],
-            "kl": train[-1]["train/kl"], "steps": exp.derived["total_steps"],
-            "minutes": (time.perf_counter() - t0) / 60}
+            "kl": train[-1]["train/kl"], "val_reward": val[-1]["val/reward"],
+            "val_kl": val[-1]["val/kl"], "kl_start": task.get("kl_coef", 0.05),
+            "kl_target": task.get("kl_target"), "kl_coef": train[-1]["train/kl_coef"],
+            "steps": exp.derived["total_steps"], "minutes": (time.perf_counter() - t0) / 60}
 
 
 @torch.no_grad()
@@ -201,12 +205,37 @@ def section(r: dict) -> list[str]:
              "than the reference.", "",
              "| chosen preferred before | after | reward accuracy after |", "|---|---|---|",
              f"| {d['before']:.4f} | {d['after']:.4f} | {d['reward_accuracy']:.4f} |"]
-    p = r["ppo"]
-    body += ["", "### PPO (`configs/ppo_docstrings.yaml`)", "",
-             "Prompts: standard-library function headers; reward: occurrences of `return` in "
-             "the completion (capped at 3), KL penalty 0.02 to the starting model.", "",
-             "| mean reward, first logged interval | last | KL at the end | steps | minutes |",
-             "|---|---|---|---|---|",
-             f"| {p['first']:.3f} | {p['last']:.3f} | {p['kl']:.3f} | {p['steps']} | "
-             f"{p['minutes']:.1f} |"]
-    return body
+    return body + ppo_section(r["ppo"])
+
+
+def ppo_section(p: dict) -> list[str]:
+    """The PPO subsection (redone alone by ``python -m benchmarks.lm ppo <base>``)."""
+    return ["", "### PPO (`configs/ppo_docstrings.yaml`)", "",
+            "Prompts: standard-library function headers; reward: occurrences of `return` in "
+            f"the completion (capped at 3); per-token KL penalty to the starting model, "
+            f"coefficient {p['kl_start']} adapted toward a KL of {p['kl_target']} nats per "
+            "completion (train figures: mean of the last logged interval; val: held-out "
+            "prompts at the end).", "",
+            "| reward, first interval | reward, last | KL, last | val reward | val KL | "
+            "KL coefficient at the end | steps | minutes |", "|---|---|---|---|---|---|---|---|",
+            f"| {p['first']:.3f} | {p['last']:.3f} | {p['kl']:.2f} | {p['val_reward']:.3f} | "
+            f"{p['val_kl']:.2f} | {p['kl_coef']:.3f} | {p['steps']} | {p['minutes']:.1f} |"]
+
+
+def update_ppo(base: str, results: Path) -> None:
+    """Rerun PPO alone from an exported GPT (the lm_stdlib one) and replace its subsection."""
+    root = tempfile.mkdtemp()
+    lines = ppo_section(run_ppo(root, base, quick=False))[1:]
+    text = results.read_text().split("\n")
+    start = text.index(lines[0])
+    end = next((i for i in range(start + 1, len(text)) if text[i].startswith(("## ", "### "))),
+               len(text))
+    results.write_text("\n".join(text[:start] + lines + [""] + text[end:]).rstrip("\n") + "\n")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["ppo"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m benchmarks.lm ppo <exported lm_stdlib hf folder>")
+    update_ppo(sys.argv[2], ROOT / "benchmarks/RESULTS.md")

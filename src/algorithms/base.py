@@ -69,6 +69,13 @@ class Task(nn.Module):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what ``extra_state`` returned."""
 
+    def rank_state(self) -> dict[str, Any]:
+        """State that differs between ranks (PPO's current rollout), saved by every rank."""
+        return {}
+
+    def load_rank_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``rank_state`` returned (on this rank)."""
+
     def write_checkpoint_files(self, directory: Path) -> None:
         """Extra files of a checkpoint, written by the main process before its commit marker.
         A PEFT model's adapter is saved in PEFT's own layout (``PeftModel.from_pretrained``)."""

@@ -7,6 +7,7 @@ import contextlib
 from typing import Any, Literal, Optional
 
 import torch
+import torch.distributed as dist
 from pydantic import confloat, conint
 from torch import nn
 
@@ -30,6 +31,15 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, adv + values
 
 
+def mean_over_ranks(value: torch.Tensor) -> float:
+    """The mean of a scalar over all ranks (every rank gets the same number)."""
+    if not dist.is_initialized():
+        return float(value)
+    total = value.detach().float().reshape(1).clone()
+    dist.all_reduce(total)
+    return float(total) / dist.get_world_size()
+
+
 def token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None])[..., 0]
 
@@ -41,7 +51,11 @@ class PPO(Task):
     Args:
         reward: a REWARDS section, e.g. ``{type: contains, pattern: "return"}``.
         max_new_tokens, temperature: sampling of completions.
-        kl_coef: per-token penalty on log pi - log pi_ref.
+        kl_coef: per-token penalty on log pi - log pi_ref (the starting value when adaptive).
+        kl_target: turns on the adaptive controller of Ziegler et al. (2019): after each rollout
+            ``kl_coef *= 1 + clip(KL / kl_target - 1, -0.2, 0.2) * samples / kl_horizon``, so
+            the KL per completion settles near the target instead of growing with the reward.
+        kl_horizon: samples over which the controller acts (smaller: faster).
         clip: PPO ratio clip. vf_coef: value-loss weight. gamma, lam: GAE.
         ppo_epochs: optimizer steps per rollout (the ratio moves away from 1 after the first).
         reference: ``frozen_copy`` or ``disable_adapter`` (``auto`` picks by the model).
@@ -49,6 +63,8 @@ class PPO(Task):
 
     def __init__(self, model, reward: dict[str, Any], max_new_tokens: conint(ge=1) = 24,
                  temperature: confloat(gt=0) = 1.0, kl_coef: confloat(ge=0) = 0.05,
+                 kl_target: Optional[confloat(gt=0)] = None,
+                 kl_horizon: confloat(gt=0) = 10000.0,
                  clip: confloat(gt=0) = 0.2, vf_coef: confloat(ge=0) = 0.5,
                  gamma: confloat(gt=0, le=1) = 1.0, lam: confloat(gt=0, le=1) = 0.95,
                  ppo_epochs: conint(ge=1) = 2,
@@ -57,6 +73,7 @@ class PPO(Task):
         self.reward_section = reward
         self.gen = dict(max_new_tokens=max_new_tokens, temperature=temperature)
         self.kl_coef, self.clip, self.vf_coef = kl_coef, clip, vf_coef
+        self.kl_target, self.kl_horizon = kl_target, kl_horizon
         self.gamma, self.lam, self.ppo_epochs = gamma, lam, ppo_epochs
         self.adapter_off = reference == "disable_adapter" or (
             reference == "auto" and hasattr(model, "disable_adapter"))
@@ -112,13 +129,24 @@ class PPO(Task):
         adv, returns = gae(rewards, vals, rmask, self.gamma, self.lam)
         valid = adv[rmask.bool()]
         adv = (adv - valid.mean()) / (valid.std() + 1e-8) * rmask
+        mean_kl = kl.sum(1).mean()
         return {"seq": seq, "mask": mask, "rmask": rmask, "old_logp": old_logp, "adv": adv,
-                "returns": returns, "score": score.mean(), "kl": kl.sum(1).mean(),
-                "length": rmask.sum(1).mean(), "p": torch.tensor(p)}
+                "returns": returns, "score": score.mean(), "kl": mean_kl,
+                "kl_coef": torch.tensor(self.kl_coef), "length": rmask.sum(1).mean(),
+                "p": torch.tensor(p)}
+
+    def adapt_kl(self, kl: float, samples: int) -> None:
+        """One step of the adaptive KL controller (a no-op without ``kl_target``)."""
+        if self.kl_target is not None:
+            error = min(max(kl / self.kl_target - 1.0, -0.2), 0.2)
+            self.kl_coef *= 1.0 + error * samples / self.kl_horizon
 
     def training_step(self, batch):
         if self._rollout is None or self._uses >= self.ppo_epochs:
             self._rollout, self._uses = self.collect(batch), 0
+            if self.kl_target is not None:  # one host read per rollout, not per step
+                kl, samples = mean_over_ranks(self._rollout["kl"]), len(self._rollout["seq"])
+                self.adapt_kl(kl, samples * (dist.get_world_size() if dist.is_initialized() else 1))
         r = self._rollout
         self._uses += 1
         p = int(r["p"])
@@ -130,8 +158,26 @@ class PPO(Task):
         policy_loss = -(surrogate * m).sum() / m.sum()
         value_loss = (((values[:, p - 1:-1] - r["returns"]) ** 2) * m).sum() / m.sum()
         return {"loss": policy_loss + self.vf_coef * value_loss, "reward": r["score"],
-                "kl": r["kl"], "response_length": r["length"],
+                "kl": r["kl"], "kl_coef": r["kl_coef"], "response_length": r["length"],
                 "clip_fraction": (((ratio - 1).abs() > self.clip).float() * m).sum() / m.sum()}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"kl_coef": self.kl_coef}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.kl_coef = state.get("kl_coef", self.kl_coef)
+
+    def rank_state(self) -> dict[str, Any]:
+        """The rollout being reused, so a resumed run continues it instead of sampling anew."""
+        if self._rollout is None:
+            return {}
+        return {"rollout": {k: v.cpu() for k, v in self._rollout.items()}, "uses": self._uses}
+
+    def load_rank_state(self, state: dict[str, Any]) -> None:
+        if "rollout" in state:
+            device = self.value_head.weight.device
+            self._rollout = {k: v.to(device) for k, v in state["rollout"].items()}
+            self._uses = state["uses"]
 
     def validation_step(self, batch):
         r = self.collect(batch)

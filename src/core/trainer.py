@@ -168,7 +168,8 @@ class Trainer:
             "last_val": self.last_val,
         }
         path = self.checkpoints.save(self.step, self.epoch, self.model, self.optimizer, state,
-                                     {"rng": rng_state()}, metrics=self.last_val,
+                                     {"rng": rng_state(), "task": self.task.rank_state()},
+                                     metrics=self.last_val,
                                      extra_files=self.task.write_checkpoint_files)
         self._last_save = self.step
         return path
@@ -380,6 +381,7 @@ class Trainer:
         for cb, cb_state in zip(self.callbacks, state["callbacks"]):
             cb.load_state_dict(cb_state)
         self.task.load_extra_state(state.get("task", {}))
+        self.task.load_rank_state(rank_state.get("task", {}))
         dev = self.strategy.device
         iv = state["interval"]
         sums = {k: v.to(dev) for k, v in iv["sums"].items()}
