@@ -220,9 +220,10 @@ def main(argv=None) -> int:
     if "ssl" in only:
         from benchmarks import ssl
 
-        methods = ("simclr",) if q else ssl.METHODS
+        runs = [("cnn", "simclr"), ("vit", "simclr")] if q else \
+            [(b, m) for b, methods in ssl.BACKBONES.items() for m in methods]
         tiny = ["trainer.max_steps=2", "trainer.max_epochs=null", "callbacks=[]"] if q else []
-        results = [ssl.run_method(m, tiny) for m in methods]
+        results = [ssl.run_method(m, tiny, b) for b, m in runs]
         done("Self-supervised and metric learning on digits",
              ssl.section(results, ssl.run_arcface(tiny)))
 
