@@ -132,7 +132,7 @@ class PPO(Task):
         mean_kl = kl.sum(1).mean()
         return {"seq": seq, "mask": mask, "rmask": rmask, "old_logp": old_logp, "adv": adv,
                 "returns": returns, "score": score.mean(), "kl": mean_kl,
-                "kl_coef": torch.tensor(self.kl_coef), "length": rmask.sum(1).mean(),
+                "kl_coef": torch.tensor(self.kl_coef, device=seq.device), "length": rmask.sum(1).mean(),
                 "p": torch.tensor(p)}
 
     def adapt_kl(self, kl: float, samples: int) -> None:
