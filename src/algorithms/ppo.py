@@ -132,7 +132,8 @@ class PPO(Task):
         mean_kl = kl.sum(1).mean()
         return {"seq": seq, "mask": mask, "rmask": rmask, "old_logp": old_logp, "adv": adv,
                 "returns": returns, "score": score.mean(), "kl": mean_kl,
-                "kl_coef": torch.tensor(self.kl_coef, device=seq.device), "length": rmask.sum(1).mean(),
+                "kl_coef": torch.tensor(self.kl_coef, device=seq.device),
+                "length": rmask.sum(1).mean(),
                 "p": torch.tensor(p)}
 
     def adapt_kl(self, kl: float, samples: int) -> None:
@@ -146,7 +147,8 @@ class PPO(Task):
             self._rollout, self._uses = self.collect(batch), 0
             if self.kl_target is not None:  # one host read per rollout, not per step
                 kl, samples = mean_over_ranks(self._rollout["kl"]), len(self._rollout["seq"])
-                self.adapt_kl(kl, samples * (dist.get_world_size() if dist.is_initialized() else 1))
+                world = dist.get_world_size() if dist.is_initialized() else 1
+                self.adapt_kl(kl, samples * world)
         r = self._rollout
         self._uses += 1
         p = int(r["p"])
