@@ -26,7 +26,10 @@ from src.data.text import load_tokenizer, token_info
 ALPACA = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
-def read_jsonl(path: str, key: str = "data.path") -> list[dict[str, Any]]:
+def read_jsonl(path: str, need: tuple[str, ...] = (), key: str = "data.path"
+               ) -> list[tuple[str, dict[str, Any]]]:
+    """The JSON objects of a JSONL file, each with its ``path:line`` for error messages; blank
+    lines are skipped, and a line without every key of ``need`` is an error that names it."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"{key}: file not found: {path}")
@@ -40,7 +43,8 @@ def read_jsonl(path: str, key: str = "data.path") -> list[dict[str, Any]]:
             raise ConfigError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
         if not isinstance(row, dict):
             raise ConfigError(f"{path}:{n}: expected a JSON object")
-        rows.append(row)
+        _need(row, need, f"{path}:{n}")
+        rows.append((f"{path}:{n}", row))
     if not rows:
         raise ConfigError(f"{path}: no examples")
     return rows
@@ -149,9 +153,8 @@ def instructions(seed: int, path: str, tokenizer: str, format: Literal["alpaca",
         format: ``alpaca`` or ``messages`` (rendered with the tokenizer's chat template).
     """
     tok = load_tokenizer(tokenizer)
-    rows = read_jsonl(path)
-    items = [encode_pair(tok, *prompt_and_answer(r, format, tok, f"{path}:{i + 1}"), max_length,
-                         mask_prompt) for i, r in enumerate(rows)]
+    items = [encode_pair(tok, *prompt_and_answer(r, format, tok, where), max_length, mask_prompt)
+             for where, r in read_jsonl(path)]
     return _module(items, None, val_fraction, seed, tok)
 
 
@@ -160,9 +163,7 @@ def labelled_text(seed: int, path: str, tokenizer: str, max_length: conint(ge=8)
                   val_fraction: confloat(ge=0, lt=1) = 0.2) -> DataModule:
     """``{"text", "label"}`` lines for sequence classification; labels may be names or ints."""
     tok = load_tokenizer(tokenizer)
-    rows = read_jsonl(path)
-    for i, r in enumerate(rows):
-        _need(r, ("text", "label"), f"{path}:{i + 1}")
+    rows = [r for _, r in read_jsonl(path, need=("text", "label"))]
     names = sorted({str(r["label"]) for r in rows})
     index = {n: i for i, n in enumerate(names)}
     labels = [index[str(r["label"])] for r in rows]
@@ -184,10 +185,8 @@ def preference(seed: int, path: str, tokenizer: str, max_length: conint(ge=8) = 
                val_fraction: confloat(ge=0, lt=1) = 0.1) -> DataModule:
     """``{"prompt", "chosen", "rejected"}`` pairs for DPO; prompts are masked out of the labels."""
     tok = load_tokenizer(tokenizer)
-    rows = read_jsonl(path)
     items = []
-    for i, r in enumerate(rows):
-        _need(r, ("prompt", "chosen", "rejected"), f"{path}:{i + 1}")
+    for _, r in read_jsonl(path, need=("prompt", "chosen", "rejected")):
         c = encode_pair(tok, r["prompt"], r["chosen"], max_length, True)
         j = encode_pair(tok, r["prompt"], r["rejected"], max_length, True)
         items.append({"chosen_input_ids": c["input_ids"], "chosen_labels": c["labels"],
@@ -200,10 +199,8 @@ def pairs(seed: int, path: str, tokenizer: str, max_length: conint(ge=8) = 256,
           val_fraction: confloat(ge=0, lt=1) = 0.1) -> DataModule:
     """``{"source", "target"}`` lines for sequence-to-sequence models."""
     tok = load_tokenizer(tokenizer)
-    rows = read_jsonl(path)
     items = []
-    for i, r in enumerate(rows):
-        _need(r, ("source", "target"), f"{path}:{i + 1}")
+    for _, r in read_jsonl(path, need=("source", "target")):
         src = tok(r["source"], add_special_tokens=False)["input_ids"][:max_length - 1]
         tgt = tok(r["target"], add_special_tokens=False)["input_ids"][:max_length - 1]
         items.append({"input_ids": torch.tensor(src + [tok.eos_token_id]),
@@ -237,10 +234,7 @@ def prompts(seed: int, tokenizer: str, path: Optional[str] = None,
     docstring opening of standard-library functions."""
     tok = load_tokenizer(tokenizer)
     if path:
-        rows = read_jsonl(path)
-        for i, r in enumerate(rows):
-            _need(r, ("prompt",), f"{path}:{i + 1}")
-        texts = [r["prompt"] for r in rows]
+        texts = [r["prompt"] for _, r in read_jsonl(path, need=("prompt",))]
     elif stdlib_functions:
         from src.data.docstrings import function_prompts
 

@@ -103,3 +103,14 @@ def test_class_balanced_sampler_evens_out_classes():
     s.set_epoch(0)
     drawn = torch.cat([labels[b] for b in s])
     assert len(drawn) == 1000 and abs(drawn.float().mean().item() - 0.5) < 0.06
+
+
+def test_jsonl_errors_name_the_file_line_past_blank_lines(tmp_path):
+    from src.data.jsonl import read_jsonl
+
+    f = tmp_path / "pairs.jsonl"
+    f.write_text('{"source": "a", "target": "b"}\n\n{"source": "c"}\n')
+    with pytest.raises(ConfigError, match=r"pairs.jsonl:3: missing target"):
+        read_jsonl(str(f), need=("source", "target"))
+    rows = read_jsonl(str(f), need=("source",))
+    assert [w.rsplit(":", 1)[1] for w, _ in rows] == ["1", "3"]
