@@ -20,7 +20,10 @@ class DINO(SSLTask):
     The teacher's outputs are centred (``center``: an EMA of their mean, checkpointed) and
     sharpened with a temperature that warms up linearly from ``warmup_teacher_temp`` to
     ``teacher_temp`` over ``warmup_teacher_temp_steps``; the teacher momentum follows a cosine from
-    ``base_momentum`` to 1.
+    ``base_momentum`` to 1. As in the reference head, ``use_bn`` puts BatchNorm in the head's MLP
+    (on small backbones whose random features barely differ between images, it keeps the
+    teacher's targets apart), and the prototypes can be held fixed for the first
+    ``freeze_last_layer_steps`` steps.
     """
 
     default_views = {"type": "multi_crop", "global_views": 2, "local_views": 4}
@@ -31,17 +34,21 @@ class DINO(SSLTask):
                  warmup_teacher_temp_steps: conint(ge=0) = 100,
                  center_momentum: confloat(ge=0, lt=1) = 0.9,
                  base_momentum: confloat(ge=0, lt=1) = 0.99,
+                 freeze_last_layer_steps: conint(ge=0) = 0, use_bn: bool = False,
                  views: Optional[dict[str, Any]] = None):
         super().__init__(model, views)
         self.out_dim, self.hidden, self.bottleneck = out_dim, hidden, bottleneck
         self.student_temp, self.teacher_temp = student_temp, teacher_temp
         self.warmup_temp, self.warmup_steps = warmup_teacher_temp, warmup_teacher_temp_steps
         self.center_momentum, self.base_momentum = center_momentum, base_momentum
+        self.freeze_last_steps, self.use_bn = freeze_last_layer_steps, use_bn
+        self._step: Optional[int] = None
         self.n_global = int((self.views or {}).get("global_views", 2))
 
     def configure(self, info) -> None:
         super().configure(info)
-        self.head = DINOHead(self.feat_dim, self.out_dim, self.hidden, self.bottleneck)
+        self.head = DINOHead(self.feat_dim, self.out_dim, self.hidden, self.bottleneck,
+                             self.use_bn)
         self.teacher = frozen_copy(nn.Sequential(self.model, self.head))
         self.register_buffer("center", torch.zeros(1, self.out_dim))
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
@@ -54,10 +61,13 @@ class DINO(SSLTask):
         views = self.batch_views(batch, self.n_global)
         g = self.n_global
         n = views[0].shape[0]
+        if self._step is None:  # once per run (a resumed run reads its restored step count)
+            self._step = int(self.steps_done)
+        freeze = self._step < self.freeze_last_steps
         h_global = self.model(torch.cat(views[:g]))  # (g*N, D)
-        student = [self.head(h_global)]
+        student = [self.head(h_global, freeze)]
         if len(views) > g:  # local crops share one smaller resolution: one more pass
-            student.append(self.head(self.model(torch.cat(views[g:]))))
+            student.append(self.head(self.model(torch.cat(views[g:])), freeze))
         student = torch.cat(student).float().chunk(len(views))
         with torch.no_grad():
             t_out = self.teacher(torch.cat(views[:g])).float()
@@ -71,5 +81,6 @@ class DINO(SSLTask):
 
     def on_step_end(self, step: int, max_steps: int) -> None:
         self.steps_done += 1
+        self._step = step
         ema_update(self.teacher, nn.Sequential(self.model, self.head),
                    cosine_momentum(self.base_momentum, step, max_steps))

@@ -1,4 +1,4 @@
-"""Heads and poolers: margin-based classifiers for metric learning, projection heads for SSL, GeM."""
+"""Heads and poolers: margin classifiers for metric learning, projection heads for SSL, GeM."""
 from __future__ import annotations
 
 import math
@@ -82,15 +82,27 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2, bn_last: bool =
 
 
 class DINOHead(nn.Module):
-    """MLP -> L2-normalised bottleneck -> weight-normalised linear layer to K prototypes."""
+    """MLP (with BatchNorm after its hidden layers if ``use_bn``) -> L2-normalised bottleneck ->
+    weight-normalised linear layer to K prototypes."""
 
-    def __init__(self, in_dim: int, out_dim: int = 256, hidden: int = 256, bottleneck: int = 64):
+    def __init__(self, in_dim: int, out_dim: int = 256, hidden: int = 256, bottleneck: int = 64,
+                 use_bn: bool = False):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden),
-                                 nn.GELU(), nn.Linear(hidden, bottleneck))
-        self.last = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck, out_dim, bias=False))
+
+        def block(i: int, o: int) -> list[nn.Module]:
+            return [nn.Linear(i, o), *([nn.BatchNorm1d(o)] if use_bn else []), nn.GELU()]
+
+        self.mlp = nn.Sequential(*block(in_dim, hidden), *block(hidden, hidden),
+                                 nn.Linear(hidden, bottleneck))
+        last = nn.Linear(bottleneck, out_dim, bias=False)
+        self.last = nn.utils.parametrizations.weight_norm(last)
         self.last.parametrizations.weight.original0.data.fill_(1.0)
         self.last.parametrizations.weight.original0.requires_grad = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last(F.normalize(self.mlp(x), dim=-1))
+    def forward(self, x: torch.Tensor, freeze_last: bool = False) -> torch.Tensor:
+        """``freeze_last``: the prototypes get a zero gradient (DINO keeps them fixed early on)."""
+        z = F.normalize(self.mlp(x), dim=-1)
+        if not freeze_last:
+            return self.last(z)
+        w = self.last.weight
+        return F.linear(z, w.detach() + 0 * w)  # zero, not missing, gradients: DDP stays in step

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.models.heads import GeM, MarginHead
+from src.models.heads import DINOHead, GeM, MarginHead
 from src.models.losses import byol_loss, dino_loss, info_nce, nt_xent, vicreg_loss
 
 
@@ -80,3 +80,19 @@ def test_gem_with_p1_is_average_pooling():
     x = torch.rand(2, 3, 4, 4) + 0.1
     torch.testing.assert_close(GeM(p=1.0)(x), x.mean(dim=(-2, -1)))
     assert GeM()(x).shape == (2, 3)
+
+
+def test_dino_head_frozen_prototypes_get_zero_gradients_and_bn_standardises():
+    torch.manual_seed(0)
+    head = DINOHead(8, out_dim=6, hidden=16, bottleneck=4, use_bn=True)
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in head.mlp) == 2
+    x = torch.randn(5, 8)
+    out = head(x, freeze_last=True)
+    assert torch.allclose(out, head(x))  # freezing changes gradients, not outputs
+    out.square().sum().backward()
+    last = head.last.parametrizations.weight.original1
+    assert torch.count_nonzero(last.grad) == 0  # zero, not None: DDP sees every parameter
+    assert head.mlp[0].weight.grad.abs().sum() > 0
+    head.zero_grad()
+    head(x).square().sum().backward()
+    assert last.grad.abs().sum() > 0
