@@ -42,7 +42,6 @@ class DINO(SSLTask):
         self.warmup_temp, self.warmup_steps = warmup_teacher_temp, warmup_teacher_temp_steps
         self.center_momentum, self.base_momentum = center_momentum, base_momentum
         self.freeze_last_steps, self.use_bn = freeze_last_layer_steps, use_bn
-        self._step: Optional[int] = None
         self.n_global = int((self.views or {}).get("global_views", 2))
 
     def configure(self, info) -> None:
@@ -61,13 +60,13 @@ class DINO(SSLTask):
         views = self.batch_views(batch, self.n_global)
         g = self.n_global
         n = views[0].shape[0]
-        if self._step is None:  # once per run (a resumed run reads its restored step count)
-            self._step = int(self.steps_done)
-        freeze = self._step < self.freeze_last_steps
+        # the prototypes learn from step freeze_last_layer_steps on (a tensor test: no host sync)
+        last_grad = (self.steps_done >= self.freeze_last_steps).float() \
+            if self.freeze_last_steps else None
         h_global = self.model(torch.cat(views[:g]))  # (g*N, D)
-        student = [self.head(h_global, freeze)]
+        student = [self.head(h_global, last_grad)]
         if len(views) > g:  # local crops share one smaller resolution: one more pass
-            student.append(self.head(self.model(torch.cat(views[g:])), freeze))
+            student.append(self.head(self.model(torch.cat(views[g:])), last_grad))
         student = torch.cat(student).float().chunk(len(views))
         with torch.no_grad():
             t_out = self.teacher(torch.cat(views[:g])).float()
@@ -81,6 +80,5 @@ class DINO(SSLTask):
 
     def on_step_end(self, step: int, max_steps: int) -> None:
         self.steps_done += 1
-        self._step = step
         ema_update(self.teacher, nn.Sequential(self.model, self.head),
                    cosine_momentum(self.base_momentum, step, max_steps))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -99,10 +99,12 @@ class DINOHead(nn.Module):
         self.last.parametrizations.weight.original0.data.fill_(1.0)
         self.last.parametrizations.weight.original0.requires_grad = False
 
-    def forward(self, x: torch.Tensor, freeze_last: bool = False) -> torch.Tensor:
-        """``freeze_last``: the prototypes get a zero gradient (DINO keeps them fixed early on)."""
+    def forward(self, x: torch.Tensor, last_grad: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``last_grad``: a 0-d tensor that scales the prototypes' gradient (0 keeps them fixed, as
+        DINO does early on) without a host sync; the gradient is zero, not missing, so DDP stays
+        in step."""
         z = F.normalize(self.mlp(x), dim=-1)
-        if not freeze_last:
+        if last_grad is None:
             return self.last(z)
         w = self.last.weight
-        return F.linear(z, w.detach() + 0 * w)  # zero, not missing, gradients: DDP stays in step
+        return F.linear(z, w.detach() + last_grad * (w - w.detach()))

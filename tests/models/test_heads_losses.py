@@ -87,7 +87,7 @@ def test_dino_head_frozen_prototypes_get_zero_gradients_and_bn_standardises():
     head = DINOHead(8, out_dim=6, hidden=16, bottleneck=4, use_bn=True)
     assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in head.mlp) == 2
     x = torch.randn(5, 8)
-    out = head(x, freeze_last=True)
+    out = head(x, last_grad=torch.tensor(0.0))
     assert torch.allclose(out, head(x))  # freezing changes gradients, not outputs
     out.square().sum().backward()
     last = head.last.parametrizations.weight.original1
@@ -95,4 +95,8 @@ def test_dino_head_frozen_prototypes_get_zero_gradients_and_bn_standardises():
     assert head.mlp[0].weight.grad.abs().sum() > 0
     head.zero_grad()
     head(x).square().sum().backward()
-    assert last.grad.abs().sum() > 0
+    full = last.grad.clone()
+    assert full.abs().sum() > 0
+    head.zero_grad()
+    head(x, last_grad=torch.tensor(1.0)).square().sum().backward()
+    assert torch.allclose(last.grad, full)
