@@ -131,12 +131,12 @@ class Strategy:
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> torch.Tensor:
         """Total gradient 2-norm (a tensor, no sync); grads scaled down to ``max_norm`` if given."""
-        grads = [p.grad for p in self.trainable(model) if p.grad is not None]
-        if not grads:
+        params = [p for p in self.trainable(model) if p.grad is not None]
+        if not params:
             return torch.zeros((), device=self.device)
-        norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
-        if max_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=True)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0, foreach=True)
+        if max_norm is not None:  # takes the parameters: it scales each one's .grad in place
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
         return norm
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler=None) -> None:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from helpers import metrics, params, run
+from src.core.experiment import build, prepare
 from src.core.registry import TASKS
 from src.algorithms.classification import Classification
 from src.core.trainer import TrainingDiverged
@@ -99,10 +100,18 @@ def test_reduced_precision_trains_on_cpu(write_config, tmp_path, precision):
 
 
 def test_grad_clip_bounds_the_update(write_config, tmp_path):
-    run(write_config({"trainer.grad_clip": 1e-3, "optimizer": {"type": "sgd", "lr": 1.0},
-                      "trainer.max_steps": 5, "trainer.log_every": 1}))
-    rows = metrics(tmp_path / "runs/tiny")
-    assert all(r["train/grad_norm"] > 1e-3 for r in rows if "train/grad_norm" in r)  # pre-clip norm
+    """With SGD (no momentum, no decay) each update is lr x the clipped gradient: its norm is at
+    most lr x max_norm, however large the gradient was."""
+    cfg, origins = prepare(str(write_config({
+        "trainer.grad_clip": 1e-3, "optimizer": {"type": "sgd", "lr": 1.0, "weight_decay": 0.0},
+        "trainer.max_steps": 1, "trainer.log_every": 1})))
+    exp = build(cfg, origins)
+    before = params(exp)
+    exp.run()
+    after = params(exp)
+    step = torch.cat([(after[k] - before[k]).flatten() for k in before]).norm()
+    grad_norm = metrics(tmp_path / "runs/tiny")[0]["train/grad_norm"]  # the norm before clipping
+    assert grad_norm > 0.1 and float(step) == pytest.approx(1e-3, rel=1e-3)
 
 
 def test_deterministic_switch_runs(write_config, tmp_path):
