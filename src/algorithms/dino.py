@@ -7,7 +7,8 @@ import torch
 from pydantic import confloat, conint
 from torch import nn
 
-from src.algorithms.ssl_base import SSLTask, cosine_momentum, ema_update, frozen_copy
+from src.algorithms.ssl_base import (SSLTask, all_mean, cosine_momentum, ema_update,
+                                     frozen_copy)
 from src.core.registry import TASKS
 from src.models.heads import DINOHead
 from src.models.losses import dino_loss
@@ -73,9 +74,9 @@ class DINO(SSLTask):
         teacher = t_out.chunk(g)
         loss = dino_loss(list(student), list(teacher), self.center, self.student_temp,
                          self.teacher_temperature())
-        with torch.no_grad():
+        with torch.no_grad():  # the centre follows the teacher's mean over the global batch
             self.center.mul_(self.center_momentum).add_(
-                t_out.mean(0, keepdim=True), alpha=1 - self.center_momentum)
+                all_mean(t_out.mean(0, keepdim=True)), alpha=1 - self.center_momentum)
         return {"loss": loss, "features": h_global[:n].detach(), "labels": batch["labels"]}
 
     def on_step_end(self, step: int, max_steps: int) -> None:

@@ -107,3 +107,68 @@ def test_ssl_needs_a_feature_backbone(write_config, capsys):
                                                                 "channels": [8]},
                                                "task": {"type": "simclr"}})), "--dry-run"])
     assert code == 2 and "set model.num_classes: 0" in capsys.readouterr().err
+
+
+GLOBAL_STATE_SCRIPT = '''
+import json, sys
+import torch, torch.distributed as dist
+from src.core.catalog import load_builtins
+from src.core.registry import MODELS, TASKS
+from src.data.info import DatasetInfo
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+load_builtins()
+info = DatasetInfo(num_samples=8, num_classes=10, input_shape=(1, 8, 8))
+out = {}
+for name, kw in (("moco", {"queue_size": 16, "proj_dim": 4, "hidden": 8}),
+                 ("dino", {"out_dim": 8, "hidden": 8, "bottleneck": 4})):
+    torch.manual_seed(0)  # the same weights on both ranks, as the trainer builds them
+    model = MODELS.build({"type": "mlp", "hidden": [16], "num_classes": 0}, "model", info=info)
+    task = TASKS.build({"type": name, **kw}, "task", model=model)
+    task.configure(info)
+    torch.manual_seed(1 + rank)  # each rank its own samples
+    x = torch.rand(4, 1, 8, 8)
+    views = [x + 0.05 * torch.randn_like(x) for _ in range(2)]
+    with torch.no_grad():
+        local = task.teacher(torch.cat(views)).mean(0) * 0.1 if name == "dino" else None
+    task.training_step({"inputs": x, "labels": torch.zeros(4, dtype=torch.long), "views": views})
+    out[name] = {"state": (task.queue if name == "moco" else task.center).tolist(),
+                 "local": None if local is None else local.tolist()}
+    if name == "moco":
+        out[name]["ptr"] = int(task.queue_ptr)
+json.dump(out, open(sys.argv[1] + f"/rank{rank}.json", "w"))
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.distributed
+def test_dino_centre_and_moco_queue_are_global_on_two_ranks(tmp_path):
+    """DINO's centre follows the teacher's mean over the global batch and MoCo's queue takes every
+    rank's keys, as in the reference code: both ranks hold the same state (under DDP a per-rank
+    state would be overwritten by rank 0's at the next forward)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    (tmp_path / "script.py").write_text(GLOBAL_STATE_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={port}", str(tmp_path / "script.py"), str(tmp_path)],
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["moco"]["ptr"] == r1["moco"]["ptr"] == 8  # 4 keys from each rank
+    assert r0["moco"]["state"] == r1["moco"]["state"]
+    c0, c1 = torch.tensor(r0["dino"]["state"]), torch.tensor(r1["dino"]["state"])
+    assert torch.equal(c0, c1)
+    expected = (torch.tensor(r0["dino"]["local"]) + torch.tensor(r1["dino"]["local"])) / 2
+    assert torch.allclose(c0[0], expected, atol=1e-6)
+    assert not torch.allclose(c0[0], torch.tensor(r0["dino"]["local"]), atol=1e-4)

@@ -8,6 +8,19 @@ from src.core.callbacks.base import Callback
 from src.core.registry import CALLBACKS
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(whole: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``whole`` on ``ref``'s device, sharded as ``ref`` is when it is a DTensor (FSDP2)."""
+    if hasattr(ref, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(whole.to(ref.device), ref.device_mesh, ref.placements)
+    return whole.to(ref.device)
+
+
 @CALLBACKS.register("ema")
 class EMA(Callback):
     """``shadow = decay * shadow + (1 - decay) * weights`` after every optimizer step.
@@ -33,11 +46,11 @@ class EMA(Callback):
         return [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
 
     def on_fit_start(self, trainer) -> None:
+        tensors = self._tensors(trainer)
         if not self.shadow:
-            self.shadow = [t.detach().clone() for t in self._tensors(trainer)]
-        else:  # restored from a checkpoint: move to the model's device
-            dev = self._tensors(trainer)[0].device
-            self.shadow = [s.to(dev) for s in self.shadow]
+            self.shadow = [t.detach().clone() for t in tensors]
+        else:  # restored whole from a checkpoint: laid out like the weights (sharded or not)
+            self.shadow = [_like(s, t) for s, t in zip(self.shadow, tensors)]
 
     @torch.no_grad()
     def on_step_end(self, trainer, outputs) -> None:
@@ -61,7 +74,9 @@ class EMA(Callback):
             self._swap(trainer)
 
     def state_dict(self) -> dict:
-        return {"updates": self.updates, "shadow": [s.cpu() for s in self.shadow]}
+        """Whole tensors: under FSDP each rank holds a shard, and only rank 0 writes this state
+        (gathering is collective: every rank saves). A run resumes at any world size."""
+        return {"updates": self.updates, "shadow": [_whole(s).cpu() for s in self.shadow]}
 
     def load_state_dict(self, state: dict) -> None:
         self.updates, self.shadow = state["updates"], list(state["shadow"])
