@@ -34,7 +34,7 @@ def evaluate(exp) -> dict[str, float]:
     """The task's validation metrics for the weights it has now (no training)."""
     task = exp.task
     task.eval()
-    for batch in exp.val_loader:
+    for batch, _ in exp.val_loader:
         task(batch, stage="val")
     out = task.validation_epoch_end(lambda t: t)
     task.train()
@@ -146,7 +146,7 @@ def run_ppo(root: str, base: str, quick: bool) -> dict:
 def evaluate_dpo(exp) -> float:
     hits, n = 0.0, 0
     task = exp.task
-    for batch in exp.val_loader:
+    for batch, _ in exp.val_loader:
         out = task(batch, stage="val")
         bs = batch["chosen_input_ids"].shape[0]
         hits += float(out["chosen_preferred"]) * bs

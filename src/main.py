@@ -111,14 +111,23 @@ def _dispatch(argv: list[str]) -> int:
         _dry_run(exp)
         return 0
     strategy = exp.strategy
+    in_step = False  # every rank got here alike: the group can be left together
     try:
         exp.run()
-    except TrainingDiverged as exc:
+        in_step = True
+    except TrainingDiverged as exc:  # decided on values all ranks agree on
+        in_step = True
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        line = strategy.describe_failure(exc)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return 1
     finally:
         del exp  # the wrapped model holds the process group: free it before the group goes
-        strategy.teardown()
+        strategy.teardown(in_step)
     return 0
 
 

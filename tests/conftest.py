@@ -1,6 +1,7 @@
 """Shared fixtures: tiny configs, a CLI runner, free ports, and clean process state per test."""
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import subprocess
@@ -50,7 +51,7 @@ def make_config(folder: Path, changes: dict | None = None, name: str = "c.yaml")
         *parents, last = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[last] = value
+        node[last] = copy.deepcopy(value)  # later dotted keys must not edit the caller's dicts
     path = folder / name
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -27,6 +27,8 @@ class Task(nn.Module):
     Extra state that must survive a resume lives in buffers or ``get_extra_state``.
     """
 
+    padding_batch = False  # set by the trainer around each validation step (see below)
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
@@ -47,8 +49,20 @@ class Task(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement training_step")
 
     def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Scalar metrics of one batch; the trainer averages them weighted by batch size."""
+        """Scalar metrics of one batch; the trainer averages them weighted by batch size.
+
+        Every rank runs the same number of validation steps: a rank whose share of the split is
+        a batch short runs *padding batches* (``self.padding_batch`` is True), whose outputs the
+        trainer drops. A task that records state across steps keeps nothing of them: record
+        ``self.valid(tensor)``, which is the tensor itself, or its zero rows on a padding batch
+        (so that the gathers of ``validation_epoch_end`` still run alike on every rank).
+        """
         return {}
+
+    def valid(self, *tensors: torch.Tensor):
+        """``tensors`` (one: the tensor), cut to zero rows on a padding batch."""
+        out = tuple(t[:0] for t in tensors) if self.padding_batch else tensors
+        return out[0] if len(out) == 1 else out
 
     def validation_epoch_end(self, gather) -> dict[str, torch.Tensor]:
         """Metrics over the whole split (retrieval, confusion ...), after all validation steps.

@@ -61,7 +61,7 @@ class CausalLM(Task):
 
     def validation_step(self, batch):
         nll, n = token_loss_sums(self.forward_lm(batch).logits, batch["labels"])
-        sums = torch.stack([nll.detach(), n.float()])
+        sums = torch.stack([nll.detach(), n.float()]) * (not self.padding_batch)
         self._sums = sums if self._sums is None else self._sums + sums
         if self._first is None:
             self._first = batch["input_ids"][:1]

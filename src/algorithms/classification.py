@@ -75,7 +75,7 @@ class Classification(Task):
             for k in self.top_k:
                 out[f"top{k}_accuracy"] = hits[:, :k].any(-1).float().mean()
         if self.want_confusion:
-            self._preds.append((pred, labels))
+            self._preds.append(self.valid(pred, labels))
         return out
 
     def validation_epoch_end(self, gather) -> dict[str, torch.Tensor]:

@@ -57,7 +57,7 @@ class MetricLearning(Task):
 
     def validation_step(self, batch: dict[str, Any]):
         emb = F.normalize(self.embeddings(batch["inputs"]).float(), dim=1)
-        self._val.append((emb, batch["labels"]))
+        self._val.append(self.valid(emb, batch["labels"]))
         return {"features": emb, "labels": batch["labels"]}
 
     def validation_epoch_end(self, gather) -> dict[str, torch.Tensor]:

@@ -121,17 +121,25 @@ class Trainer:
         self.model.eval()
         sums: dict[str, torch.Tensor] = {}
         n = 0
-        for batch in self.val_loader:
+        zero = torch.zeros((), device=self.strategy.device)
+        for batch, padding in self.val_loader:
+            # Every rank runs as many steps (sharded models gather in each forward); a padding
+            # batch keeps the ranks in step and counts zero in every metric.
             batch = self.strategy.to_device(batch)
-            bs = batch_size_of(batch)
+            bs = 0 if padding else batch_size_of(batch)
+            self.task.padding_batch = padding
             with self._autocast():
                 out = self.model(batch, stage="val")
             for k, v in out.items():
-                if isinstance(v, torch.Tensor) and v.ndim == 0:
-                    sums[k] = sums.get(k, 0) + v.detach().float() * bs
+                if isinstance(v, torch.Tensor) and v.ndim == 0:  # same keys on every rank
+                    sums[k] = sums.get(k, 0) + (zero if padding else v.detach().float() * bs)
+            if padding:  # callbacks see zero rows, so their own gathers stay in step too
+                out = {k: v[:0] if isinstance(v, torch.Tensor) and v.ndim else v
+                       for k, v in out.items()}
             for cb in self.callbacks:
                 cb.on_validation_batch_end(self, out)
             n += bs
+        self.task.padding_batch = False
         sums["_n"] = torch.tensor(float(n), device=self.strategy.device)
         totals = self.strategy.reduce(sums)
         count = totals.pop("_n")

@@ -6,7 +6,7 @@ stopped at any batch and resumed sees the same batches in the same order.
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -107,11 +107,39 @@ def sample_labels(dataset) -> torch.Tensor:
     return torch.as_tensor(labels)
 
 
+class EvalLoader:
+    """In-order batches of this rank's share of a validation set, the same number on every rank.
+
+    Rank ``r`` reads samples ``r, r + world, ...``: nothing is duplicated. Shares differ by at most
+    one sample, so a rank can fall one batch short (or have no sample at all); it then gets
+    *padding batches* (copies of its own first samples, or of sample 0) until every rank runs as
+    many validation steps. Sharded models (FSDP, ZeRO-3) gather parameters in every forward, so a
+    rank that ran fewer forwards would leave the others waiting forever. The trainer counts
+    nothing of a padding batch: iterate to get ``(batch, is_padding)``.
+    """
+
+    def __init__(self, dataset, batch_size: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, pin_memory: bool = False):
+        shard = list(range(rank, len(dataset), world_size))
+        self.real_batches = math.ceil(len(shard) / batch_size)
+        self.num_batches = math.ceil(math.ceil(len(dataset) / world_size) / batch_size)
+        pad = (shard or [0])[:batch_size]
+        batches = [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)]
+        batches += [pad] * (self.num_batches - self.real_batches)
+        self.loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                                 pin_memory=pin_memory, collate_fn=collate_fn(dataset))
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple[Any, bool]]:
+        for i, batch in enumerate(self.loader):
+            yield batch, i >= self.real_batches
+
+
 def eval_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                pin_memory: bool = False) -> Optional[DataLoader]:
-    """In-order loader over this rank's share of ``dataset`` (no padding, so nothing counts twice)."""
+                pin_memory: bool = False) -> Optional[EvalLoader]:
+    """An :class:`EvalLoader` over ``dataset`` (None when there is nothing to evaluate)."""
     if dataset is None or len(dataset) == 0:
         return None
-    shard = list(range(rank, len(dataset), world_size))
-    return DataLoader(dataset, batch_size=batch_size, sampler=shard, num_workers=num_workers,
-                      pin_memory=pin_memory, collate_fn=collate_fn(dataset))
+    return EvalLoader(dataset, batch_size, rank, world_size, num_workers, pin_memory)

@@ -176,8 +176,13 @@ class Strategy:
     def barrier(self) -> None:
         pass
 
-    def teardown(self) -> None:
-        pass
+    def teardown(self, in_step: bool = True) -> None:
+        """Leave the process group; ``in_step=False`` after an error another rank may not share
+        (no rank may then be waited for)."""
+
+    def describe_failure(self, exc: BaseException) -> Optional[str]:
+        """One line for an error that means the ranks fell out of step (None: not one of those)."""
+        return None
 
     # ------------------------------------------------------------ checkpoints
 

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import datetime
+import gc
+import re
 from typing import Any, Iterator, Optional
 
 import torch
@@ -15,13 +16,18 @@ from src.distributed.base import Strategy
 from src.distributed.launch import launch_env
 
 
+# What gloo and NCCL say when a peer never answers (timeout) or has gone away.
+LOST_PEER = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
+             "NCCL communicator was aborted", "Watchdog caught collective operation timeout")
+
+
 class ProcessGroupStrategy(Strategy):
     """What every multi-process strategy shares: the process group and the collectives."""
 
     name = "ddp"
 
-    def __init__(self, backend: str = "auto", timeout_minutes: conint(gt=0) = 30):
-        self.backend_name, self.timeout = backend, timeout_minutes
+    def __init__(self, backend: str = "auto", timeout_s: conint(gt=0) = 1800):
+        self.backend_name, self.timeout_s = backend, timeout_s
         self._signal_work = None  # (async all-reduce, its tensor) of the last step's stop flag
 
     def setup(self) -> None:
@@ -32,7 +38,7 @@ class ProcessGroupStrategy(Strategy):
             torch.cuda.set_device(self.device)
         if not dist.is_initialized():
             backend = self.backend_name if self.backend_name != "auto" else ("nccl" if cuda else "gloo")
-            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=self.timeout),
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=self.timeout_s),
                                     device_id=self.device if cuda else None)
         self.rank, self.local_rank = dist.get_rank(), env.local_rank
         self.world_size = dist.get_world_size()
@@ -92,22 +98,34 @@ class ProcessGroupStrategy(Strategy):
         """A gloo group of its own, so background checkpoint writes never interleave with the
         training collectives on the default group."""
         if getattr(self, "_ckpt_group", None) is None:
-            self._ckpt_group = dist.new_group(backend="gloo")
+            self._ckpt_group = dist.new_group(backend="gloo",
+                                              timeout=datetime.timedelta(seconds=self.timeout_s))
         return self._ckpt_group
 
     def barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
 
-    def teardown(self) -> None:
+    def describe_failure(self, exc: BaseException) -> Optional[str]:
+        text = str(exc)
+        if isinstance(exc, dist.DistError) or any(s in text for s in LOST_PEER):
+            first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+            first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]  # no source path
+            return (f"rank {self.rank}: a collective failed ({first}); another rank stopped "
+                    f"or fell out of step (waits are bounded by strategy.timeout_s = "
+                    f"{self.timeout_s})")
+        return None
+
+    def teardown(self, in_step: bool = True) -> None:
         """Wait for the last asynchronous collective, then destroy the groups while nothing else
         holds them: a pending work handle or group left for interpreter shutdown to free can
         outlive gloo's threads and abort the process at exit."""
         if dist.is_initialized():
-            if self._signal_work is not None:
+            if self._signal_work is not None and in_step:
                 self._signal_work[0].wait()
             self._signal_work, self._ckpt_group = None, None
-            dist.barrier()  # no rank tears the store down while another still talks to it
+            if in_step:
+                dist.barrier()  # no rank tears the store down while another still talks to it
             gc.collect()
             dist.destroy_process_group()
 
@@ -118,6 +136,8 @@ class DDPStrategy(ProcessGroupStrategy):
 
     Args:
         backend: ``auto`` (nccl on CUDA, gloo on CPU), or a torch.distributed backend name.
+        timeout_s: a collective that waits longer than this for another rank fails the run
+            with one line (a lost or out-of-step rank) instead of hanging.
         find_unused_parameters: for models whose forward skips parameters.
         static_graph: the same parameters are used every step (enables DDP's optimisations).
         bucket_cap_mb: gradient bucket size.
@@ -125,10 +145,10 @@ class DDPStrategy(ProcessGroupStrategy):
 
     name = "ddp"
 
-    def __init__(self, backend: str = "auto", timeout_minutes: conint(gt=0) = 30,
+    def __init__(self, backend: str = "auto", timeout_s: conint(gt=0) = 1800,
                  find_unused_parameters: bool = False, static_graph: bool = False,
                  bucket_cap_mb: Optional[conint(gt=0)] = None):
-        super().__init__(backend, timeout_minutes)
+        super().__init__(backend, timeout_s)
         self.ddp_kwargs = {"find_unused_parameters": find_unused_parameters,
                            "static_graph": static_graph, "gradient_as_bucket_view": True}
         if bucket_cap_mb:

@@ -60,11 +60,11 @@ class FSDPStrategy(ProcessGroupStrategy):
 
     name = "fsdp"
 
-    def __init__(self, backend: str = "auto", timeout_minutes: conint(gt=0) = 30,
+    def __init__(self, backend: str = "auto", timeout_s: conint(gt=0) = 1800,
                  wrap_classes: list[str] = [], param_dtype: Precision = None,
                  reduce_dtype: Precision = None, cpu_offload: bool = False,
                  activation_checkpointing: bool = False, reshard_after_forward: bool = True):
-        super().__init__(backend, timeout_minutes)
+        super().__init__(backend, timeout_s)
         self.wrap_names, self.cpu_offload = list(wrap_classes), cpu_offload
         self.param_dtype, self.reduce_dtype = DTYPES[param_dtype], DTYPES[reduce_dtype]
         self.activation_checkpointing = activation_checkpointing

@@ -4,7 +4,7 @@ import torch
 
 from src.core.errors import ConfigError
 from src.data.digits import digits
-from src.data.loader import ResumableSampler, TrainLoader
+from src.data.loader import ResumableSampler, TrainLoader, eval_loader
 from src.data.samplers import ClassBalancedSampler, PKSampler, ShardedBatchSampler
 
 
@@ -52,6 +52,21 @@ def test_loader_resumes_mid_epoch_with_the_same_batches():
     rest = [b["labels"] for b in loader]
     assert len(full) == loader.batches_per_epoch() == 14
     assert all(torch.equal(x, y) for x, y in zip(full[4:], rest))
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 359])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("batch", [1, 2, 32])
+def test_eval_loader_gives_every_rank_as_many_batches_and_each_sample_once(size, world, batch):
+    """Sharded models gather parameters in every forward: a rank with fewer validation steps
+    would hang the others. Padding batches even the count; the real ones cover the split once."""
+    ranks = [list(eval_loader(list(range(size)), batch, r, world)) for r in range(world)]
+    assert len({len(batches) for batches in ranks}) == 1 and len(ranks[0]) >= 1
+    seen = [i for batches in ranks for b, padding in batches if not padding for i in b.tolist()]
+    assert sorted(seen) == list(range(size))
+    for batches in ranks:  # padding only ever follows the real batches
+        flags = [padding for _, padding in batches]
+        assert flags == sorted(flags)
 
 
 def test_image_folder(tmp_path):

@@ -41,10 +41,10 @@ class OnlineKNN(Callback):
         if self.bank is None or feats is None or labels is None or self.filled == 0:
             return
         bank, bank_labels = self.bank[:self.filled], self.bank_labels[:self.filled]
-        sim = F.normalize(feats.float(), dim=1) @ bank.T  # (B, M)
+        sim = F.normalize(feats.float(), dim=1) @ bank.T  # (B, M); B may be 0 (padding batch)
         top, idx = sim.topk(min(self.k, self.filled), dim=1)
         weights = (top / self.t).exp()
-        classes = int(max(bank_labels.max(), labels.max())) + 1
+        classes = int(torch.cat([bank_labels, labels]).max()) + 1
         votes = torch.zeros(len(feats), classes, device=feats.device)
         votes.scatter_add_(1, bank_labels[idx], weights)
         hits = (votes.argmax(1) == labels).sum().float()
