@@ -97,6 +97,13 @@ class Task(nn.Module):
         if model is not None and hasattr(model, "peft_config"):
             model.save_pretrained(str(directory / "adapter"))
 
+    def generate(self, **kwargs) -> torch.Tensor:
+        """``self.model.generate`` called as a forward of the task, for generation outside a
+        training or validation step (samples after an evaluation). Under FSDP the task is the
+        sharded root and this method is registered as one of its forwards, so its parameters
+        are gathered for it; inside a step, call ``self.model.generate(**lockstep(), ...)``."""
+        return self.model.generate(**lockstep(), **kwargs)
+
     def write_artifacts(self, run_dir: Path) -> None:
         """Write files of the finished run (plots, tables) into ``run_dir``; main process only."""
 
@@ -114,6 +121,16 @@ class Task(nn.Module):
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         return groups
+
+
+def lockstep() -> dict[str, Any]:
+    """``generate`` arguments that keep several ranks stepping together: sharded weights are
+    gathered in every forward, so a rank that finished its sequences early must keep calling
+    forward until every rank has (transformers' ``synced_gpus``)."""
+    import torch.distributed as dist
+
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return {"synced_gpus": True} if several else {}
 
 
 def batch_size_of(batch: Any) -> int:

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from pydantic import confloat, conint
 from torch import nn
 
-from src.algorithms.base import Task
+from src.algorithms.base import Task, lockstep
 from src.algorithms.ssl_base import frozen_copy
 from src.core.registry import REWARDS, TASKS
 
@@ -90,6 +90,7 @@ class PPO(Task):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         self.reward_fn = REWARDS.build(self.reward_section, "task.reward")
+        self._reward_device = torch.device("cpu")
 
     def _forward(self, model, seq, mask, with_values: bool):
         out = model(input_ids=seq, attention_mask=mask, output_hidden_states=with_values)
@@ -103,7 +104,7 @@ class PPO(Task):
         tok = self.tokenizer
         seq = self.model.generate(input_ids=prompt, attention_mask=pmask, do_sample=True,
                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                  top_k=0, **self.gen)
+                                  top_k=0, **lockstep(), **self.gen)
         p = prompt.shape[1]
         response = seq[:, p:]
         # response tokens up to and including the first EOS count; the rest is padding
@@ -120,6 +121,9 @@ class PPO(Task):
         texts = tok.batch_decode(response * rmask.long() + tok.pad_token_id * (1 - rmask.long()),
                                  skip_special_tokens=True)
         prompts = tok.batch_decode(prompt, skip_special_tokens=True)
+        if hasattr(self.reward_fn, "to") and self._reward_device != seq.device:
+            self.reward_fn.to(seq.device)  # a reward model scores where the policy runs
+            self._reward_device = seq.device
         score = self.reward_fn(prompts, texts).to(seq.device).float()
         kl = (old_logp - ref_logp) * rmask
         rewards = -self.kl_coef * kl

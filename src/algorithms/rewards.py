@@ -47,7 +47,8 @@ def reward_model(path: str, label: int = 1, max_length: conint(ge=8) = 256,
     @torch.no_grad()
     def score(prompts: list[str], completions: list[str]) -> torch.Tensor:
         enc = tok([p + c for p, c in zip(prompts, completions)], return_tensors="pt",
-                  padding=True, truncation=True, max_length=max_length)
+                  padding=True, truncation=True, max_length=max_length).to(model.device)
         return model(**enc).logits[:, label].float()
 
+    score.to = model.to  # the task moves it to the policy's device (a GPU, say)
     return score

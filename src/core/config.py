@@ -303,6 +303,24 @@ def component_sections(cfg: ExperimentConfig) -> list[tuple[str, str, Section]]:
     return out
 
 
+def combination_errors(cfg: ExperimentConfig) -> list[str]:
+    """Sections that are valid alone but cannot run together: one line each."""
+    lines = []
+    strategy = cfg.strategy["type"]
+    if cfg.model.get("dtype") == "fp16" and cfg.trainer.precision == "fp16" \
+            and strategy != "deepspeed":
+        lines.append("model.dtype: fp16 weights with trainer.precision: fp16 cannot train (the "
+                     "loss scaler refuses fp16 gradients); keep fp32 weights for fp16 autocast, "
+                     "or use bf16")
+    zero3 = strategy == "deepspeed" and ((cfg.strategy.get("config") or {}).get(
+        "zero_optimization") or {}).get("stage") == 3
+    if (cfg.model.get("adapter") or {}).get("type") == "qlora" and (strategy == "fsdp" or zero3):
+        lines.append(f"model.adapter.type: qlora's 4-bit weights cannot be sharded by "
+                     f"{'fsdp' if strategy == 'fsdp' else 'ZeRO stage 3'}; use ddp or ZeRO "
+                     "stage 1-2, or lora")
+    return lines
+
+
 def validate_components(cfg: ExperimentConfig, origins: dict[str, str], source: str) -> None:
     """Check every component section against its registry entry; all problems in one error."""
     from src.core.registry import ALL
@@ -315,6 +333,7 @@ def validate_components(cfg: ExperimentConfig, origins: dict[str, str], source: 
             ALL[registry].validate(section, path)
         except ConfigError as exc:
             lines += exc.lines
+    lines += combination_errors(cfg)
     if lines:
         raise _located(ConfigError(*lines), origins, source)
 

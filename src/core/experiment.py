@@ -210,6 +210,8 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
     strategy.configure(cfg)
     model_w, optimizer = strategy.wrap(
         task, lambda m: OPTIMIZERS.build(cfg.optimizer, "optimizer", params=m.parameter_groups()))
+    if t.compile:  # after wrapping, so DDP keeps its overlap and FSDP its hooks outside graphs
+        strategy.compile(model_w)
     scheduler = SCHEDULERS.build(cfg.scheduler, "scheduler", optimizer=optimizer, total_steps=total)
     seed_everything(cfg.seed, strategy.rank)  # from here on, each rank draws its own randomness
     derived = {"steps_per_epoch": steps_per_epoch, "total_steps": total,
@@ -231,8 +233,6 @@ def _apply_model_switches(model, cfg: ExperimentConfig) -> None:
         else:
             raise ConfigError(f"trainer.gradient_checkpointing: model '{cfg.model['type']}' "
                               "supports it only for transformers and timm models")
-    if t.compile:
-        model.compile()  # in place: parameter names (and checkpoints) stay the same
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -116,6 +116,10 @@ class Trainer:
         """Run the validation split; returns (and logs) ``val/...`` metrics averaged over samples."""
         if self.val_loader is None:
             return {}
+        with self._off_the_clock():
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, float]:
         for cb in self.callbacks:
             cb.on_validation_start(self)
         self.model.eval()
@@ -163,6 +167,10 @@ class Trainer:
         """Checkpoint the full state now (no-op without a CheckpointManager)."""
         if self.checkpoints is None or self._last_save == self.step:
             return None
+        with self._off_the_clock():
+            return self._save()
+
+    def _save(self) -> Path:
         state = {
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
@@ -230,12 +238,13 @@ class Trainer:
         outputs, self._micro = self._micro, {}
         extras, self._extras = self._extras, {}
         # The one host sync per step: a bad update must not be applied, and every rank must take
-        # the same decision (and stop on a signal) at the same step. Under fp16 the GradScaler
-        # owns gradient overflows, so only the loss is checked.
-        bad, self._signal = self.strategy.step_decision(
-            outputs["loss"], norm if self.scaler is None else None, self._pending_signal)
-        if not bad:
-            self.strategy.optimizer_step(self.optimizer, self.scaler)
+        # the same decision (and stop on a signal) at the same step. The norm is of unscaled
+        # gradients (fp16: after unscale_), so a loss scaler's overflow is caught here too.
+        bad, self._signal = self.strategy.step_decision(outputs["loss"], norm,
+                                                        self._pending_signal)
+        # A strategy whose engine checks gradients itself (DeepSpeed) may still skip the update.
+        applied = not bad and self.strategy.optimizer_step(self.optimizer, self.scaler)
+        if applied:
             if self.scheduler is not None:
                 self.scheduler.step()
             self.bad_steps = 0
@@ -243,12 +252,16 @@ class Trainer:
             self._accumulate(outputs)
             self._steps += 1
         else:
-            if self.scaler is not None:
-                self.scaler.update()
-            self.strategy.discard_step()
-            self.bad_steps += 1
+            if bad:
+                if self.scaler is not None:
+                    self.scaler.update()  # unscale_ recorded the overflow: the scale backs off
+                self.strategy.discard_step()
             self.total_bad_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
+            # A loss scaler's overflow (finite loss, gradients out of fp16 range) only lowers the
+            # scale: it is skipped and counted, but it is no sign of divergence.
+            if not self._scaler_overflow(outputs["loss"], bad):
+                self.bad_steps += 1
+        self.strategy.zero_grad(self.optimizer)
         self.step += 1
         if self.bad_steps:
             self._on_bad_step()
@@ -281,6 +294,12 @@ class Trainer:
         return bool((ck.every_n_steps and self.step % ck.every_n_steps == 0)
                     or (epoch_end and ck.every_n_epochs and self.epoch % ck.every_n_epochs == 0)
                     or (self.checkpoints.save_on_eval and self._last_eval == self.step))
+
+    def _scaler_overflow(self, loss: torch.Tensor, bad: bool) -> bool:
+        """Was this skipped step a loss scaler's overflow (a finite loss on every rank, under our
+        GradScaler or an engine that skipped the update itself)? Asked on skipped steps only,
+        which every rank takes alike."""
+        return (self.scaler is not None or not bad) and self.strategy.all_finite(loss)
 
     def _on_bad_step(self) -> None:
         warnings.warn(f"step {self.step}: non-finite loss or gradient, update skipped "
@@ -367,6 +386,15 @@ class Trainer:
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.strategy.device.type, dtype=self.dtype)
+
+    @contextlib.contextmanager
+    def _off_the_clock(self):
+        """Evaluation and checkpoint time count in no training throughput (samples/s, MFU)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._t0 += time.perf_counter() - t0
 
     def _stopping(self) -> bool:
         return self.should_stop or bool(self._signal)

@@ -36,6 +36,19 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def move_batch(batch: Any, device: torch.device, float_dtype: Optional[torch.dtype] = None) -> Any:
+    """Tensors of a (nested) batch moved to ``device``; floating ones cast to ``float_dtype``."""
+    if isinstance(batch, torch.Tensor):
+        batch = batch.to(device, non_blocking=True)
+        return batch.to(float_dtype) if float_dtype is not None and batch.is_floating_point() \
+            else batch
+    if isinstance(batch, dict):
+        return {k: move_batch(v, device, float_dtype) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_batch(v, device, float_dtype) for v in batch)
+    return batch
+
+
 def safe_load(path: Path) -> Any:
     """``torch.load(weights_only=True)``, with a one-line error naming a missing or corrupt file."""
     if not path.is_file():
@@ -76,6 +89,7 @@ class Strategy:
     """
 
     owns_precision = False  # True: the strategy casts and scales itself (no autocast, no GradScaler)
+    input_dtype: Optional[torch.dtype] = None  # floating inputs cast to it (DeepSpeed's fp16/bf16)
     rank = 0
     local_rank = 0
     world_size = 1
@@ -105,14 +119,14 @@ class Strategy:
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model
 
+    def compile(self, model: nn.Module) -> None:
+        """``torch.compile`` the wrapped model in place (parameter names, and so checkpoints,
+        stay the same): DDP's wrapper and DeepSpeed's engine compile with their hooks."""
+        model.compile()
+
     def to_device(self, batch: Any) -> Any:
-        if isinstance(batch, torch.Tensor):
-            return batch.to(self.device, non_blocking=True)
-        if isinstance(batch, dict):
-            return {k: self.to_device(v) for k, v in batch.items()}
-        if isinstance(batch, (list, tuple)):
-            return type(batch)(self.to_device(v) for v in batch)
-        return batch
+        """The batch on this strategy's device; floating tensors cast to ``input_dtype`` if set."""
+        return move_batch(batch, self.device, self.input_dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -139,12 +153,19 @@ class Strategy:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
         return norm
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler=None) -> None:
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler=None) -> bool:
+        """Apply the update; returns whether it was applied (the trainer checked the gradients
+        are finite, so here it always is)."""
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
+        return True
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """Free the gradients after an optimizer step (taken or skipped)."""
+        optimizer.zero_grad(set_to_none=True)
 
     def discard_step(self) -> None:
         """Drop a skipped step's gradients held outside the parameters (the trainer zeroes those)."""
@@ -156,6 +177,10 @@ class Strategy:
     def reduce(self, values: dict[str, torch.Tensor], op: str = "sum") -> dict[str, torch.Tensor]:
         """Combine tensors across ranks (identity in one process)."""
         return values
+
+    def all_finite(self, value: torch.Tensor) -> bool:
+        """Whether ``value`` is finite on every rank (a host sync; collective across ranks)."""
+        return bool(torch.isfinite(value).all())
 
     def step_decision(self, loss: torch.Tensor, grad_norm: Optional[torch.Tensor],
                       signal: int) -> tuple[bool, int]:

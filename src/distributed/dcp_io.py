@@ -28,6 +28,22 @@ def _state(model, optimizer) -> dict:
     return state
 
 
+def _copy(t):
+    """A copy the training step can no longer change: host tensors are cloned; GPU tensors land
+    in pinned host memory (asynchronously, on the current stream); DTensors keep their layout."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    if hasattr(t, "device_mesh"):  # a DTensor shard: copy the local part, keep the layout
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(_copy(t.to_local()), t.device_mesh, t.placements,
+                                  run_check=False, shape=t.shape, stride=t.stride())
+    if t.is_cuda:
+        out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, pin_memory=True)
+        return out.copy_(t.detach(), non_blocking=True)
+    return t.detach().clone()
+
+
 class BackgroundSave:
     """A checkpoint written by a thread: ``staged`` is set once the state is copied (the weights
     may change after that), ``future`` completes when the files are written."""
@@ -40,6 +56,13 @@ class BackgroundSave:
         # The state dict (references, no copy) is taken here: FSDP swaps a module's parameters
         # while it computes, so names and tensors must be read before the next step starts.
         state = _state(model, optimizer)
+        # The copy must start after the work queued so far (the update) and on this rank's GPU:
+        # a new thread's current device is GPU 0 whatever the rank.
+        self._device = self._ready = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self._device = torch.cuda.current_device()
+            self._ready = torch.cuda.Event()
+            self._ready.record()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self.future = self._pool.submit(self._run, directory, state, process_group)
         self._pool.shutdown(wait=False)
@@ -49,8 +72,15 @@ class BackgroundSave:
         from torch.utils._pytree import tree_map
 
         try:
-            state = tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t,
-                             state)
+            if self._device is None:
+                state = tree_map(_copy, state)
+            else:  # into pinned host memory on a side stream; done when its event completes
+                torch.cuda.set_device(self._device)
+                stream = torch.cuda.Stream()
+                stream.wait_event(self._ready)
+                with torch.cuda.stream(stream):
+                    state = tree_map(_copy, state)
+                stream.synchronize()
         finally:
             self.staged.set()
         dcp.save(state, checkpoint_id=str(Path(directory) / DCP_DIR), process_group=process_group)

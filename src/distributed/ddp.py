@@ -37,11 +37,14 @@ class ProcessGroupStrategy(Strategy):
         if cuda:
             torch.cuda.set_device(self.device)
         if not dist.is_initialized():
-            backend = self.backend_name if self.backend_name != "auto" else ("nccl" if cuda else "gloo")
+            backend = self.backend_name if self.backend_name != "auto" else self.auto_backend(cuda)
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=self.timeout_s),
                                     device_id=self.device if cuda else None)
         self.rank, self.local_rank = dist.get_rank(), env.local_rank
         self.world_size = dist.get_world_size()
+
+    def auto_backend(self, cuda: bool) -> str:
+        return "nccl" if cuda else "gloo"
 
     def reduce(self, values: dict[str, torch.Tensor], op: str = "sum") -> dict[str, torch.Tensor]:
         """One all-reduce for the whole dict (values stacked into one tensor)."""
@@ -52,6 +55,11 @@ class ProcessGroupStrategy(Strategy):
                             for k in keys])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
         return dict(zip(keys, flat.unbind()))
+
+    def all_finite(self, value: torch.Tensor) -> bool:
+        flag = torch.isfinite(value).all().float().reshape(1).to(self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def step_decision(self, loss, grad_norm, signal: int) -> tuple[bool, int]:
         """The gradient norm is computed from all-reduced (or sharded and reduced) gradients, so

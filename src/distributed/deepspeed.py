@@ -43,6 +43,28 @@ def consolidated_deepspeed_state(directory: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+def cpu_adam(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """DeepSpeed's CPU Adam with the groups and hyper-parameters of a torch Adam or AdamW: the
+    optimizer ZeRO-Offload steps on the CPU (it compiles DeepSpeed's cpu_adam op once)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    d = optimizer.defaults
+    groups = [{"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"]}
+              for g in optimizer.param_groups]
+    return DeepSpeedCPUAdam(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"],
+                            weight_decay=d["weight_decay"],
+                            adamw_mode=isinstance(optimizer, torch.optim.AdamW))
+
+
+def _norm_statistics_to(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """BatchNorm's running statistics in ``dtype``: DeepSpeed casts parameters to fp16/bf16 but
+    keeps buffers in fp32 (for rotary tables), and batch_norm takes one dtype for all."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.running_mean is not None:
+            m.running_mean.data = m.running_mean.data.to(dtype)
+            m.running_var.data = m.running_var.data.to(dtype)
+
+
 @STRATEGIES.register("deepspeed")
 class DeepSpeedStrategy(ProcessGroupStrategy):
     """``deepspeed.initialize`` over the task, with a config built from ours.
@@ -54,11 +76,12 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
     name = "deepspeed"
     owns_precision = True  # DeepSpeed casts the model and scales fp16 losses itself
 
-    def __init__(self, backend: str = "auto", timeout_minutes: conint(gt=0) = 30,
+    def __init__(self, backend: str = "auto", timeout_s: conint(gt=0) = 1800,
                  config: dict[str, Any] = {}):
-        super().__init__(backend, timeout_minutes)
+        super().__init__(backend, timeout_s)
         self.user_config = dict(config)
         self.ds_config: dict[str, Any] = {}
+        self.offload = self.engine_checks_gradients = False
         self._accumulating = False
 
     def setup(self) -> None:
@@ -94,6 +117,14 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
             if key in user and bool(user[key].get("enabled")) != ours[key]["enabled"]:
                 raise ConfigError(f"strategy.config.{key}.enabled: {user[key].get('enabled')} "
                                   f"conflicts with trainer.precision = {t.precision}")
+        offload = (user.get("zero_optimization") or {}).get("offload_optimizer") or {}
+        self.offload = offload.get("device", "none") in ("cpu", "nvme")
+        if self.offload and "zero_force_ds_cpu_optimizer" not in user \
+                and cfg.optimizer["type"] not in ("adam", "adamw"):
+            raise ConfigError(
+                f"strategy.config.zero_optimization.offload_optimizer: DeepSpeed offloads only its "
+                f"own CPU Adam (optimizer.type adam or adamw, not '{cfg.optimizer['type']}'); or "
+                "set strategy.config.zero_force_ds_cpu_optimizer: false to step ours on the CPU")
         merged = {**ours, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
         for key, value in user.items():
             merged[key] = {**merged[key], **value} if isinstance(merged.get(key), dict) else value
@@ -103,11 +134,24 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
         import deepspeed
 
         optimizer = make_optimizer(task)
+        if self.offload and "zero_force_ds_cpu_optimizer" not in self.user_config:
+            optimizer = cpu_adam(optimizer)
         engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer,
                                                config=self.ds_config)
         self.engine = engine
         self.device = engine.device if isinstance(engine.device, torch.device) \
             else torch.device(engine.device)
+        # DeepSpeed casts the parameters to fp16/bf16 but not the inputs, and autocast is off
+        # (the engine owns precision): floating-point batch tensors take the engine's dtype.
+        self.input_dtype = torch.bfloat16 if engine.bfloat16_enabled() else \
+            torch.float16 if engine.fp16_enabled() else None
+        if self.input_dtype is not None:
+            _norm_statistics_to(engine.module, self.input_dtype)
+        # ZeRO's optimizers and DeepSpeed's fp16/bf16 ones compute the global gradient norm and
+        # skip a non-finite update themselves, clearing their own (partitioned) gradient buffers;
+        # only ZeRO stage 0 in fp32 steps a plain torch optimizer on ``p.grad``.
+        self.engine_checks_gradients = engine.zero_optimization_stage() > 0 or \
+            self.input_dtype is not None
         return engine, optimizer
 
     def unwrap(self, model):
@@ -128,26 +172,39 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
         self.engine.backward(loss, scale_wrt_gas=False)
 
     def step_decision(self, loss, grad_norm, signal: int) -> tuple[bool, int]:
-        """DeepSpeed clips and steps inside its engine, so the decision rests on each rank's loss,
-        agreed with one all-reduce (every rank must call engine.step() alike)."""
-        flags = torch.tensor([float(not torch.isfinite(loss)), float(signal)], device=loss.device)
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        bad, signum = flags.tolist()
-        return bool(bad), int(signum)
+        """Where the engine checks gradients, every rank calls engine.step() and DeepSpeed skips
+        a bad update (``optimizer_step`` reports it), so a discarded gradient never lingers in
+        ZeRO's buffers; otherwise the norm computed from the all-reduced gradients decides."""
+        if self.engine_checks_gradients:
+            return False, self._agree_signal(signal)
+        return super().step_decision(loss, grad_norm, signal)
+
+    def zero_grad(self, optimizer) -> None:
+        """The engine frees gradients in its step. The optimizer we built now steps ZeRO's flat
+        fp32 partitions, whose ``.grad`` ZeRO-Offload keeps as its buffer: not ours to free."""
 
     def discard_step(self) -> None:
-        self.engine.zero_grad()  # the engine keeps its own (partitioned) gradient buffers
+        self.engine.zero_grad()  # ZeRO stage 0, fp32: the gradients are the parameters' .grad
 
     def clip_grad_norm(self, model, max_norm):
-        # DeepSpeed clips inside step() (gradient_clipping); the norm is read after it.
-        return torch.zeros((), device=self.device)
+        """DeepSpeed clips inside step() (gradient_clipping). Stage 0 in fp32 keeps gradients in
+        ``p.grad``: their norm (unclipped) is what the step decision and the log use."""
+        if self.engine_checks_gradients:
+            return torch.zeros((), device=self.device)
+        return super().clip_grad_norm(model, None)
 
-    def optimizer_step(self, optimizer, scaler=None) -> None:
+    def optimizer_step(self, optimizer, scaler=None) -> bool:
         self.engine.step()
+        return self.engine.was_step_applied()
 
     def grad_norm_after_step(self, norm: torch.Tensor) -> torch.Tensor:
+        """The engine's global norm (a float or a tensor, None where it computes none), as a
+        float32 tensor on the training device, so it stacks with the other metrics."""
         value = self.engine.get_global_grad_norm()
-        return torch.as_tensor(value if value is not None else float("nan"), dtype=torch.float32)
+        if value is None:
+            return norm.float() if not self.engine_checks_gradients else \
+                torch.full((), float("nan"), device=self.device)
+        return torch.as_tensor(value, dtype=torch.float32).to(self.device)
 
     def save(self, directory: Path, model, optimizer, trainer_state: dict, rank_state: dict,
              async_save: bool = False):

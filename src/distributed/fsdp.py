@@ -70,10 +70,23 @@ class FSDPStrategy(ProcessGroupStrategy):
         self.activation_checkpointing = activation_checkpointing
         self.reshard_after_forward = reshard_after_forward
         self.blocks: tuple[type, ...] = ()
+        self.compile_blocks = False
+
+    def configure(self, cfg) -> None:
+        self.compile_blocks = cfg.trainer.compile
+
+    def auto_backend(self, cuda: bool) -> str:
+        """With cpu_offload the gradients (and so clipping norms, GradScaler's inf checks) are
+        CPU tensors: they need gloo beside NCCL, as torchtitan sets it up."""
+        return "cuda:nccl,cpu:gloo" if cuda and self.cpu_offload else super().auto_backend(cuda)
+
+    def compile(self, model) -> None:
+        """Done in ``wrap``: per block, before sharding (a compiled root would split its graph
+        at every block's hooks)."""
 
     def wrap(self, task, make_optimizer=None):
         from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy,
-                                            fully_shard)
+                                            fully_shard, register_fsdp_forward_method)
 
         self.blocks = block_classes(task, self.wrap_names)
         if self.activation_checkpointing:
@@ -90,10 +103,16 @@ class FSDPStrategy(ProcessGroupStrategy):
                                                  reduce_dtype=self.reduce_dtype),
                   offload_policy=CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy(),
                   reshard_after_forward=self.reshard_after_forward)
-        for m in list(task.modules()):
-            if self.blocks and isinstance(m, self.blocks) and m is not task:
-                fully_shard(m, **kw)
+        blocks = [m for m in task.modules() if self.blocks and isinstance(m, self.blocks)
+                  and m is not task]
+        if self.compile_blocks:  # each block compiled alone, before its FSDP hooks (torchtitan)
+            for m in blocks or [task]:
+                m.compile()
+        for m in blocks:
+            fully_shard(m, **kw)
         fully_shard(task, **kw)
+        if hasattr(task, "generate"):  # generation outside a step gathers the root's weights too
+            register_fsdp_forward_method(task, "generate")
         return task, make_optimizer(task) if make_optimizer else None
 
     @contextlib.contextmanager

@@ -11,6 +11,14 @@ from src.core.registry import MODELS
 from src.data.info import DatasetInfo
 
 
+class GlobalAvgPool(nn.Module):
+    """(B, C, H, W) -> (B, C) by a mean over H and W: unlike AdaptiveAvgPool2d, its backward has
+    a deterministic CUDA kernel, so ``trainer.deterministic`` runs on a GPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
 class SmallCNN(nn.Module):
     """Stages of two 3x3 conv-BN-ReLU layers, max-pooled between stages, then global average pool.
 
@@ -29,7 +37,7 @@ class SmallCNN(nn.Module):
                 stages += [nn.Conv2d(width, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
                            nn.ReLU(inplace=True)]
                 width = c
-        self.features = nn.Sequential(*stages, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.features = nn.Sequential(*stages, GlobalAvgPool())
         self.num_features = width
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, num_classes)) \
             if num_classes else nn.Identity()

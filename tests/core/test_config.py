@@ -100,3 +100,14 @@ def test_dump_round_trips(write_config):
     cfg, _ = load_config(write_config())
     again = yaml.safe_load(dump_config(cfg))
     assert again["trainer"]["max_steps"] == 20 and again["trainer"]["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("strategy", [
+    {"type": "fsdp"}, {"type": "deepspeed", "config": {"zero_optimization": {"stage": 3}}}])
+def test_qlora_with_a_sharding_strategy_is_one_line(write_config, strategy):
+    """QLoRA's 4-bit weights cannot be sharded: refused before anything is built."""
+    model = {"type": "hf", "kind": "causal_lm", "adapter": {"type": "qlora"},
+             "config": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 8}}
+    with pytest.raises(ConfigError) as err:
+        prepare(str(write_config({"model": model, "strategy": strategy})))
+    assert len(err.value.lines) == 1 and "model.adapter.type: qlora" in err.value.lines[0]

@@ -27,6 +27,18 @@ class NaNAtSteps(Classification):
         return out
 
 
+@TASKS.register("huge_loss_at_steps")
+class HugeLossAtSteps(NaNAtSteps):
+    """Its loss is scaled by 1e4 on the listed calls: finite, but fp16 gradients overflow."""
+
+    def training_step(self, batch):
+        out = Classification.training_step(self, batch)
+        self.calls += 1
+        if self.calls in self.bad:
+            out["loss"] = out["loss"] * 1e4
+        return out
+
+
 def test_jsonl_rows_have_step_epoch_time_and_split_names(write_config, tmp_path):
     run(write_config({"trainer.eval_every_n_steps": 10}))
     rows = metrics(tmp_path / "runs/tiny", drop=())
@@ -137,3 +149,68 @@ def test_mfu_from_measured_flops(write_config, tmp_path):
     assert 0 < rows[-1]["train/mfu"] < 1
     assert rows[-1]["train/tflops"] == pytest.approx(rows[-1]["train/mfu"])
 
+
+
+def test_throughput_leaves_out_evaluation_time(write_config, tmp_path, monkeypatch):
+    """samples/s (and MFU) measure training: an evaluation inside a log interval is not counted.
+    A fake clock: every training step takes 1 s, every evaluation 100 s."""
+    import types
+
+    import src.core.trainer as trainer_module
+    from src.core.callbacks.base import Callback
+
+    clock = types.SimpleNamespace(now=0.0)
+    fake_time = types.SimpleNamespace(perf_counter=lambda: clock.now)
+    monkeypatch.setattr(trainer_module, "time", fake_time)
+
+    class Clock(Callback):
+        def on_step_end(self, trainer, outputs):
+            clock.now += 1.0
+
+        def on_validation_start(self, trainer):
+            clock.now += 100.0
+
+    cfg, origins = prepare(str(write_config({"name": "timed", "trainer.max_steps": 10,
+                                             "trainer.log_every": 5,
+                                             "trainer.eval_every_n_steps": 5})))
+    exp = build(cfg, origins)
+    original = trainer_module.Trainer.__init__
+
+    def with_clock(self, *args, **kwargs):  # run() builds the trainer: hand it the clock
+        original(self, *args, **{**kwargs, "callbacks": [Clock()]})
+
+    monkeypatch.setattr(trainer_module.Trainer, "__init__", with_clock)
+    exp.run()
+    rows = [r for r in metrics(tmp_path / "runs/timed", drop=()) if "train/samples_per_sec" in r]
+    assert [r["step"] for r in rows] == [5, 10]
+    assert all(r["train/samples_per_sec"] == pytest.approx(32.0) for r in rows)
+
+
+def test_fp16_overflow_is_skipped_without_stepping_the_schedule(write_config, tmp_path):
+    """A GradScaler overflow (finite loss, gradients out of fp16 range) skips the update and the
+    scheduler, lowers the scale, is counted in train/bad_steps, and is no sign of divergence:
+    three in a row with max_bad_steps 2 do not stop the run."""
+    cfg, origins = prepare(str(write_config({
+        "task": {"type": "huge_loss_at_steps", "steps": [3, 4, 5]}, "trainer.precision": "fp16",
+        "trainer.max_steps": 8, "trainer.log_every": 1, "trainer.max_bad_steps": 2,
+        "scheduler": {"type": "warmup_linear"}})))
+    exp = build(cfg, origins)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "non-finite ... update skipped" warning either
+        exp.run()
+    scaler, scheduler = exp.trainer.scaler, exp.trainer.scheduler
+    rows = {r["step"]: r for r in metrics(tmp_path / "runs/tiny")}
+    assert rows[8]["train/bad_steps"] == 3 and "train/loss" not in rows[4]
+    assert scheduler.last_epoch == 5  # stepped for the 5 applied updates only
+    assert scaler.get_scale() == 2.0 ** 16 * 0.5 ** 3
+
+
+def test_fp16_weights_with_fp16_precision_is_a_config_error(write_config):
+    from src.core.errors import ConfigError
+
+    model = {"type": "hf", "kind": "causal_lm", "dtype": "fp16",
+             "config": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 8}}
+    with pytest.raises(ConfigError) as err:
+        prepare(str(write_config({"model": model, "trainer.precision": "fp16"})))
+    assert len(err.value.lines) == 1
+    assert "model.dtype: fp16 weights with trainer.precision: fp16" in err.value.lines[0]

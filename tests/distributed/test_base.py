@@ -38,3 +38,12 @@ def test_clipping_leaves_small_gradients_and_no_clip_alone():
     strategy.clip_grad_norm(layer, 1e6)
     strategy.clip_grad_norm(layer, None)
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, layer.parameters()))
+
+
+def test_fsdp_with_cpu_offload_joins_gloo_beside_nccl():
+    """Offloaded gradients are CPU tensors: their norms need a CPU backend beside NCCL."""
+    from src.distributed.fsdp import FSDPStrategy
+
+    assert FSDPStrategy(cpu_offload=True).auto_backend(cuda=True) == "cuda:nccl,cpu:gloo"
+    assert FSDPStrategy().auto_backend(cuda=True) == "nccl"
+    assert FSDPStrategy(cpu_offload=True).auto_backend(cuda=False) == "gloo"

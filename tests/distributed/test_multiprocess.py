@@ -2,6 +2,7 @@
 real launchers (torchrun, deepspeed), with kill-and-resume, resharding and export."""
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -200,6 +201,9 @@ def test_deepspeed_zero3_trains(write_config, tmp_path, single_losses):
 
 @pytest.mark.parametrize("changes,expected", [
     ({"data.batch_size": 63}, "data.batch_size: 63 does not divide among 2 processes"),
+    ({"strategy": {"type": "deepspeed", "config": {"zero_optimization": {
+        "stage": 2, "offload_optimizer": {"device": "cpu"}}}}, "optimizer.type": "sgd"},
+     "DeepSpeed offloads only its own CPU Adam"),
     ({"strategy": {"type": "deepspeed", "config": {"gradient_clipping": 0.5}},
       "trainer.grad_clip": 1.0},
      "strategy.config.gradient_clipping: 0.5 conflicts with trainer.grad_clip = 1.0"),
@@ -225,3 +229,167 @@ def test_ssl_method_on_two_ranks(write_config, tmp_path):
     launch(2, cfg)
     val = [r for r in metrics(tmp_path / "runs/ssl") if "val/rankme" in r][-1]
     assert 0 <= val["val/knn_accuracy"] <= 1 and val["val/rankme"] >= 1
+
+
+CLIP_AND_EVAL = {**BASE, "trainer.max_steps": 3, "trainer.eval_every_n_steps": 3,
+                 "trainer.grad_clip": 1e-3, "checkpoint.every_n_steps": None,
+                 "optimizer": {"type": "sgd", "lr": 1.0, "weight_decay": 0.0},
+                 # 359 validation samples, one per rank and step: 180 steps on rank 0, 179 on
+                 # rank 1 before padding, so a sharded forward would wait for its peer forever
+                 "data.eval_batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def clipped_single(tmp_path_factory):
+    """One process: weights before and after 3 clipped SGD steps, and the validation metrics."""
+    from conftest import make_config
+    from src.core.experiment import build, prepare
+    from helpers import params
+
+    tmp = tmp_path_factory.mktemp("clip_single")
+    cfg, origins = prepare(str(make_config(tmp, CLIP_AND_EVAL)))
+    exp = build(cfg, origins)
+    before = params(exp)
+    exp.run()
+    return before, params(exp), metrics(tmp / "runs/tiny")[-1]
+
+
+@pytest.mark.parametrize("strategy,launcher", [
+    ({"type": "ddp", "timeout_s": 120}, "torchrun"),
+    ({"type": "fsdp", "timeout_s": 120}, "torchrun"),
+    ({"type": "deepspeed", "timeout_s": 120, "config": {"zero_optimization": {"stage": 3}}},
+     "deepspeed"),
+])
+def test_clipping_and_uneven_evaluation_on_two_ranks(write_config, tmp_path, clipped_single,
+                                                     strategy, launcher):
+    """Each update is at most lr x max_norm under every strategy, and evaluation with one rank a
+    batch short neither hangs nor counts a padded sample: the metrics are one process's."""
+    before, single_after, single_val = clipped_single
+    cfg = write_config({**CLIP_AND_EVAL, "strategy": strategy})
+    launch(2, cfg, launcher=launcher)
+    step = sorted((tmp_path / "runs/tiny/checkpoints").glob("step_*"))[-1]
+    from src.core.export import export
+
+    after = {f"model.{k}": v for k, v in export(step, tmp_path / "w.safetensors").items()}
+    moved = torch.cat([(after[k] - before[k]).flatten() for k in before]).norm()
+    assert 0 < float(moved) <= 3e-3 * (1 + 1e-4)  # three steps of at most 1e-3 each
+    assert all(torch.allclose(after[k], single_after[k], atol=1e-6) for k in before)
+    val = metrics(tmp_path / "runs/tiny")[-1]
+    assert val["val/accuracy"] == pytest.approx(single_val["val/accuracy"], abs=1e-6)
+    assert val["val/loss"] == pytest.approx(single_val["val/loss"], rel=1e-5)
+
+
+NAN_PLUGIN = '''
+from src.algorithms.classification import Classification
+from src.core.registry import TASKS
+
+@TASKS.register("nan_loss_at")
+class NaNLossAt(Classification):
+    """Classification whose loss (and so every gradient) is NaN on the given training call."""
+    def __init__(self, model, call: int = 3):
+        super().__init__(model)
+        self.at, self.calls = call, 0
+    def training_step(self, batch):
+        out = super().training_step(batch)
+        self.calls += 1
+        if self.calls == self.at:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+'''
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_deepspeed_skips_a_nan_step_cleanly_and_logs_the_norm(write_config, tmp_path, stage):
+    """A non-finite step is skipped by DeepSpeed's own engine, so its gradient does not linger in
+    ZeRO's buffers: the run continues exactly as one process does, and the logged gradient norm
+    is a number (ZeRO stage 0 computes none of its own)."""
+    (tmp_path / "nan_plugin.py").write_text(NAN_PLUGIN)
+    common = {**BASE, "trainer.max_steps": 8, "imports": ["nan_plugin"],
+              "task": {"type": "nan_loss_at", "call": 3}}
+    launch(1, write_config({**common, "name": "one"}, "a.yaml"))
+    ds = {"type": "deepspeed", "config": {"zero_optimization": {"stage": stage}}}
+    launch(2, write_config({**common, "name": "two", "strategy": ds}, "b.yaml"),
+           launcher="deepspeed")
+    one, two = ({r["step"]: r for r in metrics(tmp_path / f"runs/{n}") if "train/lr" in r}
+                for n in ("one", "two"))
+    assert sorted(one) == sorted(two) == list(range(1, 9))
+    for step in range(1, 9):
+        a, b = one[step], two[step]
+        assert a.get("train/bad_steps", 0) == b.get("train/bad_steps", 0) == (step >= 3)
+        if step != 3:  # step 3 was skipped: it logs no loss or norm of its own
+            assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-3)
+            assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-3)
+
+
+def test_deepspeed_bf16_trains_a_batchnorm_cnn_and_offloads_adam(write_config, tmp_path):
+    """bf16 under DeepSpeed: the inputs take the engine's dtype and BatchNorm's statistics follow
+    the parameters; ZeRO-Offload steps DeepSpeed's CPU Adam built from the AdamW section."""
+    cfg = write_config({**BASE, "trainer.max_steps": 4, "trainer.precision": "bf16",
+                        "model": {"type": "cnn", "channels": [8, 16]},
+                        "strategy": {"type": "deepspeed", "config": {"zero_optimization": {
+                            "stage": 2, "offload_optimizer": {"device": "cpu"}}}}})
+    launch(2, cfg, launcher="deepspeed")
+    rows = [r for r in metrics(tmp_path / "runs/tiny") if "train/loss" in r]
+    assert len(rows) == 4 and all(math.isfinite(r["train/grad_norm"]) for r in rows)
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+
+
+def test_fsdp_ema_resumes_from_whole_tensors(write_config, tmp_path):
+    """EMA weights under FSDP are shards; the checkpoint holds them whole, so a resumed 2-rank
+    run evaluates the same averaged weights as one uninterrupted process."""
+    ema = {**BASE, "callbacks": [{"type": "ema", "decay": 0.8}]}
+    run(write_config({**ema, "name": "one"}, "a.yaml"))
+    cfg = write_config({**ema, "name": "two", "strategy": {"type": "fsdp"}}, "b.yaml")
+    launch(2, cfg, "trainer.max_steps=10")
+    launch(2, cfg)
+    one, two = ([r for r in metrics(tmp_path / f"runs/{n}") if "val/loss" in r]
+                for n in ("one", "two"))
+    assert [r["step"] for r in two] == [10, 20]
+    assert two[-1]["val/loss"] == pytest.approx(one[-1]["val/loss"], rel=1e-4)
+
+
+STALL_PLUGIN = '''
+import time
+from src.core.callbacks.base import Callback
+from src.core.registry import CALLBACKS
+
+@CALLBACKS.register("stall_rank0")
+class StallRank0(Callback):
+    """Rank 0 stops answering for a while, as a hung data loader or a lost node would."""
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+    def on_step_end(self, trainer, outputs):
+        if trainer.step == 2 and trainer.strategy.rank == 0:
+            time.sleep(self.seconds)
+'''
+
+
+def test_a_rank_that_stops_answering_fails_the_run_in_one_line(write_config, tmp_path):
+    """strategy.timeout_s bounds every wait for another rank: the run ends with one line per
+    rank instead of hanging for the default half hour."""
+    (tmp_path / "stall_plugin.py").write_text(STALL_PLUGIN)
+    cfg = write_config({**BASE, "imports": ["stall_plugin"],
+                        "strategy": {"type": "ddp", "timeout_s": 3},
+                        "callbacks": [{"type": "stall_rank0", "seconds": 20}]})
+    out = launch(2, cfg, expect=1)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: rank")]
+    assert errors and all("strategy.timeout_s = 3" in e for e in errors), out.stderr[-3000:]
+    assert not (tmp_path / "runs/tiny/checkpoints/step_00000020").exists()
+
+
+def test_fsdp_language_model_samples_after_evaluation(write_config, tmp_path):
+    """Sampling after an evaluation runs outside any step: under FSDP the task's generate is a
+    registered forward (the root's sharded weights are gathered) and ranks stay in lockstep."""
+    cfg = write_config({"name": "lm", "trainer.max_steps": 2, "trainer.eval_every_n_steps": 2,
+                        "trainer.eval_every_n_epochs": None,
+                        "data": {"type": "text", "paths": ["stdlib:json"], "vocab_size": 512,
+                                 "block_size": 64, "val_fraction": 0.3, "batch_size": 8},
+                        "model": {"type": "hf", "kind": "causal_lm", "config": {
+                            "model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32,
+                            "n_positions": 64}},
+                        "task": {"type": "causal_lm", "samples": 2, "max_new_tokens": 8},
+                        "strategy": {"type": "fsdp", "timeout_s": 120}})
+    launch(2, cfg)
+    rows = metrics(tmp_path / "runs/lm", drop=())
+    texts = [r for r in rows if "text/sample_0" in r]
+    assert texts and texts[-1]["step"] == 2 and any("val/bpb" in r for r in rows)

@@ -89,7 +89,7 @@ class LRFinder(Callback):
                 g["lr"] = lr
             out = trainer.train_step(trainer.strategy.to_device(batch), True, 1)
             trainer.strategy.optimizer_step(trainer.optimizer, trainer.scaler)
-            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.strategy.zero_grad(trainer.optimizer)
             loss = float(out["loss"])
             smooth = loss if smooth is None else self.smoothing * loss + (1 - self.smoothing) * smooth
             lrs.append(lr)
