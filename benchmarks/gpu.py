@@ -70,18 +70,18 @@ def checks(gpus: int, cpu: bool) -> dict[str, tuple[str, int, list[str], callabl
                                "strategy.config={zero_optimization: {stage: 2}}"], finite_norms),
         "deepspeed_zero0_grad_norm": ("deepspeed", ranks, [ds, "strategy.config={}"],
                                       finite_norms),
-        "fsdp_cpu_offload_clipped": ("torchrun", ranks, ["strategy.type=fsdp",
-                                     "strategy.cpu_offload=true", "trainer.grad_clip=1.0"],
-                                     finite_norms),
         "fsdp_async_checkpoint": ("torchrun", ranks, ["strategy.type=fsdp",
                                   "checkpoint.async_save=true"], lambda r: bool(r)),
         "fp16_grad_scaler": ("python", 1, ["trainer.precision=fp16"], finite_norms),
         "ddp_compiled": ("torchrun", ranks, ["strategy.type=ddp", "trainer.compile=true"],
                          lambda r: bool(r)),
     }
-    if not cpu:  # a CPU has no peak FLOP/s to measure utilisation against
+    if not cpu:  # a CPU has no peak FLOP/s for utilisation, and nothing to offload from
         found["mfu_bf16"] = ("python", 1, ["trainer.precision=bf16"],
                              lambda r: any(0 < x.get("train/mfu", 0) < 1 for x in r))
+        found["fsdp_cpu_offload_clipped"] = ("torchrun", ranks, [
+            "strategy.type=fsdp", "strategy.cpu_offload=true", "trainer.grad_clip=1.0"],
+            finite_norms)
     return found
 
 

@@ -74,6 +74,9 @@ class FSDPStrategy(ProcessGroupStrategy):
 
     def configure(self, cfg) -> None:
         self.compile_blocks = cfg.trainer.compile
+        if self.cpu_offload and self.device.type != "cuda":
+            raise ConfigError("strategy.cpu_offload: offloads a GPU's parameters to the CPU; "
+                              f"this run is on {self.device.type}: leave it off")
 
     def auto_backend(self, cuda: bool) -> str:
         """With cpu_offload the gradients (and so clipping norms, GradScaler's inf checks) are

@@ -201,6 +201,7 @@ def test_deepspeed_zero3_trains(write_config, tmp_path, single_losses):
 
 @pytest.mark.parametrize("changes,expected", [
     ({"data.batch_size": 63}, "data.batch_size: 63 does not divide among 2 processes"),
+    ({"strategy": {"type": "fsdp", "cpu_offload": True}}, "strategy.cpu_offload: offloads a GPU"),
     ({"strategy": {"type": "deepspeed", "config": {"zero_optimization": {
         "stage": 2, "offload_optimizer": {"device": "cpu"}}}}, "optimizer.type": "sgd"},
      "DeepSpeed offloads only its own CPU Adam"),
