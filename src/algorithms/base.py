@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from src.data.info import DatasetInfo
@@ -123,14 +124,41 @@ class Task(nn.Module):
         return groups
 
 
+def world_size() -> int:
+    """Processes in the run (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def all_mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean of ``t`` over every rank (``t`` itself in one process). Running statistics that
+    steer training (DINO's centre) are global, as in the reference code: each rank's own would
+    drift apart, and DDP would overwrite all but rank 0's with its buffer broadcast."""
+    world = world_size()
+    if world == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / world
+
+
+@torch.no_grad()
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` (same shape on each) concatenated on dim 0 in rank order; ``t`` itself
+    in one process. MoCo's queue takes every rank's keys, so all ranks hold one queue."""
+    world = world_size()
+    if world == 1:
+        return t
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
 def lockstep() -> dict[str, Any]:
     """``generate`` arguments that keep several ranks stepping together: sharded weights are
     gathered in every forward, so a rank that finished its sequences early must keep calling
     forward until every rank has (transformers' ``synced_gpus``)."""
-    import torch.distributed as dist
-
-    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    return {"synced_gpus": True} if several else {}
+    return {"synced_gpus": True} if world_size() > 1 else {}
 
 
 def batch_size_of(batch: Any) -> int:

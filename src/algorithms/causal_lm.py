@@ -92,7 +92,7 @@ class CausalLM(Task):
         device = next(self.model.parameters()).device
         ids = ids.to(device).repeat(self.samples, 1)
         out = self.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                  do_sample=True, pad_token_id=tok.pad_token_id, **self.gen)
+                            do_sample=True, pad_token_id=tok.pad_token_id, **self.gen)
         prompt = tok.decode(ids[0])
         return {f"sample_{i}": prompt + " ▸ " + tok.decode(o[ids.shape[1]:], skip_special_tokens=True)
                 for i, o in enumerate(out)}

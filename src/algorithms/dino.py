@@ -7,8 +7,8 @@ import torch
 from pydantic import confloat, conint
 from torch import nn
 
-from src.algorithms.ssl_base import (SSLTask, all_mean, cosine_momentum, ema_update,
-                                     frozen_copy)
+from src.algorithms.base import all_mean
+from src.algorithms.ssl_base import SSLTask, cosine_momentum, ema_update, frozen_copy
 from src.core.registry import TASKS
 from src.models.heads import DINOHead
 from src.models.losses import dino_loss

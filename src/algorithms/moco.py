@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from pydantic import confloat, conint
 from torch import nn
 
-from src.algorithms.ssl_base import SSLTask, all_gather_cat, ema_update, frozen_copy
+from src.algorithms.base import all_gather_cat
+from src.algorithms.ssl_base import SSLTask, ema_update, frozen_copy
 from src.core.registry import TASKS
 from src.models.heads import mlp
 from src.models.losses import info_nce

@@ -7,11 +7,10 @@ import contextlib
 from typing import Any, Literal, Optional
 
 import torch
-import torch.distributed as dist
 from pydantic import confloat, conint
 from torch import nn
 
-from src.algorithms.base import Task, lockstep
+from src.algorithms.base import Task, all_mean, lockstep, world_size
 from src.algorithms.ssl_base import frozen_copy
 from src.core.registry import REWARDS, TASKS
 
@@ -33,11 +32,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 def mean_over_ranks(value: torch.Tensor) -> float:
     """The mean of a scalar over all ranks (every rank gets the same number)."""
-    if not dist.is_initialized():
-        return float(value)
-    total = value.detach().float().reshape(1).clone()
-    dist.all_reduce(total)
-    return float(total) / dist.get_world_size()
+    return float(all_mean(value.detach().float()))
 
 
 def token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -151,7 +146,7 @@ class PPO(Task):
             self._rollout, self._uses = self.collect(batch), 0
             if self.kl_target is not None:  # one host read per rollout, not per step
                 kl, samples = mean_over_ranks(self._rollout["kl"]), len(self._rollout["seq"])
-                world = dist.get_world_size() if dist.is_initialized() else 1
+                world = world_size()
                 self.adapt_kl(kl, samples * world)
         r = self._rollout
         self._uses += 1

@@ -46,39 +46,6 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     torch._foreach_lerp_(t, s, 1.0 - momentum)
 
 
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-@torch.no_grad()
-def all_mean(t: torch.Tensor) -> torch.Tensor:
-    """The mean of ``t`` over every rank (``t`` itself in one process). Running statistics that
-    steer training (DINO's centre) are global, as in the reference code: each rank's own would
-    drift apart, and DDP would overwrite all but rank 0's with its buffer broadcast."""
-    if _world() == 1:
-        return t
-    import torch.distributed as dist
-
-    t = t.clone()
-    dist.all_reduce(t)
-    return t / _world()
-
-
-@torch.no_grad()
-def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``t`` (same shape on each) concatenated on dim 0 in rank order; ``t`` itself
-    in one process. MoCo's queue takes every rank's keys, so all ranks hold one queue."""
-    if _world() == 1:
-        return t
-    import torch.distributed as dist
-
-    out = [torch.empty_like(t) for _ in range(_world())]
-    dist.all_gather(out, t.contiguous())
-    return torch.cat(out)
-
-
 def cosine_momentum(base: float, step: int, max_steps: int) -> float:
     """BYOL/DINO schedule: base at step 0, rising to 1 along a half cosine at the last step."""
     return 1 - (1 - base) * (math.cos(math.pi * min(step, max_steps) / max(max_steps, 1)) + 1) / 2

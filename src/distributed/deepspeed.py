@@ -81,7 +81,7 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
         super().__init__(backend, timeout_s)
         self.user_config = dict(config)
         self.ds_config: dict[str, Any] = {}
-        self.offload = self.engine_checks_gradients = False
+        self.cpu_adam = self.engine_checks_gradients = False
         self._accumulating = False
 
     def setup(self) -> None:
@@ -118,9 +118,10 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
                 raise ConfigError(f"strategy.config.{key}.enabled: {user[key].get('enabled')} "
                                   f"conflicts with trainer.precision = {t.precision}")
         offload = (user.get("zero_optimization") or {}).get("offload_optimizer") or {}
-        self.offload = offload.get("device", "none") in ("cpu", "nvme")
-        if self.offload and "zero_force_ds_cpu_optimizer" not in user \
-                and cfg.optimizer["type"] not in ("adam", "adamw"):
+        # ZeRO-Offload steps DeepSpeed's own CPU Adam unless the user forces another optimizer
+        self.cpu_adam = offload.get("device", "none") in ("cpu", "nvme") \
+            and "zero_force_ds_cpu_optimizer" not in user
+        if self.cpu_adam and cfg.optimizer["type"] not in ("adam", "adamw"):
             raise ConfigError(
                 f"strategy.config.zero_optimization.offload_optimizer: DeepSpeed offloads only its "
                 f"own CPU Adam (optimizer.type adam or adamw, not '{cfg.optimizer['type']}'); or "
@@ -134,7 +135,7 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
         import deepspeed
 
         optimizer = make_optimizer(task)
-        if self.offload and "zero_force_ds_cpu_optimizer" not in self.user_config:
+        if self.cpu_adam:
             optimizer = cpu_adam(optimizer)
         engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer,
                                                config=self.ds_config)
