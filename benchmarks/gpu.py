@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import os
 import socket
 import subprocess
@@ -45,9 +46,19 @@ def launch(launcher: str, nproc: int, overrides: list[str], root: Path, env: dic
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}",
                f"--master_port={_port()}", "--module", "src.main"]
     out = subprocess.run(cmd + ["--config", CONFIG, *SHORT, f"logging.root={root}", *overrides],
-                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+                         cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": os.pathsep.join(
+                             [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])},
                          capture_output=True, text=True, timeout=900)
     return out.returncode, out.stderr
+
+
+def _cause(stderr: str) -> list[str]:
+    """The line of a failed run's stderr that names the error (not torchrun's banner rules)."""
+    lines = [ln.strip() for ln in stderr.splitlines()]
+    lines = [ln for ln in lines if ln.strip("=-") and not ln.lower().startswith("traceback")]
+    named = [ln for ln in lines if "ChildFailedError" not in ln and (
+        ln.startswith("error:") or re.search(r"\w+(Error|Exception):", ln))]
+    return (named or lines)[-1:]
 
 
 def rows(root: Path, name: str) -> list[dict]:
@@ -89,6 +100,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Short runs of the GPU-only code paths.")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--only", default="", help="comma-separated check names")
+    p.add_argument("--log", default="", help="folder for each check's stderr (kept for reading)")
     args = p.parse_args(argv)
     import torch
 
@@ -109,7 +121,10 @@ def main(argv=None) -> int:
         for name, (launcher, nproc, overrides, verdict) in todo.items():
             rc, err = launch(launcher, nproc, overrides + [f"name={name}"], Path(tmp), env)
             ok = rc == 0 and verdict(rows(Path(tmp), name))
-            last = [line for line in err.splitlines() if line.strip()][-1:] or [f"exit {rc}"]
+            if args.log:
+                Path(args.log).mkdir(parents=True, exist_ok=True)
+                (Path(args.log) / f"{name}.txt").write_text(err)
+            last = _cause(err) or [f"exit {rc}"]
             print(f"| {name} | {'ok' if ok else 'FAILED: ' + last[0][-200:]} |", flush=True)
             failed += not ok
     return 1 if failed else 0

@@ -22,7 +22,11 @@ def run(config: Path, *overrides: str):
     return exp
 
 
-def metrics(run_dir: Path, drop=("time", "train/samples_per_sec", "train/tokens_per_sec")):
+TIMINGS = ("time", "train/samples_per_sec", "train/tokens_per_sec", "train/tflops", "train/mfu")
+
+
+def metrics(run_dir: Path, drop=TIMINGS):
+    """A run's metric rows without the wall-clock figures (which differ between any two runs)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k not in drop} for r in rows]
 

@@ -325,7 +325,8 @@ class Trainer:
     def _accumulate(self, outputs: dict[str, torch.Tensor]) -> None:
         """Add this step's scalars to the interval sums: one stack and one add, no sync."""
         keys = tuple(outputs)
-        vec = torch.stack([outputs[k].float() for k in keys])
+        dev = outputs[keys[0]].device  # the loss's; a gradient norm may sit on the CPU (offload)
+        vec = torch.stack([outputs[k].float().to(dev, non_blocking=True) for k in keys])
         if keys == self._sum_keys:
             self._sum_vec += vec
         else:  # first step of an interval, or the task returned other keys
