@@ -13,11 +13,16 @@ Heavy libraries are imported only once a config is being built, so --help and --
 from __future__ import annotations
 
 import argparse
+import io
 import sys
+
+MAX_ERROR_LINES = 10
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from src.core.errors import ArgumentParser
+
+    p = ArgumentParser(
         prog="python -m src.main",
         description="Train an experiment described by one YAML file.",
         epilog="Overrides: dotted paths with YAML values, e.g. trainer.max_steps=50 "
@@ -85,9 +90,64 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(argv)
     except UserError as exc:
-        for line in exc.lines:
+        lines = exc.lines or ["(no message)"]
+        if len(lines) > MAX_ERROR_LINES:
+            lines = lines[:MAX_ERROR_LINES - 1] + [
+                f"... and {len(lines) - MAX_ERROR_LINES + 1} more problems"]
+        for line in lines:
             print(f"error: {line}", file=sys.stderr)
         return exc.exit_code
+
+
+class _HeldStream(io.TextIOBase):
+    """Stands in for stderr while a config is built: what libraries print then (progress bars,
+    notes) is held back, shown if the build succeeds, dropped if the config is at fault, so an
+    error is one clean line. Streams that libraries opened meanwhile write through afterwards."""
+
+    def __init__(self, real):
+        self.real, self.held, self.holding = real, [], True
+
+    def write(self, text: str) -> int:
+        if self.holding:
+            self.held.append(text)
+        else:
+            self.real.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.holding:
+            self.real.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def release(self, show: bool) -> None:
+        self.holding = False
+        if show and self.held:
+            self.real.write("".join(self.held))
+        self.held.clear()
+
+
+def _prepare_and_build(args):
+    """Validate and build the experiment, stderr held back until it is known to be valid."""
+    from src.core.errors import UserError
+    from src.core.experiment import build, prepare
+
+    real, held = sys.stderr, _HeldStream(sys.stderr)
+    sys.stderr, ok = held, False
+    try:
+        cfg, origins = prepare(args.config, args.overrides, args.imports)
+        exp = build(cfg, origins)
+        ok = True
+        return exp
+    except UserError:
+        raise
+    except BaseException:
+        ok = True  # not the config's fault: keep whatever was printed, with the traceback
+        raise
+    finally:
+        sys.stderr = real
+        held.release(show=ok)
 
 
 def _dispatch(argv: list[str]) -> int:
@@ -102,11 +162,9 @@ def _dispatch(argv: list[str]) -> int:
         from src.core.errors import UserError
 
         raise UserError("--config: required (or use --list / --help)")
-    from src.core.experiment import build, prepare
     from src.core.trainer import TrainingDiverged
 
-    cfg, origins = prepare(args.config, args.overrides, args.imports)
-    exp = build(cfg, origins)
+    exp = _prepare_and_build(args)
     if args.dry_run:
         _dry_run(exp)
         return 0

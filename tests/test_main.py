@@ -109,7 +109,7 @@ BAD = [
     (["--config", "{tag}"], "could not determine a constructor for the tag"),
     (["--config", "{ok}", "data.batch_size=5000"], "data.batch_size: 5000 is larger than"),
     (["--config", "{ok}", "checkpoint.resume=/no/such/dir"], "checkpoint.resume: not a directory"),
-    (["--config", "{ok}", "imports=[no_such_module_xyz]"], "imports.0: cannot import"),
+    (["--config", "{ok}", "imports=[no_such_module_xyz]"], "imports.0: no module"),
     (["--config", "{ok}", "trainer.max_steps=null"], "set max_steps or max_epochs"),
     (["{ok}"], "--config: required"),
 ]
@@ -143,3 +143,104 @@ def test_bad_input_in_a_real_process(cli, write_config, tmp_path):
         f"error: override 'optimizer.lr=fast': optimizer.lr: Input should be a valid number, "
         f"unable to parse string as a number (got 'fast')"]
     assert not (tmp_path / "runs").exists()
+
+
+# Each class of bad input the config fuzzer (tests/test_main_fuzz.py) found, by name.
+LAUGHS = "[" + ", ".join([f"&a0 [x, x, x, x, x, x, x, x, x]"] + [
+    f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 8)]) + "]"
+CLASSES = {
+    "yaml_tag_int": (["trainer.max_steps=!!int x"], "invalid YAML value: ValueError"),
+    "yaml_tag_float": (["optimizer.lr=!!float abc"], "invalid YAML value: ValueError"),
+    "yaml_tag_bool": (["trainer.compile=!!bool maybe"], "invalid YAML value: KeyError"),
+    "yaml_tag_timestamp": (["name=!!timestamp x"], "invalid YAML value"),
+    "yaml_huge_integer": (["trainer.max_steps=" + "9" * 5000], "Exceeds the limit"),
+    "yaml_binary_value": (["name=!!binary aGk="], "a YAML bytes is not a config value"),
+    "deep_nesting": (["model.hidden=" + "[" * 3000 + "]" * 3000], "nested deeper than 32"),
+    "self_alias": (["model=&m {type: mlp, me: *m}"], "refers to itself"),
+    "deep_override_path": ([".".join(["a"] * 1500) + "=1"], "key path is deeper than 32"),
+    "alias_bomb_override": (["model.x=" + LAUGHS], "more than 100,000 values"),
+    "alias_bomb_file": ("{laughs}", "more than 100,000 values"),
+    "base_not_a_name": ("{base5}", "base: expected a config file name"),
+    "base_nul_byte": ("{base_nul}", "base: expected a config file name"),
+    "base_too_long": ("{base_long}", "base: expected a config file name"),
+    "config_path_too_long": ("x" * 5000, "cannot read the config file: File name too long"),
+    "import_empty": (["--import", ""], "'' is not a module name"),
+    "import_relative": (["--import", ".rel"], "'.rel' is not a module name"),
+    "import_syntax_error": (["--import", "{syntax}"], "bad_syntax.py:1: SyntaxError"),
+    "import_raises": (["--import", "{raises}"], "bad_raise.py:2: RuntimeError: boom"),
+    "import_missing": (["--import", "no_such_mod_xyz"], "no module 'no_such_mod_xyz' in the"),
+    "lr_negative": (["optimizer.lr=-1"], "optimizer.lr: Input should be greater than 0"),
+    "lr_nan": (["optimizer.lr=.nan"], "optimizer.lr: Input should be a finite number"),
+    "betas_out_of_range": (["optimizer.betas=[2, 0.9]"], "optimizer.betas.0: Input should be less"),
+    "eps_negative": (["optimizer.eps=-1"], "optimizer.eps: Input should be greater than or"),
+    "weight_decay_negative": (["optimizer.weight_decay=-1"], "optimizer.weight_decay: Input"),
+    "seed_negative": (["seed=-1"], "seed: Input should be greater than or equal to 0"),
+    "seed_too_large": (["seed=18446744073709551616"], "seed: Input should be less than"),
+    "device_unknown": (["strategy.device=nope"], "strategy.device: 'nope' is not a device"),
+    "device_missing": (["strategy.device=cuda:7"], "strategy.device: cuda:7 does not exist"),
+    "width_unallocatable": (["model.hidden=[100000000000000]"], "model: RuntimeError:"),
+    "width_overflow": (["model.hidden=[1000000000000000000000000000000]"], "model: "),
+    "unknown_flag": (["--trainer.max_steps=5"], "unrecognized arguments: --trainer.max_steps=5"),
+    "newline_in_value": (['name="a\\nb"'], "(got 'a\\nb')"),
+    "nul_byte_in_file": ("{nul}", "invalid YAML: unacceptable character #x0000"),
+    "duplicate_key": ("{dup}", "duplicate key 'trainer' (first given on line"),
+    "name_too_long": (["name=" + "n" * 300], "name: String should have at most 128"),
+    "strategie_grammar": (["strategy.type=nope"], "unknown strategy 'nope'"),
+}
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_each_class_of_bad_input_is_one_line(name, capsys, write_config, tmp_path, monkeypatch):
+    from src.main import main
+
+    args, expected = CLASSES[name]
+    ok = write_config()
+    files = {"laughs": f"name: x\nbomb: {LAUGHS}\n", "base5": "base: 5\n",
+             "base_nul": 'base: "a\\0b"\n', "base_long": f"base: {'b' * 5000}\n",
+             "nul": "name: x\x00\n", "dup": ok.read_text() + "trainer: {max_steps: 5}\n"}
+    for key, text in files.items():
+        (tmp_path / f"{key}.yaml").write_text(text)
+    (tmp_path / "bad_syntax.py").write_text("def broken(:\n    pass\n")
+    (tmp_path / "bad_raise.py").write_text("import os\nraise RuntimeError('boom')\n")
+    monkeypatch.chdir(tmp_path)
+    paths = {"syntax": "bad_syntax.py", "raises": "bad_raise", **{k: f"{k}.yaml" for k in files}}
+    fill = lambda a: paths.get(a[1:-1], a) if a.startswith("{") else a  # noqa: E731
+    if isinstance(args, str):  # a config file of its own
+        argv = ["--config", fill(args), "--dry-run"]
+    else:
+        argv = ["--config", str(ok), *map(fill, args), "--dry-run"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = main(argv)
+    err = capsys.readouterr().err
+    sys.modules.pop("bad_raise", None)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert expected in lines[0], lines[0]
+    assert len(lines[0]) <= 520 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == before
+
+
+def test_yaml_1_2_scalars_dates_and_off_stay_strings():
+    from src.core.config import yaml_load
+
+    assert yaml_load("{a: off, b: yes, c: 2026-01-01, d: true, e: 3e-4}") == {
+        "a": "off", "b": "yes", "c": "2026-01-01", "d": True, "e": 3e-4}
+
+
+def test_library_output_before_a_config_error_is_held_back(capsys, write_config, monkeypatch):
+    """A library that prints while a bad config is built leaves only the error line."""
+    import src.core.registry as registry
+    from src.main import main
+
+    real = registry.Registry.build
+
+    def noisy(self, section, path=None, **kw):
+        print("Loading weights: 100%|##########|", file=sys.stderr)
+        return real(self, section, path, **kw)
+
+    monkeypatch.setattr(registry.Registry, "build", noisy)
+    assert main(["--config", str(write_config()), "model.hidden=[100000000000000]",
+                 "--dry-run"]) == 2
+    assert capsys.readouterr().err.startswith("error: model: RuntimeError")
+    assert main(["--config", str(write_config()), "--dry-run"]) == 0
+    assert "Loading weights" in capsys.readouterr().err  # a good build shows what was printed

@@ -1,5 +1,9 @@
-"""The README's promises: its set-up commands are the ones CI runs, and its example works."""
+"""The README's promises: its set-up commands are the ones CI runs, and its examples work."""
+import io
 import re
+import shlex
+import sys
+from contextlib import redirect_stderr
 
 from conftest import ROOT
 from helpers import metrics, run
@@ -29,3 +33,22 @@ def test_the_add_your_own_algorithm_example_runs(tmp_path, monkeypatch):
     run(cfg, "trainer.max_steps=4", f"logging.root={tmp_path / 'runs'}")
     rows = metrics(tmp_path / "runs/focal")
     assert rows[-1]["step"] == 4 and "val/accuracy" in rows[-1]
+
+
+def test_the_error_examples_print_what_the_readme_shows(tmp_path, monkeypatch):
+    """Each `$ python -m src.main ...` example under "The command line" and the line it prints."""
+    from src.main import main
+
+    section = README.split("## The command line", 1)[1].split("\n## ", 1)[0]
+    pairs = re.findall(r"^\$ python -m src\.main (.*)\n(error: .*)$", section, re.M)
+    assert len(pairs) >= 3
+    # the example's own module: line 12 uses a name it never imported
+    (tmp_path / "my_components.py").write_text("import torch\n" + "\n" * 10 + "x = nn.Linear(1, 1)\n")
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    monkeypatch.chdir(tmp_path)
+    for args, expected in pairs:
+        sys.modules.pop("my_components", None)
+        err = io.StringIO()
+        with redirect_stderr(err):
+            code = main(shlex.split(args) + ["--dry-run"])
+        assert code == 2 and err.getvalue().strip() == expected, (args, err.getvalue())

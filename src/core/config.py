@@ -9,25 +9,26 @@ checked against their registry entry's signature by :func:`validate_components`.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from src.core.errors import ConfigError
+from src.core.errors import ConfigError, library_message, shown
 
 Section = dict[str, Any]  # a component: {"type": name, **params}, checked by its registry
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(BaseModel):
     """Data: loader options here; every other key goes to the DATASETS entry named by ``type``."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     type: str = Field("digits", description="DATASETS entry that builds train and val sets.")
     batch_size: int = Field(64, gt=0, description="Global batch size of one micro-step.")
     eval_batch_size: Optional[int] = Field(None, gt=0, description="Batch size for evaluation.")
@@ -85,8 +86,9 @@ class LoggingConfig(_Strict):
 class ExperimentConfig(_Strict):
     """One experiment. Sections map to registries; see configs/exp001.yaml."""
 
-    name: str = Field(..., description="Run name: the folder experiments/<name>/.")
-    seed: int = Field(0, description="Seed for python, numpy and torch (offset per rank).")
+    name: str = Field(..., max_length=128, description="Run name: the folder experiments/<name>/.")
+    seed: int = Field(0, ge=0, lt=2**32, description=(
+        "Seed for python, numpy and torch (offset per rank), 0 <= seed < 2**32."))
     imports: list[str] = Field([], description="User modules imported to register components.")
     data: DataConfig = Field(default_factory=DataConfig)
     model: Section = Field(..., description="MODELS entry.")
@@ -117,13 +119,43 @@ class ExperimentConfig(_Strict):
 # ---------------------------------------------------------------- loading
 
 
+MAX_DEPTH = 32  # levels of nesting in a config document or override
+MAX_VALUES = 100_000  # values in a document, aliases expanded
+MAX_FILE_BYTES = 10_000_000
+_JSON_TYPES = (str, int, float, bool, type(None))
+
+
+@functools.lru_cache(maxsize=1)
 def _yaml_loader():
-    """SafeLoader that also reads ``3e-4`` as a float (YAML 1.1 wants ``3.0e-4``)."""
+    """A SafeLoader with YAML 1.2's plain scalars, strict about duplicate keys.
+
+    ``3e-4`` reads as a float (YAML 1.1 wants ``3.0e-4``); only ``true``/``false`` are booleans
+    (``off``, ``no``, ``yes`` stay strings) and dates stay strings; a key given twice in one
+    mapping is an error instead of the last one silently winning.
+    """
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[str, int] = {}
+                for key_node, _ in node.value:
+                    if isinstance(key_node, yaml.ScalarNode) and \
+                            key_node.tag != "tag:yaml.org,2002:merge":
+                        if key_node.value in seen:
+                            raise yaml.constructor.ConstructorError(
+                                None, None, f"duplicate key '{key_node.value}' (first given on "
+                                f"line {seen[key_node.value] + 1})", key_node.start_mark)
+                        seen[key_node.value] = key_node.start_mark.line
+            return super().construct_mapping(node, deep)
 
+    dropped = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in dropped]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                                 re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
         re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -135,32 +167,91 @@ def _yaml_loader():
     return Loader
 
 
-def yaml_load(text: str) -> Any:
-    """Parse YAML with the safe loader above: no tag can construct a Python object."""
-    loader = _yaml_loader()(text)
+def yaml_load(text: str, where: str = "<yaml>") -> Any:
+    """Parse YAML with the safe loader above: no tag can construct a Python object.
+
+    Raises:
+        ConfigError: one line naming ``where`` (and line:column when known) for invalid YAML,
+            a value of a tag that cannot be built, nesting deeper than :data:`MAX_DEPTH`, a
+            recursive alias, or aliases that expand to more than :data:`MAX_VALUES` values.
+    """
+    import yaml
+
+    loader = None
     try:
-        return loader.get_single_data()
+        loader = _yaml_loader()(text)  # the reader checks the characters here
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = " ".join(str(exc.problem or exc.context or "").split())
+        raise ConfigError(f"{where}{at}: invalid YAML: {problem}") from None
+    except yaml.YAMLError as exc:  # e.g. a NUL byte: the reader's message, first line only
+        raise ConfigError(f"{where}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: invalid YAML: nested deeper than {MAX_DEPTH} levels"
+                          ) from None
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+        # a tag's value that cannot be built: !!int x, !!bool maybe, a 5000-digit integer
+        raise ConfigError(f"{where}: invalid YAML value: {library_message(exc, 120)}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
+    _check_tree(data, where)
+    return data
+
+
+def _check_tree(data: Any, where: str) -> None:
+    """Plain data only (mappings with string keys, lists, scalars), bounded in depth and size."""
+    count = 0
+    open_ids: set[int] = set()
+
+    def walk(node: Any, path: str, depth: int) -> None:
+        nonlocal count
+        count += 1
+        at = f"{where}: {path}" if path else where
+        if count > MAX_VALUES:
+            raise ConfigError(f"{where}: more than {MAX_VALUES:,} values once aliases are "
+                              "expanded; a config needs far fewer")
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{at}: nested deeper than {MAX_DEPTH} levels")
+        if isinstance(node, (dict, list)):
+            if id(node) in open_ids:
+                raise ConfigError(f"{at}: refers to itself (a recursive alias)")
+            open_ids.add(id(node))
+            for k, v in (node.items() if isinstance(node, dict) else enumerate(node)):
+                if isinstance(node, dict) and not isinstance(k, str):
+                    raise ConfigError(f"{at}: key {shown(k)} is not a string")
+                walk(v, f"{path}.{k}" if path else str(k), depth + 1)
+            open_ids.discard(id(node))
+        elif not isinstance(node, _JSON_TYPES):
+            raise ConfigError(f"{at}: a YAML {type(node).__name__} is not a config value (use a "
+                              "string, number, boolean, list or mapping)")
+
+    walk(data, "", 0)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    name = shown(str(path), 120)[1:-1]
     try:
-        data = yaml_load(path.read_text())
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: invalid YAML: {exc.problem or exc.context}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        if path.is_dir():
+            raise ConfigError(f"{name}: is a folder, not a config file")
+        if not path.is_file():
+            raise ConfigError(f"{name}: config file not found")
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise ConfigError(f"{name}: {path.stat().st_size:,} bytes is too large for a config "
+                              f"file (limit {MAX_FILE_BYTES:,})")
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name}: not UTF-8 text (byte {exc.start})") from None
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte, no permission
+        reason = getattr(exc, "strerror", None) or library_message(exc, 80)
+        raise ConfigError(f"{name}: cannot read the config file: {reason}") from None
+    data = yaml_load(text, name)
     if data is None:
-        raise ConfigError(f"{path}: config file is empty")
+        raise ConfigError(f"{name}: config file is empty")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top, got {type(data).__name__}")
+        raise ConfigError(f"{name}: expected a mapping at the top, got {type(data).__name__}")
     return data
 
 
@@ -200,35 +291,52 @@ def _set_sources(origins: dict[str, str], new: dict[str, str]) -> None:
 
 def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:
     """A file merged over its ``base:`` files, and the file each leaf came from."""
-    if path.resolve() in seen:
+    if _resolved(path) in seen:
         raise ConfigError(f"{path}: 'base' inheritance forms a cycle")
+    if len(seen) > 16:
+        raise ConfigError(f"{path}: 'base' files nest more than 16 deep")
     data = _read_yaml(path)
     bases = data.pop("base", None)
     merged: dict[str, Any] = {}
     origins: dict[str, str] = {}
-    for b in [bases] if isinstance(bases, str) else (bases or []):
-        if not isinstance(b, str):
-            raise ConfigError(f"{path}: base: expected a file name, got {b!r}")
-        bdata, borigins = _load_with_bases(path.parent / b, seen + (path.resolve(),))
+    for b in [bases] if isinstance(bases, str) else bases if isinstance(bases, list) else [bases]:
+        if bases is None:
+            break
+        if not isinstance(b, str) or not b.strip() or "\x00" in b or len(b) > 1024:
+            raise ConfigError(f"{path}: base: expected a config file name (or a list of them), "
+                              f"got {shown(b)}")
+        bdata, borigins = _load_with_bases(path.parent / b, seen + (_resolved(path),))
         merged = _merge(merged, bdata)
         _set_sources(origins, borigins)
     _set_sources(origins, _leaf_sources(data, str(path)))
     return _merge(merged, data), origins
 
 
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError, ValueError):  # a loop or a NUL byte: read_yaml reports it
+        return path.absolute()
+
+
+_KEY_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"optimizer.lr=3e-4"`` -> (["optimizer", "lr"], 0.0003); values are YAML scalars or lists."""
-    import yaml
-
     key, sep, raw = text.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override '{text}': expected key.path=value")
-    try:
-        value = yaml_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({exc.__class__.__name__})"
-                          ) from None
-    return key.split("."), value
+    where = f"override {shown(text, 60)}"
+    if not sep or not key:
+        raise ConfigError(f"{where}: expected key.path=value")
+    parts = key.split(".")
+    if len(parts) > MAX_DEPTH:
+        raise ConfigError(f"{where}: key path is deeper than {MAX_DEPTH} levels")
+    bad = next((p for p in parts if not _KEY_PART.fullmatch(p)), None)
+    if bad is not None:
+        raise ConfigError(f"{where}: {shown(bad, 40) if bad else 'an empty part'} is not a key "
+                          "(expected key.path=value, keys of letters, digits, '_' and '-')")
+    value = yaml_load(raw, where) if raw.strip() else None
+    return parts, value
 
 
 def _apply_override(data: dict, keys: list[str], value: Any, text: str) -> None:
@@ -238,7 +346,7 @@ def _apply_override(data: dict, keys: list[str], value: Any, text: str) -> None:
             node = node[int(k)]
             continue
         if not isinstance(node, dict):
-            raise ConfigError(f"override '{text}': {'.'.join(keys[:i])} is not a mapping")
+            raise ConfigError(f"override {shown(text, 60)}: {'.'.join(keys[:i])} is not a mapping")
         node = node.setdefault(k, {})
     last = keys[-1]
     if isinstance(node, list) and last.isdigit() and int(last) < len(node):
@@ -246,7 +354,7 @@ def _apply_override(data: dict, keys: list[str], value: Any, text: str) -> None:
     elif isinstance(node, dict):
         node[last] = value
     else:
-        raise ConfigError(f"override '{text}': {'.'.join(keys[:-1])} is not a mapping")
+        raise ConfigError(f"override {shown(text, 60)}: {'.'.join(keys[:-1])} is not a mapping")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[ExperimentConfig, dict[str, str]]:
@@ -258,12 +366,16 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[Experiment
         ConfigError: every problem, one line each, naming its source and dotted path.
     """
     data, origins = _load_with_bases(Path(path))
+    for key in ("optimizer", "scheduler", "strategy"):  # an override edits the default section
+        if key not in data:
+            data[key] = copy.deepcopy(ExperimentConfig.model_fields[key].default)
     for text in overrides:
         keys, value = parse_override(text)
+        source = f"override {shown(text, 60)}"
         _apply_override(data, keys, value, text)
-        _set_sources(origins, _leaf_sources({".".join(keys): value}, f"override '{text}'")
+        _set_sources(origins, _leaf_sources({".".join(keys): value}, source)
                      if not isinstance(value, dict)
-                     else _leaf_sources(value, f"override '{text}'", ".".join(keys) + "."))
+                     else _leaf_sources(value, source, ".".join(keys) + "."))
     try:
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as exc:

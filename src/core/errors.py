@@ -1,5 +1,40 @@
-"""Errors that are the user's to fix: the CLI prints them as one line each and exits with code 2."""
+"""Errors that are the user's to fix: the CLI prints them as one line each and exits with code 2.
+
+Every line is printed as one line: control characters (a newline in a value, a NUL byte, a
+terminal escape) are escaped, and a line is cut at :data:`MAX_LINE` characters. Values quoted in
+messages go through :func:`shown`, library messages through :func:`library_message`.
+"""
 from __future__ import annotations
+
+import argparse
+import re
+
+MAX_LINE = 500
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(text: str) -> str:
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def shown(value, limit: int = 80) -> str:
+    """A value as a message quotes it: its repr, escaped, cut to ``limit`` characters."""
+    try:
+        text = repr(value)
+    except Exception:  # a self-referencing or exotic value: its type is enough
+        text = f"<{type(value).__name__}>"
+    return shorten(_escape(text), limit)
+
+
+def library_message(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` of a library's exception (no C++ backtrace)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else {MemoryError: "out of memory"}.get(type(exc), "(no message)")
+    return f"{type(exc).__name__}: {shorten(_escape(text), limit)}"
 
 
 class UserError(Exception):
@@ -8,7 +43,7 @@ class UserError(Exception):
     exit_code = 2
 
     def __init__(self, *lines: str):
-        self.lines = [line for line in lines if line]
+        self.lines = [shorten(_escape(str(line)), MAX_LINE) for line in lines if line]
         super().__init__("\n".join(self.lines))
 
 
@@ -27,7 +62,7 @@ class ConfigError(UserError):
             elif err["type"] == "missing":
                 msg = "required but not given"
             elif "input" in err:
-                msg = f"{msg} (got {err['input']!r})"
+                msg = f"{msg} (got {shown(err['input'])})"
             lines.append(f"{source + ': ' if source else ''}{loc}: {msg}")
         return cls(*lines)
 
@@ -38,3 +73,11 @@ class CheckpointError(UserError):
 
 class CheckpointMismatchError(CheckpointError):
     """A readable checkpoint whose tensors do not fit the model (another config, not corruption)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as a one-line :class:`UserError` (exit 2),
+    without the usage block: ``--help`` shows that."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")

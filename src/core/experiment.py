@@ -13,6 +13,7 @@ import importlib
 import math
 import os
 import platform
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,23 +21,91 @@ from typing import Any, Optional
 
 from src.core.catalog import load_builtins
 from src.core.config import ExperimentConfig, dump_config, load_config, validate_components
-from src.core.errors import ConfigError, UserError
+from src.core.errors import ConfigError, UserError, library_message, shown
 from src.core.registry import (CALLBACKS, DATASETS, LOGGERS, MODELS, OPTIMIZERS, SAMPLERS,
-                               SCHEDULERS, STRATEGIES, TASKS, TRANSFORMS)
+                               SCHEDULERS, STRATEGIES, TASKS, TRANSFORMS, building)
 
 PLUGIN_GROUP = "src.plugins"
 
 
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
 def import_user_modules(modules: list[str], where: str = "imports") -> None:
-    """Import user modules that register components (``imports:`` in YAML, ``--import``)."""
+    """Import user modules that register components (``imports:`` in YAML, ``--import``).
+
+    Each is a module name (found in the current folder or on PYTHONPATH) or a ``.py`` file path.
+    A module that is missing, has a syntax error or raises while importing is a one-line
+    :class:`ConfigError` naming the file and line at fault.
+    """
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
     for i, name in enumerate(modules):
+        at = f"{where}.{i}" if where == "imports" else where
         try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            raise ConfigError(f"{where}.{i}: cannot import '{name}': {exc}") from None
+            if name.endswith(".py") or "/" in name or os.sep in name:
+                _import_file(Path(name), at)
+            elif not _MODULE_NAME.fullmatch(name):
+                raise ConfigError(f"{at}: {shown(name)} is not a module name (pkg.module) "
+                                  "or a .py file")
+            else:
+                importlib.import_module(name)
+        except UserError:
+            raise
+        except ModuleNotFoundError as exc:
+            if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
+                raise ConfigError(f"{at}: no module {shown(name)} in the current folder ({cwd}) "
+                                  "or on PYTHONPATH") from None
+            raise ConfigError(f"{at}: importing {shown(name)} failed: {_where_raised(exc)}"
+                              f"{library_message(exc)}") from exc
+        except SyntaxError as exc:
+            file = _short_path(exc.filename or name)
+            raise ConfigError(f"{at}: {file}:{exc.lineno}: SyntaxError: {exc.msg} (importing "
+                              f"{shown(name)})") from None
+        except Exception as exc:  # the module raised while importing
+            raise ConfigError(f"{at}: importing {shown(name)} failed: {_where_raised(exc)}"
+                              f"{library_message(exc)}") from exc
+
+
+def _import_file(path: Path, at: str) -> None:
+    import importlib.util
+
+    if not path.is_file():
+        raise ConfigError(f"{at}: {shown(str(path))}: no such file")
+    name = path.stem
+    if not _MODULE_NAME.fullmatch(name):
+        raise ConfigError(f"{at}: {shown(path.name)} cannot be a module name")
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:  # its sibling modules import as they would beside it
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+
+
+def _short_path(file: str) -> str:
+    try:
+        rel = os.path.relpath(file)
+    except ValueError:
+        return file
+    return rel if not rel.startswith("..") else file
+
+
+def _where_raised(exc: BaseException) -> str:
+    """``file:line: `` of the innermost frame that raised ``exc``."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    libs = tuple({sys.prefix, sys.base_prefix, os.path.dirname(os.__file__)})
+    own = [f for f in frames if not f.filename.startswith(("<", *libs))]
+    frame = (own or frames or [None])[-1]
+    return f"{_short_path(frame.filename)}:{frame.lineno}: " if frame else ""
 
 
 def load_plugins() -> None:
@@ -164,7 +233,8 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
     from src.data.samplers import ShardedBatchSampler
 
     strategy = STRATEGIES.build(cfg.strategy, "strategy")
-    strategy.setup()
+    with building("strategy"):
+        strategy.setup()
     seed_everything(cfg.seed)  # the same initial weights on every rank (FSDP shards them as built)
     set_deterministic(cfg.trainer.deterministic)
 
@@ -175,9 +245,11 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
     data = DATASETS.build({"type": d.type, **(d.model_extra or {})}, "data", seed=cfg.seed,
                           run_dir=Path(cfg.logging.root) / cfg.name)
     model = MODELS.build(cfg.model, "model", info=data.info)
-    _apply_model_switches(model, cfg)
+    with building("trainer.gradient_checkpointing"):
+        _apply_model_switches(model, cfg)
     task = TASKS.build(cfg.task, "task", model=model)
-    task.configure(data.info)
+    with building("task"):
+        task.configure(data.info)
     views = task.train_views()
     if views is not None:  # self-supervised tasks train on per-sample augmented views
         if not hasattr(data.train, "view_transform"):
@@ -207,11 +279,13 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
         raise ConfigError("trainer: set max_steps or max_epochs (training stops at the first)")
     total = min(limits)
 
-    strategy.configure(cfg)
-    model_w, optimizer = strategy.wrap(
-        task, lambda m: OPTIMIZERS.build(cfg.optimizer, "optimizer", params=m.parameter_groups()))
+    with building("strategy"):
+        strategy.configure(cfg)
+        model_w, optimizer = strategy.wrap(task, lambda m: OPTIMIZERS.build(
+            cfg.optimizer, "optimizer", params=m.parameter_groups()))
     if t.compile:  # after wrapping, so DDP keeps its overlap and FSDP its hooks outside graphs
-        strategy.compile(model_w)
+        with building("trainer.compile"):
+            strategy.compile(model_w)
     scheduler = SCHEDULERS.build(cfg.scheduler, "scheduler", optimizer=optimizer, total_steps=total)
     seed_everything(cfg.seed, strategy.rank)  # from here on, each rank draws its own randomness
     derived = {"steps_per_epoch": steps_per_epoch, "total_steps": total,

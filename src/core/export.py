@@ -9,13 +9,12 @@ so ``model.load_state_dict(safetensors.torch.load_file(path))`` works without th
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 import torch
 
-from src.core.errors import CheckpointError, UserError
+from src.core.errors import ArgumentParser, CheckpointError, UserError
 
 MODEL_PREFIX = "model."
 
@@ -81,7 +80,7 @@ def export_hf(config: str, overrides: list[str], directory: Path, out: Path) -> 
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m src.main export",
+    p = ArgumentParser(prog="python -m src.main export",
                                 description="Write a checkpoint's weights as one safetensors file, "
                                             "or (with --config and --hf) a transformers folder.")
     p.add_argument("--checkpoint", required=True, help="a step_<N> checkpoint directory")

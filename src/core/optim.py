@@ -28,9 +28,32 @@ def torch_optimizer_classes() -> dict[str, type]:
             and cls is not torch.optim.Optimizer}
 
 
+# What torch checks when it builds an optimizer, checked at load time instead (with the config's
+# path in the message), for the hyper-parameters whose default says what they are.
+_SCALAR_RANGES = {"lr": confloat(gt=0), "eps": confloat(ge=0), "weight_decay": confloat(ge=0),
+                  "momentum": confloat(ge=0), "lr_decay": confloat(ge=0),
+                  "initial_accumulator_value": confloat(ge=0), "rho": confloat(ge=0, le=1),
+                  "alpha": confloat(ge=0), "dampening": confloat(ge=0, le=1)}
+_BETA = confloat(ge=0, lt=1)
+
+
+def hyper_parameter_types(cls: type) -> dict[str, object]:
+    """Validation types for an optimizer class's usual hyper-parameters (finite, in range)."""
+    import inspect
+
+    out: dict[str, object] = {}
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+        if name in _SCALAR_RANGES and isinstance(p.default, (int, float)) \
+                and not isinstance(p.default, bool):
+            out[name] = _SCALAR_RANGES[name]
+        elif name == "betas" and isinstance(p.default, tuple) and len(p.default) == 2:
+            out[name] = tuple[_BETA, _BETA]
+    return out
+
+
 for _name, _cls in torch_optimizer_classes().items():
     if _name in TORCH_OPTIMIZERS:
-        OPTIMIZERS.register(_name)(_cls)
+        OPTIMIZERS.register(_name, field_types=hyper_parameter_types(_cls))(_cls)
 
 
 @OPTIMIZERS.register("lars")

@@ -17,11 +17,12 @@ This module imports nothing heavy, so ``--help`` and ``--list`` stay fast.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 from typing import Any, Callable, Iterable
 
-from src.core.errors import ConfigError
+from src.core.errors import ConfigError, UserError, library_message, shown
 
 
 class Registry:
@@ -34,14 +35,21 @@ class Registry:
             optimizers); a config may not set them.
     """
 
-    def __init__(self, name: str, doc: str, injected: Iterable[str] = ()):
+    def __init__(self, name: str, doc: str, injected: Iterable[str] = (), singular: str = ""):
         self.name = name
+        self.singular = singular or name[:-1]
         self.doc = doc
         self.injected = frozenset(injected)
         self._entries: dict[str, Callable[..., Any]] = {}
+        self._field_types: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Decorator that registers a class or factory function under ``name``."""
+    def register(self, name: str, field_types: dict[str, Any] | None = None
+                 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator that registers a class or factory function under ``name``.
+
+        ``field_types`` narrows the types of some parameters for validation (e.g. a learning
+        rate > 0 for a class whose signature says only ``float``), without touching the class.
+        """
 
         def decorator(obj: Callable[..., Any]) -> Callable[..., Any]:
             held = self._entries.get(name)
@@ -50,6 +58,8 @@ class Registry:
                     f"{self.name} already has '{name}', registered by module {held.__module__}"
                 )
             self._entries[name] = obj
+            if field_types:
+                self._field_types[name] = dict(field_types)
             return obj
 
         return decorator
@@ -66,7 +76,7 @@ class Registry:
             close = difflib.get_close_matches(str(name), self.names(), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(
-                f"{path}: unknown {self.name[:-1]} '{name}'{hint} "
+                f"{path}: unknown {self.singular} {shown(name, 60)}{hint} "
                 f"(available: {', '.join(self.names()) or 'none'})"
             )
         return self._entries[name]
@@ -78,12 +88,12 @@ class Registry:
             ConfigError: one line per problem, each with its dotted path under ``path``.
         """
         if not isinstance(section, dict) or "type" not in section:
-            raise ConfigError(f"{path}: expected a mapping with a 'type' key, got {section!r}")
+            raise ConfigError(f"{path}: expected a mapping with a 'type' key, got {shown(section)}")
         params = {k: v for k, v in section.items() if k != "type"}
         entry = self.get(section["type"], f"{path}.type")
         for key in sorted(self.injected & params.keys()):
             raise ConfigError(f"{path}.{key}: is set by the platform, not by the config")
-        model = params_model(entry, self.injected)
+        model = params_model(entry, self.injected, self._field_types.get(section["type"]))
         from pydantic import ValidationError
 
         try:
@@ -98,7 +108,24 @@ class Registry:
         path = path or self.name
         params = self.validate(section, path)
         entry = self._entries[section["type"]]
-        return entry(**params, **_accepted(entry, injected))
+        with building(path):
+            return entry(**params, **_accepted(entry, injected))
+
+
+@contextlib.contextmanager
+def building(path: str):
+    """Turn an exception raised while building the component at ``path`` into a config error.
+
+    The schema admits what a type says; a library may still refuse a value (a learning rate it
+    finds out of range, a layer width it cannot allocate). That refusal is a config error of the
+    section that asked for it: one line with the section's path and the library's message.
+    """
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{path}: {library_message(exc)}") from exc
 
 
 def _accepted(entry: Callable[..., Any], offered: dict[str, Any]) -> dict[str, Any]:
@@ -113,7 +140,8 @@ def _accepted(entry: Callable[..., Any], offered: dict[str, Any]) -> dict[str, A
     return {k: v for k, v in offered.items() if k in params}
 
 
-def params_model(entry: Callable[..., Any], skip: Iterable[str] = ()):
+def params_model(entry: Callable[..., Any], skip: Iterable[str] = (),
+                 field_types: dict[str, Any] | None = None):
     """The pydantic model that validates an entry's parameters.
 
     An entry may declare ``params_model`` (a pydantic model) itself; otherwise one is derived from
@@ -141,9 +169,10 @@ def params_model(entry: Callable[..., Any], skip: Iterable[str] = ()):
         if p.kind is p.VAR_POSITIONAL or pname in skip:
             continue
         ann = Any if p.annotation is p.empty or isinstance(p.annotation, str) else p.annotation
-        ann = _config_type(ann)
+        ann = (field_types or {}).get(pname, _config_type(ann))
         fields[pname] = (ann, ... if p.default is p.empty else p.default)
-    config = ConfigDict(extra=extra, arbitrary_types_allowed=True, protected_namespaces=())
+    config = ConfigDict(extra=extra, arbitrary_types_allowed=True, protected_namespaces=(),
+                        allow_inf_nan=False)
     return create_model(f"{getattr(entry, '__name__', 'Entry')}Params", __config__=config, **fields)
 
 
@@ -188,6 +217,7 @@ SCHEDULERS = Registry(
 STRATEGIES = Registry(
     "strategies",
     "How the model is spread over processes and devices (single, ddp, fsdp, deepspeed).",
+    singular="strategy",
 )
 CALLBACKS = Registry(
     "callbacks",
@@ -203,7 +233,8 @@ SAMPLERS = Registry(
     "A training batch sampler (pk, class_balanced): resumable per (seed, epoch), sharded by rank.",
     injected=("labels", "lengths", "batch_size", "seed", "rank", "world_size"),
 )
-LOSSES = Registry("losses", "A loss module: (outputs, targets) -> scalar tensor.")
+LOSSES = Registry("losses", "A loss module: (outputs, targets) -> scalar tensor.",
+                  singular="loss")
 TRANSFORMS = Registry("transforms", "A tensor -> tensor transform (augmentations, views).")
 REWARDS = Registry("rewards", "A reward function for alignment: (prompts, completions) -> tensor.")
 

@@ -25,10 +25,26 @@ def rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    """``auto``: cuda > mps > cpu; otherwise the device named."""
+def pick_device(device: str = "auto", path: str = "strategy.device") -> torch.device:
+    """``auto``: cuda > mps > cpu; otherwise the device named, which must exist here."""
     if device != "auto":
-        return torch.device(device)
+        from src.core.errors import ConfigError, shown
+
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ConfigError(f"{path}: {shown(device)} is not a device (auto, cpu, cuda, "
+                              "cuda:N, mps)") from None
+        if dev.type == "cuda" and (not torch.cuda.is_available()
+                                   or (dev.index or 0) >= torch.cuda.device_count()):
+            have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            raise ConfigError(f"{path}: {device} does not exist here ({have} CUDA devices)")
+        if dev.type == "mps" and not (getattr(torch.backends, "mps", None)
+                                      and torch.backends.mps.is_available()):
+            raise ConfigError(f"{path}: mps is not available here")
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise ConfigError(f"{path}: {device}: training runs on cpu, cuda or mps")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():

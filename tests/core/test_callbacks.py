@@ -38,9 +38,9 @@ def test_early_stopping(values, mode, kw, stop_after):
 
 def test_early_stopping_ends_a_run(write_config, tmp_path):
     run(write_config({"trainer.max_steps": 200, "trainer.eval_every_n_steps": 5,
-                      "optimizer.lr": 0.0,
+                      "optimizer.lr": 1e-12,  # (lr must be > 0): weights all but frozen
                       "callbacks": [{"type": "early_stopping", "monitor": "val/loss",
-                                     "patience": 2}]}))
+                                     "patience": 2, "min_delta": 1e-6}]}))
     assert metrics(tmp_path / "runs/tiny")[-1]["step"] == 15
 
 
