@@ -3,6 +3,7 @@
     python -m src.main --config configs/exp001.yaml                      # train
     python -m src.main --config configs/exp001.yaml trainer.max_steps=50 optimizer.lr=3e-4
     python -m src.main --config configs/exp001.yaml --dry-run            # build, report, no training
+    python -m src.main --config configs/exp001.yaml optimizer.lr=1e-3 --new-run  # exp001-2/
     python -m src.main --list [REGISTRY]                                 # registered components
     python -m src.main --import my_pkg.my_module --config my.yaml        # user components
     python -m src.main export --checkpoint DIR --out model.safetensors   # consolidated weights
@@ -31,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     p.add_argument("--dry-run", action="store_true",
                    help="validate and build everything, print sizes and step counts, do not train")
+    p.add_argument("--new-run", action="store_true",
+                   help="train in a new folder <name>-2, -3, ... when experiments/<name> is taken")
     p.add_argument("--list", nargs="?", const="all", metavar="REGISTRY",
                    help="list registered components (all registries, or one)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
@@ -137,6 +140,13 @@ def _prepare_and_build(args):
     sys.stderr, ok = held, False
     try:
         cfg, origins = prepare(args.config, args.overrides, args.imports)
+        if args.new_run:
+            from pathlib import Path
+
+            from src.core.run_record import free_name
+
+            cfg.name = free_name(Path(cfg.logging.root), cfg.name)
+            origins["name"] = "override '--new-run'"
         exp = build(cfg, origins)
         ok = True
         return exp

@@ -37,7 +37,7 @@ def needs(path: Path, request) -> list[str]:
     extra = list(FASTER.get(path.stem, []))
     if path.stem in NEEDS_BASE:
         base = request.getfixturevalue("tiny_base")
-        extra += [f"model.path={base}", f"data.tokenizer={base}"]
+        extra += [f"model.path={base}", f"data.tokenizer={base}", "needs={}"]
         if path.stem == "dpo_docstrings":
             extra.append(f"data.path={base / 'pairs.jsonl'}")
     return extra
@@ -67,3 +67,22 @@ def test_exp001_with_overrides(overrides, tmp_path):
     run(ROOT / "configs/exp001.yaml", *SMOKE, *overrides, f"logging.root={tmp_path}",
         "logging.loggers=[jsonl]")
     assert metrics(tmp_path / "exp001")[-1]["step"] == 3
+
+
+@pytest.mark.parametrize("name", sorted(NEEDS_BASE))
+def test_a_config_that_needs_another_run_names_the_commands(name, tmp_path, monkeypatch, capsys):
+    """On a fresh clone these configs stop at once, with the commands that make what they read."""
+    import yaml
+
+    from src.main import main
+
+    monkeypatch.chdir(tmp_path)  # no experiments/ here, as on a fresh clone
+    needs = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["needs"]
+    assert main(["--config", str(ROOT / "configs" / f"{name}.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: needs: {path} does not exist yet; make it with: {command}"
+                   for path, command in needs.items()]
+    assert not (tmp_path / "experiments").exists()
+    for command in needs.values():  # each named command is one this platform has
+        for part in command.split(" && "):
+            assert part.startswith(("python -m src.main ", "python -m benchmarks.")), part

@@ -55,6 +55,28 @@ def is_committed(path: Path) -> bool:
     return (path / COMMIT).is_file()
 
 
+def find_checkpoint(path: Path) -> Path:
+    """A committed ``step_<N>`` folder from what a user points at: the step folder itself, a
+    run's ``checkpoints/`` folder or the run folder (then its latest committed checkpoint)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if is_committed(path) or not any(p.name.startswith(PREFIX) for p in path.iterdir()):
+        if not is_committed(path):
+            raise CheckpointError(f"{path}: not a committed checkpoint (no {COMMIT} marker)")
+        return path
+    latest = path / LATEST
+    if latest.is_file() and is_committed(path / latest.read_text().strip()):
+        return path / latest.read_text().strip()
+    done = sorted((p for p in path.iterdir() if p.name.startswith(PREFIX)
+                   and p.name[len(PREFIX):].isdigit() and is_committed(p)), key=step_of)
+    if not done:
+        raise CheckpointError(f"{path}: holds no committed checkpoint")
+    return done[-1]
+
+
 class CheckpointManager:
     """Saves, rotates and finds checkpoints of one run; the strategy writes the files inside.
 

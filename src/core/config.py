@@ -90,6 +90,9 @@ class ExperimentConfig(_Strict):
     seed: int = Field(0, ge=0, lt=2**32, description=(
         "Seed for python, numpy and torch (offset per rank), 0 <= seed < 2**32."))
     imports: list[str] = Field([], description="User modules imported to register components.")
+    needs: dict[str, str] = Field({}, description=(
+        "Files or folders this config reads that another command makes: path -> that command. "
+        "A missing one stops the run before anything is built, naming its command."))
     data: DataConfig = Field(default_factory=DataConfig)
     model: Section = Field(..., description="MODELS entry.")
     task: Section = Field(..., description="TASKS entry.")
@@ -366,6 +369,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[Experiment
         ConfigError: every problem, one line each, naming its source and dotted path.
     """
     data, origins = _load_with_bases(Path(path))
+    origins[""] = str(path)  # the main file (run_info tells its values from a base file's)
     for key in ("optimizer", "scheduler", "strategy"):  # an override edits the default section
         if key not in data:
             data[key] = copy.deepcopy(ExperimentConfig.model_fields[key].default)
@@ -413,6 +417,12 @@ def component_sections(cfg: ExperimentConfig) -> list[tuple[str, str, Section]]:
     if cfg.data.sampler is not None:
         out.append(("samplers", "data.sampler", cfg.data.sampler))
     return out
+
+
+def missing_needs(cfg: ExperimentConfig) -> list[str]:
+    """One line for each path of ``needs:`` that does not exist yet, with the command to make it."""
+    return [f"needs: {path} does not exist yet; make it with: {command}"
+            for path, command in cfg.needs.items() if not Path(path).exists()]
 
 
 def combination_errors(cfg: ExperimentConfig) -> list[str]:

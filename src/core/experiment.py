@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from src.core.catalog import load_builtins
-from src.core.config import ExperimentConfig, dump_config, load_config, validate_components
+from src.core.config import (ExperimentConfig, dump_config, load_config, missing_needs,
+                             validate_components)
 from src.core.errors import ConfigError, UserError, library_message, shown
+from src.core.run_record import flatten
 from src.core.registry import (CALLBACKS, DATASETS, LOGGERS, MODELS, OPTIMIZERS, SAMPLERS,
                                SCHEDULERS, STRATEGIES, TASKS, TRANSFORMS, building)
 
@@ -123,6 +125,9 @@ def prepare(path: str, overrides: list[str] = (), extra_imports: list[str] = ()
             ) -> tuple[ExperimentConfig, dict[str, str]]:
     """Load and fully validate a config, component parameters included; builds nothing."""
     cfg, origins = load_config(path, list(overrides))
+    missing = missing_needs(cfg)
+    if missing:
+        raise ConfigError(*missing)
     load_builtins()
     load_plugins()
     import_user_modules(list(extra_imports), "--import")
@@ -161,12 +166,16 @@ class Experiment:
                 **self.derived}
 
     def run_info(self) -> dict[str, Any]:
-        """Provenance: each value with where it came from (user/default/data/derived/environment)."""
+        """Provenance: each value with where it came from: ``file`` (the config), ``base`` (a file
+        it inherits), ``cli`` (an override), ``default``, ``data``, ``derived`` or ``environment``."""
         params: dict[str, Any] = {}
         origin: dict[str, str] = {}
-        for k, v in _flatten(self.cfg.model_dump(mode="json")).items():
+        main_file = self.origins.get("")
+        for k, v in flatten(self.cfg.model_dump(mode="json")).items():
             params[k] = v
-            origin[k] = "user" if _source(k, self.origins) else "default"
+            src = _source(k, self.origins)
+            origin[k] = ("default" if src is None else "cli" if src.startswith("override")
+                         else "file" if src == main_file else "base")
         info = self.data.info
         facts = {"data.num_classes": info.num_classes, "data.input_shape": list(info.input_shape),
                  "data.num_train": len(self.data.train),
@@ -185,8 +194,15 @@ class Experiment:
         return {"params": params, "origin": origin, "derived": self.derived}
 
     def run(self) -> dict[str, float]:
-        """Create the run folder, write the resolved config, and train."""
+        """Decide new / resume / extend for the run folder, then train.
+
+        Nothing is written to the folder until the trainer has loaded the checkpoint it resumes
+        from (see :mod:`src.core.run_record`): a refused or failed resume changes nothing.
+        """
+        import yaml
+
         from src.core.checkpoint import CheckpointManager
+        from src.core.run_record import decide, write_record
         from src.core.trainer import Trainer
 
         cfg, run_dir, strategy = self.cfg, self.run_dir, self.strategy
@@ -195,24 +211,30 @@ class Experiment:
                                  hashlib.sha256(resolved.encode()).hexdigest()[:16])
         if cfg.checkpoint.resume == "never" and ckpt.committed():
             raise ConfigError(f"checkpoint.resume: never, but {ckpt.dir} holds checkpoints of an "
-                              "earlier run; choose another name or resume it")
+                              "earlier run; choose another name (or --new-run) or resume it")
         ckpt.candidates()  # an explicit resume path is checked before anything is written
-        if strategy.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = run_dir / "config.yaml.tmp"
-            tmp.write_text(resolved)
-            os.replace(tmp, run_dir / "config.yaml")
-            import json
+        defaults = frozenset(k for k, o in self.run_info()["origin"].items() if o == "default")
+        decision = decide(run_dir, yaml.safe_load(resolved), cfg.checkpoint.resume,
+                          bool(ckpt.committed()), defaults)
+        horizon = decision.horizon or self.derived["total_steps"]
+        if horizon != self.derived["total_steps"]:  # an extended run keeps its schedule
+            self.scheduler = SCHEDULERS.build(cfg.scheduler, "scheduler", optimizer=self.optimizer,
+                                              total_steps=horizon)
+        self.derived["schedule_horizon"] = horizon
+        self.decision = decision
 
-            (run_dir / "run_info.json").write_text(json.dumps(self.run_info(), indent=1,
-                                                              default=str))
-            tokenizer = self.data.info.extra.get("tokenizer")
-            if tokenizer is not None and not (run_dir / "tokenizer").exists():
-                tokenizer.save_pretrained(str(run_dir / "tokenizer"))  # reused on resume
-        strategy.barrier()
+        def record() -> None:  # called by the trainer once the checkpoint (if any) has loaded
+            if strategy.is_main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                write_record(run_dir, resolved, self.run_info(), decision)
+                tokenizer = self.data.info.extra.get("tokenizer")
+                if tokenizer is not None and not (run_dir / "tokenizer").exists():
+                    tokenizer.save_pretrained(str(run_dir / "tokenizer"))  # reused on resume
+            strategy.barrier()
+
         callbacks = [CALLBACKS.build(s, f"callbacks.{i}") for i, s in enumerate(cfg.callbacks)]
         loggers = []
-        if strategy.is_main:
+        if strategy.is_main:  # loggers write nothing before start(), which follows record()
             for i, s in enumerate(cfg.logging.loggers):
                 section = {"type": s} if isinstance(s, str) else s
                 loggers.append(LOGGERS.build(section, f"logging.loggers.{i}", run_dir=run_dir))
@@ -221,7 +243,7 @@ class Experiment:
                           train_loader=self.train_loader, val_loader=self.val_loader,
                           max_steps=self.derived["total_steps"], callbacks=callbacks,
                           loggers=loggers, checkpoints=ckpt,
-                          run_dir=run_dir, run_info=self.run_info())
+                          run_dir=run_dir, run_info=self.run_info(), on_start=record)
         self.trainer = trainer
         return trainer.fit()
 
@@ -307,16 +329,6 @@ def _apply_model_switches(model, cfg: ExperimentConfig) -> None:
         else:
             raise ConfigError(f"trainer.gradient_checkpointing: model '{cfg.model['type']}' "
                               "supports it only for transformers and timm models")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _source(path: str, origins: dict[str, str]) -> Optional[str]:

@@ -21,15 +21,11 @@ MODEL_PREFIX = "model."
 
 def load_consolidated(directory: Path) -> dict[str, torch.Tensor]:
     """The task's full state dict from a committed checkpoint directory of any strategy."""
-    from src.core.checkpoint import is_committed
+    from src.core.checkpoint import find_checkpoint
     from src.distributed.base import MODEL_FILE
     from src.distributed.dcp_io import consolidated_model_state, has_dcp
 
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError(f"--checkpoint: not a directory: {directory}")
-    if not is_committed(directory):
-        raise CheckpointError(f"{directory}: not a committed checkpoint (no COMMIT marker)")
+    directory = find_checkpoint(Path(directory))
     if (directory / MODEL_FILE).is_file():
         from safetensors.torch import load_file
 
@@ -66,7 +62,9 @@ def export_hf(config: str, overrides: list[str], directory: Path, out: Path) -> 
 
     cfg, origins = prepare(config, overrides)
     exp = build(cfg, origins)
-    exp.strategy.load(Path(directory), exp.model, None)
+    from src.core.checkpoint import find_checkpoint
+
+    exp.strategy.load(find_checkpoint(Path(directory)), exp.model, None)
     model = exp.task.model
     if not hasattr(model, "save_pretrained"):
         raise UserError(f"--hf: model '{cfg.model['type']}' is not a transformers model; use --out")
@@ -83,7 +81,8 @@ def main(argv: list[str]) -> int:
     p = ArgumentParser(prog="python -m src.main export",
                                 description="Write a checkpoint's weights as one safetensors file, "
                                             "or (with --config and --hf) a transformers folder.")
-    p.add_argument("--checkpoint", required=True, help="a step_<N> checkpoint directory")
+    p.add_argument("--checkpoint", required=True, help=(
+        "a step_<N> checkpoint folder, or a run folder (its latest committed checkpoint)"))
     p.add_argument("--out", help="output .safetensors file")
     p.add_argument("--task", action="store_true",
                    help="keep every task weight (heads, teachers), not only the model")

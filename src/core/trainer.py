@@ -11,7 +11,7 @@ import signal
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -39,13 +39,14 @@ class Trainer:
     def __init__(self, cfg: TrainerConfig, *, task, model, strategy, optimizer, scheduler,
                  train_loader, val_loader, max_steps: int, callbacks: Iterable = (),
                  loggers: Iterable = (), checkpoints=None,
-                 run_dir: Optional[Path] = None, run_info: Optional[dict] = None):
+                 run_dir: Optional[Path] = None, run_info: Optional[dict] = None,
+                 on_start: Optional[Callable[[], None]] = None):
         self.cfg, self.task, self.model, self.strategy = cfg, task, model, strategy
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.val_loader = train_loader, val_loader
         self.max_steps, self.callbacks, self.loggers = max_steps, list(callbacks), list(loggers)
         self.checkpoints = checkpoints
-        self.run_dir, self.run_info = run_dir, run_info or {}
+        self.run_dir, self.run_info, self.on_start = run_dir, run_info or {}, on_start
         self.batches_per_epoch = train_loader.batches_per_epoch()
         self.step = self.epoch = self.batch_in_epoch = 0
         self.bad_steps = self.total_bad_steps = 0
@@ -70,6 +71,10 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         """Train (resuming first if a checkpoint is there); returns the last logged metrics."""
         resumed = self._resume()
+        if self.on_start is not None:  # the run's record is written once the state has loaded
+            self.on_start()
+        if self.checkpoints is not None:
+            self.checkpoints.clean_uncommitted()
         for lg in self.loggers:
             lg.start(self.run_info, resumed)
         for cb in self.callbacks:
@@ -176,6 +181,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "callback_types": [type(cb).__name__ for cb in self.callbacks],
             "task": self.task.extra_state(),
             "interval": {"sums": {k: v.cpu() for k, v in self._interval_sums().items()},
                          "steps": self._steps, "samples": self._samples,
@@ -403,8 +409,6 @@ class Trainer:
     def _resume(self) -> int:
         if self.checkpoints is None:
             return 0
-        self.checkpoints.clean_uncommitted()
-        self.strategy.barrier()
         got = self.checkpoints.load(self.model, self.optimizer)
         if got is None:
             return 0
@@ -415,8 +419,12 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        for cb, cb_state in zip(self.callbacks, state["callbacks"]):
-            cb.load_state_dict(cb_state)
+        saved = list(zip(state.get("callback_types") or [None] * len(state["callbacks"]),
+                         state["callbacks"]))
+        for cb in self.callbacks:  # by type: a resume may add or drop callbacks
+            i = next((i for i, (t, _) in enumerate(saved) if t in (None, type(cb).__name__)), None)
+            if i is not None:
+                cb.load_state_dict(saved.pop(i)[1])
         self.task.load_extra_state(state.get("task", {}))
         self.task.load_rank_state(rank_state.get("task", {}))
         dev = self.strategy.device
@@ -432,6 +440,9 @@ class Trainer:
         self._last_save = self._last_eval = self.step
         if self.strategy.is_main:
             print(f"resumed from {path} at step {self.step} (epoch {self.epoch})", flush=True)
+            if self.step >= self.max_steps:
+                print(f"this run already finished at step {self.step} of {self.max_steps}; raise "
+                      "trainer.max_steps (or max_epochs) to train on", flush=True)
         return self.step
 
     @contextlib.contextmanager

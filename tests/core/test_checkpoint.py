@@ -164,9 +164,14 @@ def test_shape_mismatch_lists_the_keys(write_config, tmp_path, capsys):
 
     cfg = write_config({"trainer.max_steps": 10})
     run(cfg)
-    code = main(["--config", str(cfg), "model.hidden=[16]", "trainer.max_steps=12"])
+    # (a rerun in the same folder is refused earlier, by the config's difference: see
+    # test_run_record; a checkpoint given explicitly is checked against the model)
+    ckpt = tmp_path / "runs/tiny/checkpoints/step_00000010"
+    code = main(["--config", str(cfg), "model.hidden=[16]", "trainer.max_steps=12", "name=other",
+                 f"checkpoint.resume={ckpt}"])
     err = capsys.readouterr().err
     assert code == 2 and "does not fit the model" in err
+    assert not (tmp_path / "runs/other").exists()
     assert "model.net.1.weight (32, 64) vs model (16, 64)" in err
 
 
@@ -190,3 +195,20 @@ def test_loading_never_unpickles_code(tmp_path):
     with pytest.raises(CheckpointError, match="unreadable checkpoint file"):
         safe_load(tmp_path / "evil.pt")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_find_checkpoint_takes_a_step_a_checkpoints_folder_or_a_run_folder(write_config, tmp_path):
+    from src.core.checkpoint import find_checkpoint
+    from src.core.errors import CheckpointError
+
+    run(write_config())  # saves at steps 10 and 20
+    run_dir = tmp_path / "runs/tiny"
+    last = run_dir / "checkpoints/step_00000020"
+    assert find_checkpoint(run_dir) == last
+    assert find_checkpoint(run_dir / "checkpoints") == last
+    assert find_checkpoint(run_dir / "checkpoints/step_00000010").name == "step_00000010"
+    (last / "COMMIT").unlink()  # an interrupted save is never picked
+    (run_dir / "checkpoints/latest").unlink()
+    assert find_checkpoint(run_dir).name == "step_00000010"
+    with pytest.raises(CheckpointError, match="not a committed checkpoint"):
+        find_checkpoint(last)

@@ -27,7 +27,7 @@ def test_tensorboard_and_mlflow_are_readable_by_their_own_tools(write_config, tm
     r = runs[0]
     assert r.info.status == "FINISHED"
     assert r.data.params["optimizer.lr"] == "0.001" and r.data.params["derived.total_steps"] == "20"
-    assert r.data.tags["origin.optimizer.lr"] == "user"
+    assert r.data.tags["origin.optimizer.lr"] == "file"
     assert r.data.tags["origin.trainer.precision"] == "default"
     assert r.data.tags["origin.data.num_classes"] == "data"
     assert r.data.tags["origin.derived.steps_per_epoch"] == "derived"
@@ -44,6 +44,8 @@ def test_run_folder_holds_resolved_config_and_provenance(write_config, tmp_path)
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert resolved["optimizer"]["lr"] == 0.01 and resolved["trainer"]["grad_accum_steps"] == 1
     info = json.loads((run_dir / "run_info.json").read_text())
-    assert info["origin"]["optimizer.lr"] == "user"
+    assert info["origin"]["optimizer.lr"] == "cli"
+    assert info["origin"]["model.type"] == "file" and info["origin"]["seed"] == "file"
+    assert info["origin"]["trainer.precision"] == "default"
     assert info["params"]["derived.effective_batch_size"] == 32
     assert info["params"]["data.num_classes"] == 10
