@@ -34,8 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="validate and build everything, print sizes and step counts, do not train")
     p.add_argument("--new-run", action="store_true",
                    help="train in a new folder <name>-2, -3, ... when experiments/<name> is taken")
-    p.add_argument("--list", nargs="?", const="all", metavar="REGISTRY",
-                   help="list registered components (all registries, or one)")
+    p.add_argument("--list", nargs="?", const="all", metavar="REGISTRY[.NAME]",
+                   help="list registered components (all, one registry), or one's parameters")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import a module that registers components (repeatable)")
     # The deepspeed launcher passes --local_rank; the same value is in the LOCAL_RANK variable.
@@ -44,30 +44,60 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _list(which: str, imports: list[str]) -> int:
-    from src.core.catalog import builtin_names
+    """``--list``, ``--list REGISTRY`` or ``--list REGISTRY.NAME`` (that component's parameters)."""
+    import difflib
+
+    from src.core.catalog import builtin_names, summary
     from src.core.errors import ConfigError
     from src.core.registry import ALL
 
-    if which != "all" and which not in ALL:
-        import difflib
-
-        close = difflib.get_close_matches(which, list(ALL), n=1)
+    reg_name, _, component = which.partition(".")
+    if reg_name != "all" and reg_name not in ALL:
+        close = difflib.get_close_matches(reg_name, list(ALL), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"--list: unknown registry '{which}'{hint} (available: {', '.join(ALL)})")
+        raise ConfigError(f"--list: unknown registry '{reg_name}'{hint} "
+                          f"(available: {', '.join(ALL)})")
     names = builtin_names()
-    if imports:  # user modules register at import; show them too
+    if imports:  # user modules register at import; show them too, with their docstrings
         from src.core.experiment import import_user_modules
 
         import_user_modules(imports, "--import")
-        for reg_name, reg in ALL.items():
+        for r_name, reg in ALL.items():
             for n in reg.names():
-                names[reg_name].setdefault(n, "")
-    for reg_name, reg in ALL.items():
-        if which not in ("all", reg_name):
+                names[r_name].setdefault(n, summary(reg.get(n).__doc__ or ""))
+    if component:
+        return _list_component(reg_name, component)
+    for r_name, reg in ALL.items():
+        if which not in ("all", r_name) or not names[r_name]:
             continue
-        print(f"{reg_name}: {reg.doc}")
-        for n, doc in sorted(names[reg_name].items()):
+        print(f"{r_name}: {reg.doc}")
+        for n, doc in sorted(names[r_name].items()):
             print(f"  {n:<22} {doc}".rstrip())
+    if which == "all":
+        print("\n--list REGISTRY.NAME shows one component's parameters (e.g. --list models.cnn)")
+    return 0
+
+
+def _list_component(reg_name: str, name: str) -> int:
+    import inspect
+
+    from src.core.catalog import load_builtins, parameters, summary
+    from src.core.registry import ALL
+
+    load_builtins()
+    reg = ALL[reg_name]
+    entry = reg.get(name, f"--list {reg_name}.{name}")
+    doc = inspect.getdoc(entry) or ""
+    if inspect.isclass(entry) and not doc.strip():
+        doc = inspect.getdoc(entry.__init__) or ""
+    print(f"{reg.singular} {name}: {summary(doc)}")
+    rows = parameters(entry, doc, reg.injected, reg.field_types(name))
+    if not rows:
+        print("  (no parameters)")
+    for pname, kind, default, text in rows:
+        print(f"  {pname:<20} {kind:<18} {default:<12} {text}".rstrip())
+    if reg.injected:
+        print(f"  (set by the platform: {', '.join(sorted(reg.injected))})")
     return 0
 
 
@@ -92,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _dispatch(argv)
+    except BrokenPipeError:  # `... --list | head`: the reader left, nothing to report
+        sys.stderr = None
+        return 0
     except UserError as exc:
         lines = exc.lines or ["(no message)"]
         if len(lines) > MAX_ERROR_LINES:

@@ -244,3 +244,49 @@ def test_library_output_before_a_config_error_is_held_back(capsys, write_config,
     assert capsys.readouterr().err.startswith("error: model: RuntimeError")
     assert main(["--config", str(write_config()), "--dry-run"]) == 0
     assert "Loading weights" in capsys.readouterr().err  # a good build shows what was printed
+
+
+LIST_PLUGIN = '''
+from src.algorithms.classification import Classification
+from src.core.registry import TASKS
+
+
+@TASKS.register("mine")
+class Mine(Classification):
+    """My own task, documented.
+
+    Args:
+        k: how many.
+    """
+
+    def __init__(self, model, k: int = 3):
+        super().__init__(model)
+'''
+
+
+def test_list_shows_summaries_parameters_and_plugins(capsys, tmp_path, monkeypatch):
+    from src.main import main
+
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "losses:" not in out and "rewards:" in out  # empty registries are left out
+    assert "  mae                    Masked autoencoder: a ViT encodes" in out
+    assert "docstring opening of standard-library functions." in out  # not cut mid-sentence
+    assert main(["--list", "tasks.simclr"]) == 0
+    out = capsys.readouterr().out
+    assert "temperature          float >0           0.2          softmax temperature" in out
+    assert main(["--list", "optimizers.adamw"]) == 0
+    assert "lr                   float >0" in capsys.readouterr().out
+    (tmp_path / "list_plugin.py").write_text(LIST_PLUGIN)
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert main(["--list", "tasks", "--import", "list_plugin"]) == 0
+        assert "  mine                   My own task, documented." in capsys.readouterr().out
+        assert main(["--list", "tasks.mine", "--import", "list_plugin"]) == 0
+        assert "k                    int                3            how many." in \
+            capsys.readouterr().out
+    finally:
+        from src.core.registry import TASKS
+
+        TASKS._entries.pop("mine", None)
+        sys.modules.pop("list_plugin", None)

@@ -13,7 +13,9 @@ from src.core.registry import TASKS
 
 @TASKS.register("mae")
 class MAE(SSLTask):
-    """Args:
+    """Masked autoencoder: a ViT encodes the visible patches, a small decoder rebuilds the rest.
+
+    Args:
         mask_ratio: fraction of patches hidden from the encoder.
         decoder_dim, decoder_depth, decoder_heads: the decoder (timm transformer blocks).
         norm_pix_loss: targets are each patch's pixels normalised by its own mean and variance.

@@ -14,7 +14,14 @@ from src.models.losses import nt_xent
 
 @TASKS.register("simclr")
 class SimCLR(SSLTask):
-    """Args: proj_dim, hidden (projector), temperature of NT-Xent, views (TRANSFORMS section)."""
+    """SimCLR: two augmented views of each image pulled together, all others pushed apart (NT-Xent).
+
+    Args:
+        proj_dim: output width of the projector (the loss is computed there).
+        hidden: hidden width of the 2-layer projector.
+        temperature: softmax temperature of NT-Xent; lower is sharper.
+        views: TRANSFORMS section that makes the two augmented views.
+    """
 
     def __init__(self, model, proj_dim: conint(gt=0) = 128, hidden: conint(gt=0) = 512,
                  temperature: confloat(gt=0) = 0.2, views: Optional[dict[str, Any]] = None):

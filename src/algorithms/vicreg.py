@@ -14,7 +14,16 @@ from src.models.losses import vicreg_loss
 
 @TASKS.register("vicreg")
 class VICReg(SSLTask):
-    """Args: proj_dim, hidden (3-layer expander), sim_weight, var_weight, cov_weight, views."""
+    """VICReg: invariance between views plus variance and covariance terms that prevent collapse.
+
+    Args:
+        proj_dim: output width of the expander.
+        hidden: hidden width of the 3-layer expander.
+        sim_weight: weight of the invariance (mean squared distance) term.
+        var_weight: weight of the variance (hinge on each dimension's std) term.
+        cov_weight: weight of the covariance (off-diagonal) term.
+        views: TRANSFORMS section that makes the two augmented views.
+    """
 
     def __init__(self, model, proj_dim: conint(gt=0) = 256, hidden: conint(gt=0) = 256,
                  sim_weight: confloat(ge=0) = 25.0, var_weight: confloat(ge=0) = 25.0,

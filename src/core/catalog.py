@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
+import typing
 from pathlib import Path
 
 BUILTIN_MODULES = (
@@ -30,6 +32,72 @@ BUILTIN_MODULES = (
 )
 
 _ROOT = Path(__file__).resolve().parents[2]
+
+
+def summary(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph (what ``--list`` shows)."""
+    para = []
+    for line in (doc or "").strip().splitlines():
+        if not line.strip() or line.strip().endswith(":") and line.strip()[:-1].isalpha():
+            break  # a blank line or a section header (Args:, Example:)
+        para.append(line.strip())
+    text = " ".join(para)
+    m = re.search(r"(?<=[.!?])\s(?=[A-Z(`])", text)
+    return text[:m.start()] if m else text
+
+
+_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+
+
+def type_name(ann) -> str:
+    """A parameter's type as a person reads it: ``int >0``, ``list[int >0]``, ``str | None``."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Annotated:
+        bounds = [f"{sym}{getattr(m, attr)}" for m in args[1:] for attr, sym in _BOUNDS
+                  if getattr(m, attr, None) is not None]
+        return " ".join([type_name(args[0]), *bounds])
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if args and (origin is typing.Union or type(ann).__name__ == "UnionType"):
+        return " | ".join(type_name(a) for a in args)
+    if args and origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(map(type_name, args))}]"
+    if ann is type(None):
+        return "None"
+    return getattr(ann, "__name__", str(ann).replace("typing.", ""))
+
+
+def parameters(entry, doc: str, skip=(), field_types=None) -> list[tuple[str, str, str, str]]:
+    """(name, type, default, description) of each parameter a config may set, descriptions from
+    the docstring's ``Args:`` section."""
+    from src.core.registry import params_model
+
+    described: dict[str, str] = {}
+    in_args, current = False, None
+    for line in (doc or "").splitlines():
+        stripped = line.strip()
+        if stripped in ("Args:", "Arguments:", "Parameters:"):
+            in_args = True
+            continue
+        if in_args:
+            m = re.match(r"([\w, ]+):\s*(.*)", stripped)
+            if m and line.startswith(" " * 4) and not line.startswith(" " * 12):
+                current = [n.strip() for n in m.group(1).split(",")]
+                for n in current:
+                    described[n] = m.group(2)
+            elif stripped and current:
+                for n in current:
+                    described[n] += " " + stripped
+            elif not stripped:
+                current = None
+    out = []
+    for name, field in params_model(entry, skip, field_types).model_fields.items():
+        kind = type_name(field.annotation)
+        if field.metadata:  # constraints pydantic lifted out of Annotated[...]
+            kind = type_name(typing.Annotated[(field.annotation, *field.metadata)])
+        default = "required" if field.is_required() else repr(field.default)
+        out.append((name, kind, default, described.get(name, field.description or "")))
+    return out
 
 
 def load_builtins() -> None:
@@ -75,8 +143,8 @@ def _registrations(tree: ast.Module) -> list[tuple[str, str, str]]:
     for node in ast.walk(tree):
         targets = []
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            doc = (ast.get_docstring(node) or "").strip().splitlines()
-            targets = [(d, doc[0] if doc else "") for d in node.decorator_list]
+            doc = summary(ast.get_docstring(node) or "")
+            targets = [(d, doc) for d in node.decorator_list]
         elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and \
                 isinstance(node.value.func, ast.Call):
             targets = [(node.value.func, "")]

@@ -360,6 +360,39 @@ def _apply_override(data: dict, keys: list[str], value: Any, text: str) -> None:
         raise ConfigError(f"override {shown(text, 60)}: {'.'.join(keys[:-1])} is not a mapping")
 
 
+def _replaces_component(data: dict, keys: list[str], new_type: Any) -> bool:
+    """Replace the component section at ``keys`` by ``{type: new_type}`` if its type changes."""
+    node: Any = data
+    for k in keys[:-1]:
+        node = node.get(k) if isinstance(node, dict) else None
+    section = node.get(keys[-1]) if isinstance(node, dict) and keys else None
+    if isinstance(section, dict) and "type" in section and section["type"] != new_type:
+        node[keys[-1]] = {"type": new_type}
+        return True
+    return False
+
+
+def raw_component_errors(data: dict, origins: dict[str, str], source: str) -> list[str]:
+    """Component-parameter problems of a config that failed validation elsewhere, so that one
+    run reports every problem: each well-formed section is checked against its registry."""
+    from src.core.registry import ALL
+
+    sections = [(reg, key, data.get(key)) for reg, key in (
+        ("models", "model"), ("tasks", "task"), ("optimizers", "optimizer"),
+        ("schedulers", "scheduler"), ("strategies", "strategy"))]
+    callbacks = data.get("callbacks")
+    if isinstance(callbacks, list):
+        sections += [("callbacks", f"callbacks.{i}", s) for i, s in enumerate(callbacks)]
+    lines: list[str] = []
+    for reg, path, section in sections:
+        if isinstance(section, dict) and isinstance(section.get("type"), str):
+            try:
+                ALL[reg].validate(section, path)
+            except ConfigError as exc:
+                lines += exc.lines
+    return _located(ConfigError(*lines), origins, source).lines if lines else []
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[ExperimentConfig, dict[str, str]]:
     """Read, inherit, override and validate a config.
 
@@ -373,8 +406,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[Experiment
     for key in ("optimizer", "scheduler", "strategy"):  # an override edits the default section
         if key not in data:
             data[key] = copy.deepcopy(ExperimentConfig.model_fields[key].default)
-    for text in overrides:
-        keys, value = parse_override(text)
+    parsed = [(text, *parse_override(text)) for text in overrides]
+    # `model.type=x` first: a new type replaces the section (the old component's keys go), and
+    # the other overrides of this command line then apply to the new component
+    parsed.sort(key=lambda t: 0 if t[1][-1:] == ["type"] else 1)
+    for text, keys, value in parsed:
+        if keys[-1:] == ["type"] and _replaces_component(data, keys[:-1], value):
+            section = ".".join(keys[:-1])
+            for p in [p for p in origins if p.startswith(section + ".")]:
+                del origins[p]
         source = f"override {shown(text, 60)}"
         _apply_override(data, keys, value, text)
         _set_sources(origins, _leaf_sources({".".join(keys): value}, source)
@@ -383,7 +423,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[Experiment
     try:
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as exc:
-        raise _located(ConfigError.from_pydantic(exc), origins, str(Path(path))) from None
+        err = _located(ConfigError.from_pydantic(exc, model=ExperimentConfig), origins,
+                       str(Path(path)))
+        err.data, err.origins = data, origins  # for the component checks (all problems at once)
+        raise err from None
     return cfg, origins
 
 

@@ -51,20 +51,40 @@ class ConfigError(UserError):
     """A config problem; each line names the dotted path of the field at fault."""
 
     @classmethod
-    def from_pydantic(cls, exc, prefix: str = "", source: str = "") -> "ConfigError":
-        """One line per pydantic error: ``[source: ]path.to.field: message (got value)``."""
+    def from_pydantic(cls, exc, prefix: str = "", source: str = "", model=None) -> "ConfigError":
+        """One line per pydantic error: ``[source: ]path.to.field: message (got value)``.
+
+        With ``model`` (the pydantic model that was validated), an unknown key gets the closest
+        known one as a suggestion: ``trainer.max_step: unknown key; did you mean 'max_steps'?``.
+        """
         lines = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
-                msg = "unknown key"
+                msg = "unknown key" + _did_you_mean(model, err["loc"])
             elif err["type"] == "missing":
                 msg = "required but not given"
             elif "input" in err:
                 msg = f"{msg} (got {shown(err['input'])})"
             lines.append(f"{source + ': ' if source else ''}{loc}: {msg}")
         return cls(*lines)
+
+
+def _did_you_mean(model, loc: tuple) -> str:
+    """``; did you mean 'x'?`` for the last part of ``loc`` among the fields of ``model`` there."""
+    import difflib
+
+    if model is None or not loc:
+        return ""
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        model = getattr(field, "annotation", None) if field is not None else None
+        if not hasattr(model, "model_fields"):
+            return ""
+    fields = list(getattr(model, "model_fields", {}))
+    close = difflib.get_close_matches(str(loc[-1]), fields, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 class CheckpointError(UserError):

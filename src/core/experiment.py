@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from src.core.catalog import load_builtins
 from src.core.config import (ExperimentConfig, dump_config, load_config, missing_needs,
-                             validate_components)
+                             raw_component_errors, validate_components)
 from src.core.errors import ConfigError, UserError, library_message, shown
 from src.core.run_record import flatten
 from src.core.registry import (CALLBACKS, DATASETS, LOGGERS, MODELS, OPTIMIZERS, SAMPLERS,
@@ -124,7 +124,15 @@ def load_plugins() -> None:
 def prepare(path: str, overrides: list[str] = (), extra_imports: list[str] = ()
             ) -> tuple[ExperimentConfig, dict[str, str]]:
     """Load and fully validate a config, component parameters included; builds nothing."""
-    cfg, origins = load_config(path, list(overrides))
+    try:
+        cfg, origins = load_config(path, list(overrides))
+    except ConfigError as exc:
+        data = getattr(exc, "data", None)
+        if data is None:
+            raise
+        load_builtins()  # every problem in one run: the sections' parameters too
+        more = raw_component_errors(data, exc.origins, str(path))
+        raise ConfigError(*exc.lines, *more) from None
     missing = missing_needs(cfg)
     if missing:
         raise ConfigError(*missing)

@@ -64,6 +64,10 @@ class Registry:
 
         return decorator
 
+    def field_types(self, name: str) -> dict[str, Any]:
+        """The narrowed parameter types ``name`` was registered with (see ``register``)."""
+        return dict(self._field_types.get(name, {}))
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 
@@ -99,7 +103,7 @@ class Registry:
         try:
             checked = model.model_validate(params)
         except ValidationError as exc:
-            raise ConfigError.from_pydantic(exc, path) from None
+            raise ConfigError.from_pydantic(exc, path, model=model) from None
         # Keep only what the user gave (coerced), so entries see their own defaults.
         return {k: getattr(checked, k) for k in params}
 

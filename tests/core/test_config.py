@@ -111,3 +111,30 @@ def test_qlora_with_a_sharding_strategy_is_one_line(write_config, strategy):
     with pytest.raises(ConfigError) as err:
         prepare(str(write_config({"model": model, "strategy": strategy})))
     assert len(err.value.lines) == 1 and "model.adapter.type: qlora" in err.value.lines[0]
+
+
+def test_unknown_keys_suggest_the_closest_and_every_problem_comes_at_once(write_config, capsys):
+    from src.main import main
+
+    code = main(["--config", str(write_config()), "traner.max_steps=5", "trainer.max_step=5",
+                 "trainer.log_evry=3", "optimizer.lrr=1", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2
+    for expected in ("traner: unknown key; did you mean 'trainer'?",
+                     "trainer.max_step: unknown key; did you mean 'max_steps'?",
+                     "trainer.log_evry: unknown key; did you mean 'log_every'?",
+                     "optimizer.lrr: unknown key; did you mean 'lr'?"):  # a component's too
+        assert expected in err, err
+    assert all(line.startswith("error: ") for line in err.splitlines())
+
+
+def test_a_type_override_replaces_the_component(write_config):
+    from src.core.config import load_config
+
+    path = write_config({"model": {"type": "cnn", "channels": [8], "dropout": 0.2}})
+    cfg, _ = load_config(path, ["model.hidden=[4]", "model.type=mlp"])  # order does not matter
+    assert cfg.model == {"type": "mlp", "hidden": [4]}
+    cfg, _ = load_config(path, ["model.dropout=0.3"])  # the same type still merges
+    assert cfg.model == {"type": "cnn", "channels": [8], "dropout": 0.3}
+    cfg, _ = load_config(path, ["model={type: mlp, hidden: [2]}"])
+    assert cfg.model == {"type": "mlp", "hidden": [2]}
