@@ -149,14 +149,17 @@ class DDPStrategy(ProcessGroupStrategy):
         find_unused_parameters: for models whose forward skips parameters.
         static_graph: the same parameters are used every step (enables DDP's optimisations).
         bucket_cap_mb: gradient bucket size.
+        sync_batchnorm: BatchNorm statistics over the global batch (as one process would see),
+            instead of each rank's share.
     """
 
     name = "ddp"
 
     def __init__(self, backend: str = "auto", timeout_s: conint(gt=0) = 1800,
                  find_unused_parameters: bool = False, static_graph: bool = False,
-                 bucket_cap_mb: Optional[conint(gt=0)] = None):
+                 bucket_cap_mb: Optional[conint(gt=0)] = None, sync_batchnorm: bool = False):
         super().__init__(backend, timeout_s)
+        self.sync_batchnorm = sync_batchnorm
         self.ddp_kwargs = {"find_unused_parameters": find_unused_parameters,
                            "static_graph": static_graph, "gradient_as_bucket_view": True}
         if bucket_cap_mb:
@@ -166,6 +169,10 @@ class DDPStrategy(ProcessGroupStrategy):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         task = task.to(self.device)
+        if self.sync_batchnorm:
+            from src.distributed.sync_bn import convert_sync_batchnorm
+
+            task = convert_sync_batchnorm(task, self.device)
         ids = [self.device.index] if self.device.type == "cuda" else None
         model = DDP(task, device_ids=ids, **self.ddp_kwargs)
         return model, make_optimizer(task) if make_optimizer else None

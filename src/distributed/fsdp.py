@@ -56,6 +56,7 @@ class FSDPStrategy(ProcessGroupStrategy):
         activation_checkpointing: recompute each block's activations in backward.
         reshard_after_forward: free gathered parameters after forward (saves memory, costs a
             second all-gather in backward).
+        sync_batchnorm: BatchNorm statistics over the global batch, as one process sees them.
     """
 
     name = "fsdp"
@@ -63,8 +64,10 @@ class FSDPStrategy(ProcessGroupStrategy):
     def __init__(self, backend: str = "auto", timeout_s: conint(gt=0) = 1800,
                  wrap_classes: list[str] = [], param_dtype: Precision = None,
                  reduce_dtype: Precision = None, cpu_offload: bool = False,
-                 activation_checkpointing: bool = False, reshard_after_forward: bool = True):
+                 activation_checkpointing: bool = False, reshard_after_forward: bool = True,
+                 sync_batchnorm: bool = False):
         super().__init__(backend, timeout_s)
+        self.sync_batchnorm = sync_batchnorm
         self.wrap_names, self.cpu_offload = list(wrap_classes), cpu_offload
         self.param_dtype, self.reduce_dtype = DTYPES[param_dtype], DTYPES[reduce_dtype]
         self.activation_checkpointing = activation_checkpointing
@@ -91,6 +94,10 @@ class FSDPStrategy(ProcessGroupStrategy):
         from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy,
                                             fully_shard, register_fsdp_forward_method)
 
+        if self.sync_batchnorm:
+            from src.distributed.sync_bn import convert_sync_batchnorm
+
+            task = convert_sync_batchnorm(task, self.device)
         self.blocks = block_classes(task, self.wrap_names)
         if self.activation_checkpointing:
             if not self.blocks:
