@@ -7,7 +7,7 @@
 Each check trains the default CNN on digits for a few steps with one setting that only a GPU
 takes through its own code (DeepSpeed's bf16 casts and gradient norm on the device, FSDP's CPU
 offload with its gloo group beside NCCL, background checkpoints on ranks >= 1, deterministic
-kernels, MFU, compile after wrapping) and reports ok or the last line of its error. Exit code 1
+kernels, MFU, compile after wrapping, SyncBatchNorm) and reports ok or the last line of its error. Exit code 1
 when a check fails.
 """
 from __future__ import annotations
@@ -86,6 +86,8 @@ def checks(gpus: int, cpu: bool) -> dict[str, tuple[str, int, list[str], callabl
         "fp16_grad_scaler": ("python", 1, ["trainer.precision=fp16"], finite_norms),
         "ddp_compiled": ("torchrun", ranks, ["strategy.type=ddp", "trainer.compile=true"],
                          lambda r: bool(r)),
+        "ddp_sync_batchnorm": ("torchrun", ranks, ["strategy={type: ddp, sync_batchnorm: true}"],
+                               finite_norms),
     }
     if not cpu:  # a CPU has no peak FLOP/s for utilisation, and nothing to offload from
         found["mfu_bf16"] = ("python", 1, ["trainer.precision=bf16"],

@@ -1,7 +1,7 @@
 """Command line: ``python -m src.main --config configs/exp001.yaml [key.path=value ...]``.
 
     python -m src.main --config configs/exp001.yaml                      # train
-    python -m src.main --config configs/exp001.yaml trainer.max_steps=50 optimizer.lr=3e-4
+    python -m src.main --config configs/exp001.yaml trainer.max_steps=50 name=exp001-quick
     python -m src.main --config configs/exp001.yaml --dry-run            # build, report, no training
     python -m src.main --config configs/exp001.yaml optimizer.lr=1e-3 --new-run  # exp001-2/
     python -m src.main --list [REGISTRY]                                 # registered components
@@ -14,7 +14,6 @@ Heavy libraries are imported only once a config is being built, so --help and --
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 
 MAX_ERROR_LINES = 10
@@ -120,12 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from src.core.errors import UserError
 
+    from src.core.console import quiet_libraries
+
     try:
-        return _dispatch(argv)
+        with quiet_libraries():
+            return _dispatch(argv)
     except BrokenPipeError:  # `... --list | head`: the reader left, nothing to report
         sys.stderr = None
         return 0
     except UserError as exc:
+        if getattr(exc, "quiet", False):
+            return exc.exit_code
         lines = exc.lines or ["(no message)"]
         if len(lines) > MAX_ERROR_LINES:
             lines = lines[:MAX_ERROR_LINES - 1] + [
@@ -135,42 +139,16 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
 
 
-class _HeldStream(io.TextIOBase):
-    """Stands in for stderr while a config is built: what libraries print then (progress bars,
-    notes) is held back, shown if the build succeeds, dropped if the config is at fault, so an
-    error is one clean line. Streams that libraries opened meanwhile write through afterwards."""
-
-    def __init__(self, real):
-        self.real, self.held, self.holding = real, [], True
-
-    def write(self, text: str) -> int:
-        if self.holding:
-            self.held.append(text)
-        else:
-            self.real.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        if not self.holding:
-            self.real.flush()
-
-    def isatty(self) -> bool:
-        return False
-
-    def release(self, show: bool) -> None:
-        self.holding = False
-        if show and self.held:
-            self.real.write("".join(self.held))
-        self.held.clear()
-
-
 def _prepare_and_build(args):
-    """Validate and build the experiment, stderr held back until it is known to be valid."""
+    """Validate and build the experiment; what libraries print meanwhile is held back: dropped
+    if the config is at fault (the error is then the only output), else shown (--dry-run) or
+    written to the run's log.txt (training)."""
+    from src.core.console import held_output
     from src.core.errors import UserError
     from src.core.experiment import build, prepare
 
-    real, held = sys.stderr, _HeldStream(sys.stderr)
-    sys.stderr, ok = held, False
+    held = held_output()
+    outcome = "drop"
     try:
         cfg, origins = prepare(args.config, args.overrides, args.imports)
         if args.new_run:
@@ -181,16 +159,19 @@ def _prepare_and_build(args):
             cfg.name = free_name(Path(cfg.logging.root), cfg.name)
             origins["name"] = "override '--new-run'"
         exp = build(cfg, origins)
-        ok = True
+        outcome = "console" if args.dry_run else "log"
         return exp
-    except UserError:
+    except UserError as exc:
+        import os
+
+        # every rank of a launcher reads the same config: rank 0 alone reports what is wrong
+        exc.quiet = os.environ.get("RANK", "0") != "0"
         raise
     except BaseException:
-        ok = True  # not the config's fault: keep whatever was printed, with the traceback
+        outcome = "console"  # not the config's fault: keep whatever was printed, with the traceback
         raise
     finally:
-        sys.stderr = real
-        held.release(show=ok)
+        held.release(outcome)
 
 
 def _dispatch(argv: list[str]) -> int:

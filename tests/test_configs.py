@@ -37,7 +37,7 @@ def needs(path: Path, request) -> list[str]:
     extra = list(FASTER.get(path.stem, []))
     if path.stem in NEEDS_BASE:
         base = request.getfixturevalue("tiny_base")
-        extra += [f"model.path={base}", f"data.tokenizer={base}", "needs={}"]
+        extra += [f"model.path={base}", f"data.tokenizer={base}"]  # needs: no longer read
         if path.stem == "dpo_docstrings":
             extra.append(f"data.path={base / 'pairs.jsonl'}")
     return extra

@@ -146,7 +146,7 @@ def test_bad_input_in_a_real_process(cli, write_config, tmp_path):
 
 
 # Each class of bad input the config fuzzer (tests/test_main_fuzz.py) found, by name.
-LAUGHS = "[" + ", ".join([f"&a0 [x, x, x, x, x, x, x, x, x]"] + [
+LAUGHS = "[" + ", ".join(["&a0 [x, x, x, x, x, x, x, x, x]"] + [
     f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 8)]) + "]"
 CLASSES = {
     "yaml_tag_int": (["trainer.max_steps=!!int x"], "invalid YAML value: ValueError"),
@@ -227,7 +227,8 @@ def test_yaml_1_2_scalars_dates_and_off_stay_strings():
         "a": "off", "b": "yes", "c": "2026-01-01", "d": True, "e": 3e-4}
 
 
-def test_library_output_before_a_config_error_is_held_back(capsys, write_config, monkeypatch):
+def test_library_output_before_a_config_error_is_held_back(capsys, write_config, monkeypatch,
+                                                           tmp_path):
     """A library that prints while a bad config is built leaves only the error line."""
     import src.core.registry as registry
     from src.main import main
@@ -235,7 +236,8 @@ def test_library_output_before_a_config_error_is_held_back(capsys, write_config,
     real = registry.Registry.build
 
     def noisy(self, section, path=None, **kw):
-        print("Loading weights: 100%|##########|", file=sys.stderr)
+        if path == "model":  # as a library loading a model would
+            print("Loading weights: 100%|##########|", file=sys.stderr)
         return real(self, section, path, **kw)
 
     monkeypatch.setattr(registry.Registry, "build", noisy)
@@ -243,7 +245,10 @@ def test_library_output_before_a_config_error_is_held_back(capsys, write_config,
                  "--dry-run"]) == 2
     assert capsys.readouterr().err.startswith("error: model: RuntimeError")
     assert main(["--config", str(write_config()), "--dry-run"]) == 0
-    assert "Loading weights" in capsys.readouterr().err  # a good build shows what was printed
+    assert "Loading weights" in capsys.readouterr().err  # a good dry run shows what was printed
+    assert main(["--config", str(write_config()), "trainer.max_steps=2"]) == 0
+    assert "Loading weights" not in capsys.readouterr().err  # a run logs it: log.txt
+    assert "Loading weights" in (tmp_path / "runs/tiny/log.txt").read_text()
 
 
 LIST_PLUGIN = '''

@@ -102,7 +102,12 @@ class ExperimentConfig(_Strict):
     strategy: Section = Field({"type": "single"}, description="STRATEGIES entry.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    callbacks: list[Section] = Field([], description="CALLBACKS entries.")
+    callbacks: list[Section] = Field([], description="CALLBACKS entries (a bare name is {type: name}).")
+
+    @field_validator("callbacks", mode="before")
+    @classmethod
+    def _bare_names(cls, v: Any) -> Any:
+        return [{"type": c} if isinstance(c, str) else c for c in v] if isinstance(v, list) else v
 
     @field_validator("name")
     @classmethod
@@ -463,9 +468,23 @@ def component_sections(cfg: ExperimentConfig) -> list[tuple[str, str, Section]]:
 
 
 def missing_needs(cfg: ExperimentConfig) -> list[str]:
-    """One line for each path of ``needs:`` that does not exist yet, with the command to make it."""
+    """One line for each path of ``needs:`` that the config still reads (an override may point
+    elsewhere) and that does not exist yet, with the command that makes it."""
+    used: set[str] = set()
+
+    def strings(v: Any) -> None:
+        if isinstance(v, str):
+            used.add(v)
+        elif isinstance(v, dict):
+            for x in v.values():
+                strings(x)
+        elif isinstance(v, list):
+            for x in v:
+                strings(x)
+
+    strings(cfg.model_dump(mode="json", exclude={"needs"}))
     return [f"needs: {path} does not exist yet; make it with: {command}"
-            for path, command in cfg.needs.items() if not Path(path).exists()]
+            for path, command in cfg.needs.items() if path in used and not Path(path).exists()]
 
 
 def combination_errors(cfg: ExperimentConfig) -> list[str]:

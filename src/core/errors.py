@@ -87,6 +87,10 @@ def _did_you_mean(model, loc: tuple) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+class DataError(UserError):
+    """A data file that cannot be read (named in the message)."""
+
+
 class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the model."""
 

@@ -15,11 +15,13 @@ import os
 import platform
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from src.core.catalog import load_builtins
+from src.core.console import attach_log, banner, summary
 from src.core.config import (ExperimentConfig, dump_config, load_config, missing_needs,
                              raw_component_errors, validate_components)
 from src.core.errors import ConfigError, UserError, library_message, shown
@@ -235,12 +237,19 @@ class Experiment:
             if strategy.is_main:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 write_record(run_dir, resolved, self.run_info(), decision)
+                attach_log(run_dir)
+                print(banner(self, decision, self.trainer.step), flush=True)
                 tokenizer = self.data.info.extra.get("tokenizer")
                 if tokenizer is not None and not (run_dir / "tokenizer").exists():
                     tokenizer.save_pretrained(str(run_dir / "tokenizer"))  # reused on resume
             strategy.barrier()
 
         callbacks = [CALLBACKS.build(s, f"callbacks.{i}") for i, s in enumerate(cfg.callbacks)]
+        from src.core.callbacks.progress import RichProgressBar
+
+        if strategy.is_main and sys.stdout.isatty() and \
+                not any(isinstance(cb, RichProgressBar) for cb in callbacks):
+            callbacks.append(RichProgressBar(transient=True))  # a live bar on a terminal
         loggers = []
         if strategy.is_main:  # loggers write nothing before start(), which follows record()
             for i, s in enumerate(cfg.logging.loggers):
@@ -253,7 +262,11 @@ class Experiment:
                           loggers=loggers, checkpoints=ckpt,
                           run_dir=run_dir, run_info=self.run_info(), on_start=record)
         self.trainer = trainer
-        return trainer.fit()
+        t0 = time.perf_counter()
+        metrics = trainer.fit()
+        if strategy.is_main:
+            print(summary(self, metrics, time.perf_counter() - t0), flush=True)
+        return metrics
 
 
 def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Experiment:

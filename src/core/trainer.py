@@ -49,6 +49,7 @@ class Trainer:
         self.run_dir, self.run_info, self.on_start = run_dir, run_info or {}, on_start
         self.batches_per_epoch = train_loader.batches_per_epoch()
         self.step = self.epoch = self.batch_in_epoch = 0
+        self._step_epoch = 0  # the epoch of the last step (an evaluation at its end says so)
         self.bad_steps = self.total_bad_steps = 0
         self.should_stop = False
         self.last_val: dict[str, float] = {}
@@ -92,6 +93,11 @@ class Trainer:
             for lg in self.loggers:
                 lg.finish(status)
         if self._signal:
+            if self.strategy.is_main:
+                latest = self.checkpoints.latest() if self.checkpoints is not None else None
+                saved = f"saved {latest}; " if latest is not None else ""
+                print(f"stopped by {signal.Signals(self._signal).name} at step {self.step}; "
+                      f"{saved}run the same command again to resume", flush=True)
             raise SystemExit(128 + self._signal)
         if self.run_dir is not None and self.strategy.is_main:
             self.task.write_artifacts(Path(self.run_dir))
@@ -161,7 +167,7 @@ class Trainer:
         self._last_eval = self.step
         for cb in self.callbacks:
             cb.on_validation_end(self, metrics)
-        self._emit({"epoch": self.epoch, **metrics})
+        self._emit({"epoch": self._step_epoch, **metrics})
         texts = self.task.validation_texts()
         if texts and self.strategy.is_main:
             for lg in self.loggers:
@@ -178,6 +184,7 @@ class Trainer:
     def _save(self) -> Path:
         state = {
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "step_epoch": self._step_epoch,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "callbacks": [cb.state_dict() for cb in self.callbacks],
@@ -280,6 +287,7 @@ class Trainer:
 
     def _after_step(self) -> None:
         cfg = self.cfg
+        self._step_epoch = self.epoch  # the epoch this step belongs to, for every line it logs
         if self.step % cfg.log_every == 0 or self.step == self.max_steps:
             self._log_interval()
         epoch_end = self.batch_in_epoch >= self.batches_per_epoch
@@ -414,6 +422,7 @@ class Trainer:
             return 0
         path, state, rank_state = got
         self.step, self.epoch = state["step"], state["epoch"]
+        self._step_epoch = state.get("step_epoch", self.epoch)
         self.batch_in_epoch = state["batch_in_epoch"]
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])

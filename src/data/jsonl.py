@@ -34,7 +34,14 @@ def read_jsonl(path: str, need: tuple[str, ...] = (), key: str = "data.path"
     if not p.is_file():
         raise ConfigError(f"{key}: file not found: {path}")
     rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line_no = p.read_bytes()[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{key}: {path}:{line_no}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{key}: {path}: cannot read ({exc.strerror or exc})") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -9,6 +9,7 @@ reuses the same vocabulary.
 from __future__ import annotations
 
 import sysconfig
+import glob
 from pathlib import Path
 from typing import Optional
 
@@ -48,7 +49,10 @@ def resolve_files(paths: list[str], key: str = "data.paths") -> list[Path]:
             elif p.is_file():
                 found = [p]
             else:
-                found = [Path(f) for f in sorted(Path().glob(spec))]
+                try:
+                    found = [Path(f) for f in sorted(glob.glob(spec, recursive=True))]
+                except (OSError, ValueError) as exc:
+                    raise ConfigError(f"{key}.{i}: {spec}: {exc}") from None
                 if not found:
                     raise ConfigError(f"{key}.{i}: no such file or folder: {spec}")
         out += sorted(found)
@@ -63,8 +67,12 @@ def split_by_file(files: list[Path], val_fraction: float, seed: int) -> tuple[li
     return train, val
 
 
-def read(f: Path) -> str:
-    return f.read_text(encoding="utf-8", errors="replace")
+def read(f: Path, key: str = "data.paths") -> str:
+    """A text file's contents (undecodable bytes replaced); an unreadable file is a config error."""
+    try:
+        return f.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise ConfigError(f"{key}: {f}: cannot read ({exc.strerror or exc})") from None
 
 
 def train_tokenizer(files: list[Path], vocab_size: int):

@@ -129,3 +129,41 @@ def test_jsonl_errors_name_the_file_line_past_blank_lines(tmp_path):
         read_jsonl(str(f), need=("source", "target"))
     rows = read_jsonl(str(f), need=("source",))
     assert [w.rsplit(":", 1)[1] for w, _ in rows] == ["1", "3"]
+
+
+def _image_folder(root, n=6):
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("L", (8, 8), color=i * 20).save(root / c / f"{i}.png")
+
+
+@pytest.mark.parametrize("damage", [b"not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 20])
+def test_an_unreadable_image_is_one_line_before_training(damage, write_config, tmp_path, capsys):
+    from src.main import main
+
+    _image_folder(tmp_path / "imgs")
+    (tmp_path / "imgs/b/broken.png").write_bytes(damage)
+    cfg = write_config({"data": {"type": "image_folder", "root": str(tmp_path / "imgs"),
+                                 "image_size": 8, "channels": 1, "batch_size": 4}})
+    assert main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{tmp_path}/imgs/b/broken.png: not a readable image" in err[0]
+    assert "data.bad_files=skip" in err[0] and not (tmp_path / "runs").exists()
+    assert main(["--config", str(cfg), "data.bad_files=skip", "trainer.max_steps=2"]) == 0
+    assert "warning: data.root: skipped 1 unreadable images" in capsys.readouterr().err
+
+
+def test_unreadable_text_and_jsonl_files_are_one_line(tmp_path):
+    from src.core.errors import ConfigError
+    from src.data.jsonl import read_jsonl
+    from src.data.text import resolve_files
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:2: not UTF-8 text"):
+        read_jsonl(str(bad))
+    with pytest.raises(ConfigError, match="no such file or folder"):
+        resolve_files([str(tmp_path / "nothing" / "*.txt")])

@@ -422,3 +422,16 @@ def test_sync_batchnorm_makes_a_cnn_match_one_process(strategy, write_config, tm
         launch(2, cfg, "strategy.type=ddp", "name=local")
         apart = losses(tmp_path / "runs/local")
         assert max(abs(apart[s] - one[s]) / one[s] for s in range(2, 13)) > 1e-3
+
+
+def test_a_config_error_under_torchrun_is_printed_once(write_config, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={_port()}", "-m", "src.main", "--config",
+                          str(write_config()), "optimizer.lr=-1", "strategy.type=ddp"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: override 'optimizer.lr=-1': optimizer.lr: Input should be "
+                      "greater than 0 (got -1)"], out.stderr
+    assert not (tmp_path / "runs").exists()

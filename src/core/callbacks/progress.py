@@ -5,6 +5,7 @@ from src.core.callbacks.base import Callback
 from src.core.registry import CALLBACKS
 
 
+@CALLBACKS.register("progress")
 @CALLBACKS.register("progress_bar")
 class RichProgressBar(Callback):
     """Steps done / total, steps per second and ETA; the latest logged loss in the description."""
@@ -32,7 +33,13 @@ class RichProgressBar(Callback):
 
     def on_log(self, trainer, metrics) -> None:
         if self.progress is not None and "train/loss" in metrics:
-            self.progress.update(self.task_id, description=f"train loss {metrics['train/loss']:.4f}")
+            parts = [f"loss {metrics['train/loss']:.4f}"]
+            if "train/lr" in metrics:
+                parts.append(f"lr {metrics['train/lr']:.2e}")
+            rate = metrics.get("train/samples_per_sec")
+            if rate:
+                parts.append(f"{rate:,.0f} samples/s")
+            self.progress.update(self.task_id, description=" | ".join(parts))
 
     def on_fit_end(self, trainer) -> None:
         if self.progress is not None:
