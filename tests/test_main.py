@@ -295,3 +295,13 @@ def test_list_shows_summaries_parameters_and_plugins(capsys, tmp_path, monkeypat
 
         TASKS._entries.pop("mine", None)
         sys.modules.pop("list_plugin", None)
+
+
+def test_a_misspelt_flag_or_config_file_gets_a_suggestion(capsys):
+    from src.main import main
+
+    assert main(["--confg", "configs/exp001.yaml"]) == 2
+    assert "unrecognized arguments: --confg; did you mean --config?" in \
+        capsys.readouterr().err
+    assert main(["--config", str(ROOT / "configs/exp01.yaml"), "--dry-run"]) == 2
+    assert f"did you mean {ROOT / 'configs/exp001.yaml'}?" in capsys.readouterr().err

@@ -245,7 +245,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         if path.is_dir():
             raise ConfigError(f"{name}: is a folder, not a config file")
         if not path.is_file():
-            raise ConfigError(f"{name}: config file not found")
+            import difflib
+
+            near = [p.name for p in path.parent.glob("*.y*ml")] if path.parent.is_dir() else []
+            close = difflib.get_close_matches(path.name, near, n=1)
+            hint = f"; did you mean {path.parent / close[0]}?" if close else ""
+            raise ConfigError(f"{name}: config file not found{hint}")
         if path.stat().st_size > MAX_FILE_BYTES:
             raise ConfigError(f"{name}: {path.stat().st_size:,} bytes is too large for a config "
                               f"file (limit {MAX_FILE_BYTES:,})")

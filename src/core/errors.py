@@ -104,4 +104,14 @@ class ArgumentParser(argparse.ArgumentParser):
     without the usage block: ``--help`` shows that."""
 
     def error(self, message: str):
-        raise UserError(f"{message} (see {self.prog} --help)")
+        import difflib
+
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            for arg in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(arg.split("=")[0], flags, n=1)
+                if arg.startswith("-") and close:
+                    hint = f"; did you mean {close[0]}?"
+                    break
+        raise UserError(f"{message}{hint} (see {self.prog} --help)")
