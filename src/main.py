@@ -4,7 +4,7 @@
     python -m src.main --config configs/exp001.yaml trainer.max_steps=50 name=exp001-quick
     python -m src.main --config configs/exp001.yaml --dry-run            # build, report, no training
     python -m src.main --config configs/exp001.yaml optimizer.lr=1e-3 --new-run  # exp001-2/
-    python -m src.main --list [REGISTRY]                                 # registered components
+    python -m src.main --list [REGISTRY[.NAME]]                          # components, parameters
     python -m src.main --import my_pkg.my_module --config my.yaml        # user components
     python -m src.main export --checkpoint DIR --out model.safetensors   # consolidated weights
 
