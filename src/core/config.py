@@ -102,7 +102,8 @@ class ExperimentConfig(_Strict):
     strategy: Section = Field({"type": "single"}, description="STRATEGIES entry.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    callbacks: list[Section] = Field([], description="CALLBACKS entries (a bare name is {type: name}).")
+    callbacks: list[Section] = Field([], description=(
+        "CALLBACKS entries (a bare name is {type: name})."))
 
     @field_validator("callbacks", mode="before")
     @classmethod

@@ -224,8 +224,7 @@ class Experiment:
                               "earlier run; choose another name (or --new-run) or resume it")
         ckpt.candidates()  # an explicit resume path is checked before anything is written
         defaults = frozenset(k for k, o in self.run_info()["origin"].items() if o == "default")
-        decision = decide(run_dir, yaml.safe_load(resolved), cfg.checkpoint.resume,
-                          bool(ckpt.committed()), defaults)
+        decision = decide(run_dir, yaml.safe_load(resolved), bool(ckpt.committed()), defaults)
         horizon = decision.horizon or self.derived["total_steps"]
         if horizon != self.derived["total_steps"]:  # an extended run keeps its schedule
             self.scheduler = SCHEDULERS.build(cfg.scheduler, "scheduler", optimizer=self.optimizer,

@@ -5,13 +5,13 @@
         configs/000.yaml   every config the run went through, in order (000 = how it started)
         run_info.json      every value with its origin, data facts, derived numbers, environment
 
-Rules for ``checkpoint.resume: auto`` when the folder holds committed checkpoints:
+Rules when the folder holds committed checkpoints (``resume: auto``, or a path given explicitly):
 
 - the same resolved config: resume;
 - only *extend* keys differ (how long to train, how often to log, evaluate and save, how many
-  checkpoints to keep, loader workers, callbacks): resume and continue under the new values; the change is
-  recorded as the next ``configs/NNN.yaml``. The learning-rate schedule keeps the horizon the run
-  started with (extending a finished cosine run goes on at its final rate);
+  checkpoints to keep, loader workers, callbacks): resume and continue under the new values;
+  the change is recorded as the next ``configs/NNN.yaml``. The learning-rate schedule keeps
+  the horizon the run started with (extending a finished cosine run goes on at its final rate);
 - ``strategy`` changes among single, ddp and fsdp (checkpoints reshard between them): as extend;
 - anything else: refused with one line listing the differing keys (old -> new) and the ways out.
 
@@ -76,7 +76,7 @@ class Decision:
         return ", ".join(f"{k} {shown(a, 40)} -> {shown(b, 40)}" for k, a, b in self.changes)
 
 
-def decide(run_dir: Path, new: dict, resume: str, has_checkpoints: bool,
+def decide(run_dir: Path, new: dict, has_checkpoints: bool,
            defaults: frozenset[str] = frozenset()) -> Decision:
     """The decision for ``new`` (the resolved config as a dict) in ``run_dir``; reads only.
 
@@ -87,8 +87,8 @@ def decide(run_dir: Path, new: dict, resume: str, has_checkpoints: bool,
         ConfigError: the folder holds another run's checkpoints and the configs differ in a key
             that changes what is trained.
     """
-    if not has_checkpoints or resume != "auto":
-        return Decision("new" if not has_checkpoints else "resume")
+    if not has_checkpoints:  # (resume: never on a folder with checkpoints is refused earlier)
+        return Decision("new")
     old = read_config(run_dir)
     if old is None:  # checkpoints without a record (an older layout): trust them
         return Decision("resume")

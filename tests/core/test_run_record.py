@@ -110,18 +110,18 @@ def test_decisions_for_strategies_and_extend_keys(tmp_path):
             cfg[sec][key] = v
         return cfg
 
-    assert decide(run_dir, new(), "auto", True).kind == "resume"
-    d = decide(run_dir, new(trainer__max_steps=20, trainer__log_every=1), "auto", True)
+    assert decide(run_dir, new(), True).kind == "resume"
+    d = decide(run_dir, new(trainer__max_steps=20, trainer__log_every=1), True)
     assert d.kind == "extend" and d.horizon == 10 and len(d.changes) == 2
-    assert decide(run_dir, new(strategy__type="fsdp"), "auto", True).kind == "extend"
+    assert decide(run_dir, new(strategy__type="fsdp"), True).kind == "extend"
     with pytest.raises(ConfigError, match="strategy.type 'single' -> 'deepspeed'"):
-        decide(run_dir, new(strategy__type="deepspeed"), "auto", True)
+        decide(run_dir, new(strategy__type="deepspeed"), True)
     with pytest.raises(ConfigError, match="optimizer.lr 0.1 -> 0.2"):
-        decide(run_dir, new(optimizer__lr=0.2), "auto", True)
-    assert decide(run_dir, new(optimizer__lr=0.2), "auto", False).kind == "new"
+        decide(run_dir, new(optimizer__lr=0.2), True)
+    assert decide(run_dir, new(optimizer__lr=0.2), False).kind == "new"
     assert differences({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}}) == [("a.c", None, 2)]
     # a key the platform gained after the run started, at its default, is no difference
     grown = {**new(), "needs": {}}
-    assert decide(run_dir, grown, "auto", True, frozenset({"needs"})).kind == "resume"
+    assert decide(run_dir, grown, True, frozenset({"needs"})).kind == "resume"
     with pytest.raises(ConfigError, match="needs None -> {}"):
-        decide(run_dir, grown, "auto", True)
+        decide(run_dir, grown, True)
