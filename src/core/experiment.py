@@ -231,11 +231,12 @@ class Experiment:
                                               total_steps=horizon)
         self.derived["schedule_horizon"] = horizon
         self.decision = decision
+        info = self.run_info()  # for the record and the loggers, with the horizon in it
 
         def record() -> None:  # called by the trainer once the checkpoint (if any) has loaded
             if strategy.is_main:
                 run_dir.mkdir(parents=True, exist_ok=True)
-                write_record(run_dir, resolved, self.run_info(), decision)
+                write_record(run_dir, resolved, info, decision)
                 attach_log(run_dir)
                 print(banner(self, decision, self.trainer.step), flush=True)
                 tokenizer = self.data.info.extra.get("tokenizer")
@@ -259,7 +260,7 @@ class Experiment:
                           train_loader=self.train_loader, val_loader=self.val_loader,
                           max_steps=self.derived["total_steps"], callbacks=callbacks,
                           loggers=loggers, checkpoints=ckpt,
-                          run_dir=run_dir, run_info=self.run_info(), on_start=record)
+                          run_dir=run_dir, run_info=info, on_start=record)
         self.trainer = trainer
         t0 = time.perf_counter()
         metrics = trainer.fit()

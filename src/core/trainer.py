@@ -49,7 +49,6 @@ class Trainer:
         self.run_dir, self.run_info, self.on_start = run_dir, run_info or {}, on_start
         self.batches_per_epoch = train_loader.batches_per_epoch()
         self.step = self.epoch = self.batch_in_epoch = 0
-        self._step_epoch = 0  # the epoch of the last step (an evaluation at its end says so)
         self.bad_steps = self.total_bad_steps = 0
         self.should_stop = False
         self.last_val: dict[str, float] = {}
@@ -167,7 +166,9 @@ class Trainer:
         self._last_eval = self.step
         for cb in self.callbacks:
             cb.on_validation_end(self, metrics)
-        self._emit({"epoch": self._step_epoch, **metrics})
+        # the epoch of the last step: at an epoch's end the counter has already moved on
+        step_epoch = self.epoch - 1 if self.batch_in_epoch == 0 and self.step else self.epoch
+        self._emit({"epoch": step_epoch, **metrics})
         texts = self.task.validation_texts()
         if texts and self.strategy.is_main:
             for lg in self.loggers:
@@ -184,7 +185,6 @@ class Trainer:
     def _save(self) -> Path:
         state = {
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "step_epoch": self._step_epoch,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "callbacks": [cb.state_dict() for cb in self.callbacks],
@@ -287,7 +287,6 @@ class Trainer:
 
     def _after_step(self) -> None:
         cfg = self.cfg
-        self._step_epoch = self.epoch  # the epoch this step belongs to, for every line it logs
         if self.step % cfg.log_every == 0 or self.step == self.max_steps:
             self._log_interval()
         epoch_end = self.batch_in_epoch >= self.batches_per_epoch
@@ -422,7 +421,6 @@ class Trainer:
             return 0
         path, state, rank_state = got
         self.step, self.epoch = state["step"], state["epoch"]
-        self._step_epoch = state.get("step_epoch", self.epoch)
         self.batch_in_epoch = state["batch_in_epoch"]
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
