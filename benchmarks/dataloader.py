@@ -41,7 +41,7 @@ def training_rate(steps: int) -> float:
     """samples/s of configs/exp001.yaml's own training loop."""
     import json
 
-    from src.core.experiment import build, prepare
+    from src.run.experiment import build, prepare
 
     root = Path(__file__).resolve().parents[1]
     tmp = tempfile.mkdtemp()

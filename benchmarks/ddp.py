@@ -51,7 +51,7 @@ def run_torch(steps: int) -> float:
 def run_ours(steps: int) -> float:
     import yaml
 
-    from src.core.experiment import build, prepare
+    from src.run.experiment import build, prepare
 
     tmp = tempfile.mkdtemp()
     cfg = {"name": "bench_ddp", "data": {"type": "digits", "val_fraction": 0.0, "batch_size": 64},

@@ -47,15 +47,15 @@ def last_val(run_dir: Path, key: str) -> dict:
 
 
 def build(config: str, overrides: list[str]):
-    from src.core.experiment import build as build_exp
-    from src.core.experiment import prepare
+    from src.run.experiment import build as build_exp
+    from src.run.experiment import prepare
 
     cfg, origins = prepare(str(ROOT / config), overrides)
     return build_exp(cfg, origins)
 
 
 def run_lm_stdlib(root: str, quick: bool) -> dict:
-    from src.core.export import export_hf
+    from src.run.export import export_hf
 
     ov = [f"logging.root={root}", "logging.loggers=[jsonl]"]
     if quick:

@@ -95,7 +95,7 @@ def run_ours(kind: str, steps: int) -> tuple[float, float]:
     """Our trainer through the public API: jsonl every 50 steps, no progress bar, no checkpoints."""
     import yaml
 
-    from src.core.experiment import build, prepare
+    from src.run.experiment import build, prepare
 
     tmp = tempfile.mkdtemp()
     model = {"type": "mlp", "hidden": [256, 256]} if kind == "mlp" else \

@@ -57,7 +57,7 @@ BACKBONES = {"cnn": ("simclr", "moco", "byol", "dino", "vicreg"), "vit": METHODS
 
 
 def run_method(method: str, overrides: list[str], backbone: str = "cnn") -> dict:
-    from src.core.experiment import build, prepare
+    from src.run.experiment import build, prepare
 
     tmp = tempfile.mkdtemp()
     extra = []
@@ -79,7 +79,7 @@ def run_method(method: str, overrides: list[str], backbone: str = "cnn") -> dict
 def run_arcface(overrides: list[str]) -> dict:
     import json
 
-    from src.core.experiment import build, prepare
+    from src.run.experiment import build, prepare
 
     tmp = tempfile.mkdtemp()
     cfg, origins = prepare(str(ROOT / "configs/arcface_digits.yaml"),

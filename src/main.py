@@ -46,7 +46,7 @@ def _list(which: str, imports: list[str]) -> int:
     """``--list``, ``--list REGISTRY`` or ``--list REGISTRY.NAME`` (that component's parameters)."""
     import difflib
 
-    from src.core.catalog import builtin_names, summary
+    from src.run.catalog import builtin_names, summary
     from src.core.errors import ConfigError
     from src.core.registry import ALL
 
@@ -58,7 +58,7 @@ def _list(which: str, imports: list[str]) -> int:
                           f"(available: {', '.join(ALL)})")
     names = builtin_names()
     if imports:  # user modules register at import; show them too, with their docstrings
-        from src.core.experiment import import_user_modules
+        from src.run.experiment import import_user_modules
 
         import_user_modules(imports, "--import")
         for r_name, reg in ALL.items():
@@ -80,7 +80,7 @@ def _list(which: str, imports: list[str]) -> int:
 def _list_component(reg_name: str, name: str) -> int:
     import inspect
 
-    from src.core.catalog import load_builtins, parameters, summary
+    from src.run.catalog import load_builtins, parameters, summary
     from src.core.registry import ALL
 
     load_builtins()
@@ -145,7 +145,7 @@ def _prepare_and_build(args):
     written to the run's log.txt (training)."""
     from src.core.console import held_output
     from src.core.errors import UserError
-    from src.core.experiment import build, prepare
+    from src.run.experiment import build, prepare
 
     held = held_output()
     outcome = "drop"
@@ -154,7 +154,7 @@ def _prepare_and_build(args):
         if args.new_run:
             from pathlib import Path
 
-            from src.core.run_record import free_name
+            from src.run.record import free_name
 
             cfg.name = free_name(Path(cfg.logging.root), cfg.name)
             origins["name"] = "override '--new-run'"
@@ -176,7 +176,7 @@ def _prepare_and_build(args):
 
 def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["export"]:
-        from src.core import export
+        from src.run import export
 
         return export.main(argv[1:])
     args = _parser().parse_args(argv)

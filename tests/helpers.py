@@ -10,8 +10,8 @@ import signal
 import torch
 
 from src.core.callbacks.base import Callback
-from src.core.experiment import build, prepare
 from src.core.registry import CALLBACKS
+from src.run.experiment import build, prepare
 
 
 def run(config: Path, *overrides: str):

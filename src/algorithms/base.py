@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from src.data.info import DatasetInfo
+from src.core.dataset_info import DatasetInfo
 
 
 class Task(nn.Module):
@@ -159,12 +159,3 @@ def lockstep() -> dict[str, Any]:
     gathered in every forward, so a rank that finished its sequences early must keep calling
     forward until every rank has (transformers' ``synced_gpus``)."""
     return {"synced_gpus": True} if world_size() > 1 else {}
-
-
-def batch_size_of(batch: Any) -> int:
-    """Number of samples in a batch (first dimension of its first tensor)."""
-    if isinstance(batch, dict):
-        batch = next(iter(batch.values()))
-    if isinstance(batch, (list, tuple)):
-        batch = batch[0]
-    return int(batch.shape[0])

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from pydantic import confloat, conint
 
 from src.algorithms.base import Task
+from src.core.dataset_info import DatasetInfo
 from src.core.registry import TASKS
-from src.data.info import DatasetInfo
 
 
 @TASKS.register("classification")

@@ -36,7 +36,7 @@ def reward_model(path: str, label: int = 1, max_length: conint(ge=8) = 256,
     """The logit of class ``label`` of a local sequence-classification model on prompt+completion."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from src.models.hf import resolve_path
+    from src.core.local_paths import resolve_path
 
     folder = resolve_path(path, "task.reward.path")
     model = AutoModelForSequenceClassification.from_pretrained(str(folder), local_files_only=True)

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from src.algorithms.base import Task
+from src.core.dataset_info import DatasetInfo
 from src.core.errors import ConfigError
-from src.data.info import DatasetInfo
 
 
 def feature_dim(model: nn.Module, info: DatasetInfo, task: str) -> int:

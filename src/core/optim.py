@@ -16,7 +16,7 @@ from pydantic import confloat, conint
 from src.core.errors import ConfigError
 from src.core.registry import OPTIMIZERS, SCHEDULERS
 
-# Literal so that `--list` can read them without importing torch (see src/core/catalog.py).
+# Literal so that `--list` can read them without importing torch (see src/run/catalog.py).
 TORCH_OPTIMIZERS = ("adadelta", "adafactor", "adagrad", "adam", "adamax", "adamw", "asgd",
                     "lbfgs", "muon", "nadam", "radam", "rmsprop", "rprop", "sgd", "sparseadam")
 

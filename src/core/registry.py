@@ -13,6 +13,12 @@ and is then built from its YAML section (``task: {type: my_task, temperature: 0.
 constructing anything, so a wrong key or type fails at load time with its dotted path.
 Only registered names can be built: a ``type`` is never an import path.
 
+Built-ins join one way: a built-in X is a file in its package (``src/models/``, ``src/data/``,
+``src/algorithms/``, ``src/distributed/``, ``src/core/callbacks/``) that registers itself with the
+decorator, plus its name in the package's ``__init__`` (``from src.models import cnn, hf, ...``).
+``src.run.catalog`` imports those packages before a run and reads the same files for ``--list``.
+User code joins through ``imports:`` in YAML, ``--import`` or the ``src.plugins`` entry points.
+
 This module imports nothing heavy, so ``--help`` and ``--list`` stay fast.
 """
 from __future__ import annotations

@@ -15,7 +15,6 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from src.algorithms.base import batch_size_of
 from src.core.config import TrainerConfig
 from src.core.seeding import rng_state, set_rng_state
 
@@ -470,3 +469,12 @@ class Trainer:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+
+
+def batch_size_of(batch: Any) -> int:
+    """Number of samples in a batch (first dimension of its first tensor)."""
+    if isinstance(batch, dict):
+        batch = next(iter(batch.values()))
+    if isinstance(batch, (list, tuple)):
+        batch = batch[0]
+    return int(batch.shape[0])

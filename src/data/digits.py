@@ -9,8 +9,8 @@ from typing import Optional
 import torch
 from pydantic import confloat, conint
 
+from src.core.dataset_info import DataModule, DatasetInfo
 from src.core.registry import DATASETS
-from src.data.info import DataModule, DatasetInfo
 from src.data.tensor_dataset import InMemoryDataset
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from pydantic import confloat, conint
 
+from src.core.dataset_info import DataModule, DatasetInfo
 from src.core.errors import ConfigError
 from src.core.registry import DATASETS
-from src.data.info import DataModule, DatasetInfo
-from src.data.jsonl import Examples, PadCollator
+from src.data.examples import Examples, PadCollator
 from src.data.text import load_tokenizer, read, resolve_files, split_by_file, token_info
 
 

@@ -7,10 +7,10 @@ from typing import Literal, Optional
 import torch
 from pydantic import confloat, conint
 
+from src.core.dataset_info import DataModule, DatasetInfo
 from src.core.errors import ConfigError, DataError, library_message
 from src.core.registry import DATASETS
 from src.data.digits import stratified_split
-from src.data.info import DataModule, DatasetInfo
 
 
 def _image_transform(size: int, channels: int):
@@ -120,11 +120,17 @@ class _Dicts(torch.utils.data.Dataset):
         try:
             x, y = self.ds[i]
         except (OSError, SyntaxError, ValueError) as exc:  # damage the header check missed
-            from src.data.info import sample_path
-
             raise DataError(f"{sample_path(self.ds, i)}: unreadable image "
                             f"({library_message(exc, 80)})") from None
         sample = {"inputs": x, "labels": y}
         if self.view_transform is not None:
             sample["views"] = self.view_transform(x)
         return sample
+
+
+def sample_path(ds, i: int) -> str:
+    """The file behind sample ``i`` of a (Subset of an) ImageFolder, for error messages."""
+    while hasattr(ds, "indices") and hasattr(ds, "dataset"):
+        ds, i = ds.dataset, ds.indices[i]
+    samples = getattr(ds, "samples", None)
+    return str(samples[i][0]) if samples is not None else f"sample {i}"

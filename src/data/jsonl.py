@@ -18,9 +18,11 @@ import numpy as np
 import torch
 from pydantic import confloat, conint
 
+from src.core.dataset_info import DataModule, DatasetInfo
 from src.core.errors import ConfigError
 from src.core.registry import DATASETS
-from src.data.info import DataModule, DatasetInfo
+from src.data.docstrings import function_prompts
+from src.data.examples import Examples, LeftPadCollator, PadCollator
 from src.data.text import load_tokenizer, token_info
 
 ALPACA = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
@@ -86,46 +88,6 @@ def encode_pair(tok, prompt: str, answer: str, max_length: int, mask_prompt: boo
     ids = (p + a)[:max_length]
     labels = ([-100] * len(p) if mask_prompt else p) + a
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels[:max_length])}
-
-
-class Examples(torch.utils.data.Dataset):
-    """Pre-tokenised examples of different lengths (``lengths`` for length-grouped batches)."""
-
-    def __init__(self, items: list[dict[str, torch.Tensor]], labels: Optional[list[int]] = None):
-        self.items = items
-        self.lengths = [len(x["input_ids"]) if "input_ids" in x else
-                        len(x["chosen_input_ids"]) for x in items]
-        if labels is not None:
-            self.labels = torch.tensor(labels)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.items[i]
-
-
-class PadCollator:
-    """Pads every ``*input_ids`` with the pad id (and builds its ``*attention_mask``), every
-    ``*labels`` sequence with -100; stacks everything else."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for key in rows[0]:
-            values = [r[key] for r in rows]
-            if values[0].ndim == 0:
-                out[key] = torch.stack(values)
-                continue
-            fill = self.pad_id if key.endswith("input_ids") else -100
-            out[key] = torch.nn.utils.rnn.pad_sequence(values, batch_first=True, padding_value=fill)
-            if key.endswith("input_ids"):
-                mask = [torch.ones(len(v), dtype=torch.long) for v in values]
-                out[key.replace("input_ids", "attention_mask")] = torch.nn.utils.rnn.pad_sequence(
-                    mask, batch_first=True, padding_value=0)
-        return out
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -215,23 +177,6 @@ def pairs(seed: int, path: str, tokenizer: str, max_length: conint(ge=8) = 256,
     return _module(items, None, val_fraction, seed, tok)
 
 
-class LeftPadCollator:
-    """Left-pads prompt ids (generation continues from the right end)."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        longest = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, longest - n:] = r["input_ids"]
-            mask[i, longest - n:] = 1
-        return {"input_ids": ids, "attention_mask": mask}
-
-
 @DATASETS.register("prompts")
 def prompts(seed: int, tokenizer: str, path: Optional[str] = None,
             stdlib_functions: bool = False, max_length: conint(ge=2) = 64,
@@ -243,8 +188,6 @@ def prompts(seed: int, tokenizer: str, path: Optional[str] = None,
     if path:
         texts = [r["prompt"] for _, r in read_jsonl(path, need=("prompt",))]
     elif stdlib_functions:
-        from src.data.docstrings import function_prompts
-
         texts = function_prompts()
     else:
         raise ConfigError("data: give 'path' (JSONL of prompts) or stdlib_functions: true")

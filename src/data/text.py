@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from pydantic import confloat, conint
 
+from src.core.dataset_info import DataModule, DatasetInfo
 from src.core.errors import ConfigError
 from src.core.registry import DATASETS
-from src.data.info import DataModule, DatasetInfo
 
 EOS, PAD, MASK = "<|endoftext|>", "<|pad|>", "<|mask|>"
 SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "__pycache__", "turtledemo"}
@@ -92,7 +92,7 @@ def train_tokenizer(files: list[Path], vocab_size: int):
 def load_tokenizer(path: str, key: str = "data.tokenizer"):
     from transformers import AutoTokenizer
 
-    from src.models.hf import resolve_path
+    from src.core.local_paths import resolve_path
 
     tok = AutoTokenizer.from_pretrained(str(resolve_path(path, key)), local_files_only=True)
     if tok.pad_token is None:

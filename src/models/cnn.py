@@ -7,8 +7,8 @@ import torch
 from pydantic import confloat, conint
 from torch import nn
 
+from src.core.dataset_info import DatasetInfo
 from src.core.registry import MODELS
-from src.data.info import DatasetInfo
 
 
 class GlobalAvgPool(nn.Module):

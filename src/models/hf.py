@@ -6,14 +6,13 @@ section wraps the model with PEFT (LoRA, QLoRA, prefix tuning), see src/models/a
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 from typing import Any, Literal, Optional
 
+from src.core.dataset_info import DatasetInfo
 from src.core.errors import ConfigError
+from src.core.local_paths import resolve_path
 from src.core.registry import MODELS
-from src.data.info import DatasetInfo
 
 AUTO_CLASSES = {
     "causal_lm": "AutoModelForCausalLM",
@@ -22,21 +21,6 @@ AUTO_CLASSES = {
     "sequence_classification": "AutoModelForSequenceClassification",
     "base": "AutoModel",
 }
-
-
-def resolve_path(path: str, key: str = "model.path") -> Path:
-    """A local folder; ``pkg:name/sub`` means the folder ``sub`` inside installed package ``name``."""
-    if path.startswith("pkg:"):
-        name, _, sub = path[4:].partition("/")
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(f"{key}: package '{name}' is not installed")
-        folder = Path(list(spec.submodule_search_locations)[0]) / sub
-    else:
-        folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise ConfigError(f"{key}: not a local folder: {path}")
-    return folder
 
 
 @MODELS.register("hf")

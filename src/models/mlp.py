@@ -8,8 +8,8 @@ import torch
 from pydantic import confloat, conint
 from torch import nn
 
+from src.core.dataset_info import DatasetInfo
 from src.core.registry import MODELS
-from src.data.info import DatasetInfo
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from src.core.dataset_info import DatasetInfo
 from src.core.errors import ConfigError
 from src.core.registry import MODELS
-from src.data.info import DatasetInfo
 
 
 def load_local_weights(model, path: str, strict: bool = False) -> None:

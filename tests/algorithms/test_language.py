@@ -93,7 +93,7 @@ def test_lora_adapter_round_trip_through_peft(write_config, tmp_path):
     """Adapter-only checkpoints load with PeftModel.from_pretrained onto the same base."""
     from peft import PeftModel
 
-    from src.core.experiment import build, prepare
+    from src.run.experiment import build, prepare
 
     changes = {"data": {"type": "text", "paths": ["stdlib:json"], "vocab_size": 400,
                         "block_size": 32, "val_fraction": 0.3, "batch_size": 8},
@@ -116,7 +116,7 @@ def test_lora_adapter_round_trip_through_peft(write_config, tmp_path):
     loaded.eval()
     torch.testing.assert_close(loaded(input_ids=ids).logits, trained.task.model(input_ids=ids).logits)
 
-    from src.core.export import export_hf
+    from src.run.export import export_hf
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged"
@@ -160,7 +160,7 @@ def test_dpo_runs_on_preference_pairs(write_config, tmp_path, tokenizer_dir):
 
 def test_masking_chooses_about_15_percent_and_never_special_tokens(write_config):
     from src.algorithms.masked_lm import MaskedLM
-    from src.data.info import DatasetInfo
+    from src.core.dataset_info import DatasetInfo
 
     task = MaskedLM(torch.nn.Identity(), mask_prob=0.15)
     task.configure(DatasetInfo(num_samples=1, extra={"mask_token_id": 2, "vocab_size": 50}))
@@ -213,7 +213,7 @@ def test_prefix_tuning_and_qlora_forward_backward(tmp_path):
     pytest.importorskip("bitsandbytes")
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from src.data.info import DatasetInfo
+    from src.core.dataset_info import DatasetInfo
     from src.models.hf import hf_model
 
     folder = tmp_path / "gpt"

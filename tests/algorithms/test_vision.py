@@ -112,9 +112,9 @@ def test_ssl_needs_a_feature_backbone(write_config, capsys):
 GLOBAL_STATE_SCRIPT = '''
 import json, sys
 import torch, torch.distributed as dist
-from src.core.catalog import load_builtins
+from src.core.dataset_info import DatasetInfo
 from src.core.registry import MODELS, TASKS
-from src.data.info import DatasetInfo
+from src.run.catalog import load_builtins
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

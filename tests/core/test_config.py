@@ -3,7 +3,7 @@ import yaml
 
 from src.core.config import dump_config, load_config, parse_override
 from src.core.errors import ConfigError
-from src.core.experiment import prepare
+from src.run.experiment import prepare
 
 
 def test_base_inheritance_deep_merges_and_records_sources(tmp_path, write_config):

@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from src.core.catalog import load_builtins
 from src.core.errors import ConfigError
 from src.core.optim import LARS
 from src.core.registry import OPTIMIZERS, SCHEDULERS
+from src.run.catalog import load_builtins
 
 load_builtins()
 

@@ -87,7 +87,7 @@ def test_type_is_never_an_import_path():
 def test_every_torch_optimizer_is_registered_and_the_catalog_matches():
     import torch
 
-    from src.core.catalog import builtin_names, load_builtins
+    from src.run.catalog import builtin_names, load_builtins
     from src.core.optim import torch_optimizer_classes
 
     load_builtins()

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from helpers import metrics, params, run
-from src.core.experiment import build, prepare
-from src.core.registry import TASKS
 from src.algorithms.classification import Classification
+from src.core.registry import TASKS
 from src.core.trainer import TrainingDiverged
+from src.run.experiment import build, prepare
 
 
 @TASKS.register("nan_at_steps")
@@ -92,7 +92,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(write_config, tmp
 
 
 def test_skipped_step_leaves_weights_untouched(write_config):
-    from src.core.experiment import build, prepare
+    from src.run.experiment import build, prepare
 
     cfg, o = prepare(str(write_config({"task": {"type": "nan_at_steps", "steps": [1]},
                                        "trainer.max_steps": 1})))

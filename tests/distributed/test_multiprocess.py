@@ -120,7 +120,7 @@ def test_ddp_matches_single_and_resumes_after_a_kill(write_config, tmp_path, sin
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert metrics(tmp_path / "runs/straight") == metrics(tmp_path / "runs/killed")
 
-    from src.core.export import export
+    from src.run.export import export
 
     exported = export(ck / "step_00000020", tmp_path / "ddp.safetensors")
     assert set(exported) == {k[len("model."):] for k in wa}
@@ -145,10 +145,10 @@ def test_fsdp_matches_single_and_reshards_both_ways(write_config, tmp_path, sing
     close(two, losses(tmp_path / "runs/up"), range(11, 21))
 
     # consolidated export of a sharded checkpoint, loadable without this project
-    from src.core.export import export
+    from src.run.export import export
 
     state = export(tmp_path / "runs/up/checkpoints/step_00000020", tmp_path / "fsdp.safetensors")
-    from src.data.info import DatasetInfo
+    from src.core.dataset_info import DatasetInfo
     from src.models.mlp import mlp
 
     model = mlp(DatasetInfo(num_samples=1, num_classes=10, input_shape=(1, 8, 8)), hidden=[64, 32])
@@ -175,7 +175,7 @@ def test_deepspeed_zero2_resumes_after_a_kill_and_exports(write_config, tmp_path
     close(a, losses(tmp_path / "runs/killed"), range(13, 21), rel=1e-5)
 
     step = tmp_path / "runs/straight/checkpoints/step_00000020"
-    from src.core.export import export
+    from src.run.export import export
 
     ours = export(step, tmp_path / "ds.safetensors")
     script = subprocess.run([sys.executable, str(step / "zero_to_fp32.py"), str(step),
@@ -244,7 +244,7 @@ CLIP_AND_EVAL = {**BASE, "trainer.max_steps": 3, "trainer.eval_every_n_steps": 3
 def clipped_single(tmp_path_factory):
     """One process: weights before and after 3 clipped SGD steps, and the validation metrics."""
     from conftest import make_config
-    from src.core.experiment import build, prepare
+    from src.run.experiment import build, prepare
     from helpers import params
 
     tmp = tmp_path_factory.mktemp("clip_single")
@@ -269,7 +269,7 @@ def test_clipping_and_uneven_evaluation_on_two_ranks(write_config, tmp_path, cli
     cfg = write_config({**CLIP_AND_EVAL, "strategy": strategy})
     launch(2, cfg, launcher=launcher)
     step = sorted((tmp_path / "runs/tiny/checkpoints").glob("step_*"))[-1]
-    from src.core.export import export
+    from src.run.export import export
 
     after = {f"model.{k}": v for k, v in export(step, tmp_path / "w.safetensors").items()}
     moved = torch.cat([(after[k] - before[k]).flatten() for k in before]).norm()

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from src.core.dataset_info import DatasetInfo
 from src.core.errors import ConfigError
-from src.data.info import DatasetInfo
 from src.models.cnn import cnn
 from src.models.mlp import mlp
 from src.models.timm_backbone import timm_model

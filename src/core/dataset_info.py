@@ -33,11 +33,3 @@ class DataModule:
     train: Any
     val: Any
     info: DatasetInfo
-
-
-def sample_path(ds, i: int) -> str:
-    """The file behind sample ``i`` of a (Subset of an) ImageFolder, for error messages."""
-    while hasattr(ds, "indices") and hasattr(ds, "dataset"):
-        ds, i = ds.dataset, ds.indices[i]
-    samples = getattr(ds, "samples", None)
-    return str(samples[i][0]) if samples is not None else f"sample {i}"

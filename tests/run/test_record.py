@@ -10,8 +10,8 @@ import yaml
 
 from helpers import metrics
 from src.core.errors import ConfigError
-from src.core.run_record import decide, differences
 from src.main import main
+from src.run.record import decide, differences
 
 BASE = ["trainer.max_steps=20", "trainer.log_every=5", "checkpoint.every_n_steps=10",
         "scheduler={type: warmup_cosine, warmup_steps: 2}"]

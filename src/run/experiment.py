@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from src.core.catalog import load_builtins
 from src.core.console import attach_log, banner, summary
+from src.run.catalog import load_builtins
 from src.core.config import (ExperimentConfig, dump_config, load_config, missing_needs,
                              raw_component_errors, validate_components)
 from src.core.errors import ConfigError, UserError, library_message, shown
-from src.core.run_record import flatten
+from src.run.record import flatten
 from src.core.registry import (CALLBACKS, DATASETS, LOGGERS, MODELS, OPTIMIZERS, SAMPLERS,
                                SCHEDULERS, STRATEGIES, TASKS, TRANSFORMS, building)
 
@@ -207,12 +207,12 @@ class Experiment:
         """Decide new / resume / extend for the run folder, then train.
 
         Nothing is written to the folder until the trainer has loaded the checkpoint it resumes
-        from (see :mod:`src.core.run_record`): a refused or failed resume changes nothing.
+        from (see :mod:`src.run.record`): a refused or failed resume changes nothing.
         """
         import yaml
 
         from src.core.checkpoint import CheckpointManager
-        from src.core.run_record import decide, write_record
+        from src.run.record import decide, write_record
         from src.core.trainer import Trainer
 
         cfg, run_dir, strategy = self.cfg, self.run_dir, self.strategy

@@ -1,8 +1,11 @@
-"""The built-in components: which modules register them, and their names without importing them.
+"""The built-in components: where they are, and their names without importing them.
 
-``load_builtins()`` imports every built-in module (so registration never depends on import order).
-``builtin_names()`` reads the same modules' source with ``ast`` and finds each
-``REGISTRY.register("name")``, so ``--list`` answers without importing torch.
+A built-in component is a file in one of ``BUILTINS``' packages that registers itself with a
+decorator, plus its name in that package's ``__init__`` (``from src.models import cnn, hf, ...``);
+``src.core.optim`` and ``src.core.loggers`` are single modules that register several entries.
+``load_builtins()`` imports ``BUILTINS``; ``builtin_names()`` reads the very same files with
+``ast`` (the package ``__init__`` names which) and finds each ``REGISTRY.register("name")``, so
+``--list`` answers without importing torch.
 """
 from __future__ import annotations
 
@@ -12,23 +15,14 @@ import re
 import typing
 from pathlib import Path
 
-BUILTIN_MODULES = (
-    "src.data.digits",
-    "src.data.image_folder",
-    "src.data.samplers",
-    "src.data.views",
-    "src.data.text",
-    "src.data.jsonl",
-    "src.data.docstrings",
-    "src.models.mlp",
-    "src.models.cnn",
-    "src.models.timm_backbone",
-    "src.models.hf",
-    "src.algorithms",
+BUILTINS = (
     "src.core.optim",
     "src.core.loggers",
     "src.core.callbacks",
+    "src.data",
+    "src.models",
     "src.distributed",
+    "src.algorithms",
 )
 
 _ROOT = Path(__file__).resolve().parents[2]
@@ -101,15 +95,22 @@ def parameters(entry, doc: str, skip=(), field_types=None) -> list[tuple[str, st
 
 
 def load_builtins() -> None:
-    for name in BUILTIN_MODULES:
+    for name in BUILTINS:
         importlib.import_module(name)
 
 
 def _module_files(name: str) -> list[Path]:
+    """The files ``import name`` imports: the module, or a package's ``__init__`` and the
+    modules it imports by name (``from src.data import digits, text``)."""
     path = _ROOT.joinpath(*name.split("."))
-    if path.is_dir():
-        return sorted(path.rglob("*.py"))
-    return [path.with_suffix(".py")]
+    if not path.is_dir():
+        return [path.with_suffix(".py")]
+    init = path / "__init__.py"
+    files = [init]
+    for node in ast.parse(init.read_text(), str(init)).body:
+        if isinstance(node, ast.ImportFrom) and node.module == name:
+            files += [f for a in node.names if (f := path / f"{a.name}.py").is_file()]
+    return files
 
 
 def _tuple_constants(tree: ast.Module) -> dict[str, list[str]]:
@@ -167,7 +168,7 @@ def builtin_names() -> dict[str, dict[str, str]]:
 
     by_var = {name.upper(): name for name in ALL}
     out: dict[str, dict[str, str]] = {name: {} for name in ALL}
-    for module in BUILTIN_MODULES:
+    for module in BUILTINS:
         for f in _module_files(module):
             tree = ast.parse(f.read_text(), str(f))
             for var, name, doc in _registrations(tree):

@@ -58,7 +58,7 @@ def export(directory: Path, out: Path, whole_task: bool = False) -> dict[str, to
 def export_hf(config: str, overrides: list[str], directory: Path, out: Path) -> None:
     """A transformers model folder (``save_pretrained``, tokenizer included) from a checkpoint of
     a ``type: hf`` model; a PEFT adapter is merged into the base weights first."""
-    from src.core.experiment import build, prepare
+    from src.run.experiment import build, prepare
 
     cfg, origins = prepare(config, overrides)
     exp = build(cfg, origins)

@@ -1,0 +1,64 @@
+"""Tokenised examples of different lengths and the collators that pad them into batches, shared by
+the JSONL formats and the docstrings corpus."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class Examples(torch.utils.data.Dataset):
+    """Pre-tokenised examples of different lengths (``lengths`` for length-grouped batches)."""
+
+    def __init__(self, items: list[dict[str, torch.Tensor]], labels: Optional[list[int]] = None):
+        self.items = items
+        self.lengths = [len(x["input_ids"]) if "input_ids" in x else
+                        len(x["chosen_input_ids"]) for x in items]
+        if labels is not None:
+            self.labels = torch.tensor(labels)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.items[i]
+
+
+class PadCollator:
+    """Pads every ``*input_ids`` with the pad id (and builds its ``*attention_mask``), every
+    ``*labels`` sequence with -100; stacks everything else."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for key in rows[0]:
+            values = [r[key] for r in rows]
+            if values[0].ndim == 0:
+                out[key] = torch.stack(values)
+                continue
+            fill = self.pad_id if key.endswith("input_ids") else -100
+            out[key] = torch.nn.utils.rnn.pad_sequence(values, batch_first=True, padding_value=fill)
+            if key.endswith("input_ids"):
+                mask = [torch.ones(len(v), dtype=torch.long) for v in values]
+                out[key.replace("input_ids", "attention_mask")] = torch.nn.utils.rnn.pad_sequence(
+                    mask, batch_first=True, padding_value=0)
+        return out
+
+
+class LeftPadCollator:
+    """Left-pads prompt ids (generation continues from the right end)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        longest = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, longest - n:] = r["input_ids"]
+            mask[i, longest - n:] = 1
+        return {"input_ids": ids, "attention_mask": mask}
