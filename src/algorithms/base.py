@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from src.core.collectives import Collectives
 from src.core.dataset_info import DatasetInfo
 
 
@@ -29,6 +29,9 @@ class Task(nn.Module):
     """
 
     padding_batch = False  # set by the trainer around each validation step (see below)
+    # Cross-rank operations (mean, gather, lockstep) for the task's own tensors; the
+    # composition root hands in the strategy's. The default is one process's (identity).
+    collectives = Collectives()
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -102,8 +105,9 @@ class Task(nn.Module):
         """``self.model.generate`` called as a forward of the task, for generation outside a
         training or validation step (samples after an evaluation). Under FSDP the task is the
         sharded root and this method is registered as one of its forwards, so its parameters
-        are gathered for it; inside a step, call ``self.model.generate(**lockstep(), ...)``."""
-        return self.model.generate(**lockstep(), **kwargs)
+        are gathered for it; inside a step, call ``self.model.generate(...)`` with
+        ``**self.collectives.lockstep()``."""
+        return self.model.generate(**self.collectives.lockstep(), **kwargs)
 
     def write_artifacts(self, run_dir: Path) -> None:
         """Write files of the finished run (plots, tables) into ``run_dir``; main process only."""
@@ -122,40 +126,3 @@ class Task(nn.Module):
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         return groups
-
-
-def world_size() -> int:
-    """Processes in the run (1 without a process group)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-@torch.no_grad()
-def all_mean(t: torch.Tensor) -> torch.Tensor:
-    """The mean of ``t`` over every rank (``t`` itself in one process). Running statistics that
-    steer training (DINO's centre) are global, as in the reference code: each rank's own would
-    drift apart, and DDP would overwrite all but rank 0's with its buffer broadcast."""
-    world = world_size()
-    if world == 1:
-        return t
-    t = t.clone()
-    dist.all_reduce(t)
-    return t / world
-
-
-@torch.no_grad()
-def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``t`` (same shape on each) concatenated on dim 0 in rank order; ``t`` itself
-    in one process. MoCo's queue takes every rank's keys, so all ranks hold one queue."""
-    world = world_size()
-    if world == 1:
-        return t
-    out = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(out, t.contiguous())
-    return torch.cat(out)
-
-
-def lockstep() -> dict[str, Any]:
-    """``generate`` arguments that keep several ranks stepping together: sharded weights are
-    gathered in every forward, so a rank that finished its sequences early must keep calling
-    forward until every rank has (transformers' ``synced_gpus``)."""
-    return {"synced_gpus": True} if world_size() > 1 else {}

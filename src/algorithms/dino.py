@@ -7,7 +7,6 @@ import torch
 from pydantic import confloat, conint
 from torch import nn
 
-from src.algorithms.base import all_mean
 from src.algorithms.ssl_base import SSLTask, cosine_momentum, ema_update, frozen_copy
 from src.core.registry import TASKS
 from src.models.heads import DINOHead
@@ -76,7 +75,7 @@ class DINO(SSLTask):
                          self.teacher_temperature())
         with torch.no_grad():  # the centre follows the teacher's mean over the global batch
             self.center.mul_(self.center_momentum).add_(
-                all_mean(t_out.mean(0, keepdim=True)), alpha=1 - self.center_momentum)
+                self.collectives.mean(t_out.mean(0, keepdim=True)), alpha=1 - self.center_momentum)
         return {"loss": loss, "features": h_global[:n].detach(), "labels": batch["labels"]}
 
     def on_step_end(self, step: int, max_steps: int) -> None:

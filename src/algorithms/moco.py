@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from pydantic import confloat, conint
 from torch import nn
 
-from src.algorithms.base import all_gather_cat
 from src.algorithms.ssl_base import SSLTask, ema_update, frozen_copy
 from src.core.registry import TASKS
 from src.models.heads import mlp
@@ -44,7 +43,7 @@ class MoCo(SSLTask):
         with torch.no_grad():
             k = F.normalize(self.key_encoder(v2), dim=1)
         loss = info_nce(q, k, self.queue.clone(), self.temperature)
-        self._enqueue(all_gather_cat(k))  # one queue: every rank's keys, on every rank
+        self._enqueue(self.collectives.gather(k))  # one queue: every rank's keys, on every rank
         return {"loss": loss, "features": h.detach(), "labels": batch["labels"]}
 
     @torch.no_grad()

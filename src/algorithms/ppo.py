@@ -4,13 +4,15 @@ advantages by GAE; the clipped surrogate objective. Each rollout serves ``ppo_ep
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import torch
 from pydantic import confloat, conint
 from torch import nn
 
-from src.algorithms.base import Task, all_mean, lockstep, world_size
+from src.algorithms.base import Task
 from src.algorithms.ssl_base import frozen_copy
 from src.core.registry import REWARDS, TASKS
 
@@ -30,13 +32,32 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, adv + values
 
 
-def mean_over_ranks(value: torch.Tensor) -> float:
-    """The mean of a scalar over all ranks (every rank gets the same number)."""
-    return float(all_mean(value.detach().float()))
-
-
 def token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) under ``logits``: (N, T, V) logits and (N, T) tokens -> (N, T)."""
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None])[..., 0]
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled completions and everything the updates on it need. N sequences of
+    P prompt tokens (left-padded) followed by T response tokens (right-padded after EOS)."""
+
+    seq: torch.Tensor            # (N, P + T) prompt and response ids
+    mask: torch.Tensor           # (N, P + T) attention mask
+    response_mask: torch.Tensor  # (N, T) 1 on response tokens up to and including the first EOS
+    old_logp: torch.Tensor       # (N, T) log pi_old of each response token
+    advantages: torch.Tensor     # (N, T) GAE advantages, whitened over the response tokens
+    returns: torch.Tensor        # (N, T) value targets
+    score: torch.Tensor          # () mean reward of the completions
+    kl: torch.Tensor             # () mean KL(pi_old || pi_ref) per completion
+    kl_coef: torch.Tensor        # () the KL penalty used for this rollout
+    length: torch.Tensor         # () mean response length
+    prompt_len: int              # P
+
+    def to(self, device) -> "Rollout":
+        return Rollout(**{f.name: v.to(device) if isinstance(v := getattr(self, f.name),
+                                                             torch.Tensor) else v
+                          for f in dataclasses.fields(self)})
 
 
 @TASKS.register("ppo")
@@ -74,7 +95,7 @@ class PPO(Task):
             reference == "auto" and hasattr(model, "disable_adapter"))
         if not self.adapter_off:
             self.reference = frozen_copy(model).eval()
-        self._rollout: Optional[dict[str, torch.Tensor]] = None
+        self._rollout: Optional[Rollout] = None
         self._uses = 0
 
     def configure(self, info) -> None:
@@ -93,47 +114,46 @@ class PPO(Task):
         return out.logits, values
 
     @torch.no_grad()
-    def collect(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def collect(self, batch: dict[str, torch.Tensor]) -> Rollout:
         """Sample completions and score them: everything the updates of this rollout need."""
-        prompt, pmask = batch["input_ids"], batch["attention_mask"]
+        prompt, pmask = batch["input_ids"], batch["attention_mask"]  # (N, P)
         tok = self.tokenizer
         seq = self.model.generate(input_ids=prompt, attention_mask=pmask, do_sample=True,
                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                  top_k=0, **lockstep(), **self.gen)
+                                  top_k=0, **self.collectives.lockstep(), **self.gen)  # (N, P+T)
         p = prompt.shape[1]
-        response = seq[:, p:]
+        response = seq[:, p:]  # (N, T)
         # response tokens up to and including the first EOS count; the rest is padding
         ended = (response == tok.eos_token_id).long().cumsum(1)
-        rmask = ((ended == 0) | ((ended == 1) & (response == tok.eos_token_id))).float()
-        mask = torch.cat([pmask, rmask.long()], dim=1)
-        logits, values = self._forward(self.model, seq, mask, True)
-        old_logp = token_logps(logits[:, p - 1:-1], response)
+        rmask = ((ended == 0) | ((ended == 1) & (response == tok.eos_token_id))).float()  # (N, T)
+        mask = torch.cat([pmask, rmask.long()], dim=1)  # (N, P+T)
+        logits, values = self._forward(self.model, seq, mask, True)  # (N, P+T, V), (N, P+T)
+        # the logits at position i predict token i + 1: positions P-1 .. P+T-2 predict the response
+        old_logp = token_logps(logits[:, p - 1:-1], response)  # (N, T)
         ref_model, ctx = (self.model, self.model.disable_adapter()) if self.adapter_off else \
             (self.reference, contextlib.nullcontext())
         with ctx:
             ref_logits, _ = self._forward(ref_model, seq, mask, False)
-        ref_logp = token_logps(ref_logits[:, p - 1:-1], response)
+        ref_logp = token_logps(ref_logits[:, p - 1:-1], response)  # (N, T)
         texts = tok.batch_decode(response * rmask.long() + tok.pad_token_id * (1 - rmask.long()),
                                  skip_special_tokens=True)
         prompts = tok.batch_decode(prompt, skip_special_tokens=True)
         if hasattr(self.reward_fn, "to") and self._reward_device != seq.device:
             self.reward_fn.to(seq.device)  # a reward model scores where the policy runs
             self._reward_device = seq.device
-        score = self.reward_fn(prompts, texts).to(seq.device).float()
-        kl = (old_logp - ref_logp) * rmask
-        rewards = -self.kl_coef * kl
+        score = self.reward_fn(prompts, texts).to(seq.device).float()  # (N,)
+        kl = (old_logp - ref_logp) * rmask  # (N, T)
+        rewards = -self.kl_coef * kl  # (N, T): the KL penalty on every token ...
         last = (rmask.sum(1) - 1).clamp(min=0).long()
-        rewards[torch.arange(len(seq)), last] += score
-        vals = values[:, p - 1:-1] * rmask
+        rewards[torch.arange(len(seq)), last] += score  # ... and the score on the last one
+        vals = values[:, p - 1:-1] * rmask  # (N, T): the value of the state before each token
         adv, returns = gae(rewards, vals, rmask, self.gamma, self.lam)
         valid = adv[rmask.bool()]
         adv = (adv - valid.mean()) / (valid.std() + 1e-8) * rmask
-        mean_kl = kl.sum(1).mean()
-        return {"seq": seq, "mask": mask, "rmask": rmask, "old_logp": old_logp, "adv": adv,
-                "returns": returns, "score": score.mean(), "kl": mean_kl,
-                "kl_coef": torch.tensor(self.kl_coef, device=seq.device),
-                "length": rmask.sum(1).mean(),
-                "p": torch.tensor(p)}
+        return Rollout(seq=seq, mask=mask, response_mask=rmask, old_logp=old_logp,
+                       advantages=adv, returns=returns, score=score.mean(), kl=kl.sum(1).mean(),
+                       kl_coef=torch.tensor(self.kl_coef, device=seq.device),
+                       length=rmask.sum(1).mean(), prompt_len=p)
 
     def adapt_kl(self, kl: float, samples: int) -> None:
         """One step of the adaptive KL controller (a no-op without ``kl_target``)."""
@@ -145,21 +165,22 @@ class PPO(Task):
         if self._rollout is None or self._uses >= self.ppo_epochs:
             self._rollout, self._uses = self.collect(batch), 0
             if self.kl_target is not None:  # one host read per rollout, not per step
-                kl, samples = mean_over_ranks(self._rollout["kl"]), len(self._rollout["seq"])
-                world = world_size()
-                self.adapt_kl(kl, samples * world)
+                c = self.collectives
+                kl = float(c.mean(self._rollout.kl.detach().float()))  # alike on every rank
+                self.adapt_kl(kl, len(self._rollout.seq) * c.world_size)
         r = self._rollout
         self._uses += 1
-        p = int(r["p"])
-        logits, values = self._forward(self.model, r["seq"], r["mask"], True)
-        logp = token_logps(logits[:, p - 1:-1], r["seq"][:, p:])
-        m = r["rmask"]
-        ratio = torch.exp(logp - r["old_logp"])
-        surrogate = torch.minimum(ratio * r["adv"], ratio.clamp(1 - self.clip, 1 + self.clip) * r["adv"])
+        p = r.prompt_len
+        logits, values = self._forward(self.model, r.seq, r.mask, True)  # (N, P+T, V), (N, P+T)
+        logp = token_logps(logits[:, p - 1:-1], r.seq[:, p:])  # (N, T)
+        m = r.response_mask  # (N, T)
+        ratio = torch.exp(logp - r.old_logp)  # (N, T) pi / pi_old
+        clipped = ratio.clamp(1 - self.clip, 1 + self.clip)
+        surrogate = torch.minimum(ratio * r.advantages, clipped * r.advantages)
         policy_loss = -(surrogate * m).sum() / m.sum()
-        value_loss = (((values[:, p - 1:-1] - r["returns"]) ** 2) * m).sum() / m.sum()
-        return {"loss": policy_loss + self.vf_coef * value_loss, "reward": r["score"],
-                "kl": r["kl"], "kl_coef": r["kl_coef"], "response_length": r["length"],
+        value_loss = (((values[:, p - 1:-1] - r.returns) ** 2) * m).sum() / m.sum()
+        return {"loss": policy_loss + self.vf_coef * value_loss, "reward": r.score,
+                "kl": r.kl, "kl_coef": r.kl_coef, "response_length": r.length,
                 "clip_fraction": (((ratio - 1).abs() > self.clip).float() * m).sum() / m.sum()}
 
     def extra_state(self) -> dict[str, Any]:
@@ -172,14 +193,21 @@ class PPO(Task):
         """The rollout being reused, so a resumed run continues it instead of sampling anew."""
         if self._rollout is None:
             return {}
-        return {"rollout": {k: v.cpu() for k, v in self._rollout.items()}, "uses": self._uses}
+        return {"rollout": dataclasses.asdict(self._rollout.to("cpu")), "uses": self._uses}
 
     def load_rank_state(self, state: dict[str, Any]) -> None:
         if "rollout" in state:
-            device = self.value_head.weight.device
-            self._rollout = {k: v.to(device) for k, v in state["rollout"].items()}
+            rollout = dict(state["rollout"])
+            if "p" in rollout:  # written before the Rollout fields had names
+                rollout = {"seq": rollout["seq"], "mask": rollout["mask"],
+                           "response_mask": rollout["rmask"], "old_logp": rollout["old_logp"],
+                           "advantages": rollout["adv"], "returns": rollout["returns"],
+                           "score": rollout["score"], "kl": rollout["kl"],
+                           "kl_coef": rollout["kl_coef"], "length": rollout["length"],
+                           "prompt_len": int(rollout["p"])}
+            self._rollout = Rollout(**rollout).to(self.value_head.weight.device)
             self._uses = state["uses"]
 
     def validation_step(self, batch):
         r = self.collect(batch)
-        return {"reward": r["score"], "kl": r["kl"]}
+        return {"reward": r.score, "kl": r.kl}

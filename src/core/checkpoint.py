@@ -4,7 +4,9 @@ and resume of the newest committed checkpoint.
 Layout of ``experiments/<name>/checkpoints/``::
 
     step_00000100/
-        model.safetensors  optimizer.pt  trainer.pt  rank_00000.pt   (written by the strategy)
+        model.safetensors  optimizer.pt  trainer.pt  rank_00000.pt   (written by the strategy:
+        dcp/               sharded model and optimizer (fsdp, async saves)      single and ddp
+        deepspeed/         DeepSpeed's own shards (deepspeed)                   write the first line)
         meta.json          step, epoch, world size, config hash, time, metrics
         COMMIT             written last, after everything above is fsync'ed
     latest                 "step_00000100", replaced by rename only after the commit
@@ -24,10 +26,22 @@ from typing import Any, Callable, Optional
 from src.core.config import CheckpointConfig
 from src.core.errors import CheckpointError, CheckpointMismatchError, ConfigError
 
+# Every name in a checkpoint folder, in one place (the strategies write the files, this module
+# owns everything around them).
 COMMIT = "COMMIT"
 META = "meta.json"
 LATEST = "latest"
 PREFIX = "step_"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+TRAINER_FILE = "trainer.pt"
+DCP_DIR = "dcp"
+DEEPSPEED_DIR = "deepspeed"
+
+
+def rank_file(rank: int) -> str:
+    """Per-rank state (RNG) lives in its own file."""
+    return f"rank_{rank:05d}.pt"
 
 
 def _fsync(path: Path) -> None:

@@ -1,29 +1,24 @@
-"""The Strategy contract (after Lightning Fabric's): a small base, one subclass per way to run.
+"""The Strategy contract (after Lightning Fabric's): a small abstract base, one subclass per way
+to run, and the helpers every strategy shares (device choice, batch placement, safe loading).
 
 The trainer only talks to a strategy; tasks never know which one runs them.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
+from src.core.checkpoint import MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE, rank_file
+from src.core.collectives import Collectives
 from src.core.errors import CheckpointError, CheckpointMismatchError
-
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-TRAINER_FILE = "trainer.pt"
-
-
-def rank_file(rank: int) -> str:
-    """Per-rank state (RNG) lives in its own file."""
-    return f"rank_{rank:05d}.pt"
-
 
 def pick_device(device: str = "auto", path: str = "strategy.device") -> torch.device:
     """``auto``: cuda > mps > cpu; otherwise the device named, which must exist here."""
@@ -96,12 +91,64 @@ def check_shapes(model: nn.Module, state: dict[str, torch.Tensor], where: Path) 
         raise CheckpointMismatchError(f"{where}: checkpoint does not fit the model; " + "; ".join(parts))
 
 
-class Strategy:
-    """How a run uses processes and devices.
+@dataclass(frozen=True)
+class LoopSettings:
+    """What of the training loop a strategy may need to know, built once by the composition root
+    (a strategy gets this, never the whole experiment config).
 
-    Subclasses override what differs; the defaults here are those of one process owning the
-    whole model (``single``). ``save``/``load`` write and read the model, optimizer and trainer
-    state of one checkpoint directory; the CheckpointManager owns everything around them.
+    Attributes:
+        batch_size: samples per micro-step over all ranks (``data.batch_size``).
+        grad_accum_steps: micro-steps per optimizer step.
+        grad_clip: max gradient norm, or None.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (``trainer.precision``).
+        compile: whether the trainer compiles the model (``trainer.compile``).
+        async_save: whether checkpoints are written in the background.
+        optimizer: the optimizer's registered name (``optimizer.type``).
+    """
+
+    batch_size: int = 1
+    grad_accum_steps: int = 1
+    grad_clip: Optional[float] = None
+    precision: str = "fp32"
+    compile: bool = False
+    async_save: bool = False
+    optimizer: str = "adamw"
+
+
+class Strategy(abc.ABC):
+    """How a run uses processes and devices (after Lightning Fabric's ``Strategy``).
+
+    The trainer talks only to its strategy; tasks never know which one runs them. A new strategy
+    subclasses this (or ``ProcessGroupStrategy`` for one process per device), registers itself
+    with ``@STRATEGIES.register("name")`` and implements the abstract members. The calls come in
+    this order:
+
+    1. ``__init__(**section)`` with its own YAML section, validated against the signature.
+    2. ``setup()``: join the process group, set ``rank``, ``local_rank``, ``world_size``,
+       ``device``. Nothing is built yet.
+    3. ``configure(settings)``: the loop's :class:`LoopSettings`; refuse combinations the strategy
+       cannot run with a ``ConfigError`` naming the config key.
+    4. ``wrap(task, make_optimizer)``: place (shard, wrap) the task; build the optimizer with
+       ``make_optimizer(task)`` once the parameters are where they stay; return both.
+       ``unwrap(model)`` gives the task back; ``compile(model)`` compiles it in place.
+    5. Every micro-step: ``to_device(batch)``, forward, ``backward(loss)`` (inside
+       ``no_sync(model)`` on non-final accumulation steps). Every optimizer step:
+       ``clip_grad_norm``, ``step_decision`` (skip a non-finite update alike on every rank, agree
+       on stop signals), ``optimizer_step`` or ``discard_step``, ``zero_grad``.
+    6. Metrics and evaluation: ``reduce`` (sum or max of a dict of scalars over ranks) and
+       ``gather`` (rows of every rank); ``barrier`` where ranks must meet. ``collectives()``
+       is the handle a task gets for its own cross-rank tensors (DINO's centre, MoCo's queue).
+    7. Checkpoints: ``save(dir, ...)`` writes model, optimizer, trainer and per-rank state into an
+       existing step folder (the CheckpointManager owns the folder, the commit marker and
+       rotation); ``load(dir, ...)`` restores them in place and returns (trainer_state,
+       rank_state). File names come from ``src.core.checkpoint``.
+    8. ``teardown(in_step)``: leave the process group (``in_step=False`` after an error another
+       rank may not share: wait for nobody).
+
+    Guarantees a strategy keeps: every collective is called on every rank in the same order;
+    ``reduce``/``gather``/``step_decision`` return the same value on every rank; nothing in the
+    per-step methods synchronises with the host except ``step_decision`` (one sync per step).
+    The defaults below are those of one process owning the whole model.
     """
 
     owns_precision = False  # True: the strategy casts and scales itself (no autocast, no GradScaler)
@@ -110,17 +157,21 @@ class Strategy:
     local_rank = 0
     world_size = 1
     device = torch.device("cpu")
+    settings = LoopSettings()
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @abc.abstractmethod
     def setup(self) -> None:
-        """Join the process group, pick the device."""
+        """Join the process group (if any), set rank, world size and device."""
 
-    def configure(self, cfg) -> None:
-        """See the whole experiment config once, before ``wrap`` (DeepSpeed builds its own)."""
+    def configure(self, settings: LoopSettings) -> None:
+        """Receive the loop's settings once, before ``wrap``; refuse what cannot run."""
+        self.settings = settings
 
+    @abc.abstractmethod
     def wrap(self, task: nn.Module, make_optimizer=None):
         """Place (and wrap) the task; build the optimizer over the placed parameters.
 
@@ -129,10 +180,9 @@ class Strategy:
         Returns:
             (model to call in the loop, optimizer or None)
         """
-        task = task.to(self.device)
-        return task, make_optimizer(task) if make_optimizer else None
 
     def unwrap(self, model: nn.Module) -> nn.Module:
+        """The task inside whatever ``wrap`` returned."""
         return model
 
     def compile(self, model: nn.Module) -> None:
@@ -190,9 +240,13 @@ class Strategy:
         """The step's gradient norm for logging (strategies that clip inside step() override)."""
         return norm
 
+    def collectives(self) -> Collectives:
+        """The handle a task uses for its own cross-rank tensors (``task.collectives``)."""
+        return Collectives()
+
+    @abc.abstractmethod
     def reduce(self, values: dict[str, torch.Tensor], op: str = "sum") -> dict[str, torch.Tensor]:
-        """Combine tensors across ranks (identity in one process)."""
-        return values
+        """Combine scalar tensors across ranks (``sum`` or ``max``); the same dict on every rank."""
 
     def all_finite(self, value: torch.Tensor) -> bool:
         """Whether ``value`` is finite on every rank (a host sync; collective across ranks)."""
@@ -207,15 +261,13 @@ class Strategy:
         value = loss if grad_norm is None else loss + grad_norm
         return not bool(torch.isfinite(value)), signal
 
+    @abc.abstractmethod
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Concatenate along dim 0 the tensors of every rank (identity in one process)."""
-        return tensor
+        """Every rank's rows concatenated along dim 0 in rank order (lengths may differ)."""
 
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        return obj
-
+    @abc.abstractmethod
     def barrier(self) -> None:
-        pass
+        """Return once every rank has called it."""
 
     def teardown(self, in_step: bool = True) -> None:
         """Leave the process group; ``in_step=False`` after an error another rank may not share

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import torch
 
+from src.core.checkpoint import DCP_DIR
 from src.core.errors import CheckpointError, CheckpointMismatchError
-
-DCP_DIR = "dcp"
 
 
 def has_dcp(directory: Path) -> bool:

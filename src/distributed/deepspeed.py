@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from pydantic import conint
+from typing_extensions import override
 
+from src.core.checkpoint import DEEPSPEED_DIR, META, TRAINER_FILE
 from src.core.errors import CheckpointError, ConfigError
 from src.core.registry import STRATEGIES
-from src.distributed.base import TRAINER_FILE, safe_load
-from src.distributed.ddp import ProcessGroupStrategy
+from src.distributed.base import LoopSettings, safe_load
+from src.distributed.process_group import ProcessGroupStrategy
 
-TAG = "deepspeed"
+TAG = DEEPSPEED_DIR  # DeepSpeed's checkpoint tag: its folder inside the step folder
 # DeepSpeed keys that our own sections own: key -> (our dotted path, how to read our value)
 OWNED = {
     "train_micro_batch_size_per_gpu": "data.batch_size / world size",
@@ -84,25 +87,51 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
         self.cpu_adam = self.engine_checks_gradients = False
         self._accumulating = False
 
+    @override
     def setup(self) -> None:
         import deepspeed
 
         super().setup()
+        if self.device.type == "cpu":  # a buffer left by a killed run on this port would be
+            self._remove_shm_buffer()  # mapped by the other ranks as if it were this one's
+            torch.distributed.barrier()
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
 
-    def configure(self, cfg) -> None:
+    def _shm_buffer(self) -> Path:
+        """The shared-memory file DeepSpeed's CPU all-reduce makes for this rank and never
+        removes (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, 69 MB each): one
+        per rank and run, so repeated CPU runs fill ``/dev/shm`` until the machine runs out of
+        memory, and a stale one on a reused port hangs the next run's start."""
+        addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+        return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{self.rank}"
+
+    def _remove_shm_buffer(self) -> None:
+        with contextlib.suppress(OSError):
+            self._shm_buffer().unlink()
+
+    @override
+    def teardown(self, in_step: bool = True) -> None:
+        super().teardown(in_step)
+        # Only once every rank has passed its last collective: a rank still starting would wait
+        # for the name forever. After an error the next run's setup removes it instead.
+        if in_step and self.device.type == "cpu":  # the mappings stay valid; only the name goes
+            self._remove_shm_buffer()
+
+    @override
+    def configure(self, settings: LoopSettings) -> None:
         """Build the DeepSpeed config from the experiment's sections; refuse contradictions."""
-        t, d = cfg.trainer, cfg.data
+        super().configure(settings)
+        s = settings
         ours: dict[str, Any] = {
-            "train_micro_batch_size_per_gpu": d.batch_size // self.world_size,
-            "gradient_accumulation_steps": t.grad_accum_steps,
-            "train_batch_size": d.batch_size * t.grad_accum_steps,
-            "gradient_clipping": t.grad_clip or 0.0,
-            "bf16": {"enabled": t.precision == "bf16"},
-            "fp16": {"enabled": t.precision == "fp16"},
+            "train_micro_batch_size_per_gpu": s.batch_size // self.world_size,
+            "gradient_accumulation_steps": s.grad_accum_steps,
+            "train_batch_size": s.batch_size * s.grad_accum_steps,
+            "gradient_clipping": s.grad_clip or 0.0,
+            "bf16": {"enabled": s.precision == "bf16"},
+            "fp16": {"enabled": s.precision == "fp16"},
         }
         user = self.user_config
-        if cfg.checkpoint.async_save:
+        if s.async_save:
             raise ConfigError("checkpoint.async_save: not available with deepspeed; configure "
                               "DeepSpeed's own checkpoint engine in strategy.config instead")
         for key in ("optimizer", "scheduler"):
@@ -116,21 +145,22 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
         for key in ("bf16", "fp16"):
             if key in user and bool(user[key].get("enabled")) != ours[key]["enabled"]:
                 raise ConfigError(f"strategy.config.{key}.enabled: {user[key].get('enabled')} "
-                                  f"conflicts with trainer.precision = {t.precision}")
+                                  f"conflicts with trainer.precision = {s.precision}")
         offload = (user.get("zero_optimization") or {}).get("offload_optimizer") or {}
         # ZeRO-Offload steps DeepSpeed's own CPU Adam unless the user forces another optimizer
         self.cpu_adam = offload.get("device", "none") in ("cpu", "nvme") \
             and "zero_force_ds_cpu_optimizer" not in user
-        if self.cpu_adam and cfg.optimizer["type"] not in ("adam", "adamw"):
+        if self.cpu_adam and s.optimizer not in ("adam", "adamw"):
             raise ConfigError(
                 f"strategy.config.zero_optimization.offload_optimizer: DeepSpeed offloads only its "
-                f"own CPU Adam (optimizer.type adam or adamw, not '{cfg.optimizer['type']}'); or "
+                f"own CPU Adam (optimizer.type adam or adamw, not '{s.optimizer}'); or "
                 "set strategy.config.zero_force_ds_cpu_optimizer: false to step ours on the CPU")
         merged = {**ours, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
         for key, value in user.items():
             merged[key] = {**merged[key], **value} if isinstance(merged.get(key), dict) else value
         self.ds_config = merged
 
+    @override
     def wrap(self, task, make_optimizer=None):
         import deepspeed
 
@@ -155,9 +185,11 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
             self.input_dtype is not None
         return engine, optimizer
 
+    @override
     def unwrap(self, model):
         return getattr(model, "module", model)
 
+    @override
     @contextlib.contextmanager
     def no_sync(self, model) -> Iterator[None]:
         self._accumulating = True
@@ -166,12 +198,14 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
         finally:
             self._accumulating = False
 
+    @override
     def backward(self, loss: torch.Tensor) -> None:
         # We tell DeepSpeed where the accumulation boundary is (our loop may end an epoch on a
         # shorter accumulation) and have already divided the loss by the micro-batch count.
         self.engine.set_gradient_accumulation_boundary(not self._accumulating)
         self.engine.backward(loss, scale_wrt_gas=False)
 
+    @override
     def step_decision(self, loss, grad_norm, signal: int) -> tuple[bool, int]:
         """Where the engine checks gradients, every rank calls engine.step() and DeepSpeed skips
         a bad update (``optimizer_step`` reports it), so a discarded gradient never lingers in
@@ -180,13 +214,16 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
             return False, self._agree_signal(signal)
         return super().step_decision(loss, grad_norm, signal)
 
+    @override
     def zero_grad(self, optimizer) -> None:
         """The engine frees gradients in its step. The optimizer we built now steps ZeRO's flat
         fp32 partitions, whose ``.grad`` ZeRO-Offload keeps as its buffer: not ours to free."""
 
+    @override
     def discard_step(self) -> None:
         self.engine.zero_grad()  # ZeRO stage 0, fp32: the gradients are the parameters' .grad
 
+    @override
     def clip_grad_norm(self, model, max_norm):
         """DeepSpeed clips inside step() (gradient_clipping). Stage 0 in fp32 keeps gradients in
         ``p.grad``: their norm (unclipped) is what the step decision and the log use."""
@@ -194,10 +231,12 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
             return torch.zeros((), device=self.device)
         return super().clip_grad_norm(model, None)
 
+    @override
     def optimizer_step(self, optimizer, scaler=None) -> bool:
         self.engine.step()
         return self.engine.was_step_applied()
 
+    @override
     def grad_norm_after_step(self, norm: torch.Tensor) -> torch.Tensor:
         """The engine's global norm (a float or a tensor, None where it computes none), as a
         float32 tensor on the training device, so it stacks with the other metrics."""
@@ -207,14 +246,16 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
                 torch.full((), float("nan"), device=self.device)
         return torch.as_tensor(value, dtype=torch.float32).to(self.device)
 
+    @override
     def save(self, directory: Path, model, optimizer, trainer_state: dict, rank_state: dict,
              async_save: bool = False):
         self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
         self._save_small(directory, trainer_state, rank_state)
         return None
 
+    @override
     def load(self, directory: Path, model, optimizer):
-        meta_path = directory / "meta.json"
+        meta_path = directory / META
         saved_world = json.loads(meta_path.read_text()).get("world_size") if meta_path.exists() else None
         if not is_deepspeed_checkpoint(directory):
             raise CheckpointError(f"{directory}: not a DeepSpeed checkpoint; resume it with the "

@@ -8,12 +8,14 @@ from typing import Iterator, Literal, Optional
 
 import torch
 from pydantic import conint
+from typing_extensions import override
 
+from src.core.checkpoint import TRAINER_FILE
 from src.core.errors import CheckpointError, ConfigError
 from src.core.registry import STRATEGIES
-from src.distributed.base import TRAINER_FILE, safe_load
-from src.distributed.ddp import ProcessGroupStrategy
+from src.distributed.base import LoopSettings, safe_load
 from src.distributed.dcp_io import has_dcp, load_dcp
+from src.distributed.process_group import ProcessGroupStrategy
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}
 Precision = Optional[Literal["fp32", "bf16", "fp16"]]
@@ -75,21 +77,26 @@ class FSDPStrategy(ProcessGroupStrategy):
         self.blocks: tuple[type, ...] = ()
         self.compile_blocks = False
 
-    def configure(self, cfg) -> None:
-        self.compile_blocks = cfg.trainer.compile
+    @override
+    def configure(self, settings: LoopSettings) -> None:
+        super().configure(settings)
+        self.compile_blocks = settings.compile
         if self.cpu_offload and self.device.type != "cuda":
             raise ConfigError("strategy.cpu_offload: offloads a GPU's parameters to the CPU; "
                               f"this run is on {self.device.type}: leave it off")
 
+    @override
     def auto_backend(self, cuda: bool) -> str:
         """With cpu_offload the gradients (and so clipping norms, GradScaler's inf checks) are
         CPU tensors: they need gloo beside NCCL, as torchtitan sets it up."""
         return "cuda:nccl,cpu:gloo" if cuda and self.cpu_offload else super().auto_backend(cuda)
 
+    @override
     def compile(self, model) -> None:
         """Done in ``wrap``: per block, before sharding (a compiled root would split its graph
         at every block's hooks)."""
 
+    @override
     def wrap(self, task, make_optimizer=None):
         from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy,
                                             fully_shard, register_fsdp_forward_method)
@@ -125,6 +132,7 @@ class FSDPStrategy(ProcessGroupStrategy):
             register_fsdp_forward_method(task, "generate")
         return task, make_optimizer(task) if make_optimizer else None
 
+    @override
     @contextlib.contextmanager
     def no_sync(self, model) -> Iterator[None]:
         model.set_requires_gradient_sync(False)
@@ -133,18 +141,21 @@ class FSDPStrategy(ProcessGroupStrategy):
         finally:
             model.set_requires_gradient_sync(True)
 
+    @override
     def clip_grad_norm(self, model, max_norm):
         params = [p for p in self.trainable(model) if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None
                                               else float("inf"), foreach=True)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
+    @override
     def save(self, directory: Path, model, optimizer, trainer_state: dict, rank_state: dict,
              async_save: bool = False):
         future = self._save_sharded(directory, model, optimizer, async_save)
         self._save_small(directory, trainer_state, rank_state)
         return future
 
+    @override
     def load(self, directory: Path, model, optimizer):
         if not has_dcp(directory):
             raise CheckpointError(f"{directory}: not a sharded (DCP) checkpoint; it was written by "

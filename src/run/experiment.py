@@ -274,6 +274,7 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
     from src.core.seeding import seed_everything, set_deterministic
     from src.data.loader import TrainLoader, eval_loader, sample_labels, sample_lengths
     from src.data.samplers import ShardedBatchSampler
+    from src.distributed.base import LoopSettings
 
     strategy = STRATEGIES.build(cfg.strategy, "strategy")
     with building("strategy"):
@@ -323,7 +324,11 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
     total = min(limits)
 
     with building("strategy"):
-        strategy.configure(cfg)
+        strategy.configure(LoopSettings(
+            batch_size=d.batch_size, grad_accum_steps=t.grad_accum_steps, grad_clip=t.grad_clip,
+            precision=t.precision, compile=t.compile, async_save=cfg.checkpoint.async_save,
+            optimizer=cfg.optimizer["type"]))
+        task.collectives = strategy.collectives()  # the task's own cross-rank tensors
         model_w, optimizer = strategy.wrap(task, lambda m: OPTIMIZERS.build(
             cfg.optimizer, "optimizer", params=m.parameter_groups()))
     if t.compile:  # after wrapping, so DDP keeps its overlap and FSDP its hooks outside graphs

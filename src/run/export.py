@@ -21,8 +21,7 @@ MODEL_PREFIX = "model."
 
 def load_consolidated(directory: Path) -> dict[str, torch.Tensor]:
     """The task's full state dict from a committed checkpoint directory of any strategy."""
-    from src.core.checkpoint import find_checkpoint
-    from src.distributed.base import MODEL_FILE
+    from src.core.checkpoint import MODEL_FILE, find_checkpoint
     from src.distributed.dcp_io import consolidated_model_state, has_dcp
 
     directory = find_checkpoint(Path(directory))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, port
 from helpers import metrics, run
 
 pytestmark = pytest.mark.distributed
@@ -39,22 +38,17 @@ BASE = {"trainer.max_steps": 20, "trainer.log_every": 1, "trainer.eval_every_n_e
         "optimizer": {"type": "adamw", "lr": 3e-3}}
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(nproc: int, config: Path, *overrides: str, launcher: str = "torchrun",
-           expect: int = 0, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+           expect: int = 0, cwd: Path = ROOT, master_port: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{config.parent}", "OMP_NUM_THREADS": "1"}
+    master_port = master_port or port()
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_port()}", "-m", "src.main"]
+               f"--master_port={master_port}", "-m", "src.main"]
     else:
         env["DS_ACCELERATOR"] = "cpu"
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}",
-               f"--master_port={_port()}", "--module", "src.main"]
+               f"--master_port={master_port}", "--module", "src.main"]
     out = subprocess.run(cmd + ["--config", str(config), *overrides], env=env, cwd=cwd,
                          capture_output=True, text=True, timeout=400)
     assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-3000:]
@@ -210,8 +204,12 @@ def test_deepspeed_zero3_trains(write_config, tmp_path, single_losses):
      "strategy.config.gradient_clipping: 0.5 conflicts with trainer.grad_clip = 1.0"),
 ])
 def test_bad_distributed_input_is_exit_2(write_config, changes, expected):
+    """Each worker exits 2 with one line; torchrun itself then exits 1 and names the code."""
+    import re
+
     cfg = write_config({**BASE, "strategy": {"type": "ddp"}, **changes})
     out = launch(2, cfg, launcher="torchrun", expect=1)
+    assert re.search(r"exitcode\s*:\s*2\b", out.stderr), out.stderr[-2000:]
     assert expected in out.stderr
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert errors and all(expected in e for e in errors)
@@ -297,6 +295,21 @@ class NaNLossAt(Classification):
             out["loss"] = out["loss"] * float("nan")
         return out
 '''
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm")
+def test_deepspeed_on_cpu_leaves_no_shared_memory_and_survives_a_stale_buffer(write_config):
+    """DeepSpeed's CPU all-reduce makes a 69 MB /dev/shm file per rank and run and never removes
+    it: repeated runs filled the memory, and a file left on a reused port (a killed run's) was
+    mapped by the next run as if it were a live rank's. Each rank now removes its own."""
+    p = port()
+    shm = Path("/dev/shm")
+    stale = shm / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{p}_1"
+    stale.write_bytes(b"\0" * 4096)  # a killed run's buffer of rank 1, on this run's port
+    ds = {"type": "deepspeed", "config": {"zero_optimization": {"stage": 1}}}
+    launch(2, write_config({**BASE, "trainer.max_steps": 2, "strategy": ds}), launcher="deepspeed",
+           master_port=p)
+    assert not [f.name for f in shm.glob(f"deepspeed_allreduce_buffer_*_{p}_*")]
 
 
 @pytest.mark.parametrize("stage", [0, 2])
@@ -427,7 +440,7 @@ def test_sync_batchnorm_makes_a_cnn_match_one_process(strategy, write_config, tm
 def test_a_config_error_under_torchrun_is_printed_once(write_config, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={_port()}", "-m", "src.main", "--config",
+                          f"--master_port={port()}", "-m", "src.main", "--config",
                           str(write_config()), "optimizer.lr=-1", "strategy.type=ddp"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
