@@ -16,9 +16,19 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from src.core.config import TrainerConfig
+from src.core.interval import IntervalMetrics, batch_size_of
 from src.core.seeding import rng_state, set_rng_state
+from src.core.signals import deferred_signals
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# The trainer's checkpointed state, one key each (Trainer.state_dict / load_state_dict).
+STEP, EPOCH, BATCH_IN_EPOCH = "step", "epoch", "batch_in_epoch"
+SCHEDULER, SCALER, TASK, INTERVAL, LAST_VAL = "scheduler", "scaler", "task", "interval", "last_val"
+CALLBACKS, CALLBACK_TYPES = "callbacks", "callback_types"
+BAD_STEPS, TOTAL_BAD_STEPS = "bad_steps", "total_bad_steps"
+# ... and each rank's own (rank_state_dict / load_rank_state_dict).
+RNG = "rng"
 
 
 class TrainingDiverged(RuntimeError):
@@ -63,7 +73,9 @@ class Trainer:
 
         self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else peak_flops(device, cfg.precision)
         self.flops_per_micro: Optional[int] = None  # measured once, on the first micro-batch
-        self._reset_interval()
+        self.interval = IntervalMetrics()
+        self._micro: dict[str, torch.Tensor] = {}  # this step's scalars: the mean of its micros
+        self._extras: dict[str, Any] = {}  # this step's other outputs: the last micro's
 
     # ------------------------------------------------------------------ public
 
@@ -80,7 +92,7 @@ class Trainer:
             cb.on_fit_start(self)
         status = "FAILED"
         try:
-            with self._catch_signals():
+            with deferred_signals(self._on_signal):
                 self._run()
             status = "KILLED" if self._signal else "FINISHED"
         finally:
@@ -182,25 +194,52 @@ class Trainer:
             return self._save()
 
     def _save(self) -> Path:
-        state = {
-            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "callbacks": [cb.state_dict() for cb in self.callbacks],
-            "callback_types": [type(cb).__name__ for cb in self.callbacks],
-            "task": self.task.extra_state(),
-            "interval": {"sums": {k: v.cpu() for k, v in self._interval_sums().items()},
-                         "steps": self._steps, "samples": self._samples,
-                         "tokens": None if self._tokens is None else self._tokens.cpu()},
-            "bad_steps": self.bad_steps, "total_bad_steps": self.total_bad_steps,
-            "last_val": self.last_val,
-        }
-        path = self.checkpoints.save(self.step, self.epoch, self.model, self.optimizer, state,
-                                     {"rng": rng_state(), "task": self.task.rank_state()},
+        path = self.checkpoints.save(self.step, self.epoch, self.model, self.optimizer,
+                                     self.state_dict(), self.rank_state_dict(),
                                      metrics=self.last_val,
                                      extra_files=self.task.write_checkpoint_files)
         self._last_save = self.step
         return path
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything of the loop a resume needs, beside model and optimizer (same on all ranks)."""
+        return {
+            STEP: self.step, EPOCH: self.epoch, BATCH_IN_EPOCH: self.batch_in_epoch,
+            SCHEDULER: self.scheduler.state_dict() if self.scheduler else None,
+            SCALER: self.scaler.state_dict() if self.scaler else None,
+            CALLBACKS: [cb.state_dict() for cb in self.callbacks],
+            CALLBACK_TYPES: [type(cb).__name__ for cb in self.callbacks],
+            TASK: self.task.extra_state(),
+            INTERVAL: self.interval.state_dict(),
+            BAD_STEPS: self.bad_steps, TOTAL_BAD_STEPS: self.total_bad_steps,
+            LAST_VAL: self.last_val,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.epoch, self.batch_in_epoch = state[STEP], state[EPOCH], state[BATCH_IN_EPOCH]
+        if self.scheduler is not None and state[SCHEDULER] is not None:
+            self.scheduler.load_state_dict(state[SCHEDULER])
+        if self.scaler is not None and state[SCALER]:
+            self.scaler.load_state_dict(state[SCALER])
+        saved = list(zip(state.get(CALLBACK_TYPES) or [None] * len(state[CALLBACKS]),
+                         state[CALLBACKS]))
+        for cb in self.callbacks:  # by type: a resume may add or drop callbacks
+            i = next((i for i, (t, _) in enumerate(saved) if t in (None, type(cb).__name__)), None)
+            if i is not None:
+                cb.load_state_dict(saved.pop(i)[1])
+        self.task.load_extra_state(state.get(TASK, {}))
+        self.interval.load_state_dict(state[INTERVAL], self.strategy.device)
+        self.bad_steps, self.total_bad_steps = state[BAD_STEPS], state[TOTAL_BAD_STEPS]
+        self.last_val = state.get(LAST_VAL, {})
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        """This rank's own state: its random generators and the task's per-rank state."""
+        return {RNG: rng_state(), TASK: self.task.rank_state()}
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        self.task.load_rank_state(state.get(TASK, {}))
+        if RNG in state:  # a rank that did not exist when saving starts from its seed
+            set_rng_state(state[RNG])
 
     # ------------------------------------------------------------------ loop
 
@@ -215,7 +254,7 @@ class Trainer:
                 final = i - group_start == n_micro - 1
                 self.batch_in_epoch += 1
                 batch = self.strategy.to_device(batch)
-                self._count_batch(batch)
+                self.interval.add_batch(batch)
                 if self.peak and self.flops_per_micro is None:
                     from src.core.throughput import measure_flops
 
@@ -223,7 +262,6 @@ class Trainer:
                         lambda: self.train_step(batch, final, n_micro))
                 else:
                     out = self.train_step(batch, final, n_micro)
-                self._micros += 1
                 for k, v in out.items():
                     if isinstance(v, torch.Tensor) and v.ndim == 0:  # metrics: mean of micros
                         self._micro[k] = v if n_micro == 1 else self._micro.get(k, 0) + v / n_micro
@@ -261,8 +299,7 @@ class Trainer:
                 self.scheduler.step()
             self.bad_steps = 0
             outputs["grad_norm"] = self.strategy.grad_norm_after_step(norm)
-            self._accumulate(outputs)
-            self._steps += 1
+            self.interval.add_step(outputs)
         else:
             if bad:
                 if self.scaler is not None:
@@ -324,65 +361,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging
 
-    def _reset_interval(self) -> None:
-        self._sums: dict[str, torch.Tensor] = {}
-        self._sum_keys: tuple[str, ...] = ()
-        self._sum_vec: Optional[torch.Tensor] = None
-        self._micro: dict[str, torch.Tensor] = {}
-        self._extras: dict[str, Any] = {}
-        self._steps = self._samples = self._micros = 0
-        self._tokens: Optional[torch.Tensor] = None
-        self._t0 = time.perf_counter()
-
-    def _accumulate(self, outputs: dict[str, torch.Tensor]) -> None:
-        """Add this step's scalars to the interval sums: one stack and one add, no sync."""
-        keys = tuple(outputs)
-        dev = outputs[keys[0]].device  # the loss's; a gradient norm may sit on the CPU (offload)
-        vec = torch.stack([outputs[k].float().to(dev, non_blocking=True) for k in keys])
-        if keys == self._sum_keys:
-            self._sum_vec += vec
-        else:  # first step of an interval, or the task returned other keys
-            for k, v in zip(self._sum_keys, self._sum_vec.unbind() if self._sum_keys else ()):
-                self._sums[k] = self._sums.get(k, 0) + v
-            self._sum_keys, self._sum_vec = keys, vec
-
-    def _interval_sums(self) -> dict[str, torch.Tensor]:
-        sums = dict(self._sums)
-        for k, v in zip(self._sum_keys, self._sum_vec.unbind() if self._sum_keys else ()):
-            sums[k] = sums.get(k, 0) + v
-        return sums
-
-    def _count_batch(self, batch: Any) -> None:
-        self._samples += batch_size_of(batch)
-        if isinstance(batch, dict) and ("attention_mask" in batch or "input_ids" in batch):
-            mask = batch.get("attention_mask")
-            n = mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel())
-            self._tokens = n if self._tokens is None else self._tokens + n
-
     def _log_interval(self) -> None:
-        elapsed = max(time.perf_counter() - self._t0, 1e-9)
-        sums = self._interval_sums()
-        sums["_steps"] = torch.tensor(float(self._steps), device=self.strategy.device)
-        if self._tokens is not None:
-            sums["_tokens"] = self._tokens.to(self.strategy.device).float()
-        totals = self.strategy.reduce(sums)
-        steps = totals.pop("_steps")
-        tokens = totals.pop("_tokens", None)
-        names = list(totals)
-        values = (torch.stack([totals[k] for k in names]) / steps.clamp(min=1)).tolist() if names else []
-        metrics: dict[str, float] = {"epoch": self.epoch}
-        metrics.update({f"train/{k}": v for k, v in zip(names, values)})
-        metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics["train/samples_per_sec"] = self._samples * self.strategy.world_size / elapsed
-        if tokens is not None:
-            metrics["train/tokens_per_sec"] = float(tokens) / elapsed
-        if self.peak and self.flops_per_micro:
-            achieved = self.flops_per_micro * self._micros / elapsed
-            metrics["train/tflops"] = achieved / 1e12
-            metrics["train/mfu"] = achieved / self.peak
+        metrics = {"epoch": self.epoch, **self.interval.read(
+            self.strategy, self.optimizer.param_groups[0]["lr"], self.flops_per_micro, self.peak)}
         if self.total_bad_steps:
             metrics["train/bad_steps"] = self.total_bad_steps
-        self._reset_interval()
+        self.interval.reset()
         self.last_logged = metrics
         self._emit(metrics)
 
@@ -407,7 +391,10 @@ class Trainer:
         try:
             yield
         finally:
-            self._t0 += time.perf_counter() - t0
+            self.interval.pause(time.perf_counter() - t0)
+
+    def _on_signal(self, signum: int) -> None:
+        self._pending_signal = signum  # acted on at the end of the step, by every rank
 
     def _stopping(self) -> bool:
         return self.should_stop or bool(self._signal)
@@ -419,30 +406,8 @@ class Trainer:
         if got is None:
             return 0
         path, state, rank_state = got
-        self.step, self.epoch = state["step"], state["epoch"]
-        self.batch_in_epoch = state["batch_in_epoch"]
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        saved = list(zip(state.get("callback_types") or [None] * len(state["callbacks"]),
-                         state["callbacks"]))
-        for cb in self.callbacks:  # by type: a resume may add or drop callbacks
-            i = next((i for i, (t, _) in enumerate(saved) if t in (None, type(cb).__name__)), None)
-            if i is not None:
-                cb.load_state_dict(saved.pop(i)[1])
-        self.task.load_extra_state(state.get("task", {}))
-        self.task.load_rank_state(rank_state.get("task", {}))
-        dev = self.strategy.device
-        iv = state["interval"]
-        sums = {k: v.to(dev) for k, v in iv["sums"].items()}
-        if sums:  # continue the same running sums, so the logged averages match bit for bit
-            self._sum_keys, self._sum_vec = tuple(sums), torch.stack(list(sums.values()))
-        self._steps, self._samples, self._tokens = iv["steps"], iv["samples"], iv["tokens"]
-        self.bad_steps, self.total_bad_steps = state["bad_steps"], state["total_bad_steps"]
-        self.last_val = state.get("last_val", {})
-        if "rng" in rank_state:
-            set_rng_state(rank_state["rng"])
+        self.load_state_dict(state)
+        self.load_rank_state_dict(rank_state)
         self._last_save = self._last_eval = self.step
         if self.strategy.is_main:
             print(f"resumed from {path} at step {self.step} (epoch {self.epoch})", flush=True)
@@ -450,31 +415,3 @@ class Trainer:
                 print(f"this run already finished at step {self.step} of {self.max_steps}; raise "
                       "trainer.max_steps (or max_epochs) to train on", flush=True)
         return self.step
-
-    @contextlib.contextmanager
-    def _catch_signals(self):
-        """SIGTERM/SIGINT: finish the current step, checkpoint, exit with 128 + signal."""
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, frame):
-            self._pending_signal = signum  # acted on at the end of the step, by every rank
-
-        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-
-
-def batch_size_of(batch: Any) -> int:
-    """Number of samples in a batch (first dimension of its first tensor)."""
-    if isinstance(batch, dict):
-        batch = next(iter(batch.values()))
-    if isinstance(batch, (list, tuple)):
-        batch = batch[0]
-    return int(batch.shape[0])

@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import metrics, params, run
+from helpers import metrics, params, run, same
 from src.algorithms.classification import Classification
 from src.core.registry import TASKS
 from src.core.trainer import TrainingDiverged
@@ -126,9 +126,16 @@ def test_grad_clip_bounds_the_update(write_config, tmp_path):
     assert grad_norm > 0.1 and float(step) == pytest.approx(1e-3, rel=1e-3)
 
 
-def test_deterministic_switch_runs(write_config, tmp_path):
-    run(write_config({"trainer.deterministic": True, "trainer.max_steps": 3}))
-    assert metrics(tmp_path / "runs/tiny")[-1]["step"] == 3
+def test_deterministic_runs_are_bitwise_equal(write_config, tmp_path):
+    """Two runs of one config with ``trainer.deterministic`` end with the same bits: weights
+    and every logged loss (dropout and shuffling included)."""
+    changes = {"trainer.deterministic": True, "trainer.max_steps": 12, "trainer.log_every": 1,
+               "model": {"type": "mlp", "hidden": [32], "dropout": 0.3}}
+    a = run(write_config({**changes, "name": "a"}))
+    b = run(write_config({**changes, "name": "b"}))
+    assert same(params(a), params(b))
+    assert metrics(tmp_path / "runs/a") == metrics(tmp_path / "runs/b")
+    assert len([r for r in metrics(tmp_path / "runs/a") if "train/loss" in r]) == 12
 
 
 @pytest.mark.slow
@@ -150,18 +157,19 @@ def test_mfu_from_measured_flops(write_config, tmp_path):
     assert rows[-1]["train/tflops"] == pytest.approx(rows[-1]["train/mfu"])
 
 
-
 def test_throughput_leaves_out_evaluation_time(write_config, tmp_path, monkeypatch):
     """samples/s (and MFU) measure training: an evaluation inside a log interval is not counted.
     A fake clock: every training step takes 1 s, every evaluation 100 s."""
     import types
 
+    import src.core.interval as interval_module
     import src.core.trainer as trainer_module
     from src.core.callbacks.base import Callback
 
     clock = types.SimpleNamespace(now=0.0)
     fake_time = types.SimpleNamespace(perf_counter=lambda: clock.now)
     monkeypatch.setattr(trainer_module, "time", fake_time)
+    monkeypatch.setattr(interval_module, "time", fake_time)
 
     class Clock(Callback):
         def on_step_end(self, trainer, outputs):
