@@ -16,6 +16,11 @@ from src.core.registry import LOGGERS
 
 
 class Logger:
+    """Base of every LOGGERS entry. ``sink`` is what ``start`` opens (a file, a writer) and
+    ``finish`` closes."""
+
+    sink: Any = None
+
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
 
@@ -29,7 +34,9 @@ class Logger:
         """Named texts (generated samples ...) at ``step``; loggers without text ignore them."""
 
     def finish(self, status: str = "FINISHED") -> None:
-        pass
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None
 
 
 def _fmt(v: Any) -> str:
@@ -73,7 +80,6 @@ class JSONLLogger(Logger):
     def __init__(self, run_dir: Path, filename: str = "metrics.jsonl"):
         super().__init__(run_dir)
         self.path = self.run_dir / filename
-        self.file = None
         self.t0 = time.time()
 
     def start(self, run_info: dict[str, Any], resume_step: int = 0) -> None:
@@ -86,21 +92,16 @@ class JSONLLogger(Logger):
                 self.path.write_text("".join(line + "\n" for line in keep))
             else:
                 self.path.unlink()
-        self.file = open(self.path, "a", buffering=1)
+        self.sink = open(self.path, "a", buffering=1)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         row = {"step": step, "epoch": metrics.get("epoch"), "time": round(time.time() - self.t0, 3)}
         row.update({k: v for k, v in metrics.items() if k != "epoch"})
-        self.file.write(json.dumps(row) + "\n")
+        self.sink.write(json.dumps(row) + "\n")
 
     def log_text(self, texts: dict[str, str], step: int) -> None:
-        self.file.write(json.dumps({"step": step, "time": round(time.time() - self.t0, 3),
+        self.sink.write(json.dumps({"step": step, "time": round(time.time() - self.t0, 3),
                                     **{f"text/{k}": v for k, v in texts.items()}}) + "\n")
-
-    def finish(self, status: str = "FINISHED") -> None:
-        if self.file:
-            self.file.close()
-            self.file = None
 
 
 @LOGGERS.register("tensorboard")
@@ -110,28 +111,22 @@ class TensorBoardLogger(Logger):
     def __init__(self, run_dir: Path, subdir: str = "tensorboard"):
         super().__init__(run_dir)
         self.dir = self.run_dir / subdir
-        self.writer = None
 
     def start(self, run_info: dict[str, Any], resume_step: int = 0) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(self.dir), purge_step=resume_step + 1 if resume_step else None)
+        self.sink = SummaryWriter(str(self.dir), purge_step=resume_step + 1 if resume_step else None)
         rows = "\n".join(f"| {k} | {v} | {run_info['origin'].get(k, '')} |"
                          for k, v in run_info["params"].items())
-        self.writer.add_text("config", "| key | value | origin |\n|---|---|---|\n" + rows, 0)
+        self.sink.add_text("config", "| key | value | origin |\n|---|---|---|\n" + rows, 0)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         for k, v in metrics.items():
-            self.writer.add_scalar(k, v, step)
+            self.sink.add_scalar(k, v, step)
 
     def log_text(self, texts: dict[str, str], step: int) -> None:
         for k, v in texts.items():
-            self.writer.add_text(f"text/{k}", v, step)
-
-    def finish(self, status: str = "FINISHED") -> None:
-        if self.writer:
-            self.writer.close()
-            self.writer = None
+            self.sink.add_text(f"text/{k}", v, step)
 
 
 @LOGGERS.register("mlflow")

@@ -6,7 +6,9 @@ run after the current step. ``state_dict`` is saved with every checkpoint.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
+
+import torch
 
 
 class Callback:
@@ -43,3 +45,24 @@ class Callback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+class ValAccuracy:
+    """Correct predictions over one validation pass, summed over ranks at its end (device
+    tensors until then: no host sync per batch). Padding batches add zero rows."""
+
+    def __init__(self):
+        self._sums: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def add(self, predicted: torch.Tensor, labels: torch.Tensor) -> None:
+        hits = (predicted == labels).sum().float()
+        n = torch.tensor(float(len(labels)), device=hits.device)
+        self._sums = (hits, n) if self._sums is None else (self._sums[0] + hits, self._sums[1] + n)
+
+    def result(self, strategy) -> Optional[float]:
+        """The accuracy over every rank's samples (None if nothing was added); starts anew."""
+        if self._sums is None:
+            return None
+        total = strategy.reduce({"hits": self._sums[0], "n": self._sums[1]})
+        self._sums = None
+        return float(total["hits"] / total["n"])

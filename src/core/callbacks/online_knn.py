@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import confloat, conint
 
-from src.core.callbacks.base import Callback
+from src.core.callbacks.base import Callback, ValAccuracy
 from src.core.registry import CALLBACKS
 
 
@@ -20,7 +20,7 @@ class OnlineKNN(Callback):
         self.k, self.t, self.size = k, temperature, queue_size
         self.bank = self.bank_labels = None
         self.ptr, self.filled = 0, 0
-        self._val = None
+        self._val = ValAccuracy()
 
     def on_step_end(self, trainer, outputs) -> None:
         feats, labels = outputs.get("features"), outputs.get("labels")
@@ -47,16 +47,12 @@ class OnlineKNN(Callback):
         classes = int(torch.cat([bank_labels, labels]).max()) + 1
         votes = torch.zeros(len(feats), classes, device=feats.device)
         votes.scatter_add_(1, bank_labels[idx], weights)
-        hits = (votes.argmax(1) == labels).sum().float()
-        n = torch.tensor(float(len(labels)), device=hits.device)
-        self._val = (hits, n) if self._val is None else (self._val[0] + hits, self._val[1] + n)
+        self._val.add(votes.argmax(1), labels)
 
     def on_validation_end(self, trainer, metrics) -> None:
-        if self._val is None:
-            return
-        total = trainer.strategy.reduce({"hits": self._val[0], "n": self._val[1]})
-        metrics["val/knn_accuracy"] = float(total["hits"] / total["n"])
-        self._val = None
+        accuracy = self._val.result(trainer.strategy)
+        if accuracy is not None:
+            metrics["val/knn_accuracy"] = accuracy
 
     def state_dict(self) -> dict:
         if self.bank is None:

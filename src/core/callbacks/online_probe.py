@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import confloat
 
-from src.core.callbacks.base import Callback
+from src.core.callbacks.base import Callback, ValAccuracy
 from src.core.registry import CALLBACKS
 
 
@@ -24,7 +24,7 @@ class OnlineLinearProbe(Callback):
         self.probe: Optional[torch.nn.Linear] = None
         self.opt: Optional[torch.optim.Optimizer] = None
         self._pending: Optional[dict] = None
-        self._val = None
+        self._val = ValAccuracy()
         self._train_hits = None
 
     def _build(self, dim: int, classes: int, device) -> None:
@@ -63,16 +63,12 @@ class OnlineLinearProbe(Callback):
         feats, labels = outputs.get("features"), outputs.get("labels")
         if self.probe is None or feats is None or labels is None:
             return
-        hits = (self.probe(feats.float()).argmax(-1) == labels).sum().float()
-        count = torch.tensor(float(len(labels)), device=hits.device)
-        self._val = (hits, count) if self._val is None else (self._val[0] + hits, self._val[1] + count)
+        self._val.add(self.probe(feats.float()).argmax(-1), labels)
 
     def on_validation_end(self, trainer, metrics) -> None:
-        if self._val is None:
-            return
-        total = trainer.strategy.reduce({"hits": self._val[0], "n": self._val[1]})
-        metrics["val/probe_accuracy"] = float(total["hits"] / total["n"])
-        self._val = None
+        accuracy = self._val.result(trainer.strategy)
+        if accuracy is not None:
+            metrics["val/probe_accuracy"] = accuracy
 
     def state_dict(self) -> dict:
         if self.probe is None:
