@@ -75,8 +75,24 @@ def cli():
     return run_cli
 
 
-@pytest.fixture
-def free_port() -> int:
+def port() -> int:
+    """A TCP port free on this machine now (for a rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    return port()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A small BPE trained on the json package, saved like a pretrained tokenizer."""
+    from src.data.text import resolve_files, train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tok")
+    tok = train_tokenizer(resolve_files(["stdlib:json"]), 400)
+    tok.save_pretrained(str(folder))
+    return folder

@@ -22,6 +22,11 @@ def run(config: Path, *overrides: str):
     return exp
 
 
+# A one-layer GPT-2 built from config (nothing downloaded), for language-model tests.
+GPT = {"type": "hf", "kind": "causal_lm",
+       "config": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32,
+                  "n_positions": 64}}
+
 TIMINGS = ("time", "train/samples_per_sec", "train/tokens_per_sec", "train/tflops", "train/mfu")
 
 

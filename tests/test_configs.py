@@ -86,3 +86,17 @@ def test_a_config_that_needs_another_run_names_the_commands(name, tmp_path, monk
     for command in needs.values():  # each named command is one this platform has
         for part in command.split(" && "):
             assert part.startswith(("python -m src.main ", "python -m benchmarks.")), part
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_header_says_what_it_trains_and_how_to_run_it(path: Path):
+    """A config's opening comment says what it trains and gives the command; tuning history and
+    results belong in benchmarks/RESULTS.md, not in the header."""
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    assert header, f"{path.name}: no opening comment"
+    assert any(f"python -m src.main --config configs/{path.name}" in line for line in header)
+    assert len(header) <= 5, f"{path.name}: {len(header)} comment lines; move notes to RESULTS.md"

@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -140,8 +139,8 @@ def test_bad_input_in_a_real_process(cli, write_config, tmp_path):
     out = cli("--config", str(write_config()), "optimizer.lr=fast")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [
-        f"error: override 'optimizer.lr=fast': optimizer.lr: Input should be a valid number, "
-        f"unable to parse string as a number (got 'fast')"]
+        "error: override 'optimizer.lr=fast': optimizer.lr: Input should be a valid number, "
+        "unable to parse string as a number (got 'fast')"]
     assert not (tmp_path / "runs").exists()
 
 

@@ -2,7 +2,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from helpers import metrics, params, run, same
 from src.core.callbacks.early_stopping import EarlyStopping

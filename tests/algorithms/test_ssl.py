@@ -1,26 +1,15 @@
-"""The vision algorithms end to end on digits, briefly; and what their states must restore."""
+"""The self-supervised methods (SimCLR, MoCo, BYOL, VICReg, DINO): a smoke run each, exact resume of
+the momentum methods, and their global state on two ranks."""
 import pytest
 import torch
 
 from helpers import metrics, params, run, same
-from src.algorithms.retrieval import retrieval_metrics
+
 
 SSL = {"data.batch_size": 64, "model": {"type": "cnn", "channels": [8, 16], "num_classes": 0},
        "trainer.max_steps": 6, "trainer.eval_every_n_steps": 3, "checkpoint.every_n_steps": 3,
        "callbacks": [{"type": "online_linear_probe"}, {"type": "online_knn", "k": 5},
                      {"type": "rankme"}]}
-
-
-def test_retrieval_metrics_by_hand():
-    emb = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.8, 0.2]])
-    labels = torch.tensor([0, 0, 1, 1, 1])
-    out = retrieval_metrics(emb, labels, ks=(1, 2))
-    # sample 4 (label 1) is nearest to the label-0 pair: its top-1 and top-2 are misses
-    assert out["recall@1"] == pytest.approx(4 / 5)
-    assert out["recall@2"] == pytest.approx(4 / 5)
-    # mAP@R: queries 0 and 1 (R=1) hit; 2 and 3 (R=2) find each other then sample 4; sample 4
-    # (R=2) finds the two label-0 samples first: AP 0
-    assert out["map@r"] == pytest.approx((1 + 1 + 1 + 1 + 0) / 5)
 
 
 @pytest.mark.parametrize("task", [
@@ -31,7 +20,9 @@ def test_retrieval_metrics_by_hand():
     {"type": "dino", "out_dim": 32, "hidden": 32, "bottleneck": 16,
      "views": {"type": "multi_crop", "global_views": 2, "local_views": 2}},
 ], ids=lambda t: t["type"])
-def test_ssl_methods_train_and_report_online_metrics(write_config, tmp_path, task):
+def test_ssl_methods_smoke(write_config, tmp_path, task):
+    """A smoke test (6 steps): each method trains, stays finite and reports its online metrics
+    in range. Whether they learn is measured in benchmarks/ssl.py (k-NN accuracy after training)."""
     run(write_config({**SSL, "task": task}))
     rows = metrics(tmp_path / "runs/tiny")
     val = [r for r in rows if "val/knn_accuracy" in r][-1]
@@ -40,21 +31,6 @@ def test_ssl_methods_train_and_report_online_metrics(write_config, tmp_path, tas
     train = [r for r in rows if "train/loss" in r]
     assert all(r["train/loss"] == r["train/loss"] for r in train)  # finite, not NaN
     assert "train/probe_accuracy" in train[-1]
-
-
-def test_mae_masks_patches_through_a_timm_vit(write_config, tmp_path):
-    vit = {"type": "timm", "name": "vit_tiny_patch16_224", "img_size": 8, "patch_size": 2,
-           "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 0}
-    exp = run(write_config({**SSL, "model": vit, "task": {"type": "mae", "mask_ratio": 0.75,
-                                                          "decoder_dim": 16}}))
-    task = exp.task
-    imgs = torch.rand(3, 1, 8, 8)
-    latent, mask, restore = task.encode(imgs)
-    assert latent.shape == (3, 1 + 4, 32)  # cls + 25% of 16 patches: the encoder sees only them
-    assert mask.sum(1).tolist() == [12.0] * 3
-    assert task.decode(latent, restore).shape == (3, 16, 4)
-    patches = task.patchify(imgs)
-    assert torch.equal(patches[0, 0], imgs[0, 0, :2, :2].reshape(-1))
 
 
 @pytest.mark.parametrize("task", [{"type": "byol", "proj_dim": 16, "hidden": 32},
@@ -79,27 +55,6 @@ def test_momentum_methods_resume_exactly(write_config, tmp_path, task):
     assert a == b
 
 
-def test_metric_learning_with_pk_batches(write_config, tmp_path):
-    run(write_config({"data.batch_size": 40,
-                      "data.sampler": {"type": "pk", "classes_per_batch": 10,
-                                       "samples_per_class": 4},
-                      "model": {"type": "cnn", "channels": [8, 16], "num_classes": 0},
-                      "task": {"type": "metric_learning", "head": "subcenter_arcface",
-                               "embedding_dim": 16},
-                      "trainer.max_steps": 5, "trainer.eval_every_n_steps": 5}))
-    val = [r for r in metrics(tmp_path / "runs/tiny") if "val/recall@1" in r][-1]
-    assert 0 <= val["val/map@r"] <= val["val/recall@1"] <= val["val/recall@5"] <= 1
-
-
-def test_classification_mixup_and_confusion_png(write_config, tmp_path):
-    run(write_config({"task": {"type": "classification", "mixup_alpha": 0.2,
-                               "cutmix_alpha": 0.5},
-                      "model": {"type": "cnn", "channels": [8, 16]},
-                      "trainer.eval_every_n_steps": 10}))
-    png = tmp_path / "runs/tiny/confusion_matrix.png"
-    assert png.exists() and png.stat().st_size > 1000
-
-
 def test_ssl_needs_a_feature_backbone(write_config, capsys):
     from src.main import main
 
@@ -114,6 +69,7 @@ import json, sys
 import torch, torch.distributed as dist
 from src.core.dataset_info import DatasetInfo
 from src.core.registry import MODELS, TASKS
+from src.distributed.process_group import GroupCollectives
 from src.run.catalog import load_builtins
 
 dist.init_process_group("gloo")
@@ -127,6 +83,7 @@ for name, kw in (("moco", {"queue_size": 16, "proj_dim": 4, "hidden": 8}),
     model = MODELS.build({"type": "mlp", "hidden": [16], "num_classes": 0}, "model", info=info)
     task = TASKS.build({"type": name, **kw}, "task", model=model)
     task.configure(info)
+    task.collectives = GroupCollectives(2)  # what the ddp strategy hands the task
     torch.manual_seed(1 + rank)  # each rank its own samples
     x = torch.rand(4, 1, 8, 8)
     views = [x + 0.05 * torch.randn_like(x) for _ in range(2)]
@@ -143,22 +100,19 @@ dist.destroy_process_group()
 
 
 @pytest.mark.distributed
-def test_dino_centre_and_moco_queue_are_global_on_two_ranks(tmp_path):
+def test_dino_centre_and_moco_queue_are_global_on_two_ranks(tmp_path, free_port):
     """DINO's centre follows the teacher's mean over the global batch and MoCo's queue takes every
     rank's keys, as in the reference code: both ranks hold the same state (under DDP a per-rank
     state would be overwritten by rank 0's at the next forward)."""
     import json
     import os
-    import socket
     import subprocess
     import sys
 
     from conftest import ROOT
 
     (tmp_path / "script.py").write_text(GLOBAL_STATE_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           f"--master_port={port}", str(tmp_path / "script.py"), str(tmp_path)],
                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
