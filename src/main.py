@@ -93,8 +93,9 @@ def _list_component(reg_name: str, name: str) -> int:
     rows = parameters(entry, doc, reg.injected, reg.field_types(name))
     if not rows:
         print("  (no parameters)")
+    widths = [max([len(r[i]) for r in rows] + [0]) for i in range(3)]
     for pname, kind, default, text in rows:
-        print(f"  {pname:<20} {kind:<18} {default:<12} {text}".rstrip())
+        print(f"  {pname:<{widths[0]}}  {kind:<{widths[1]}}  {default:<{widths[2]}}  {text}".rstrip())
     if reg.injected:
         print(f"  (set by the platform: {', '.join(sorted(reg.injected))})")
     return 0

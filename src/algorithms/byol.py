@@ -1,10 +1,10 @@
 """BYOL (Grill et al., 2020): an online network predicts a slowly moving target network."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import torch
-from pydantic import confloat, conint
+from pydantic import Field
 from torch import nn
 
 from src.algorithms.ssl_base import SSLTask, cosine_momentum, ema_update, frozen_copy
@@ -17,12 +17,22 @@ from src.models.losses import byol_loss
 class BYOL(SSLTask):
     """Symmetric loss 2 - 2 cos(predictor(online(v1)), target(v2)); the target follows the online
     network with a momentum rising from ``base_momentum`` to 1 along a cosine.
-
-    Args: proj_dim, hidden, base_momentum, views.
     """
 
-    def __init__(self, model, proj_dim: conint(gt=0) = 128, hidden: conint(gt=0) = 512,
-                 base_momentum: confloat(ge=0, lt=1) = 0.99, views: Optional[dict[str, Any]] = None):
+    def __init__(
+        self,
+        model,
+        proj_dim: Annotated[int, Field(
+            gt=0, description="output width of the projector and predictor")] = 128,
+        hidden: Annotated[int, Field(
+            gt=0,
+            description="hidden width of the projector and predictor MLPs")] = 512,
+        base_momentum: Annotated[float, Field(
+            ge=0, lt=1,
+            description="target momentum at the start; it follows a cosine to 1")] = 0.99,
+        views: Annotated[Optional[dict[str, Any]], Field(
+            description="a TRANSFORMS section for the two views (default: views)")] = None,
+    ):
         super().__init__(model, views)
         self.proj_dim, self.hidden, self.base_momentum = proj_dim, hidden, base_momentum
 

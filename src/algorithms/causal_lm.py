@@ -7,10 +7,10 @@ evaluation a few sampled continuations are logged as text.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import torch
-from pydantic import confloat, conint
+from pydantic import Field
 
 from src.algorithms.base import Task
 from src.core.registry import TASKS
@@ -30,16 +30,23 @@ def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 class CausalLM(Task):
     """Next-token prediction; batches hold ``input_ids``, ``labels`` (-100 where not predicted)
     and optionally ``attention_mask``.
-
-    Args:
-        samples: continuations generated after each evaluation (0 = none).
-        prompt: what they continue (default: the start of a validation block).
-        max_new_tokens, temperature, top_k: sampling.
     """
 
-    def __init__(self, model, samples: conint(ge=0) = 2, prompt: Optional[str] = None,
-                 max_new_tokens: conint(ge=1) = 48, temperature: confloat(gt=0) = 0.8,
-                 top_k: conint(ge=0) = 50):
+    def __init__(
+        self,
+        model,
+        samples: Annotated[int, Field(
+            ge=0,
+            description="continuations generated after each evaluation (0 = none)")] = 2,
+        prompt: Annotated[Optional[str], Field(
+            description="what they continue (default: the start of a validation block)")] = None,
+        max_new_tokens: Annotated[int, Field(
+            ge=1, description="length of each sample after an evaluation")] = 48,
+        temperature: Annotated[float, Field(
+            gt=0, description="sampling temperature of the samples")] = 0.8,
+        top_k: Annotated[int, Field(
+            ge=0, description="sample among the k most likely tokens (0: all)")] = 50,
+    ):
         super().__init__(model)
         self.samples, self.prompt = samples, prompt
         self.gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)

@@ -3,11 +3,11 @@ a confusion matrix written as a PNG at the end of a run."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import confloat, conint
+from pydantic import Field, conint
 
 from src.algorithms.base import Task
 from src.core.dataset_info import DatasetInfo
@@ -16,20 +16,29 @@ from src.core.registry import TASKS
 
 @TASKS.register("classification")
 class Classification(Task):
-    """``model(inputs) -> logits (B, num_classes)``; batches hold ``inputs`` and ``labels``.
+    """``model(inputs) -> logits (B, num_classes)``; batches hold ``inputs`` and ``labels``."""
 
-    Args:
-        label_smoothing: cross-entropy label smoothing in [0, 1).
-        top_k: extra top-k accuracies reported in validation (k >= 2, below num_classes).
-        train_accuracy: also report accuracy on training batches (a few cheap ops per step).
-        mixup_alpha, cutmix_alpha: timm's Mixup/CutMix (0 = off); mix_prob: chance per batch.
-        confusion_matrix: write ``confusion_matrix.png`` of the last evaluation.
-    """
-
-    def __init__(self, model, label_smoothing: confloat(ge=0, lt=1) = 0.0,
-                 top_k: list[conint(ge=2)] = [5], train_accuracy: bool = True,
-                 mixup_alpha: confloat(ge=0) = 0.0, cutmix_alpha: confloat(ge=0) = 0.0,
-                 mix_prob: confloat(ge=0, le=1) = 1.0, confusion_matrix: bool = True):
+    def __init__(
+        self,
+        model,
+        label_smoothing: Annotated[float, Field(
+            ge=0, lt=1, description="cross-entropy label smoothing in [0, 1)")] = 0.0,
+        top_k: Annotated[list[conint(ge=2)], Field(
+            description="extra top-k accuracies reported in validation (k >= 2, below num_classes)")] = [5],
+        train_accuracy: Annotated[bool, Field(
+            description="also report accuracy on training batches (a few cheap ops per step)")] = True,
+        mixup_alpha: Annotated[float, Field(
+            ge=0,
+            description="timm's Mixup/CutMix (0 = off); mix_prob: chance per batch")] = 0.0,
+        cutmix_alpha: Annotated[float, Field(
+            ge=0,
+            description="timm's Mixup/CutMix (0 = off); mix_prob: chance per batch")] = 0.0,
+        mix_prob: Annotated[float, Field(
+            ge=0, le=1,
+            description="probability that a batch is mixed when mixup or cutmix is on")] = 1.0,
+        confusion_matrix: Annotated[bool, Field(
+            description="write confusion_matrix.png of the last evaluation")] = True,
+    ):
         super().__init__(model)
         self.label_smoothing = label_smoothing
         self.top_k = list(top_k)

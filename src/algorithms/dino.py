@@ -1,10 +1,10 @@
 """DINO (Caron et al., 2021): self-distillation with multi-crop, a centred and sharpened teacher."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import torch
-from pydantic import confloat, conint
+from pydantic import Field
 from torch import nn
 
 from src.algorithms.ssl_base import SSLTask, cosine_momentum, ema_update, frozen_copy
@@ -28,14 +28,34 @@ class DINO(SSLTask):
 
     default_views = {"type": "multi_crop", "global_views": 2, "local_views": 4}
 
-    def __init__(self, model, out_dim: conint(gt=0) = 256, hidden: conint(gt=0) = 256,
-                 bottleneck: conint(gt=0) = 64, student_temp: confloat(gt=0) = 0.1,
-                 teacher_temp: confloat(gt=0) = 0.04, warmup_teacher_temp: confloat(gt=0) = 0.02,
-                 warmup_teacher_temp_steps: conint(ge=0) = 100,
-                 center_momentum: confloat(ge=0, lt=1) = 0.9,
-                 base_momentum: confloat(ge=0, lt=1) = 0.99,
-                 freeze_last_layer_steps: conint(ge=0) = 0, use_bn: bool = False,
-                 views: Optional[dict[str, Any]] = None):
+    def __init__(
+        self,
+        model,
+        out_dim: Annotated[int, Field(
+            gt=0, description="prototypes (output width of the head)")] = 256,
+        hidden: Annotated[int, Field(gt=0, description="hidden width of the head's MLP")] = 256,
+        bottleneck: Annotated[int, Field(gt=0, description="width before the prototypes")] = 64,
+        student_temp: Annotated[float, Field(
+            gt=0, description="softmax temperature of the student")] = 0.1,
+        teacher_temp: Annotated[float, Field(
+            gt=0,
+            description="softmax temperature of the teacher after warm-up")] = 0.04,
+        warmup_teacher_temp: Annotated[float, Field(
+            gt=0, description="teacher temperature at the start")] = 0.02,
+        warmup_teacher_temp_steps: Annotated[int, Field(
+            ge=0, description="steps of the linear teacher-temperature warm-up")] = 100,
+        center_momentum: Annotated[float, Field(
+            ge=0, lt=1,
+            description="momentum of the centre subtracted from the teacher's outputs")] = 0.9,
+        base_momentum: Annotated[float, Field(
+            ge=0, lt=1,
+            description="teacher momentum at the start; it follows a cosine to 1")] = 0.99,
+        freeze_last_layer_steps: Annotated[int, Field(
+            ge=0, description="steps during which the prototypes do not learn")] = 0,
+        use_bn: Annotated[bool, Field(description="BatchNorm in the head's MLP")] = False,
+        views: Annotated[Optional[dict[str, Any]], Field(
+            description="a TRANSFORMS section for the crops (default: multi_crop)")] = None,
+    ):
         super().__init__(model, views)
         self.out_dim, self.hidden, self.bottleneck = out_dim, hidden, bottleneck
         self.student_temp, self.teacher_temp = student_temp, teacher_temp

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import confloat
+from pydantic import Field
 
 from src.algorithms.base import Task
 from src.algorithms.ssl_base import frozen_copy
@@ -27,17 +27,21 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 class DPO(Task):
     """Batches hold ``chosen_*`` and ``rejected_*`` ids, masks and labels (prompt masked).
 
-    Args:
-        beta: strength of the implicit KL constraint.
-        reference: ``frozen_copy`` of the initial model, or ``disable_adapter`` (a PEFT model's
-            base, the adapter switched off; no copy). ``auto``: the latter when there is an adapter.
     Reports the loss, the preference accuracy (the policy prefers the chosen answer more than the
     reference does), the reward margin, and ``chosen_preferred``: how often the policy itself
     gives the chosen answer the higher log-probability.
     """
 
-    def __init__(self, model, beta: confloat(gt=0) = 0.1,
-                 reference: Literal["auto", "frozen_copy", "disable_adapter"] = "auto"):
+    def __init__(
+        self,
+        model,
+        beta: Annotated[float, Field(
+            gt=0, description="strength of the implicit KL constraint")] = 0.1,
+        reference: Annotated[Literal["auto", "frozen_copy", "disable_adapter"], Field(
+            description="frozen_copy of the initial model, or disable_adapter (a PEFT model's base,"
+                        " the adapter switched off; no copy). auto: the latter when there is an "
+                        "adapter")] = "auto",
+    ):
         super().__init__(model)
         self.beta = beta
         has_adapter = hasattr(model, "disable_adapter")

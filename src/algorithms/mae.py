@@ -2,8 +2,9 @@
 with mask tokens reconstructs the masked ones (per-patch normalised pixels)."""
 from __future__ import annotations
 
+from typing import Annotated
 import torch
-from pydantic import confloat, conint
+from pydantic import Field
 from torch import nn
 
 from src.algorithms.ssl_base import SSLTask
@@ -13,19 +14,25 @@ from src.core.registry import TASKS
 
 @TASKS.register("mae")
 class MAE(SSLTask):
-    """Masked autoencoder: a ViT encodes the visible patches, a small decoder rebuilds the rest.
-
-    Args:
-        mask_ratio: fraction of patches hidden from the encoder.
-        decoder_dim, decoder_depth, decoder_heads: the decoder (timm transformer blocks).
-        norm_pix_loss: targets are each patch's pixels normalised by its own mean and variance.
-    """
+    """Masked autoencoder: a ViT encodes the visible patches, a small decoder rebuilds the rest."""
 
     default_views = None  # MAE masks the clean image; no augmented views
 
-    def __init__(self, model, mask_ratio: confloat(gt=0, lt=1) = 0.75,
-                 decoder_dim: conint(gt=0) = 64, decoder_depth: conint(ge=1) = 2,
-                 decoder_heads: conint(ge=1) = 4, norm_pix_loss: bool = True):
+    def __init__(
+        self,
+        model,
+        mask_ratio: Annotated[float, Field(
+            gt=0, lt=1,
+            description="fraction of patches hidden from the encoder")] = 0.75,
+        decoder_dim: Annotated[int, Field(
+            gt=0, description="the decoder (timm transformer blocks)")] = 64,
+        decoder_depth: Annotated[int, Field(
+            ge=1, description="the decoder (timm transformer blocks)")] = 2,
+        decoder_heads: Annotated[int, Field(
+            ge=1, description="the decoder (timm transformer blocks)")] = 4,
+        norm_pix_loss: Annotated[bool, Field(
+            description="targets are each patch's pixels normalised by its own mean and variance")] = True,
+    ):
         super().__init__(model, None)
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.dec = (decoder_dim, decoder_depth, decoder_heads)

@@ -2,9 +2,10 @@
 token, 10% a random token, 10% stay; the model predicts the originals."""
 from __future__ import annotations
 
+from typing import Annotated
 import torch
 import torch.nn.functional as F
-from pydantic import confloat
+from pydantic import Field
 
 from src.algorithms.base import Task
 from src.core.errors import ConfigError
@@ -13,13 +14,15 @@ from src.core.registry import TASKS
 
 @TASKS.register("masked_lm")
 class MaskedLM(Task):
-    """Batches hold ``input_ids`` (and ``attention_mask``); masking happens here, per step.
+    """Batches hold ``input_ids`` (and ``attention_mask``); masking happens here, per step."""
 
-    Args:
-        mask_prob: fraction of (non-special, non-padding) tokens to predict.
-    """
-
-    def __init__(self, model, mask_prob: confloat(gt=0, lt=1) = 0.15):
+    def __init__(
+        self,
+        model,
+        mask_prob: Annotated[float, Field(
+            gt=0, lt=1,
+            description="fraction of (non-special, non-padding) tokens to predict")] = 0.15,
+    ):
         super().__init__(model)
         self.mask_prob = mask_prob
 

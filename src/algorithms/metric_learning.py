@@ -2,11 +2,11 @@
 retrieval: Recall@k and mAP@R on the embeddings of the whole validation split (all ranks)."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import confloat, conint
+from pydantic import Field, conint
 from torch import nn
 
 from src.algorithms.base import Task
@@ -18,19 +18,26 @@ from src.models.heads import MarginHead
 
 @TASKS.register("metric_learning")
 class MetricLearning(Task):
-    """backbone features -> Linear + BatchNorm embedding -> margin head over the classes.
+    """backbone features -> Linear + BatchNorm embedding -> margin head over the classes."""
 
-    Args:
-        head: ``arcface``, ``cosface`` or ``subcenter_arcface``.
-        embedding_dim: D of the embedding used for retrieval.
-        scale, margin: the head's s and m; subcenters: k for ``subcenter_arcface``.
-        recall_at: k values for Recall@k.
-    """
-
-    def __init__(self, model, head: Literal["arcface", "cosface", "subcenter_arcface"] = "arcface",
-                 embedding_dim: conint(gt=0) = 64, scale: confloat(gt=0) = 30.0,
-                 margin: confloat(ge=0) = 0.5, subcenters: conint(ge=2) = 3,
-                 recall_at: list[conint(ge=1)] = [1, 5]):
+    def __init__(
+        self,
+        model,
+        head: Annotated[Literal["arcface", "cosface", "subcenter_arcface"], Field(
+            description="arcface, cosface or subcenter_arcface")] = "arcface",
+        embedding_dim: Annotated[int, Field(
+            gt=0, description="D of the embedding used for retrieval")] = 64,
+        scale: Annotated[float, Field(
+            gt=0,
+            description="the head's s and m; subcenters: k for subcenter_arcface")] = 30.0,
+        margin: Annotated[float, Field(
+            ge=0,
+            description="the head's s and m; subcenters: k for subcenter_arcface")] = 0.5,
+        subcenters: Annotated[int, Field(
+            ge=2, description="sub-centres per class (subcenter_arcface)")] = 3,
+        recall_at: Annotated[list[conint(ge=1)], Field(
+            description="k values of the Recall@k evaluation")] = [1, 5],
+    ):
         super().__init__(model)
         self.head_kind, self.embedding_dim = head, embedding_dim
         self.scale, self.margin, self.subcenters = scale, margin, subcenters

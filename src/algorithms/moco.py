@@ -1,11 +1,11 @@
 """MoCo v2 (Chen et al., 2020): a momentum key encoder and a queue of negative keys."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import confloat, conint
+from pydantic import Field
 from torch import nn
 
 from src.algorithms.ssl_base import SSLTask, ema_update, frozen_copy
@@ -18,13 +18,22 @@ from src.models.losses import info_nce
 class MoCo(SSLTask):
     """Query encoder (backbone + projector) trained with InfoNCE against a momentum key encoder
     and a queue of ``queue_size`` past keys; the queue and key encoder are checkpointed.
-
-    Args: proj_dim, hidden, queue_size, temperature, momentum (of the key encoder), views.
     """
 
-    def __init__(self, model, proj_dim: conint(gt=0) = 128, hidden: conint(gt=0) = 512,
-                 queue_size: conint(gt=0) = 1024, temperature: confloat(gt=0) = 0.2,
-                 momentum: confloat(ge=0, lt=1) = 0.99, views: Optional[dict[str, Any]] = None):
+    def __init__(
+        self,
+        model,
+        proj_dim: Annotated[int, Field(gt=0, description="output width of the projector")] = 128,
+        hidden: Annotated[int, Field(gt=0, description="hidden width of the projector MLP")] = 512,
+        queue_size: Annotated[int, Field(
+            gt=0,
+            description="negative keys kept from earlier batches (all ranks')")] = 1024,
+        temperature: Annotated[float, Field(gt=0, description="InfoNCE temperature")] = 0.2,
+        momentum: Annotated[float, Field(
+            ge=0, lt=1, description="momentum of the key encoder")] = 0.99,
+        views: Annotated[Optional[dict[str, Any]], Field(
+            description="a TRANSFORMS section for the two views (default: views)")] = None,
+    ):
         super().__init__(model, views)
         self.proj_dim, self.hidden, self.queue_size = proj_dim, hidden, queue_size
         self.temperature, self.momentum = temperature, momentum

@@ -6,10 +6,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import torch
-from pydantic import confloat, conint
+from pydantic import Field, confloat
 from torch import nn
 
 from src.algorithms.base import Task
@@ -62,29 +62,39 @@ class Rollout:
 
 @TASKS.register("ppo")
 class PPO(Task):
-    """Batches hold left-padded ``input_ids``/``attention_mask`` of prompts (the ``prompts`` data).
+    """Batches hold left-padded ``input_ids``/``attention_mask`` of prompts (the ``prompts`` data)."""
 
-    Args:
-        reward: a REWARDS section, e.g. ``{type: contains, pattern: "return"}``.
-        max_new_tokens, temperature: sampling of completions.
-        kl_coef: per-token penalty on log pi - log pi_ref (the starting value when adaptive).
-        kl_target: turns on the adaptive controller of Ziegler et al. (2019): after each rollout
-            ``kl_coef *= 1 + clip(KL / kl_target - 1, -0.2, 0.2) * samples / kl_horizon``, so
-            the KL per completion settles near the target instead of growing with the reward.
-        kl_horizon: samples over which the controller acts (smaller: faster).
-        clip: PPO ratio clip. vf_coef: value-loss weight. gamma, lam: GAE.
-        ppo_epochs: optimizer steps per rollout (the ratio moves away from 1 after the first).
-        reference: ``frozen_copy`` or ``disable_adapter`` (``auto`` picks by the model).
-    """
-
-    def __init__(self, model, reward: dict[str, Any], max_new_tokens: conint(ge=1) = 24,
-                 temperature: confloat(gt=0) = 1.0, kl_coef: confloat(ge=0) = 0.05,
-                 kl_target: Optional[confloat(gt=0)] = None,
-                 kl_horizon: confloat(gt=0) = 10000.0,
-                 clip: confloat(gt=0) = 0.2, vf_coef: confloat(ge=0) = 0.5,
-                 gamma: confloat(gt=0, le=1) = 1.0, lam: confloat(gt=0, le=1) = 0.95,
-                 ppo_epochs: conint(ge=1) = 2,
-                 reference: Literal["auto", "frozen_copy", "disable_adapter"] = "auto"):
+    def __init__(
+        self,
+        model,
+        reward: Annotated[dict[str, Any], Field(
+            description="a REWARDS section, e.g. {type: contains, pattern: \"return\"}")],
+        max_new_tokens: Annotated[int, Field(
+            ge=1, description="length of each sampled completion")] = 24,
+        temperature: Annotated[float, Field(
+            gt=0, description="sampling temperature of the completions")] = 1.0,
+        kl_coef: Annotated[float, Field(
+            ge=0,
+            description="per-token penalty on log pi - log pi_ref (the starting value when "
+                        "adaptive)")] = 0.05,
+        kl_target: Annotated[Optional[confloat(gt=0)], Field(
+            description="turns on the adaptive controller of Ziegler et al. (2019): after each "
+                        "rollout kl_coef *= 1 + clip(KL / kl_target - 1, -0.2, 0.2) * samples / "
+                        "kl_horizon, so the KL per completion settles near the target instead of "
+                        "growing with the reward")] = None,
+        kl_horizon: Annotated[float, Field(
+            gt=0,
+            description="samples over which the controller acts (smaller: faster)")] = 10000.0,
+        clip: Annotated[float, Field(gt=0, description="PPO ratio clip")] = 0.2,
+        vf_coef: Annotated[float, Field(ge=0, description="weight of the value loss")] = 0.5,
+        gamma: Annotated[float, Field(gt=0, le=1, description="discount of GAE")] = 1.0,
+        lam: Annotated[float, Field(gt=0, le=1, description="lambda of GAE")] = 0.95,
+        ppo_epochs: Annotated[int, Field(
+            ge=1,
+            description="optimizer steps per rollout (the ratio moves away from 1 after the first)")] = 2,
+        reference: Annotated[Literal["auto", "frozen_copy", "disable_adapter"], Field(
+            description="frozen_copy or disable_adapter (auto picks by the model)")] = "auto",
+    ):
         super().__init__(model)
         self.reward_section = reward
         self.gen = dict(max_new_tokens=max_new_tokens, temperature=temperature)

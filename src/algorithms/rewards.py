@@ -5,10 +5,10 @@ Register your own with ``@REWARDS.register("name")`` on a factory that returns t
 from __future__ import annotations
 
 import re
-from typing import Callable, Optional
+from typing import Annotated, Callable, Optional
 
 import torch
-from pydantic import conint
+from pydantic import Field
 
 from src.core.registry import REWARDS
 
@@ -16,7 +16,10 @@ RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 
 
 @REWARDS.register("contains")
-def contains(pattern: str, ignore_case: bool = True) -> RewardFn:
+def contains(
+    pattern: Annotated[str, Field(description="regular expression counted in the completion")],
+    ignore_case: Annotated[bool, Field(description="match regardless of case")] = True,
+) -> RewardFn:
     """1 for every occurrence of the regular expression in the completion, capped at 3."""
     rx = re.compile(pattern, re.IGNORECASE if ignore_case else 0)
     return lambda prompts, completions: torch.tensor(
@@ -24,15 +27,23 @@ def contains(pattern: str, ignore_case: bool = True) -> RewardFn:
 
 
 @REWARDS.register("length")
-def length(target: conint(ge=1) = 20) -> RewardFn:
+def length(
+    target: Annotated[int, Field(
+        ge=1, description="completion length in characters that scores 1")] = 20,
+) -> RewardFn:
     """1 - |characters - target| / target: completions close to ``target`` characters score 1."""
     return lambda prompts, completions: torch.tensor(
         [1.0 - abs(len(c) - target) / target for c in completions])
 
 
 @REWARDS.register("reward_model")
-def reward_model(path: str, label: int = 1, max_length: conint(ge=8) = 256,
-                 tokenizer: Optional[str] = None) -> RewardFn:
+def reward_model(
+    path: Annotated[str, Field(description="local folder of a sequence-classification model")],
+    label: Annotated[int, Field(description="the class whose logit is the reward")] = 1,
+    max_length: Annotated[int, Field(ge=8, description="prompt + completion tokens scored")] = 256,
+    tokenizer: Annotated[Optional[str], Field(
+        description="its tokenizer folder (default: the model's)")] = None,
+) -> RewardFn:
     """The logit of class ``label`` of a local sequence-classification model on prompt+completion."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -1,10 +1,10 @@
 """SimCLR (Chen et al., 2020): two views, a projector, NT-Xent over the 2N views."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import torch
-from pydantic import confloat, conint
+from pydantic import Field
 
 from src.algorithms.ssl_base import SSLTask
 from src.core.registry import TASKS
@@ -14,17 +14,22 @@ from src.models.losses import nt_xent
 
 @TASKS.register("simclr")
 class SimCLR(SSLTask):
-    """SimCLR: two augmented views of each image pulled together, all others pushed apart (NT-Xent).
+    """SimCLR: two augmented views of each image pulled together, all others pushed apart (NT-Xent)."""
 
-    Args:
-        proj_dim: output width of the projector (the loss is computed there).
-        hidden: hidden width of the 2-layer projector.
-        temperature: softmax temperature of NT-Xent; lower is sharper.
-        views: TRANSFORMS section that makes the two augmented views.
-    """
-
-    def __init__(self, model, proj_dim: conint(gt=0) = 128, hidden: conint(gt=0) = 512,
-                 temperature: confloat(gt=0) = 0.2, views: Optional[dict[str, Any]] = None):
+    def __init__(
+        self,
+        model,
+        proj_dim: Annotated[int, Field(
+            gt=0,
+            description="output width of the projector (the loss is computed there)")] = 128,
+        hidden: Annotated[int, Field(
+            gt=0, description="hidden width of the 2-layer projector")] = 512,
+        temperature: Annotated[float, Field(
+            gt=0,
+            description="softmax temperature of NT-Xent; lower is sharper")] = 0.2,
+        views: Annotated[Optional[dict[str, Any]], Field(
+            description="TRANSFORMS section that makes the two augmented views")] = None,
+    ):
         super().__init__(model, views)
         self.proj_dim, self.hidden, self.temperature = proj_dim, hidden, temperature
 

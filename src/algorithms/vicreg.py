@@ -1,10 +1,10 @@
 """VICReg (Bardes et al., 2022): invariance, variance and covariance terms; no negatives, no teacher."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import torch
-from pydantic import confloat, conint
+from pydantic import Field
 
 from src.algorithms.ssl_base import SSLTask
 from src.core.registry import TASKS
@@ -14,20 +14,25 @@ from src.models.losses import vicreg_loss
 
 @TASKS.register("vicreg")
 class VICReg(SSLTask):
-    """VICReg: invariance between views plus variance and covariance terms that prevent collapse.
+    """VICReg: invariance between views plus variance and covariance terms that prevent collapse."""
 
-    Args:
-        proj_dim: output width of the expander.
-        hidden: hidden width of the 3-layer expander.
-        sim_weight: weight of the invariance (mean squared distance) term.
-        var_weight: weight of the variance (hinge on each dimension's std) term.
-        cov_weight: weight of the covariance (off-diagonal) term.
-        views: TRANSFORMS section that makes the two augmented views.
-    """
-
-    def __init__(self, model, proj_dim: conint(gt=0) = 256, hidden: conint(gt=0) = 256,
-                 sim_weight: confloat(ge=0) = 25.0, var_weight: confloat(ge=0) = 25.0,
-                 cov_weight: confloat(ge=0) = 1.0, views: Optional[dict[str, Any]] = None):
+    def __init__(
+        self,
+        model,
+        proj_dim: Annotated[int, Field(gt=0, description="output width of the expander")] = 256,
+        hidden: Annotated[int, Field(
+            gt=0, description="hidden width of the 3-layer expander")] = 256,
+        sim_weight: Annotated[float, Field(
+            ge=0,
+            description="weight of the invariance (mean squared distance) term")] = 25.0,
+        var_weight: Annotated[float, Field(
+            ge=0,
+            description="weight of the variance (hinge on each dimension's std) term")] = 25.0,
+        cov_weight: Annotated[float, Field(
+            ge=0, description="weight of the covariance (off-diagonal) term")] = 1.0,
+        views: Annotated[Optional[dict[str, Any]], Field(
+            description="TRANSFORMS section that makes the two augmented views")] = None,
+    ):
         super().__init__(model, views)
         self.proj_dim, self.hidden = proj_dim, hidden
         self.weights = (sim_weight, var_weight, cov_weight)

@@ -286,14 +286,19 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
-def _leaf_sources(data: Any, source: str, prefix: str = "") -> dict[str, str]:
-    """dotted leaf path -> source, for every leaf of ``data`` (lists are leaves)."""
-    if not isinstance(data, dict) or not data:
-        return {prefix.rstrip("."): source} if prefix else {}
-    out: dict[str, str] = {}
-    for k, v in data.items():
-        out.update(_leaf_sources(v, source, f"{prefix}{k}."))
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted leaf path -> value (lists are leaves; an empty mapping is a leaf)."""
+    if not isinstance(d, dict) or not d:
+        return {prefix[:-1]: d} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}."))
     return out
+
+
+def _leaf_sources(data: Any, source: str, prefix: str = "") -> dict[str, str]:
+    """dotted leaf path -> source, for every leaf of ``data``."""
+    return dict.fromkeys(flatten(data, prefix), source)
 
 
 def _set_sources(origins: dict[str, str], new: dict[str, str]) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
+
+from pydantic import Field
 
 from src.core.registry import LOGGERS
 
@@ -49,7 +51,12 @@ def _fmt(v: Any) -> str:
 class ConsoleLogger(Logger):
     """One line per log call: ``step 100/280 | epoch 3 | train/loss 0.1234 | ...``."""
 
-    def __init__(self, run_dir: Path, total_steps: Optional[int] = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: Annotated[Optional[int], Field(
+            description="steps shown after each step number (default: the run's)")] = None,
+    ):
         super().__init__(run_dir)
         self.total = total_steps
         from rich.console import Console
@@ -77,7 +84,12 @@ class JSONLLogger(Logger):
     the file reads as one uninterrupted run.
     """
 
-    def __init__(self, run_dir: Path, filename: str = "metrics.jsonl"):
+    def __init__(
+        self,
+        run_dir: Path,
+        filename: Annotated[str, Field(
+            description="file name inside the run folder")] = "metrics.jsonl",
+    ):
         super().__init__(run_dir)
         self.path = self.run_dir / filename
         self.t0 = time.time()
@@ -108,7 +120,12 @@ class JSONLLogger(Logger):
 class TensorBoardLogger(Logger):
     """Event files under ``<run>/tensorboard/``; the run info as text under ``config``."""
 
-    def __init__(self, run_dir: Path, subdir: str = "tensorboard"):
+    def __init__(
+        self,
+        run_dir: Path,
+        subdir: Annotated[str, Field(
+            description="folder inside the run folder for the event files")] = "tensorboard",
+    ):
         super().__init__(run_dir)
         self.dir = self.run_dir / subdir
 
@@ -131,16 +148,17 @@ class TensorBoardLogger(Logger):
 
 @LOGGERS.register("mlflow")
 class MLflowLogger(Logger):
-    """An MLflow run: params = the run info flattened, metrics, ``config.yaml`` as an artifact.
+    """An MLflow run: params = the run info flattened, metrics, ``config.yaml`` as an artifact."""
 
-    Args:
-        tracking_uri: an MLflow tracking URI; default a local SQLite store in
-            ``<run>/mlruns/mlflow.db`` with artifacts in ``<run>/mlruns/artifacts``.
-        experiment: MLflow experiment name (default: the run's name).
-    """
-
-    def __init__(self, run_dir: Path, tracking_uri: Optional[str] = None,
-                 experiment: Optional[str] = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        tracking_uri: Annotated[Optional[str], Field(
+            description="an MLflow tracking URI; default a local SQLite store in "
+                        "<run>/mlruns/mlflow.db with artifacts in <run>/mlruns/artifacts")] = None,
+        experiment: Annotated[Optional[str], Field(
+            description="MLflow experiment name (default: the run's name)")] = None,
+    ):
         super().__init__(run_dir)
         self.store = None if tracking_uri else (self.run_dir / "mlruns").resolve()
         self.uri = tracking_uri or f"sqlite:///{self.store / 'mlflow.db'}"

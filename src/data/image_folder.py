@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
-from pydantic import confloat, conint
+from pydantic import Field
 
 from src.core.dataset_info import DataModule, DatasetInfo
 from src.core.errors import ConfigError, DataError, library_message
@@ -25,22 +25,24 @@ def _image_transform(size: int, channels: int):
 
 
 @DATASETS.register("image_folder")
-def image_folder(seed: int, root: str, val_root: Optional[str] = None,
-                 val_fraction: confloat(ge=0.0, lt=1.0) = 0.2, image_size: conint(gt=0) = 32,
-                 channels: conint(ge=1, le=3) = 3,
-                 bad_files: Literal["error", "skip"] = "error") -> DataModule:
-    """Class-per-folder images, resized to ``image_size`` and scaled to [0, 1].
-
-    Args:
-        root: training folder (one sub-folder per class).
-        val_root: validation folder with the same classes; if absent, ``val_fraction`` of
-            ``root`` is held out, stratified by class with ``seed``.
-        image_size: square side the images are resized to.
-        channels: 1 (grey) or 3 (RGB).
-        bad_files: every image is checked before training (its header and structure, not its
-            pixels); ``error`` stops at the first unreadable one with its path, ``skip`` leaves
-            them out and says how many.
-    """
+def image_folder(
+    seed: int,
+    root: Annotated[str, Field(description="training folder (one sub-folder per class)")],
+    val_root: Annotated[Optional[str], Field(
+        description="validation folder with the same classes; if absent, val_fraction of root is "
+                    "held out, stratified by class with seed")] = None,
+    val_fraction: Annotated[float, Field(
+        ge=0.0, lt=1.0,
+        description="fraction of the samples held out for validation when there is no val_root")] = 0.2,
+    image_size: Annotated[int, Field(
+        gt=0, description="square side the images are resized to")] = 32,
+    channels: Annotated[int, Field(ge=1, le=3, description="1 (grey) or 3 (RGB)")] = 3,
+    bad_files: Annotated[Literal["error", "skip"], Field(
+        description="every image is checked before training (its header and structure, not its "
+                    "pixels); error stops at the first unreadable one with its path, skip leaves "
+                    "them out and says how many")] = "error",
+) -> DataModule:
+    """Class-per-folder images, resized to ``image_size`` and scaled to [0, 1]."""
     from torch.utils.data import Subset
     from torchvision.datasets import ImageFolder
 

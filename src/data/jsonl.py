@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import numpy as np
 import torch
-from pydantic import confloat, conint
+from pydantic import Field, conint
 
 from src.core.dataset_info import DataModule, DatasetInfo
 from src.core.errors import ConfigError
 from src.core.registry import DATASETS
 from src.data.docstrings import function_prompts
-from src.data.examples import Examples, LeftPadCollator, PadCollator
+from src.data.examples import Examples, LeftPadCollator, MaxLength, PadCollator, Tokenizer, ValFraction
 from src.data.text import load_tokenizer, token_info
 
 ALPACA = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
@@ -112,15 +112,19 @@ def _module(items, labels, val_fraction, seed, tok, extra_info=None) -> DataModu
 
 
 @DATASETS.register("instructions")
-def instructions(seed: int, path: str, tokenizer: str, format: Literal["alpaca", "messages"] = "alpaca",
-                 max_length: conint(ge=8) = 512, mask_prompt: bool = True,
-                 val_fraction: confloat(ge=0, lt=1) = 0.1) -> DataModule:
-    """Instruction or chat data for supervised fine-tuning; the prompt is masked out of the loss.
-
-    Args:
-        path: JSONL file. tokenizer: local tokenizer folder (``pkg:...`` too).
-        format: ``alpaca`` or ``messages`` (rendered with the tokenizer's chat template).
-    """
+def instructions(
+    seed: int,
+    path: Annotated[str, Field(
+        description="JSONL file. tokenizer: local tokenizer folder (pkg:... too)")],
+    tokenizer: Tokenizer,
+    format: Annotated[Literal["alpaca", "messages"], Field(
+        description="alpaca or messages (rendered with the tokenizer's chat template)")] = "alpaca",
+    max_length: MaxLength = 512,
+    mask_prompt: Annotated[bool, Field(
+        description="leave the prompt out of the loss (only the answer is learned)")] = True,
+    val_fraction: ValFraction = 0.1,
+) -> DataModule:
+    """Instruction or chat data for supervised fine-tuning; the prompt is masked out of the loss."""
     tok = load_tokenizer(tokenizer)
     items = [encode_pair(tok, *prompt_and_answer(r, format, tok, where), max_length, mask_prompt)
              for where, r in read_jsonl(path)]
@@ -128,8 +132,13 @@ def instructions(seed: int, path: str, tokenizer: str, format: Literal["alpaca",
 
 
 @DATASETS.register("labelled_text")
-def labelled_text(seed: int, path: str, tokenizer: str, max_length: conint(ge=8) = 256,
-                  val_fraction: confloat(ge=0, lt=1) = 0.2) -> DataModule:
+def labelled_text(
+    seed: int,
+    path: Annotated[str, Field(description="JSONL file of {\"text\", \"label\"} lines")],
+    tokenizer: Tokenizer,
+    max_length: MaxLength = 256,
+    val_fraction: ValFraction = 0.2,
+) -> DataModule:
     """``{"text", "label"}`` lines for sequence classification; labels may be names or ints."""
     tok = load_tokenizer(tokenizer)
     rows = [r for _, r in read_jsonl(path, need=("text", "label"))]
@@ -150,8 +159,14 @@ def labelled_text(seed: int, path: str, tokenizer: str, max_length: conint(ge=8)
 
 
 @DATASETS.register("preference")
-def preference(seed: int, path: str, tokenizer: str, max_length: conint(ge=8) = 256,
-               val_fraction: confloat(ge=0, lt=1) = 0.1) -> DataModule:
+def preference(
+    seed: int,
+    path: Annotated[str, Field(
+        description="JSONL file of {\"prompt\", \"chosen\", \"rejected\"} lines")],
+    tokenizer: Tokenizer,
+    max_length: MaxLength = 256,
+    val_fraction: ValFraction = 0.1,
+) -> DataModule:
     """``{"prompt", "chosen", "rejected"}`` pairs for DPO; prompts are masked out of the labels."""
     tok = load_tokenizer(tokenizer)
     items = []
@@ -164,8 +179,13 @@ def preference(seed: int, path: str, tokenizer: str, max_length: conint(ge=8) = 
 
 
 @DATASETS.register("pairs")
-def pairs(seed: int, path: str, tokenizer: str, max_length: conint(ge=8) = 256,
-          val_fraction: confloat(ge=0, lt=1) = 0.1) -> DataModule:
+def pairs(
+    seed: int,
+    path: Annotated[str, Field(description="JSONL file of {\"source\", \"target\"} lines")],
+    tokenizer: Tokenizer,
+    max_length: MaxLength = 256,
+    val_fraction: ValFraction = 0.1,
+) -> DataModule:
     """``{"source", "target"}`` lines for sequence-to-sequence models."""
     tok = load_tokenizer(tokenizer)
     items = []
@@ -178,10 +198,18 @@ def pairs(seed: int, path: str, tokenizer: str, max_length: conint(ge=8) = 256,
 
 
 @DATASETS.register("prompts")
-def prompts(seed: int, tokenizer: str, path: Optional[str] = None,
-            stdlib_functions: bool = False, max_length: conint(ge=2) = 64,
-            val_fraction: confloat(ge=0, lt=1) = 0.1, limit: Optional[conint(ge=2)] = None
-            ) -> DataModule:
+def prompts(
+    seed: int,
+    tokenizer: Tokenizer,
+    path: Annotated[Optional[str], Field(description="JSONL file of {\"prompt\"} lines")] = None,
+    stdlib_functions: Annotated[bool, Field(
+        description="use standard-library function headers as prompts instead of a file")] = False,
+    max_length: Annotated[int, Field(
+        ge=2, description="longest prompt in tokens; longer ones keep their end")] = 64,
+    val_fraction: ValFraction = 0.1,
+    limit: Annotated[Optional[conint(ge=2)], Field(
+        description="use only the first N prompts")] = None,
+) -> DataModule:
     """Prompts for PPO: ``{"prompt"}`` JSONL lines, or (``stdlib_functions``) the signature and
     docstring opening of standard-library functions."""
     tok = load_tokenizer(tokenizer)

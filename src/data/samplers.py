@@ -6,10 +6,10 @@ Each has ``set_epoch(epoch, start_batch)``, ``batches_per_epoch()``, and yields 
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Annotated, Iterator
 
 import torch
-from pydantic import conint
+from pydantic import Field
 
 from src.core.errors import ConfigError
 from src.core.registry import SAMPLERS
@@ -74,15 +74,20 @@ class PKSampler(_GlobalBatches):
 
     Classes with fewer than K samples are drawn with replacement. With several ranks each gets
     K / world samples of every one of the P classes.
-
-    Args:
-        classes_per_batch: P.
-        samples_per_class: K (a multiple of the world size).
     """
 
-    def __init__(self, labels: torch.Tensor, batch_size: int, seed: int, rank: int,
-                 world_size: int, classes_per_batch: conint(ge=1) = 8,
-                 samples_per_class: conint(ge=2) = 4):
+    def __init__(
+        self,
+        labels: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        classes_per_batch: Annotated[int, Field(
+            ge=1, description="P: classes in each global batch")] = 8,
+        samples_per_class: Annotated[int, Field(
+            ge=2, description="K (a multiple of the world size)")] = 4,
+    ):
         P, K = classes_per_batch, samples_per_class
         if P * K != batch_size * world_size:
             raise ConfigError(f"data.sampler: classes_per_batch x samples_per_class = {P * K} "
@@ -137,8 +142,17 @@ class LengthGroupedSampler(_GlobalBatches):
     """Batches of similar lengths (less padding): each epoch's shuffled order is cut into mega
     batches of ``group`` global batches, each sorted by length; batch order is shuffled again."""
 
-    def __init__(self, labels: torch.Tensor, lengths: list[int], batch_size: int, seed: int,
-                 rank: int, world_size: int, group: conint(ge=1) = 50):
+    def __init__(
+        self,
+        labels: torch.Tensor,
+        lengths: list[int],
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        group: Annotated[int, Field(
+            ge=1, description="batches per mega-batch sorted by length")] = 50,
+    ):
         super().__init__(torch.zeros(len(lengths)), batch_size, seed, rank, world_size)
         self.lengths, self.group = torch.tensor(lengths), group
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import sysconfig
 import glob
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import numpy as np
 import torch
-from pydantic import confloat, conint
+from pydantic import Field, conint
 
 from src.core.dataset_info import DataModule, DatasetInfo
 from src.core.errors import ConfigError
@@ -159,19 +159,23 @@ def pack(tok, files: list[Path], block_size: int) -> tuple[torch.Tensor, int, in
 
 
 @DATASETS.register("text")
-def text(seed: int, paths: list[str], run_dir: Optional[Path] = None,
-         tokenizer: Optional[str] = None, vocab_size: conint(ge=300) = 4096,
-         block_size: conint(ge=8) = 256, val_fraction: confloat(ge=0, lt=1) = 0.1,
-         max_files: Optional[conint(ge=2)] = None) -> DataModule:
-    """Packed token blocks from text files, split by file.
-
-    Args:
-        paths: files, folders, globs, or ``stdlib:`` / ``stdlib:<package>`` (Python's own source).
-        tokenizer: local tokenizer folder (``pkg:...`` too); else a BPE of ``vocab_size``.
-        block_size: tokens per training example.
-        val_fraction: fraction of files held out (chosen with the seed).
-        max_files: keep this many files (chosen with the seed) to bound a run.
-    """
+def text(
+    seed: int,
+    paths: Annotated[list[str], Field(
+        description="files, folders, globs, or stdlib: / stdlib:<package> (Python's own source)")],
+    run_dir: Optional[Path] = None,
+    tokenizer: Annotated[Optional[str], Field(
+        description="local tokenizer folder (pkg:... too); else a BPE of vocab_size")] = None,
+    vocab_size: Annotated[int, Field(
+        ge=300,
+        description="size of the BPE trained on the training files when no tokenizer is given")] = 4096,
+    block_size: Annotated[int, Field(ge=8, description="tokens per training example")] = 256,
+    val_fraction: Annotated[float, Field(
+        ge=0, lt=1, description="fraction of files held out (chosen with the seed)")] = 0.1,
+    max_files: Annotated[Optional[conint(ge=2)], Field(
+        description="keep this many files (chosen with the seed) to bound a run")] = None,
+) -> DataModule:
+    """Packed token blocks from text files, split by file."""
     files = resolve_files(paths)
     if max_files and len(files) > max_files:
         keep = np.random.default_rng(seed + 1).permutation(len(files))[:max_files]

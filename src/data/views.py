@@ -5,10 +5,10 @@ into ``batch["views"]`` = [view_0 (B, C, h0, w0), view_1, ...] beside the clean 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
-from pydantic import confloat, conint
+from pydantic import Field, confloat, conint
 
 from src.core.registry import TRANSFORMS
 
@@ -33,20 +33,29 @@ def augmentation(size: int, scale: tuple[float, float], degrees: float, translat
 
 @TRANSFORMS.register("views")
 class MultiView:
-    """``n_views`` independently augmented copies at the same size (SimCLR, MoCo, BYOL, VICReg).
+    """``n_views`` independently augmented copies at the same size (SimCLR, MoCo, BYOL, VICReg)."""
 
-    Args:
-        size: output side (default: the input's).
-        scale: RandomResizedCrop area range.
-        degrees, translate: RandomAffine.
-        jitter: brightness/contrast strength (applied with p=0.8).
-        blur: max Gaussian blur sigma (0 = off). flip: horizontal flips (off for digits).
-    """
-
-    def __init__(self, n_views: conint(ge=1) = 2, size: Optional[conint(gt=0)] = None,
-                 scale: tuple[confloat(gt=0, le=1), confloat(gt=0, le=1)] = (0.5, 1.0),
-                 degrees: confloat(ge=0) = 10.0, translate: confloat(ge=0, lt=1) = 0.1,
-                 jitter: confloat(ge=0) = 0.4, blur: confloat(ge=0) = 0.0, flip: bool = False):
+    def __init__(
+        self,
+        n_views: Annotated[int, Field(ge=1, description="augmented copies of each image")] = 2,
+        size: Annotated[Optional[conint(gt=0)], Field(
+            description="output side (default: the input's)")] = None,
+        scale: Annotated[tuple[confloat(gt=0, le=1), confloat(gt=0, le=1)], Field(
+            description="RandomResizedCrop area range")] = (0.5, 1.0),
+        degrees: Annotated[float, Field(
+            ge=0, description="RandomAffine rotation range in degrees")] = 10.0,
+        translate: Annotated[float, Field(
+            ge=0, lt=1,
+            description="RandomAffine translation as a fraction of the size")] = 0.1,
+        jitter: Annotated[float, Field(
+            ge=0,
+            description="brightness/contrast strength (applied with p=0.8)")] = 0.4,
+        blur: Annotated[float, Field(
+            ge=0,
+            description="max Gaussian blur sigma (0 = off). flip: horizontal flips (off for digits)")] = 0.0,
+        flip: Annotated[bool, Field(
+            description="random horizontal flips (off for digits: a flipped 2 is no 2)")] = False,
+    ):
         self.n, self.size = n_views, size
         self.kw = dict(scale=tuple(scale), degrees=degrees, translate=translate, jitter=jitter,
                        blur=blur, flip=flip)
@@ -60,19 +69,24 @@ class MultiView:
 
 @TRANSFORMS.register("multi_crop")
 class MultiCrop:
-    """DINO's multi-crop: ``global_views`` large crops, then ``local_views`` small ones.
+    """DINO's multi-crop: ``global_views`` large crops, then ``local_views`` small ones."""
 
-    Args:
-        global_size, local_size: output sides (default: input side and half of it).
-        global_scale, local_scale: crop area ranges.
-    """
-
-    def __init__(self, global_views: conint(ge=1) = 2, local_views: conint(ge=0) = 4,
-                 global_size: Optional[conint(gt=0)] = None,
-                 local_size: Optional[conint(gt=0)] = None,
-                 global_scale: tuple[float, float] = (0.5, 1.0),
-                 local_scale: tuple[float, float] = (0.2, 0.5), jitter: confloat(ge=0) = 0.4,
-                 blur: confloat(ge=0) = 0.0):
+    def __init__(
+        self,
+        global_views: Annotated[int, Field(
+            ge=1, description="large crops (the teacher sees these)")] = 2,
+        local_views: Annotated[int, Field(ge=0, description="small crops (student only)")] = 4,
+        global_size: Annotated[Optional[conint(gt=0)], Field(
+            description="output sides (default: input side and half of it)")] = None,
+        local_size: Annotated[Optional[conint(gt=0)], Field(
+            description="output sides (default: input side and half of it)")] = None,
+        global_scale: Annotated[tuple[float, float], Field(
+            description="area range of the large crops")] = (0.5, 1.0),
+        local_scale: Annotated[tuple[float, float], Field(
+            description="area range of the small crops")] = (0.2, 0.5),
+        jitter: Annotated[float, Field(ge=0, description="colour-jitter strength")] = 0.4,
+        blur: Annotated[float, Field(ge=0, description="probability of a Gaussian blur")] = 0.0,
+    ):
         self.g, self.l = global_views, local_views
         self.sizes, self.scales = (global_size, local_size), (tuple(global_scale), tuple(local_scale))
         self.jitter, self.blur = jitter, blur

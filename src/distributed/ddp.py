@@ -2,35 +2,35 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Annotated, Iterator, Optional
 
-from pydantic import conint
+from pydantic import Field, conint
 from typing_extensions import override
 
 from src.core.registry import STRATEGIES
-from src.distributed.process_group import ProcessGroupStrategy
+from src.distributed.process_group import Backend, ProcessGroupStrategy, Timeout
 
 
 @STRATEGIES.register("ddp")
 class DDPStrategy(ProcessGroupStrategy):
-    """torch DistributedDataParallel; launch with torchrun (or the deepspeed launcher).
-
-    Args:
-        backend: ``auto`` (nccl on CUDA, gloo on CPU), or a torch.distributed backend name.
-        timeout_s: a collective that waits longer than this for another rank fails the run
-            with one line (a lost or out-of-step rank) instead of hanging.
-        find_unused_parameters: for models whose forward skips parameters.
-        static_graph: the same parameters are used every step (enables DDP's optimisations).
-        bucket_cap_mb: gradient bucket size.
-        sync_batchnorm: BatchNorm statistics over the global batch (as one process would see),
-            instead of each rank's share.
-    """
+    """torch DistributedDataParallel; launch with torchrun (or the deepspeed launcher)."""
 
     name = "ddp"
 
-    def __init__(self, backend: str = "auto", timeout_s: conint(gt=0) = 1800,
-                 find_unused_parameters: bool = False, static_graph: bool = False,
-                 bucket_cap_mb: Optional[conint(gt=0)] = None, sync_batchnorm: bool = False):
+    def __init__(
+        self,
+        backend: Backend = "auto",
+        timeout_s: Timeout = 1800,
+        find_unused_parameters: Annotated[bool, Field(
+            description="for models whose forward skips parameters")] = False,
+        static_graph: Annotated[bool, Field(
+            description="the same parameters are used every step (enables DDP's optimisations)")] = False,
+        bucket_cap_mb: Annotated[Optional[conint(gt=0)], Field(
+            description="gradient bucket size in MiB (default: torch's)")] = None,
+        sync_batchnorm: Annotated[bool, Field(
+            description="BatchNorm statistics over the global batch (as one process would see), "
+                        "instead of each rank's share")] = False,
+    ):
         super().__init__(backend, timeout_s)
         self.sync_batchnorm = sync_batchnorm
         self.ddp_kwargs = {"find_unused_parameters": find_unused_parameters,

@@ -12,17 +12,17 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator
 
 import torch
-from pydantic import conint
+from pydantic import Field
 from typing_extensions import override
 
 from src.core.checkpoint import DEEPSPEED_DIR, META, TRAINER_FILE
 from src.core.errors import CheckpointError, ConfigError
 from src.core.registry import STRATEGIES
 from src.distributed.base import LoopSettings, safe_load
-from src.distributed.process_group import ProcessGroupStrategy
+from src.distributed.process_group import Backend, ProcessGroupStrategy, Timeout
 
 TAG = DEEPSPEED_DIR  # DeepSpeed's checkpoint tag: its folder inside the step folder
 # DeepSpeed keys that our own sections own: key -> (our dotted path, how to read our value)
@@ -70,17 +70,19 @@ def _norm_statistics_to(module: torch.nn.Module, dtype: torch.dtype) -> None:
 
 @STRATEGIES.register("deepspeed")
 class DeepSpeedStrategy(ProcessGroupStrategy):
-    """``deepspeed.initialize`` over the task, with a config built from ours.
-
-    Args:
-        config: DeepSpeed config entries passed through (``zero_optimization: {stage: 2}`` ...).
-    """
+    """``deepspeed.initialize`` over the task, with a config built from ours."""
 
     name = "deepspeed"
     owns_precision = True  # DeepSpeed casts the model and scales fp16 losses itself
 
-    def __init__(self, backend: str = "auto", timeout_s: conint(gt=0) = 1800,
-                 config: dict[str, Any] = {}):
+    def __init__(
+        self,
+        backend: Backend = "auto",
+        timeout_s: Timeout = 1800,
+        config: Annotated[dict[str, Any], Field(
+            description="DeepSpeed config entries passed through (zero_optimization: {stage: 2} "
+                        "...)")] = {},
+    ):
         super().__init__(backend, timeout_s)
         self.user_config = dict(config)
         self.ds_config: dict[str, Any] = {}

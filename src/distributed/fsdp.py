@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Annotated, Iterator, Literal, Optional
 
 import torch
-from pydantic import conint
+from pydantic import Field
 from typing_extensions import override
 
 from src.core.checkpoint import TRAINER_FILE
@@ -15,7 +15,7 @@ from src.core.errors import CheckpointError, ConfigError
 from src.core.registry import STRATEGIES
 from src.distributed.base import LoopSettings, safe_load
 from src.distributed.dcp_io import has_dcp, load_dcp
-from src.distributed.process_group import ProcessGroupStrategy
+from src.distributed.process_group import Backend, ProcessGroupStrategy, Timeout
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}
 Precision = Optional[Literal["fp32", "bf16", "fp16"]]
@@ -48,26 +48,30 @@ def block_classes(task: torch.nn.Module, names: list[str]) -> tuple[type, ...]:
 
 @STRATEGIES.register("fsdp")
 class FSDPStrategy(ProcessGroupStrategy):
-    """FSDP2 over all ranks; launch with torchrun.
-
-    Args:
-        wrap_classes: class names of the blocks to shard individually (default: detected).
-        param_dtype: dtype of parameters in forward/backward (mixed precision), e.g. bf16.
-        reduce_dtype: dtype of the gradient reduce-scatter.
-        cpu_offload: keep sharded parameters, gradients and optimizer state on the CPU.
-        activation_checkpointing: recompute each block's activations in backward.
-        reshard_after_forward: free gathered parameters after forward (saves memory, costs a
-            second all-gather in backward).
-        sync_batchnorm: BatchNorm statistics over the global batch, as one process sees them.
-    """
+    """FSDP2 over all ranks; launch with torchrun."""
 
     name = "fsdp"
 
-    def __init__(self, backend: str = "auto", timeout_s: conint(gt=0) = 1800,
-                 wrap_classes: list[str] = [], param_dtype: Precision = None,
-                 reduce_dtype: Precision = None, cpu_offload: bool = False,
-                 activation_checkpointing: bool = False, reshard_after_forward: bool = True,
-                 sync_batchnorm: bool = False):
+    def __init__(
+        self,
+        backend: Backend = "auto",
+        timeout_s: Timeout = 1800,
+        wrap_classes: Annotated[list[str], Field(
+            description="class names of the blocks to shard individually (default: detected)")] = [],
+        param_dtype: Annotated[Precision, Field(
+            description="dtype of parameters in forward/backward (mixed precision), e.g. bf16")] = None,
+        reduce_dtype: Annotated[Precision, Field(
+            description="dtype of the gradient reduce-scatter")] = None,
+        cpu_offload: Annotated[bool, Field(
+            description="keep sharded parameters, gradients and optimizer state on the CPU")] = False,
+        activation_checkpointing: Annotated[bool, Field(
+            description="recompute each block's activations in backward")] = False,
+        reshard_after_forward: Annotated[bool, Field(
+            description="free gathered parameters after forward (saves memory, costs a second all-"
+                        "gather in backward)")] = True,
+        sync_batchnorm: Annotated[bool, Field(
+            description="BatchNorm statistics over the global batch, as one process sees them")] = False,
+    ):
         super().__init__(backend, timeout_s)
         self.sync_batchnorm = sync_batchnorm
         self.wrap_names, self.cpu_offload = list(wrap_classes), cpu_offload

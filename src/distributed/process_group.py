@@ -5,16 +5,22 @@ from __future__ import annotations
 import datetime
 import gc
 import re
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 import torch.distributed as dist
-from pydantic import conint
+from pydantic import Field
 from typing_extensions import override
 
 from src.core.collectives import Collectives
 from src.distributed.base import Strategy
 from src.distributed.launch import launch_env
+
+# Parameters every multi-process strategy takes.
+Backend = Annotated[str, Field(
+    description="auto (nccl on CUDA, gloo on CPU) or a torch.distributed backend")]
+Timeout = Annotated[int, Field(
+    gt=0, description="a collective waiting longer than this fails the run with one line")]
 
 
 class GroupCollectives(Collectives):
@@ -48,7 +54,7 @@ class ProcessGroupStrategy(Strategy):
 
     name = "ddp"
 
-    def __init__(self, backend: str = "auto", timeout_s: conint(gt=0) = 1800):
+    def __init__(self, backend: Backend = "auto", timeout_s: Timeout = 1800):
         self.backend_name, self.timeout_s = backend, timeout_s
         self._signal_work = None  # (async all-reduce, its tensor) of the last step's stop flag
 

@@ -1,8 +1,11 @@
 """One process, one device."""
 from __future__ import annotations
 
+from typing import Annotated
 import torch
 from typing_extensions import override
+
+from pydantic import Field
 
 from src.core.registry import STRATEGIES
 from src.distributed.base import Strategy, pick_device
@@ -10,13 +13,12 @@ from src.distributed.base import Strategy, pick_device
 
 @STRATEGIES.register("single")
 class SingleDeviceStrategy(Strategy):
-    """Everything on one device: ``auto`` picks cuda > mps > cpu.
+    """Everything on one device: ``auto`` picks cuda > mps > cpu."""
 
-    Args:
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
-    """
-
-    def __init__(self, device: str = "auto"):
+    def __init__(
+        self,
+        device: Annotated[str, Field(description="auto, cpu, cuda, cuda:1, mps")] = "auto",
+    ):
         self.device_name = device
 
     @override

@@ -1,10 +1,10 @@
 """A small convolutional network for small images (digits, CIFAR-sized folders)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
-from pydantic import confloat, conint
+from pydantic import Field, conint
 from torch import nn
 
 from src.core.dataset_info import DatasetInfo
@@ -47,8 +47,14 @@ class SmallCNN(nn.Module):
 
 
 @MODELS.register("cnn")
-def cnn(info: DatasetInfo, channels: list[conint(gt=0)] = [32, 64, 128],
-        dropout: confloat(ge=0, lt=1) = 0.1, num_classes: Optional[conint(ge=0)] = None) -> SmallCNN:
+def cnn(
+    info: DatasetInfo,
+    channels: Annotated[list[conint(gt=0)], Field(
+        description="output channels of each conv block (each block halves the resolution)")] = [32, 64, 128],
+    dropout: Annotated[float, Field(ge=0, lt=1, description="dropout before the classifier")] = 0.1,
+    num_classes: Annotated[Optional[conint(ge=0)], Field(
+        description="classifier outputs; 0 for a feature backbone, default: the data's classes")] = None,
+) -> SmallCNN:
     """SmallCNN with input channels and classes taken from the data."""
     return SmallCNN(info.input_shape[0], info.num_classes or 0 if num_classes is None else num_classes,
                     list(channels), dropout)

@@ -7,7 +7,9 @@ section wraps the model with PEFT (LoRA, QLoRA, prefix tuning), see src/models/a
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import Field
 
 from src.core.dataset_info import DatasetInfo
 from src.core.errors import ConfigError
@@ -24,21 +26,24 @@ AUTO_CLASSES = {
 
 
 @MODELS.register("hf")
-def hf_model(info: DatasetInfo, kind: Literal[tuple(AUTO_CLASSES)] = "causal_lm",
-             path: Optional[str] = None, config: Optional[dict[str, Any]] = None,
-             adapter: Optional[dict[str, Any]] = None,
-             dtype: Optional[Literal["fp32", "bf16", "fp16"]] = None):
-    """A transformers ``Auto*`` model.
-
-    Args:
-        kind: which Auto class (causal_lm, seq2seq, masked_lm, sequence_classification, base).
-        path: local folder with config and weights (``pkg:...`` for a packaged model).
-        config: build from scratch instead: ``{model_type: gpt2, n_layer: 4, ...}``; the vocabulary
-            size and (for classification) number of labels come from the data.
-        adapter: PEFT section: ``{type: lora, r: 8, ...}``, ``{type: qlora, ...}``,
-            ``{type: prefix_tuning, num_virtual_tokens: 16}``.
-        dtype: weights dtype when loading.
-    """
+def hf_model(
+    info: DatasetInfo,
+    kind: Annotated[Literal[tuple(AUTO_CLASSES)], Field(
+        description="which Auto class (causal_lm, seq2seq, masked_lm, sequence_classification, "
+                    "base)")] = "causal_lm",
+    path: Annotated[Optional[str], Field(
+        description="local folder with config and weights (pkg:... for a packaged model)")] = None,
+    config: Annotated[Optional[dict[str, Any]], Field(
+        description="build from scratch instead: {model_type: gpt2, n_layer: 4, ...}; the "
+                    "vocabulary size and (for classification) number of labels come from "
+                    "the data")] = None,
+    adapter: Annotated[Optional[dict[str, Any]], Field(
+        description="PEFT section: {type: lora, r: 8, ...}, {type: qlora, ...}, {type: "
+                    "prefix_tuning, num_virtual_tokens: 16}")] = None,
+    dtype: Annotated[Optional[Literal["fp32", "bf16", "fp16"]], Field(
+        description="weights dtype when loading")] = None,
+):
+    """A transformers ``Auto*`` model."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     import transformers

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
-from pydantic import confloat, conint
+from pydantic import Field, conint
 from torch import nn
 
 from src.core.dataset_info import DatasetInfo
@@ -40,9 +40,17 @@ class MLP(nn.Module):
 
 
 @MODELS.register("mlp")
-def mlp(info: DatasetInfo, hidden: list[conint(gt=0)] = [256, 256],
-        activation: Literal["relu", "gelu", "silu", "tanh"] = "relu",
-        dropout: confloat(ge=0, lt=1) = 0.0, num_classes: Optional[conint(ge=0)] = None) -> MLP:
+def mlp(
+    info: DatasetInfo,
+    hidden: Annotated[list[conint(gt=0)], Field(
+        description="width of each hidden layer")] = [256, 256],
+    activation: Annotated[Literal["relu", "gelu", "silu", "tanh"], Field(
+        description="activation between layers")] = "relu",
+    dropout: Annotated[float, Field(
+        ge=0, lt=1, description="dropout after each hidden layer")] = 0.0,
+    num_classes: Annotated[Optional[conint(ge=0)], Field(
+        description="outputs; 0 for a feature backbone, default: the data's classes")] = None,
+) -> MLP:
     """MLP sized from the data: inputs = prod(info.input_shape), outputs = info.num_classes."""
     return MLP(math.prod(info.input_shape), list(hidden),
                info.num_classes or 0 if num_classes is None else num_classes, activation, dropout)

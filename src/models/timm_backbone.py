@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
+
+from pydantic import Field
 
 from src.core.dataset_info import DatasetInfo
 from src.core.errors import ConfigError
@@ -32,16 +34,17 @@ def load_local_weights(model, path: str, strict: bool = False) -> None:
 
 
 @MODELS.register("timm")
-def timm_model(info: DatasetInfo, name: str, pretrained_path: Optional[str] = None,
-               num_classes: Optional[int] = None, **kwargs: Any):
-    """``timm.create_model(name, num_classes=info.num_classes, in_chans=C, **kwargs)``.
-
-    Args:
-        name: a timm architecture (``resnet18``, ``vit_tiny_patch16_224``, ...).
-        pretrained_path: local .safetensors/.pth weights; never fetched from a hub.
-        num_classes: override the data's class count (0 = feature extractor).
-        kwargs: passed to timm (``img_size``, ``drop_path_rate``, ...).
-    """
+def timm_model(
+    info: DatasetInfo,
+    name: Annotated[str, Field(
+        description="a timm architecture (resnet18, vit_tiny_patch16_224, ...)")],
+    pretrained_path: Annotated[Optional[str], Field(
+        description="local .safetensors/.pth weights; never fetched from a hub")] = None,
+    num_classes: Annotated[Optional[int], Field(
+        description="override the data's class count (0 = feature extractor)")] = None,
+    **kwargs: Any,
+):
+    """``timm.create_model(name, num_classes=info.num_classes, in_chans=C, **kwargs)``."""
     import timm
 
     if name not in timm.list_models():

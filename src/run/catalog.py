@@ -62,35 +62,43 @@ def type_name(ann) -> str:
 
 
 def parameters(entry, doc: str, skip=(), field_types=None) -> list[tuple[str, str, str, str]]:
-    """(name, type, default, description) of each parameter a config may set, descriptions from
-    the docstring's ``Args:`` section."""
+    """(name, type, default, description) of each parameter a config may set.
+
+    A description lives next to its parameter (``Annotated[float, Field(description=...)]``);
+    for classes we do not own (torch's optimizers) it comes from the docstring's ``Args:``
+    section (``lr (float, optional): learning rate``)."""
     from src.core.registry import params_model
 
     described: dict[str, str] = {}
-    in_args, current = False, None
+    item_indent, current = None, None  # the indent of the Args: items, once inside the section
     for line in (doc or "").splitlines():
         stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
         if stripped in ("Args:", "Arguments:", "Parameters:"):
-            in_args = True
+            item_indent = -1
             continue
-        if in_args:
-            m = re.match(r"([\w, ]+):\s*(.*)", stripped)
-            if m and line.startswith(" " * 4) and not line.startswith(" " * 12):
-                current = [n.strip() for n in m.group(1).split(",")]
-                for n in current:
-                    described[n] = m.group(2)
-            elif stripped and current:
-                for n in current:
-                    described[n] += " " + stripped
-            elif not stripped:
-                current = None
+        if item_indent is None or not stripped:
+            continue
+        if item_indent == -1:
+            item_indent = indent
+        if indent < item_indent:  # the section ended
+            item_indent = current = None
+            continue
+        m = re.match(r"([\w, ]+?)(?:\s*\(.*\))?:(?:\s+(.*))?$", stripped)
+        if m and indent == item_indent:
+            current = [n.strip() for n in m.group(1).split(",")]
+            for n in current:
+                described[n] = m.group(2) or ""
+        elif current:
+            for n in current:
+                described[n] = (described[n] + " " + stripped).strip()
     out = []
     for name, field in params_model(entry, skip, field_types).model_fields.items():
         kind = type_name(field.annotation)
         if field.metadata:  # constraints pydantic lifted out of Annotated[...]
             kind = type_name(typing.Annotated[(field.annotation, *field.metadata)])
         default = "required" if field.is_required() else repr(field.default)
-        out.append((name, kind, default, described.get(name, field.description or "")))
+        out.append((name, kind, default, field.description or described.get(name, "")))
     return out
 
 

@@ -22,10 +22,9 @@ from typing import Any, Optional
 
 from src.core.console import attach_log, banner, summary
 from src.run.catalog import load_builtins
-from src.core.config import (ExperimentConfig, dump_config, load_config, missing_needs,
+from src.core.config import (ExperimentConfig, dump_config, flatten, load_config, missing_needs,
                              raw_component_errors, validate_components)
 from src.core.errors import ConfigError, UserError, library_message, shown
-from src.run.record import flatten
 from src.core.registry import (CALLBACKS, DATASETS, LOGGERS, MODELS, OPTIMIZERS, SAMPLERS,
                                SCHEDULERS, STRATEGIES, TASKS, TRANSFORMS, building)
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from src.core.config import flatten
 from src.core.errors import ConfigError, shown
 
 CONFIG = "config.yaml"
@@ -42,16 +43,6 @@ EXTEND_KEYS = (
     "logging.root", "data.num_workers", "data.pin_memory", "data.eval_batch_size", "callbacks",
 )
 RESHARDING = {"single", "ddp", "fsdp"}  # strategies whose checkpoints load in one another
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted leaf path -> value (lists are leaves; an empty mapping is a leaf)."""
-    if not isinstance(d, dict) or not d:
-        return {prefix[:-1]: d} if prefix else {}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}{k}."))
-    return out
 
 
 def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import confloat, conint
+from pydantic import Field
 
 from src.core.callbacks.base import Callback
 from src.core.registry import CALLBACKS
@@ -13,19 +13,24 @@ from src.core.registry import CALLBACKS
 
 @CALLBACKS.register("early_stopping")
 class EarlyStopping(Callback):
-    """Sets ``trainer.should_stop`` after ``patience`` evaluations without improvement.
+    """Sets ``trainer.should_stop`` after ``patience`` evaluations without improvement."""
 
-    Args:
-        monitor: a logged validation metric, e.g. ``val/loss``.
-        mode: ``min`` if lower is better, ``max`` if higher is.
-        patience: evaluations without an improvement of at least ``min_delta``.
-        divergence_threshold: stop at once when the metric is worse than this.
-        check_finite: stop at once when the metric is NaN or infinite.
-    """
-
-    def __init__(self, monitor: str = "val/loss", mode: Literal["min", "max"] = "min",
-                 patience: conint(ge=1) = 3, min_delta: confloat(ge=0) = 0.0,
-                 divergence_threshold: Optional[float] = None, check_finite: bool = True):
+    def __init__(
+        self,
+        monitor: Annotated[str, Field(
+            description="a logged validation metric, e.g. val/loss")] = "val/loss",
+        mode: Annotated[Literal["min", "max"], Field(
+            description="min if lower is better, max if higher is")] = "min",
+        patience: Annotated[int, Field(
+            ge=1,
+            description="evaluations without an improvement of at least min_delta")] = 3,
+        min_delta: Annotated[float, Field(
+            ge=0, description="smallest change that counts as an improvement")] = 0.0,
+        divergence_threshold: Annotated[Optional[float], Field(
+            description="stop at once when the metric is worse than this")] = None,
+        check_finite: Annotated[bool, Field(
+            description="stop at once when the metric is NaN or infinite")] = True,
+    ):
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
         self.divergence_threshold, self.check_finite = divergence_threshold, check_finite
         self.best: Optional[float] = None

@@ -1,8 +1,9 @@
 """Exponential moving average of the weights, optionally used for evaluation; checkpointed."""
 from __future__ import annotations
 
+from typing import Annotated
 import torch
-from pydantic import confloat
+from pydantic import Field
 
 from src.core.callbacks.base import Callback
 from src.core.registry import CALLBACKS
@@ -28,14 +29,19 @@ class EMA(Callback):
     With ``warmup``, the decay ramps as ``min(decay, (1 + n) / (10 + n))`` so early averages are
     not dominated by the random initialisation. Floating-point buffers (BatchNorm statistics) are
     averaged too.
-
-    Args:
-        decay: the average's decay per step.
-        use_for_eval: evaluate with the averaged weights (the training weights are restored after).
     """
 
-    def __init__(self, decay: confloat(gt=0, lt=1) = 0.999, use_for_eval: bool = True,
-                 warmup: bool = True):
+    def __init__(
+        self,
+        decay: Annotated[float, Field(
+            gt=0, lt=1, description="the average's decay per step")] = 0.999,
+        use_for_eval: Annotated[bool, Field(
+            description="evaluate with the averaged weights (the training weights are restored "
+                        "after)")] = True,
+        warmup: Annotated[bool, Field(
+            description="a smaller decay early on (min(decay, (1 + n) / (10 + n))), so the average "
+                        "follows the first steps")] = True,
+    ):
         self.decay, self.use_for_eval, self.warmup = decay, use_for_eval, warmup
         self.updates = 0
         self.shadow: list[torch.Tensor] = []

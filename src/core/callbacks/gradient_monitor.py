@@ -1,10 +1,11 @@
 """Watch gradient norms: the largest per interval, per-layer norms, and a warning on explosions."""
 from __future__ import annotations
 
+from typing import Annotated
 import warnings
 
 import torch
-from pydantic import confloat
+from pydantic import Field
 
 from src.core.callbacks.base import Callback
 from src.core.registry import CALLBACKS
@@ -15,14 +16,17 @@ class GradientMonitor(Callback):
     """Adds ``train/grad_norm_max`` to every log and warns when it jumps.
 
     The maximum is kept on the device (no sync per step); the check runs at log time.
-
-    Args:
-        explosion_factor: warn when an interval's largest norm exceeds this many times the
-            running average of earlier intervals.
-        per_layer: also log ``grad_norm/<parameter>`` on log steps.
     """
 
-    def __init__(self, explosion_factor: confloat(gt=1) = 10.0, per_layer: bool = False):
+    def __init__(
+        self,
+        explosion_factor: Annotated[float, Field(
+            gt=1,
+            description="warn when an interval's largest norm exceeds this many times the running "
+                        "average of earlier intervals")] = 10.0,
+        per_layer: Annotated[bool, Field(
+            description="also log grad_norm/<parameter> on log steps")] = False,
+    ):
         self.factor, self.per_layer = explosion_factor, per_layer
         self.max_norm = None
         self.average: float | None = None

@@ -4,9 +4,9 @@ from __future__ import annotations
 import copy
 import json
 import math
-from typing import Optional
+from typing import Annotated, Optional
 
-from pydantic import confloat, conint
+from pydantic import Field
 
 from src.core.callbacks.base import Callback
 from src.core.registry import CALLBACKS
@@ -34,9 +34,21 @@ class LRFinder(Callback):
     starts exactly as it would have. With ``apply``, training uses the suggested lr.
     """
 
-    def __init__(self, min_lr: confloat(gt=0) = 1e-7, max_lr: confloat(gt=0) = 1.0,
-                 num_steps: conint(ge=5) = 100, early_stop_threshold: confloat(gt=1) = 4.0,
-                 smoothing: confloat(ge=0, lt=1) = 0.05, apply: bool = False):
+    def __init__(
+        self,
+        min_lr: Annotated[float, Field(gt=0, description="first lr of the sweep")] = 1e-7,
+        max_lr: Annotated[float, Field(gt=0, description="last lr of the sweep")] = 1.0,
+        num_steps: Annotated[int, Field(
+            ge=5,
+            description="steps of the sweep (real optimizer steps, undone afterwards)")] = 100,
+        early_stop_threshold: Annotated[float, Field(
+            gt=1,
+            description="stop when the smoothed loss exceeds this multiple of the best")] = 4.0,
+        smoothing: Annotated[float, Field(
+            ge=0, lt=1,
+            description="weight of each new loss in the running average")] = 0.05,
+        apply: Annotated[bool, Field(description="set the suggested lr for the run")] = False,
+    ):
         self.min_lr, self.max_lr, self.num_steps = min_lr, max_lr, num_steps
         self.threshold, self.smoothing, self.apply = early_stop_threshold, smoothing, apply
         self.suggested: Optional[float] = None

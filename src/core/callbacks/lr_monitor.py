@@ -1,6 +1,9 @@
 """Log the learning rate (and momentum) of every parameter group."""
 from __future__ import annotations
 
+from typing import Annotated
+from pydantic import Field
+
 from src.core.callbacks.base import Callback
 from src.core.registry import CALLBACKS
 
@@ -9,7 +12,11 @@ from src.core.registry import CALLBACKS
 class LRMonitor(Callback):
     """Adds ``train/lr_group<i>`` (and ``train/momentum_group<i>``) to every log."""
 
-    def __init__(self, log_momentum: bool = False):
+    def __init__(
+        self,
+        log_momentum: Annotated[bool, Field(
+            description="also log each group's momentum (or beta1)")] = False,
+    ):
         self.log_momentum = log_momentum
 
     def on_log(self, trainer, metrics: dict[str, float]) -> None:

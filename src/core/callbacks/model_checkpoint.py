@@ -1,9 +1,9 @@
 """Keep the best checkpoints by a validation metric (Lightning's ModelCheckpoint)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import conint
+from pydantic import Field
 
 from src.core.callbacks.base import Callback
 from src.core.registry import CALLBACKS
@@ -17,8 +17,14 @@ class ModelCheckpoint(Callback):
     of the ``checkpoint`` section's ``keep_last`` / ``keep_every``.
     """
 
-    def __init__(self, monitor: str = "val/loss", mode: Literal["min", "max"] = "min",
-                 top_k: conint(ge=1) = 1):
+    def __init__(
+        self,
+        monitor: Annotated[str, Field(
+            description="the metric that ranks checkpoints")] = "val/loss",
+        mode: Annotated[Literal["min", "max"], Field(
+            description="min or max of the monitored metric is best")] = "min",
+        top_k: Annotated[int, Field(ge=1, description="best checkpoints kept")] = 1,
+    ):
         self.monitor, self.mode, self.top_k = monitor, mode, top_k
 
     def on_fit_start(self, trainer) -> None:

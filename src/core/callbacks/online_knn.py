@@ -1,9 +1,10 @@
 """Weighted k-NN accuracy of validation features against a queue of recent training features."""
 from __future__ import annotations
 
+from typing import Annotated
 import torch
 import torch.nn.functional as F
-from pydantic import confloat, conint
+from pydantic import Field
 
 from src.core.callbacks.base import Callback, ValAccuracy
 from src.core.registry import CALLBACKS
@@ -15,8 +16,14 @@ class OnlineKNN(Callback):
     validation feature votes among its ``k`` nearest, weighted by exp(similarity / temperature)
     (Wu et al., 2018). Reports ``val/knn_accuracy``."""
 
-    def __init__(self, k: conint(ge=1) = 20, temperature: confloat(gt=0) = 0.07,
-                 queue_size: conint(ge=1) = 4096):
+    def __init__(
+        self,
+        k: Annotated[int, Field(ge=1, description="neighbours that vote")] = 20,
+        temperature: Annotated[float, Field(
+            gt=0, description="vote weight exp(similarity / temperature)")] = 0.07,
+        queue_size: Annotated[int, Field(
+            ge=1, description="training features kept as the memory")] = 4096,
+    ):
         self.k, self.t, self.size = k, temperature, queue_size
         self.bank = self.bank_labels = None
         self.ptr, self.filled = 0, 0

@@ -2,11 +2,11 @@
 representation is, while it is being learned."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import confloat
+from pydantic import Field
 
 from src.core.callbacks.base import Callback, ValAccuracy
 from src.core.registry import CALLBACKS
@@ -19,7 +19,13 @@ class OnlineLinearProbe(Callback):
     ``train/probe_accuracy`` and, after each evaluation, ``val/probe_accuracy``.
     """
 
-    def __init__(self, lr: confloat(gt=0) = 1e-2, weight_decay: confloat(ge=0) = 0.0):
+    def __init__(
+        self,
+        lr: Annotated[float, Field(
+            gt=0, description="learning rate of the probe's own AdamW")] = 1e-2,
+        weight_decay: Annotated[float, Field(
+            ge=0, description="weight decay of the probe's AdamW")] = 0.0,
+    ):
         self.lr, self.weight_decay = lr, weight_decay
         self.probe: Optional[torch.nn.Linear] = None
         self.opt: Optional[torch.optim.Optimizer] = None

@@ -1,6 +1,9 @@
 """A rich progress bar with ETA and the latest loss."""
 from __future__ import annotations
 
+from typing import Annotated
+from pydantic import Field
+
 from src.core.callbacks.base import Callback
 from src.core.registry import CALLBACKS
 
@@ -10,7 +13,10 @@ from src.core.registry import CALLBACKS
 class RichProgressBar(Callback):
     """Steps done / total, steps per second and ETA; the latest logged loss in the description."""
 
-    def __init__(self, transient: bool = False):
+    def __init__(
+        self,
+        transient: Annotated[bool, Field(description="remove the bar when training ends")] = False,
+    ):
         self.transient = transient
         self.progress = None
 

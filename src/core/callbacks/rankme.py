@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
-from pydantic import confloat
+from pydantic import Field, confloat
 
 from src.core.callbacks.base import Callback
 from src.core.registry import CALLBACKS
@@ -23,7 +23,11 @@ class RankMe(Callback):
     """Reports ``val/rankme`` after each evaluation and warns when the representation collapses:
     RankMe below ``warn_below`` (default: 2% of the feature width, at least 1.5)."""
 
-    def __init__(self, warn_below: Optional[confloat(gt=0)] = None):
+    def __init__(
+        self,
+        warn_below: Annotated[Optional[confloat(gt=0)], Field(
+            description="warn when RankMe falls below this (a collapsing representation)")] = None,
+    ):
         self.warn_below = warn_below
         self._feats: list[torch.Tensor] = []
 
