@@ -206,13 +206,20 @@ class Experiment:
         """Decide new / resume / extend for the run folder, then train.
 
         Nothing is written to the folder until the trainer has loaded the checkpoint it resumes
-        from (see :mod:`src.run.record`): a refused or failed resume changes nothing.
+        from (see :mod:`src.run.record`): a refused or failed resume changes nothing. The
+        folder is locked for the whole run (:mod:`src.run.lock`): a second run is refused.
         """
+        from src.run.lock import run_folder_lock
+
+        with run_folder_lock(self.run_dir, self.strategy):  # one writer per run folder
+            return self._run()
+
+    def _run(self) -> dict[str, float]:
         import yaml
 
         from src.core.checkpoint import CheckpointManager
-        from src.run.record import decide, write_record
         from src.core.trainer import Trainer
+        from src.run.record import decide, write_record
 
         cfg, run_dir, strategy = self.cfg, self.run_dir, self.strategy
         resolved = dump_config(cfg)
