@@ -6,8 +6,12 @@ from pathlib import Path
 
 import os
 import signal
+import subprocess
+import sys
 
 import torch
+
+from conftest import ROOT, port
 
 from src.core.callbacks.base import Callback
 from src.core.registry import CALLBACKS
@@ -20,6 +24,23 @@ def run(config: Path, *overrides: str):
     exp = build(cfg, origins)
     exp.run()
     return exp
+
+
+def launch(nproc: int, config: Path, *overrides: str, launcher: str = "torchrun",
+           expect: int = 0, cwd: Path = ROOT, master_port: int = 0) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{config.parent}", "OMP_NUM_THREADS": "1"}
+    master_port = master_port or port()
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={master_port}", "-m", "src.main"]
+    else:
+        env["DS_ACCELERATOR"] = "cpu"
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}",
+               f"--master_port={master_port}", "--module", "src.main"]
+    out = subprocess.run(cmd + ["--config", str(config), *overrides], env=env, cwd=cwd,
+                         capture_output=True, text=True, timeout=400)
+    assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
 
 
 # A one-layer GPT-2 built from config (nothing downloaded), for language-model tests.

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 
 from src.core.config import CheckpointConfig
 from src.core.errors import CheckpointError, CheckpointMismatchError, ConfigError
+from src.core.pickle_guard import UnsafeCheckpointError, verify_checkpoint
 
 # Every name in a checkpoint folder, in one place (the strategies write the files, this module
 # owns everything around them).
@@ -235,8 +236,10 @@ class CheckpointManager:
     def load(self, model, optimizer) -> Optional[tuple[Path, dict, dict]]:
         """Restore the newest readable checkpoint into model and optimizer.
 
-        With ``resume: auto`` a corrupt checkpoint is skipped with a warning and the previous
-        committed one is tried; with an explicit path, the error is raised.
+        Every pickle in the folder is checked first (:func:`verify_checkpoint`): a file that
+        would run code stops the run, whatever ``resume`` says. With ``resume: auto`` a corrupt
+        checkpoint is skipped with a warning and the previous committed one is tried; with an
+        explicit path, the error is raised.
 
         Returns:
             (path, trainer_state, rank_state), or None when there is nothing to resume.
@@ -244,9 +247,10 @@ class CheckpointManager:
         candidates = self.candidates()
         for path in candidates:
             try:
+                verify_checkpoint(path, trust=self.cfg.trust_pickles)
                 trainer_state, rank_state = self.strategy.load(path, model, optimizer)
                 return path, trainer_state, rank_state
-            except CheckpointMismatchError:
+            except (CheckpointMismatchError, UnsafeCheckpointError):
                 raise
             except CheckpointError as exc:
                 if self.cfg.resume != "auto":

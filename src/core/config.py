@@ -74,6 +74,10 @@ class CheckpointConfig(_Strict):
     async_save: bool = Field(False, description=(
         "Copy and write model and optimizer in a background thread (DCP) while the next step's "
         "forward and backward run; the update waits for the copy. COMMIT follows the write."))
+    trust_pickles: bool = Field(False, description=(
+        "Skip the check that refuses a checkpoint whose pickles name anything but tensors and "
+        "the records of our formats (DeepSpeed and DCP unpickle without restriction). Only for "
+        "checkpoints whose origin you trust."))
 
 
 class LoggingConfig(_Strict):

@@ -13,6 +13,19 @@ from src.core.checkpoint import DCP_DIR
 from src.core.errors import CheckpointError, CheckpointMismatchError
 
 
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What a failed DCP read raises: its CheckpointException derives from BaseException."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return CheckpointError(f"{path}: unreadable sharded checkpoint ({type(exc).__name__}: "
+                           f"{first[:200]})")
+
+
 def has_dcp(directory: Path) -> bool:
     return (Path(directory) / DCP_DIR / ".metadata").is_file()
 
@@ -113,13 +126,15 @@ def load_dcp(directory: Path, model, optimizer) -> None:
     path = Path(directory) / DCP_DIR
     state = _state(model, optimizer)
     model_sd = state["model"]
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    try:
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except _read_errors() as exc:
+        raise _unreadable(path, exc) from None
     _check_keys(model_sd, saved, path)
     try:
         dcp.load(state, checkpoint_id=str(path))
-    except Exception as exc:  # a missing or truncated shard surfaces here
-        raise CheckpointError(f"{path}: unreadable sharded checkpoint ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    except _read_errors() as exc:  # a missing or truncated shard surfaces here
+        raise _unreadable(path, exc) from None
     set_state_dict(model, optimizer if optimizer is not None else [],
                    model_state_dict=state["model"], optim_state_dict=state.get("optimizer", {}))
 
@@ -146,6 +161,9 @@ def consolidated_model_state(directory: Path) -> dict[str, torch.Tensor]:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "full.pt"
-        dcp_to_torch_save(str(Path(directory) / DCP_DIR), str(out))
+        try:
+            dcp_to_torch_save(str(Path(directory) / DCP_DIR), str(out))
+        except _read_errors() as exc:
+            raise _unreadable(Path(directory) / DCP_DIR, exc) from None
         state = torch.load(out, map_location="cpu", weights_only=True)
     return {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor)}

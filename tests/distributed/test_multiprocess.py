@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, port
-from helpers import metrics, run
+from helpers import launch, metrics, run
 
 pytestmark = pytest.mark.distributed
 
@@ -36,23 +36,6 @@ BASE = {"trainer.max_steps": 20, "trainer.log_every": 1, "trainer.eval_every_n_e
         "trainer.eval_every_n_steps": 10, "checkpoint.every_n_steps": 5, "checkpoint.keep_last": 2,
         "data.batch_size": 64, "model": {"type": "mlp", "hidden": [64, 32]},
         "optimizer": {"type": "adamw", "lr": 3e-3}}
-
-
-def launch(nproc: int, config: Path, *overrides: str, launcher: str = "torchrun",
-           expect: int = 0, cwd: Path = ROOT, master_port: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{config.parent}", "OMP_NUM_THREADS": "1"}
-    master_port = master_port or port()
-    if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={master_port}", "-m", "src.main"]
-    else:
-        env["DS_ACCELERATOR"] = "cpu"
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}",
-               f"--master_port={master_port}", "--module", "src.main"]
-    out = subprocess.run(cmd + ["--config", str(config), *overrides], env=env, cwd=cwd,
-                         capture_output=True, text=True, timeout=400)
-    assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
 
 
 def losses(run_dir: Path) -> dict[int, float]:
