@@ -12,11 +12,15 @@ Layout of ``experiments/<name>/checkpoints/``::
     latest                 "step_00000100", replaced by rename only after the commit
 
 A directory without ``COMMIT`` is an interrupted save: resume ignores it and rotation removes it.
+A save that fails (a full disk, any OS error) on any rank is abandoned alike by every rank: its
+folder is removed, ``latest`` keeps naming the last committed checkpoint, and a
+:class:`CheckpointSaveError` says which path failed and how much space there is (exit 75).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -24,7 +28,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from src.core.config import CheckpointConfig
-from src.core.errors import CheckpointError, CheckpointMismatchError, ConfigError
+from src.core.errors import (CheckpointError, CheckpointMismatchError, CheckpointSaveError,
+                             ConfigError, library_message)
 from src.core.pickle_guard import UnsafeCheckpointError, verify_checkpoint
 
 # Every name in a checkpoint folder, in one place (the strategies write the files, this module
@@ -60,6 +65,25 @@ def _write_durably(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# How libraries word a failed write when they do not raise an OSError (torch's zip writer, the
+# safetensors writer): such a failure is the disk's, not the program's.
+_WRITE_FAILURE = re.compile(r"write|No space|StorageFull|unexpected pos|I/?O ?error|os error|quota",
+                            re.IGNORECASE)
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) or (isinstance(exc, Exception)
+                                        and bool(_WRITE_FAILURE.search(str(exc))))
+
+
+def folder_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:,.1f} MB"
 
 
 def step_of(path: Path) -> int:
@@ -108,6 +132,8 @@ class CheckpointManager:
         self.top_k, self.monitor, self.mode = cfg.top_k, cfg.monitor, cfg.mode
         self.save_on_eval = cfg.save_on_eval or bool(cfg.top_k and cfg.monitor)
         self._pending = None  # (BackgroundSave, path, meta) of a write not yet committed
+        self._last_size = 0  # bytes of the last committed checkpoint (main process)
+        self._warned_space = False
 
     # ------------------------------------------------------------------ listing
 
@@ -126,25 +152,42 @@ class CheckpointManager:
     def save(self, step: int, epoch: int, model, optimizer, trainer_state: dict[str, Any],
              rank_state: dict[str, Any], metrics: Optional[dict[str, float]] = None,
              extra_files: Optional[Callable[[Path], None]] = None) -> Path:
-        """Write ``step_<N>/`` through the strategy, commit it, point ``latest`` at it, rotate."""
+        """Write ``step_<N>/`` through the strategy, commit it, point ``latest`` at it, rotate.
+
+        Raises:
+            CheckpointSaveError: the write failed on some rank (every rank raises it; the
+                partial folder is gone, ``latest`` unchanged).
+        """
         self.wait()  # a previous background write commits first
         path = self.dir / f"{PREFIX}{step:08d}"
         s = self.strategy
+        failure: Optional[BaseException] = None
         if s.is_main:
-            if path.exists():  # an interrupted or repeated save of this step
-                shutil.rmtree(path)
-            path.mkdir(parents=True)
+            self._warn_if_short_of_space()
+            try:
+                if path.exists():  # an interrupted or repeated save of this step
+                    shutil.rmtree(path)
+                path.mkdir(parents=True)
+            except OSError as exc:
+                failure = exc
         s.barrier()
         meta = {"step": step, "epoch": epoch, "world_size": s.world_size,
                 "strategy": type(s).__name__, "config_hash": self.config_hash,
                 "time": time.time(), "metrics": metrics or {}}
-        future = s.save(path, model, optimizer, trainer_state, rank_state,
-                         async_save=self.cfg.async_save)
-        if extra_files is not None and s.is_main:
-            extra_files(path)
+        future = None
+        if failure is None:
+            try:
+                future = s.save(path, model, optimizer, trainer_state, rank_state,
+                                async_save=self.cfg.async_save)
+                if extra_files is not None and s.is_main:
+                    extra_files(path)
+            except Exception as exc:
+                failure = exc
         if future is not None:
+            self._settle(failure, path)  # a failure to start the background write
             self._pending = (future, path, meta)
         else:
+            self._settle(failure, path)
             self._commit(path, meta)
         return path
 
@@ -154,24 +197,94 @@ class CheckpointManager:
             self._pending[0].wait_staged()
 
     def wait(self) -> None:
-        """Finish a background write, then commit it (every rank calls this at the same point)."""
+        """Finish a background write, then commit it (every rank calls this at the same point).
+        A failed background write is reported here, on the training thread, by every rank."""
         pending, self._pending = self._pending, None
         if pending is not None:
             future, path, meta = pending
-            future.result()
+            failure = None
+            try:
+                future.result()
+            except Exception as exc:
+                failure = exc
+            self._settle(failure, path)
             self._commit(path, meta)
+
+    def _settle(self, failure: Optional[BaseException], path: Path) -> None:
+        """Agree across ranks whether the write at ``path`` failed; if it did anywhere, the main
+        process removes the folder and every rank raises (a program error keeps its traceback)."""
+        import torch
+
+        s = self.strategy
+        flag = torch.tensor(0.0 if failure is None else 1.0 if is_write_failure(failure) else 2.0,
+                            device=s.device)
+        worst = int(s.reduce({"failed": flag}, op="max")["failed"].item())
+        if worst == 0:
+            return
+        if s.is_main:
+            shutil.rmtree(path, ignore_errors=True)
+        if worst == 2 and failure is not None and not is_write_failure(failure):
+            raise failure
+        raise self._save_error(path, failure)
+
+    def _save_error(self, path: Path, failure: Optional[BaseException]) -> CheckpointSaveError:
+        if failure is None:
+            cause = "another rank failed to write its part"
+        elif isinstance(failure, OSError):
+            cause = f"{failure.strerror or type(failure).__name__}" + \
+                    (f" ({failure.filename})" if failure.filename else "")
+        else:  # torch's zip writer says only "unexpected pos ..."
+            cause = f"write failed ({library_message(failure, 120)})"
+        free = shutil.disk_usage(self.dir).free if self.dir.exists() else 0
+        size = self._checkpoint_size()
+        needed = f"a checkpoint takes {_mb(size)}, " if size else ""
+        latest = self.latest()
+        resume = f"the run resumes from {latest.name}" if latest is not None else \
+            "no earlier checkpoint: the run starts afresh"
+        return CheckpointSaveError(
+            f"{path}: checkpoint not saved: {cause}; {needed}{_mb(free)} free on {self.dir}; "
+            f"the partial folder is removed and {resume} when this command runs again")
+
+    def _warn_if_short_of_space(self) -> None:
+        """Warn once when the disk holds less than two more checkpoints of the last one's size
+        (a save writes the new one before rotation removes an old one)."""
+        size = 0 if self._warned_space else self._checkpoint_size()
+        if not size:
+            return
+        free = shutil.disk_usage(self.dir).free
+        if free < 2 * size:
+            self._warned_space = True
+            warnings.warn(f"{self.dir}: {_mb(free)} free, a checkpoint takes {_mb(size)}: the "
+                          "next saves may fail", stacklevel=3)
+
+    def _checkpoint_size(self) -> int:
+        """Bytes of the last committed checkpoint (measured once after a resume)."""
+        if not self._last_size:
+            latest = self.latest()
+            self._last_size = folder_size(latest) if latest is not None else 0
+        return self._last_size
 
     def _commit(self, path: Path, meta: dict[str, Any]) -> None:
         s = self.strategy
         s.barrier()
+        failure = None
         if s.is_main:
-            _write_durably(path / META, json.dumps(meta, indent=1))
-            for f in path.rglob("*"):
-                if f.is_file():
-                    _fsync(f)
-            _write_durably(path / COMMIT, str(meta["step"]))
-            _fsync(path)
-            _write_durably(self.dir / LATEST, path.name)
+            try:
+                _write_durably(path / META, json.dumps(meta, indent=1))
+                for f in path.rglob("*"):
+                    if f.is_file():
+                        _fsync(f)
+                _write_durably(path / COMMIT, str(meta["step"]))
+                _fsync(path)
+            except OSError as exc:
+                failure = exc
+        self._settle(failure, path)  # every rank waits here, as at a barrier
+        if s.is_main:
+            self._last_size = folder_size(path)
+            try:
+                _write_durably(self.dir / LATEST, path.name)
+            except OSError:  # the commit stands: latest() falls back to the newest committed
+                (self.dir / (LATEST + ".tmp")).unlink(missing_ok=True)
             self.rotate()
         s.barrier()
 

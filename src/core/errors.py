@@ -99,6 +99,14 @@ class CheckpointMismatchError(CheckpointError):
     """A readable checkpoint whose tensors do not fit the model (another config, not corruption)."""
 
 
+class CheckpointSaveError(UserError):
+    """A checkpoint could not be written (a full disk, a quota, any OS error). The partial
+    folder is removed and ``latest`` still names the last committed checkpoint: the run resumes
+    from it once the cause is fixed. Exit code 75 (EX_TEMPFAIL: try again later)."""
+
+    exit_code = 75
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad command line as a one-line :class:`UserError` (exit 2),
     without the usage block: ``--help`` shows that."""

@@ -122,8 +122,9 @@ def _check_zip(data_or_path, where: str) -> None:
     with zipfile.ZipFile(data_or_path) as z:
         names = z.namelist()
         if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
-            raise UnsafeCheckpointError(f"{where}: holds TorchScript code, which a checkpoint "
-                                        "may not; set checkpoint.trust_pickles=true if you trust it")
+            raise UnsafeCheckpointError(
+                f"{where}: holds TorchScript code, which a checkpoint may not; set "
+                "checkpoint.trust_pickles=true if you trust it")
         for n in names:
             if n.endswith(".pkl"):
                 check_pickle(z.read(n), f"{where}:{n}")

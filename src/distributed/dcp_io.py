@@ -98,9 +98,9 @@ class BackgroundSave:
         dcp.save(state, checkpoint_id=str(Path(directory) / DCP_DIR), process_group=process_group)
 
     def wait_staged(self) -> None:
+        """Block until the state is copied (a failed write is reported by ``result``, which
+        every rank calls at the same point)."""
         self.staged.wait()
-        if self.future.done() and self.future.exception() is not None:
-            raise self.future.exception()
 
     def result(self) -> None:
         self.future.result()

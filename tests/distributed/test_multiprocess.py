@@ -431,3 +431,38 @@ def test_a_config_error_under_torchrun_is_printed_once(write_config, tmp_path):
     assert errors == ["error: override 'optimizer.lr=-1': optimizer.lr: Input should be "
                       "greater than 0 (got -1)"], out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+FULL_DISK_PLUGIN = '''
+import errno, os
+from src.distributed.base import Strategy
+
+real = Strategy._save_small
+
+def _save_small(self, directory, trainer_state, rank_state):
+    """Rank 1's disk is full when step 15 is saved."""
+    if self.rank == 1 and directory.name == "step_00000015":
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "rank_00001.pt"))
+    return real(self, directory, trainer_state, rank_state)
+
+Strategy._save_small = _save_small
+'''
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_save_failing_on_one_rank_stops_every_rank_alike(write_config, tmp_path, strategy):
+    """Rank 0 wrote its part, rank 1 could not: both ranks stop with one line (no rank waits for
+    the other), the partial folder is gone and latest stays on step 10; the run then finishes."""
+    (tmp_path / "full_disk.py").write_text(FULL_DISK_PLUGIN)
+    cfg = write_config({**BASE, "strategy": {"type": strategy}, "imports": ["full_disk"],
+                        "checkpoint.keep_last": 3})
+    out = launch(2, cfg, expect=1)
+    errors = [ln for ln in out.stderr.splitlines() if "checkpoint not saved" in ln]
+    assert len(errors) == 2, out.stderr[-3000:]
+    assert any("No space left on device" in e for e in errors)
+    assert any("another rank failed to write its part" in e for e in errors)
+    ck = tmp_path / "runs/tiny/checkpoints"
+    assert not (ck / "step_00000015").exists() and (ck / "latest").read_text() == "step_00000010"
+    (tmp_path / "full_disk.py").write_text("")  # space is back
+    launch(2, cfg)
+    assert metrics(tmp_path / "runs/tiny")[-1]["step"] == 20
