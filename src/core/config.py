@@ -51,6 +51,11 @@ class TrainerConfig(_Strict):
     eval_every_n_steps: Optional[int] = Field(None, gt=0, description="Evaluate every N steps.")
     eval_every_n_epochs: Optional[int] = Field(1, gt=0, description="Evaluate every N epochs.")
     max_bad_steps: int = Field(5, gt=0, description="Stop after N consecutive non-finite steps.")
+    loss_spike_sigmas: Optional[float] = Field(None, gt=0, description=(
+        "Skip an update whose loss (mean over ranks) exceeds the mean of the last "
+        "loss_spike_window steps by this many standard deviations (None: off)."))
+    loss_spike_window: int = Field(50, ge=2, description=(
+        "Applied steps the loss-spike statistics cover; steps are judged once it is full."))
     compile: bool = Field(False, description="torch.compile the model.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations (HF/timm).")
     deterministic: bool = Field(False, description="Deterministic algorithms only.")

@@ -19,6 +19,7 @@ from src.core.config import TrainerConfig
 from src.core.interval import IntervalMetrics, batch_size_of
 from src.core.seeding import rng_state, set_rng_state
 from src.core.signals import deferred_signals
+from src.core.spikes import SpikeGuard
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -26,7 +27,7 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STEP, EPOCH, BATCH_IN_EPOCH = "step", "epoch", "batch_in_epoch"
 SCHEDULER, SCALER, TASK, INTERVAL, LAST_VAL = "scheduler", "scaler", "task", "interval", "last_val"
 CALLBACKS, CALLBACK_TYPES = "callbacks", "callback_types"
-BAD_STEPS, TOTAL_BAD_STEPS = "bad_steps", "total_bad_steps"
+BAD_STEPS, TOTAL_BAD_STEPS, SPIKES = "bad_steps", "total_bad_steps", "loss_spikes"
 # ... and each rank's own (rank_state_dict / load_rank_state_dict).
 RNG = "rng"
 
@@ -74,6 +75,8 @@ class Trainer:
         self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else peak_flops(device, cfg.precision)
         self.flops_per_micro: Optional[int] = None  # measured once, on the first micro-batch
         self.interval = IntervalMetrics()
+        self.spikes = SpikeGuard(cfg.loss_spike_sigmas, cfg.loss_spike_window, device) \
+            if cfg.loss_spike_sigmas else None
         self._micro: dict[str, torch.Tensor] = {}  # this step's scalars: the mean of its micros
         self._extras: dict[str, Any] = {}  # this step's other outputs: the last micro's
 
@@ -212,6 +215,7 @@ class Trainer:
             TASK: self.task.extra_state(),
             INTERVAL: self.interval.state_dict(),
             BAD_STEPS: self.bad_steps, TOTAL_BAD_STEPS: self.total_bad_steps,
+            SPIKES: self.spikes.state_dict() if self.spikes is not None else None,
             LAST_VAL: self.last_val,
         }
 
@@ -230,6 +234,8 @@ class Trainer:
         self.task.load_extra_state(state.get(TASK, {}))
         self.interval.load_state_dict(state[INTERVAL], self.strategy.device)
         self.bad_steps, self.total_bad_steps = state[BAD_STEPS], state[TOTAL_BAD_STEPS]
+        if self.spikes is not None and state.get(SPIKES):
+            self.spikes.load_state_dict(state[SPIKES])
         self.last_val = state.get(LAST_VAL, {})
 
     def rank_state_dict(self) -> dict[str, Any]:
@@ -290,8 +296,15 @@ class Trainer:
         # The one host sync per step: a bad update must not be applied, and every rank must take
         # the same decision (and stop on a signal) at the same step. The norm is of unscaled
         # gradients (fp16: after unscale_), so a loss scaler's overflow is caught here too.
-        bad, self._signal = self.strategy.step_decision(outputs["loss"], norm,
-                                                        self._pending_signal)
+        loss, spike = outputs["loss"], None
+        if self.spikes is not None:  # a spike is judged on a value every rank shares, and
+            # marked as non-finite: the decision below skips it alike on every rank, no new sync
+            world = self.strategy.world_size
+            mean_loss = self.strategy.reduce({"loss": loss.detach().float()})["loss"] / world
+            spike = self.spikes.is_spike(mean_loss)
+            loss = torch.where(spike, float("nan"), loss.detach())
+            norm = torch.where(spike, float("nan"), norm) if norm is not None else None
+        bad, self._signal = self.strategy.step_decision(loss, norm, self._pending_signal)
         # A strategy whose engine checks gradients itself (DeepSpeed) may still skip the update.
         applied = not bad and self.strategy.optimizer_step(self.optimizer, self.scaler)
         if applied:
@@ -300,6 +313,16 @@ class Trainer:
             self.bad_steps = 0
             outputs["grad_norm"] = self.strategy.grad_norm_after_step(norm)
             self.interval.add_step(outputs)
+            if self.spikes is not None:
+                self.spikes.record(mean_loss)
+        elif spike is not None and bool(spike):  # (a host read on skipped steps only)
+            if self.scaler is not None:
+                self.scaler.update()
+            self.strategy.discard_step()
+            self.spikes.skipped += 1
+            warnings.warn(f"step {self.step + 1}: {self.spikes.describe(mean_loss)}; update "
+                          f"skipped (trainer.loss_spike_sigmas = {self.spikes.sigmas:g})",
+                          stacklevel=2)
         else:
             if bad:
                 if self.scaler is not None:
@@ -366,6 +389,8 @@ class Trainer:
             self.strategy, self.optimizer.param_groups[0]["lr"], self.flops_per_micro, self.peak)}
         if self.total_bad_steps:
             metrics["train/bad_steps"] = self.total_bad_steps
+        if self.spikes is not None and self.spikes.skipped:
+            metrics["train/spikes_skipped"] = self.spikes.skipped
         self.interval.reset()
         self.last_logged = metrics
         self._emit(metrics)

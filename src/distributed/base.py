@@ -20,6 +20,7 @@ from src.core.checkpoint import MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE, rank_f
 from src.core.collectives import Collectives
 from src.core.errors import CheckpointError, CheckpointMismatchError
 
+
 def pick_device(device: str = "auto", path: str = "strategy.device") -> torch.device:
     """``auto``: cuda > mps > cpu; otherwise the device named, which must exist here."""
     if device != "auto":
@@ -104,6 +105,8 @@ class LoopSettings:
         compile: whether the trainer compiles the model (``trainer.compile``).
         async_save: whether checkpoints are written in the background.
         optimizer: the optimizer's registered name (``optimizer.type``).
+        skip_loss_spikes: whether the trainer may skip an update for a loss spike
+            (``trainer.loss_spike_sigmas``): a strategy whose engine always steps refuses it.
     """
 
     batch_size: int = 1
@@ -113,6 +116,7 @@ class LoopSettings:
     compile: bool = False
     async_save: bool = False
     optimizer: str = "adamw"
+    skip_loss_spikes: bool = False
 
 
 class Strategy(abc.ABC):

@@ -185,6 +185,10 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
         # only ZeRO stage 0 in fp32 steps a plain torch optimizer on ``p.grad``.
         self.engine_checks_gradients = engine.zero_optimization_stage() > 0 or \
             self.input_dtype is not None
+        if self.engine_checks_gradients and self.settings.skip_loss_spikes:
+            raise ConfigError("trainer.loss_spike_sigmas: not available with DeepSpeed ZeRO "
+                              "stages 1-3 or fp16/bf16, whose engine steps (and clears) its own "
+                              "gradient buffers every step; use ZeRO stage 0 in fp32, or ddp/fsdp")
         return engine, optimizer
 
     @override

@@ -333,7 +333,7 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
         strategy.configure(LoopSettings(
             batch_size=d.batch_size, grad_accum_steps=t.grad_accum_steps, grad_clip=t.grad_clip,
             precision=t.precision, compile=t.compile, async_save=cfg.checkpoint.async_save,
-            optimizer=cfg.optimizer["type"]))
+            optimizer=cfg.optimizer["type"], skip_loss_spikes=t.loss_spike_sigmas is not None))
         task.collectives = strategy.collectives()  # the task's own cross-rank tensors
         model_w, optimizer = strategy.wrap(task, lambda m: OPTIMIZERS.build(
             cfg.optimizer, "optimizer", params=m.parameter_groups()))

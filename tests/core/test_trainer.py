@@ -29,7 +29,8 @@ class NaNAtSteps(Classification):
 
 @TASKS.register("huge_loss_at_steps")
 class HugeLossAtSteps(NaNAtSteps):
-    """Its loss is scaled by 1e4 on the listed calls: finite, but fp16 gradients overflow."""
+    """Its loss is scaled by 1e4 on the listed calls: finite, but fp16 gradients overflow. The
+    call count is checkpointed, so a resumed run spikes at the same call."""
 
     def training_step(self, batch):
         out = Classification.training_step(self, batch)
@@ -37,6 +38,12 @@ class HugeLossAtSteps(NaNAtSteps):
         if self.calls in self.bad:
             out["loss"] = out["loss"] * 1e4
         return out
+
+    def extra_state(self):
+        return {"calls": self.calls}
+
+    def load_extra_state(self, state):
+        self.calls = state.get("calls", 0)
 
 
 def test_jsonl_rows_have_step_epoch_time_and_split_names(write_config, tmp_path):
@@ -222,3 +229,41 @@ def test_fp16_weights_with_fp16_precision_is_a_config_error(write_config):
         prepare(str(write_config({"model": model, "trainer.precision": "fp16"})))
     assert len(err.value.lines) == 1
     assert "model.dtype: fp16 weights with trainer.precision: fp16" in err.value.lines[0]
+
+
+SPIKE = {"task": {"type": "huge_loss_at_steps", "steps": [40]}, "trainer.max_steps": 60,
+         "trainer.log_every": 1, "trainer.loss_spike_sigmas": 6.0, "trainer.loss_spike_window": 20,
+         "checkpoint.every_n_steps": 10}
+
+
+def test_a_loss_spike_is_skipped_counted_and_nothing_else_is(write_config, tmp_path):
+    """Step 40's loss is 10,000 times too large: that update alone is skipped (the weights end
+    exactly where a run that discarded step 40 as non-finite ends), counted and logged; none of
+    the other 59 steps is taken for a spike. Off by default: the same spike is then applied."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guarded = run(write_config({**SPIKE, "name": "guarded"}))
+    said = [str(w.message) for w in caught if "standard deviations above" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("step 40: loss "), said
+    rows = [r for r in metrics(tmp_path / "runs/guarded") if "train/loss" in r]
+    assert [r.get("train/spikes_skipped", 0) for r in rows] == [0] * 39 + [1] * 20
+    assert "train/bad_steps" not in rows[-1]
+
+    discarded = run(write_config({**SPIKE, "name": "discarded", "trainer.loss_spike_sigmas": None,
+                                  "task": {"type": "nan_at_steps", "steps": [40]}}))
+    assert same(params(guarded), params(discarded))
+
+    applied = run(write_config({**SPIKE, "name": "applied", "trainer.loss_spike_sigmas": None}))
+    assert not same(params(guarded), params(applied))
+
+
+def test_the_spike_statistics_resume_exactly(write_config, tmp_path):
+    """Stopped at step 30, the resumed run judges step 40 with the restored history."""
+    straight = run(write_config({**SPIKE, "name": "straight"}))
+    cfg = write_config({**SPIKE, "name": "stopped",
+                        "callbacks": [{"type": "signal_at_step", "step": 30}]})
+    with pytest.raises(SystemExit):
+        run(cfg)
+    resumed = run(cfg, "callbacks=[]")
+    assert same(params(straight), params(resumed))
+    assert metrics(tmp_path / "runs/straight") == metrics(tmp_path / "runs/stopped")

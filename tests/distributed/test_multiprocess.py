@@ -185,6 +185,9 @@ def test_deepspeed_zero3_trains(write_config, tmp_path, single_losses):
     ({"strategy": {"type": "deepspeed", "config": {"gradient_clipping": 0.5}},
       "trainer.grad_clip": 1.0},
      "strategy.config.gradient_clipping: 0.5 conflicts with trainer.grad_clip = 1.0"),
+    ({"strategy": {"type": "deepspeed", "config": {"zero_optimization": {"stage": 2}}},
+      "trainer.loss_spike_sigmas": 6.0},
+     "trainer.loss_spike_sigmas: not available with DeepSpeed ZeRO"),
 ])
 def test_bad_distributed_input_is_exit_2(write_config, changes, expected):
     """Each worker exits 2 with one line; torchrun itself then exits 1 and names the code."""
@@ -466,3 +469,41 @@ def test_a_save_failing_on_one_rank_stops_every_rank_alike(write_config, tmp_pat
     (tmp_path / "full_disk.py").write_text("")  # space is back
     launch(2, cfg)
     assert metrics(tmp_path / "runs/tiny")[-1]["step"] == 20
+
+
+SPIKE_PLUGIN = '''
+import torch.distributed as dist
+from src.algorithms.classification import Classification
+from src.core.registry import TASKS
+
+@TASKS.register("rank0_loss_at_step")
+class Rank0LossAtStep(Classification):
+    """Rank 0's loss at the given step is multiplied by 1e4 (or NaN); rank 1's is not."""
+    def __init__(self, model, step: int = 30, nan: bool = False):
+        super().__init__(model)
+        self.at, self.factor, self.calls = step, float("nan") if nan else 1e4, 0
+    def training_step(self, batch):
+        out = super().training_step(batch)
+        self.calls += 1
+        if self.calls == self.at and dist.get_rank() == 0:
+            out["loss"] = out["loss"] * self.factor
+        return out
+'''
+
+
+def test_a_loss_spike_on_one_rank_is_skipped_by_every_rank(write_config, tmp_path):
+    """The spike is judged on the loss averaged over ranks: both ranks skip step 30 alike, and
+    the weights end where a run whose rank 0 saw a NaN at step 30 (skipped by both) ends."""
+    (tmp_path / "spike_plugin.py").write_text(SPIKE_PLUGIN)
+    common = {**BASE, "trainer.max_steps": 40, "checkpoint.every_n_steps": 40,
+              "strategy": {"type": "ddp"}, "imports": ["spike_plugin"],
+              "trainer.loss_spike_window": 20}
+    launch(2, write_config({**common, "name": "spike", "trainer.loss_spike_sigmas": 6.0,
+                            "task": {"type": "rank0_loss_at_step"}}, "a.yaml"))
+    rows = [r for r in metrics(tmp_path / "runs/spike") if "train/loss" in r]
+    assert rows[-1]["train/spikes_skipped"] == 1 and "train/bad_steps" not in rows[-1]
+    launch(2, write_config({**common, "name": "nan", "task": {
+        "type": "rank0_loss_at_step", "nan": True}}, "b.yaml"))
+    a = load_file(str(tmp_path / "runs/spike/checkpoints/step_00000040/model.safetensors"))
+    b = load_file(str(tmp_path / "runs/nan/checkpoints/step_00000040/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
