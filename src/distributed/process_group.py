@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import os
 import re
 from typing import Annotated, Optional
 
@@ -67,10 +68,28 @@ class ProcessGroupStrategy(Strategy):
             torch.cuda.set_device(self.device)
         if not dist.is_initialized():
             backend = self.backend_name if self.backend_name != "auto" else self.auto_backend(cuda)
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=self.timeout_s),
-                                    device_id=self.device if cuda else None)
+            timeout = datetime.timedelta(seconds=self.timeout_s)
+            dist.init_process_group(backend, timeout=timeout,
+                                    device_id=self.device if cuda else None,
+                                    **self._restart_store(env, timeout))
         self.rank, self.local_rank = dist.get_rank(), env.local_rank
         self.world_size = dist.get_world_size()
+
+    @staticmethod
+    def _restart_store(env, timeout) -> dict:
+        """After torchrun restarted the workers (``--max-restarts``), the launcher's store still
+        holds the keys the previous workers' groups published (gloo addresses of processes now
+        dead): the restarted group gets its own key space, or a sub-group (FSDP's mesh, the
+        checkpoint group) would dial a dead peer."""
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if not restart:
+            return {}
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              env.world_size, is_master=env.rank == 0 and not agent,
+                              timeout=timeout, multi_tenant=True)
+        return {"store": dist.PrefixStore(f"restart_{restart}/", store), "rank": env.rank,
+                "world_size": env.world_size}
 
     def auto_backend(self, cuda: bool) -> str:
         return "nccl" if cuda else "gloo"
