@@ -23,7 +23,8 @@ from pathlib import Path
 from src.core.errors import CheckpointError
 
 # Files that are never unpickled: text, JSON and safetensors (a header and raw bytes).
-NOT_PICKLES = (".json", ".safetensors", ".txt", ".yaml", ".py", ".lock")
+NOT_PICKLES = (".json", ".safetensors", ".txt", ".md", ".yaml", ".py", ".lock")
+PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".metadata"}
 PLAIN_NAMES = {"COMMIT", "latest", "latest_universal"}
 DCP_METADATA = ".metadata"
 DCP_SHARD = ".distcp"
@@ -130,11 +131,23 @@ def _check_zip(data_or_path, where: str) -> None:
                 check_pickle(z.read(n), f"{where}:{n}")
 
 
-def check_file(path: Path) -> None:
-    """One file of a checkpoint: skipped when no reader unpickles it, else checked."""
+def _may_be_unpickled(path: Path) -> bool:
+    """A file some reader could unpickle: a pickle-ish name, a zip (torch's format) or pickle
+    bytes at the start, whatever the name. Text (a README, JSON) and safetensors are not."""
     name = path.name
     if name in PLAIN_NAMES or name.endswith(NOT_PICKLES) or name.endswith(DCP_SHARD):
-        return  # .distcp shards are checked through their folder's metadata
+        return False  # .distcp shards are checked through their folder's metadata
+    if path.suffix in PICKLE_SUFFIXES:
+        return True
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head[:1] == b"\x80" or head == b"PK\x03\x04"
+
+
+def check_file(path: Path) -> None:
+    """One file of a checkpoint: skipped when no reader unpickles it, else checked."""
+    if not _may_be_unpickled(path):
+        return
     if zipfile.is_zipfile(path):
         try:
             _check_zip(path, str(path))

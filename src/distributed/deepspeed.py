@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Annotated, Any, Iterator
 
@@ -25,6 +26,7 @@ from src.distributed.base import LoopSettings, safe_load
 from src.distributed.process_group import Backend, ProcessGroupStrategy, Timeout
 
 TAG = DEEPSPEED_DIR  # DeepSpeed's checkpoint tag: its folder inside the step folder
+UNIVERSAL_TAG = DEEPSPEED_DIR + "_universal"  # the same shards converted for another world size
 # DeepSpeed keys that our own sections own: key -> (our dotted path, how to read our value)
 OWNED = {
     "train_micro_batch_size_per_gpu": "data.batch_size / world size",
@@ -259,6 +261,42 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
         self._save_small(directory, trainer_state, rank_state)
         return None
 
+    def _load_universal(self, directory: Path, saved_world: int) -> None:
+        """ZeRO shards written by ``saved_world`` ranks, loaded by this many: converted once to
+        DeepSpeed's universal format (``deepspeed_universal/`` beside the shards, kept for the
+        next resume) and loaded with ``load_universal``, optimizer state included."""
+        import subprocess
+        import sys
+
+        universal = directory / UNIVERSAL_TAG
+        if self.is_main and not (universal / "zero").is_dir():
+            tmp = directory / (UNIVERSAL_TAG + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            out = subprocess.run(
+                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                 "--input_folder", str(directory / TAG), "--output_folder", str(tmp),
+                 "--inject_missing_state", "--num_extract_workers", "1",
+                 "--num_merge_workers", "1"], capture_output=True, text=True)
+            if out.returncode != 0 or not (tmp / "zero").is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+                last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+                raise CheckpointError(
+                    f"{directory / TAG}: written by {saved_world} DeepSpeed ranks; converting it "
+                    f"for {self.world_size} with ds_to_universal failed ({last[:200]}); "
+                    f"relaunch with {saved_world} ranks")
+            shutil.rmtree(universal, ignore_errors=True)
+            os.replace(tmp, universal)
+        torch.distributed.barrier()
+        config = self.engine._config
+        config.load_universal_checkpoint = True
+        try:
+            path, _ = self.engine.load_checkpoint(str(directory), tag=UNIVERSAL_TAG,
+                                                  load_lr_scheduler_states=False)
+        finally:
+            config.load_universal_checkpoint = False
+        if path is None:
+            raise CheckpointError(f"{universal}: DeepSpeed could not load this checkpoint")
+
     @override
     def load(self, directory: Path, model, optimizer):
         meta_path = directory / META
@@ -267,13 +305,15 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
             raise CheckpointError(f"{directory}: not a DeepSpeed checkpoint; resume it with the "
                                   "strategy that wrote it, or export its weights")
         if saved_world is not None and saved_world != self.world_size:
-            raise CheckpointError(
-                f"{directory}: written by {saved_world} DeepSpeed ranks, resumed with "
-                f"{self.world_size}; ZeRO shards do not reshard on load. Convert it with "
-                f"`python -m deepspeed.checkpoint.ds_to_universal --input_folder {directory / TAG} "
-                f"--output_folder {directory / TAG}_universal`, or relaunch with {saved_world} ranks")
-        path, _ = self.engine.load_checkpoint(str(directory), tag=TAG,
-                                              load_lr_scheduler_states=False)
-        if path is None:
-            raise CheckpointError(f"{directory / TAG}: DeepSpeed could not load this checkpoint")
+            if self.engine.zero_optimization_stage() == 3:  # its universal load loses state
+                raise CheckpointError(
+                    f"{directory}: written by {saved_world} DeepSpeed ZeRO-3 ranks, resumed with "
+                    f"{self.world_size}; ZeRO-3 shards resume only at the world size that wrote "
+                    f"them (stages 1 and 2 convert): relaunch with {saved_world} ranks")
+            self._load_universal(directory, saved_world)
+        else:
+            path, _ = self.engine.load_checkpoint(str(directory), tag=TAG,
+                                                  load_lr_scheduler_states=False)
+            if path is None:
+                raise CheckpointError(f"{directory / TAG}: DeepSpeed could not load this checkpoint")
         return safe_load(directory / TRAINER_FILE), self._rank_state(directory)
