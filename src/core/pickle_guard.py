@@ -164,11 +164,14 @@ def check_file(path: Path) -> None:
 def check_dcp_folder(folder: Path) -> None:
     """A DCP folder: ``.metadata`` is checked, then every non-tensor entry it points to."""
     meta_path = folder / DCP_METADATA
-    check_file(meta_path)
+    data = meta_path.read_bytes()
+    end = check_pickle(data, str(meta_path))
+    if end != len(data):
+        raise UnsafeCheckpointError(f"{meta_path}: not a format a checkpoint uses")
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    with open(meta_path, "rb") as f:  # checked above: only DCP's own records
-        metadata = pickle.load(f)
+    # the very bytes just checked (names only DCP's own records), not a second read of the file
+    metadata = pickle.loads(data)
     storage = getattr(metadata, "storage_data", None) or {}
     for index, info in storage.items():
         entry = metadata.state_dict_metadata.get(index.fqn)
