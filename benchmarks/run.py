@@ -1,6 +1,7 @@
 """Regenerate benchmarks/RESULTS.md with one command:
 
     python -m benchmarks.run            # full: about an hour on 2 CPU cores
+    python -m benchmarks.run --only inference --update     # predict and ONNX only
     python -m benchmarks.run --only ssl,lm --update   # redo some sections, keep the others
     python -m benchmarks.run --quick --out /tmp/RESULTS.md   # every benchmark at a tiny size
 
@@ -81,6 +82,51 @@ def bench_ddp(pairs: int, steps: int) -> dict:
     return loop
 
 
+def bench_inference(pairs: int, repeat: int, calls: int, quick: bool) -> dict:
+    import tempfile
+
+    from benchmarks import inference
+
+    with tempfile.TemporaryDirectory() as root:
+        run_dir = inference.prepare(root, quick)
+        loop: dict = {"hand": [], "ours": []}
+        whole: dict = {"hand": [], "ours": []}
+        rows = 0
+        for i in range(pairs):
+            for v in ("hand", "ours") if i % 2 == 0 else ("ours", "hand"):
+                rec, wall = _python(["-m", "benchmarks.inference", "--variant", v, "--run",
+                                     run_dir, "--repeat", str(repeat)])
+                loop[v].append(rec["loop_s"])
+                whole[v].append(wall)
+                rows = rec["rows"]
+        lat, _ = _python(["-m", "benchmarks.inference", "--latency", "--run", run_dir,
+                          "--calls", str(calls)])
+    return {"loop": loop, "whole": whole, "rows": rows, "latency": lat}
+
+
+def inference_section(res: dict, pairs: int) -> list[str]:
+    loop, whole = res["loop"], res["whole"]
+    body = [
+        f"exp001's CNN (trained by `configs/exp001.yaml`), {res['rows']:,} samples (the "
+        f"validation split repeated), batch 64, JSONL rows with the top 5 probabilities, "
+        f"{pairs} alternating pairs of fresh processes. `hand` builds the same model, loads the "
+        "same checkpoint and writes the same rows in a plain loop. Loop: first batch to file "
+        "written; whole: the process's wall time (imports, config, data, checkpoint check "
+        "included). Goal: predict's loop <= 1.05x the hand-written loop.", "",
+        "| variant | loop s | x hand | whole s | x hand |", "|---|---|---|---|---|"]
+    for v in ("hand", "ours"):
+        body.append(f"| {v} | {stats(loop[v])} | {stats(ratios(loop[v], loop['hand']))} | "
+                    f"{stats(whole[v])} | {stats(ratios(whole[v], whole['hand']))} |")
+    body += ["", "Latency per call of the same CNN, onnxruntime (CPU provider) against PyTorch "
+             "eager in inference mode, default thread counts, median of blocks of 10 calls "
+             "alternating between the two:", "",
+             "| batch | onnxruntime ms | PyTorch ms | PyTorch / onnxruntime |", "|---|---|---|---|"]
+    for b, r in res["latency"].items():
+        body.append(f"| {b} | {r['onnxruntime'] * 1e3:.3f} | {r['pytorch'] * 1e3:.3f} | "
+                    f"{r['pytorch'] / r['onnxruntime']:.2f} |")
+    return body
+
+
 def ratios(a: list[float], b: list[float]) -> list[float]:
     return [x / y for x, y in zip(a, b)]
 
@@ -158,7 +204,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Regenerate benchmarks/RESULTS.md")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (for tests)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/RESULTS.md"))
-    p.add_argument("--only", default="overhead,startup,checkpoint,dataloader,ddp,ssl,lm")
+    p.add_argument("--only",
+                   default="overhead,startup,checkpoint,dataloader,ddp,inference,ssl,lm")
     p.add_argument("--update", action="store_true",
                    help="keep the sections of the existing file that this run does not redo")
     args = p.parse_args(argv)
@@ -221,6 +268,11 @@ def main(argv=None) -> int:
             "Goal: ours / hand-written <= 1.05.", "", "| variant | loop s |", "|---|---|",
             f"| hand-written DDP | {stats(res['torch'])} |", f"| ours | {stats(res['ours'])} |",
             f"| ratio | {stats(ratios(res['ours'], res['torch']))} |"])
+
+    if "inference" in only:
+        n = 1 if q else 5
+        done("Predict and ONNX", inference_section(
+            bench_inference(n, 1 if q else 40, 20 if q else 1000, q), n))
 
     if "ssl" in only:
         from benchmarks import ssl

@@ -6,7 +6,8 @@
     python -m src.main --config configs/exp001.yaml optimizer.lr=1e-3 --new-run  # exp001-2/
     python -m src.main --list [REGISTRY[.NAME]]                          # components, parameters
     python -m src.main --import my_pkg.my_module --config my.yaml        # user components
-    python -m src.main export --checkpoint DIR --out model.safetensors   # consolidated weights
+    python -m src.main predict --run experiments/exp001                  # predictions (JSONL)
+    python -m src.main export --run experiments/exp001 --out exp001.onnx # onnx, .pt, .pt2, ...
 
 Bad input (config, data, checkpoint, command line) prints one line per problem and exits with 2.
 Heavy libraries are imported only once a config is being built, so --help and --list are instant.
@@ -180,6 +181,10 @@ def _dispatch(argv: list[str]) -> int:
         from src.run import export
 
         return export.main(argv[1:])
+    if argv[:1] == ["predict"]:
+        from src.run import predict
+
+        return predict.main(argv[1:])
     args = _parser().parse_args(argv)
     if args.list:
         return _list(args.list, args.imports)

@@ -43,6 +43,16 @@ def launch(nproc: int, config: Path, *overrides: str, launcher: str = "torchrun"
     return out
 
 
+def torchrun(nproc: int, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node nproc -m src.main ARGS`` (any subcommand)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={port()}", "-m", "src.main", *args]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
 # A one-layer GPT-2 built from config (nothing downloaded), for language-model tests.
 GPT = {"type": "hf", "kind": "causal_lm",
        "config": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32,

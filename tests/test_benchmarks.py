@@ -16,7 +16,8 @@ def test_every_benchmark_runs_at_a_tiny_size(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     for section in ("## Loop overhead", "## Start-up", "## Checkpoint", "## Data loading",
-                    "## 2-process DDP", "## Self-supervised and metric learning on digits",
+                    "## 2-process DDP", "## Predict and ONNX",
+                    "## Self-supervised and metric learning on digits",
                     "## Language models on the standard library"):
         assert section in text
     assert "| ours |" in text and "n/a" not in text and "| simclr |" in text

@@ -180,6 +180,8 @@ CLASSES = {
     "device_missing": (["strategy.device=cuda:7"], "strategy.device: cuda:7 does not exist"),
     "width_unallocatable": (["model.hidden=[100000000000000]"], "model: RuntimeError:"),
     "width_overflow": (["model.hidden=[1000000000000000000000000000000]"], "model: "),
+    "depth_unbounded": (["task={type: mae, decoder_depth: 2147483648}"],  # looped for minutes
+                        "task.decoder_depth: Input should be less than or equal to 64"),
     "unknown_flag": (["--trainer.max_steps=5"], "unrecognized arguments: --trainer.max_steps=5"),
     "newline_in_value": (['name="a\\nb"'], "(got 'a\\nb')"),
     "nul_byte_in_file": ("{nul}", "invalid YAML: unacceptable character #x0000"),

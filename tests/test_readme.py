@@ -52,3 +52,25 @@ def test_the_error_examples_print_what_the_readme_shows(tmp_path, monkeypatch):
         with redirect_stderr(err):
             code = main(shlex.split(args) + ["--dry-run"])
         assert code == 2 and err.getvalue().strip() == expected, (args, err.getvalue())
+
+
+def test_the_predict_and_export_examples_run(tmp_path, monkeypatch):
+    """Every command of "Predict" and "Export" on exp001 (the others need other runs), on a short
+    exp001 run in a fresh folder; each writes what it says."""
+    from src.main import main
+
+    monkeypatch.chdir(tmp_path)
+    run(ROOT / "configs/exp001.yaml", "trainer.max_steps=20", "trainer.max_epochs=null",
+        "logging.loggers=[jsonl]")
+    commands = []
+    for section in ("Predict", "Export"):
+        block = re.search(rf"## {section}\n\n```bash\n(.*?)```", README, re.S).group(1)
+        commands += [line.split("  #")[0].strip() for line in block.splitlines()
+                     if "experiments/exp001" in line and line.startswith("python -m src.main")
+                     and "--data" not in line]
+    assert len(commands) == 7
+    for command in commands:
+        argv = shlex.split(command)[3:]
+        before = {p for p in tmp_path.rglob("*") if p.is_file()}
+        assert main(argv) == 0, command
+        assert {p for p in tmp_path.rglob("*") if p.is_file()} - before, command

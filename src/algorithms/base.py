@@ -9,6 +9,7 @@ see every call::
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,6 +18,49 @@ from torch import nn
 
 from src.core.collectives import Collectives
 from src.core.dataset_info import DatasetInfo
+
+
+@dataclass
+class Inference:
+    """A task's model as it is used after training (see :meth:`Task.inference`).
+
+    Attributes:
+        module: takes the tensors ``inputs`` names, positionally; returns one tensor.
+        inputs: batch keys, in the module's argument order ("inputs"; "input_ids",
+            "attention_mask").
+        output: what the tensor is ("logits", "embedding", "features").
+    """
+
+    module: nn.Module
+    inputs: tuple[str, ...] = ("inputs",)
+    output: str = "logits"
+
+    def inputs_of(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        missing = [k for k in self.inputs if batch.get(k) is None]
+        if missing:
+            from src.core.errors import UserError
+
+            raise UserError(f"data: batches have no {', '.join(missing)}, which the model takes "
+                            f"(they hold {', '.join(sorted(batch))})")
+        return tuple(batch[k] for k in self.inputs)
+
+
+class HFOutput(nn.Module):
+    """A transformers model called with named tensors, returning one field of its output (the
+    logits): a module with positional tensor arguments and one tensor out, as exporters want."""
+
+    inputs = ("input_ids", "attention_mask")
+
+    def __init__(self, model: nn.Module, field: str = "logits", attention_mask: bool = True):
+        super().__init__()
+        self.model, self.field = model, field
+        if not attention_mask:
+            self.inputs = ("input_ids",)
+
+    def forward(self, input_ids: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return getattr(out, self.field).float()
 
 
 class Task(nn.Module):
@@ -108,6 +152,23 @@ class Task(nn.Module):
         are gathered for it; inside a step, call ``self.model.generate(...)`` with
         ``**self.collectives.lockstep()``."""
         return self.model.generate(**self.collectives.lockstep(), **kwargs)
+
+    def inference(self) -> "Inference":
+        """What a trained model is used as: the module ``predict`` runs and ``export`` writes,
+        the batch keys it takes (in order) and the name of what it returns. Tasks whose model
+        has no such single use (RLHF, masked LM pre-training) keep this default, an error."""
+        from src.core.errors import UserError
+
+        raise UserError(f"task '{type(self).__name__}' has no inference model: predict and "
+                        "export --format onnx/torchscript/torch_export take classification, "
+                        "metric learning, self-supervised, sequence classification and causal LM "
+                        "runs (export --format safetensors takes any)")
+
+    def predict_step(self, batch: dict[str, Any], **options) -> dict[str, Any]:
+        """Per-sample predictions of one batch: name -> (B, ...) tensor or list of B values.
+        The default runs :meth:`inference` on the batch; classification returns ``probs``."""
+        inf = self.inference()
+        return {inf.output: inf.module(*inf.inputs_of(batch))}
 
     def write_artifacts(self, run_dir: Path) -> None:
         """Write files of the finished run (plots, tables) into ``run_dir``; main process only."""

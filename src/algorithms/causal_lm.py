@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 import torch
 from pydantic import Field
 
-from src.algorithms.base import Task
+from src.algorithms.base import HFOutput, Inference, Task
 from src.core.registry import TASKS
 
 
@@ -60,6 +60,40 @@ class CausalLM(Task):
 
     def forward_lm(self, batch: dict[str, Any]):
         return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+
+    def inference(self) -> Inference:
+        module = HFOutput(self.model, attention_mask=False)  # blocks of text: no padding
+        return Inference(module, module.inputs, "logits")
+
+    @torch.no_grad()
+    def predict_step(self, batch, ids=None, max_new_tokens: int = 48, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int = 0, **options):
+        """Continuations of ``batch["prompt"]`` (strings): greedy at temperature 0, else sampled
+        with a generator seeded by ``seed`` and the prompt's id, so that a prompt gets the same
+        text however the prompts are split among processes."""
+        from src.core.errors import UserError
+
+        if "prompt" not in batch:
+            raise UserError("predict: causal_lm continues prompts: give --prompts FILE (one "
+                            "prompt per line, or JSONL with a 'prompt' field)")
+        if self.tokenizer is None:
+            raise UserError("predict: the run's data has no tokenizer to encode prompts with")
+        tok = self.tokenizer
+        device = next(self.model.parameters()).device
+        sample = temperature > 0
+        gen = dict(max_new_tokens=max_new_tokens, do_sample=sample,
+                   pad_token_id=tok.pad_token_id if tok.pad_token_id is not None
+                   else tok.eos_token_id)
+        if sample:
+            gen.update(temperature=temperature, top_p=top_p, top_k=0)
+        texts = []
+        for i, prompt in enumerate(batch["prompt"]):
+            x = tok(prompt, return_tensors="pt")["input_ids"].to(device)
+            if sample:
+                torch.manual_seed(seed * 1_000_003 + int(ids[i] if ids is not None else i))
+            out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), **gen)
+            texts.append(tok.decode(out[0, x.shape[1]:], skip_special_tokens=True))
+        return {"text": texts}
 
     def training_step(self, batch):
         logits = self.forward_lm(batch).logits

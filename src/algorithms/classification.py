@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, conint
 
-from src.algorithms.base import Task
+from src.algorithms.base import Inference, Task
 from src.core.dataset_info import DatasetInfo
 from src.core.registry import TASKS
 
@@ -59,6 +59,12 @@ class Classification(Task):
 
             self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob,
                                label_smoothing=self.label_smoothing, num_classes=info.num_classes)
+
+    def inference(self) -> Inference:
+        return Inference(self.model, ("inputs",), "logits")
+
+    def predict_step(self, batch: dict[str, Any], **options) -> dict[str, Any]:
+        return {"probs": self.model(batch["inputs"]).float().softmax(-1)}
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         x, labels = batch["inputs"], batch["labels"]

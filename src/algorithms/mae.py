@@ -27,7 +27,7 @@ class MAE(SSLTask):
         decoder_dim: Annotated[int, Field(
             gt=0, description="the decoder (timm transformer blocks)")] = 64,
         decoder_depth: Annotated[int, Field(
-            ge=1, description="the decoder (timm transformer blocks)")] = 2,
+            ge=1, le=64, description="the decoder (timm transformer blocks)")] = 2,
         decoder_heads: Annotated[int, Field(
             ge=1, description="the decoder (timm transformer blocks)")] = 4,
         norm_pix_loss: Annotated[bool, Field(

@@ -9,11 +9,22 @@ import torch.nn.functional as F
 from pydantic import Field, conint
 from torch import nn
 
-from src.algorithms.base import Task
+from src.algorithms.base import Inference, Task
 from src.algorithms.retrieval import retrieval_metrics
 from src.algorithms.ssl_base import feature_dim
 from src.core.registry import TASKS
 from src.models.heads import MarginHead
+
+
+class _Embedder(nn.Module):
+    """Backbone, embedding layer, L2 normalisation: the embeddings retrieval compares."""
+
+    def __init__(self, model: nn.Module, embed: nn.Module):
+        super().__init__()
+        self.model, self.embed = model, embed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.embed(self.model(x)).float(), dim=1)
 
 
 @TASKS.register("metric_learning")
@@ -54,6 +65,9 @@ class MetricLearning(Task):
 
     def embeddings(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed(self.model(x))
+
+    def inference(self) -> Inference:
+        return Inference(_Embedder(self.model, self.embed), ("inputs",), "embedding")
 
     def training_step(self, batch: dict[str, Any]):
         emb = self.embeddings(batch["inputs"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from src.algorithms.base import Task
+from src.algorithms.base import HFOutput, Inference, Task
 from src.core.registry import TASKS
 
 
@@ -15,6 +15,13 @@ class SequenceClassification(Task):
     def logits(self, batch):
         return self.model(input_ids=batch["input_ids"],
                           attention_mask=batch.get("attention_mask")).logits.float()
+
+    def inference(self) -> Inference:
+        module = HFOutput(self.model)
+        return Inference(module, module.inputs, "logits")
+
+    def predict_step(self, batch, **options):
+        return {"probs": self.logits(batch).softmax(-1)}
 
     def training_step(self, batch):
         logits = self.logits(batch)

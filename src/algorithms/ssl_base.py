@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from src.algorithms.base import Task
+from src.algorithms.base import Inference, Task
 from src.core.dataset_info import DatasetInfo
 from src.core.errors import ConfigError
 
@@ -75,6 +75,9 @@ class SSLTask(Task):
             raise ConfigError(f"task: {type(self).__name__} needs {n} views per sample; its "
                               "'views' section must produce them")
         return views
+
+    def inference(self) -> Inference:
+        return Inference(self.model, ("inputs",), "features")
 
     def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {"features": self.model(batch["inputs"]).float(), "labels": batch["labels"]}

@@ -96,8 +96,16 @@ def is_committed(path: Path) -> bool:
 
 def find_checkpoint(path: Path) -> Path:
     """A committed ``step_<N>`` folder from what a user points at: the step folder itself, a
-    run's ``checkpoints/`` folder or the run folder (then its latest committed checkpoint)."""
+    run's ``checkpoints/`` folder, its ``latest`` pointer or the run folder (then its latest
+    committed checkpoint)."""
     path = Path(path)
+    if path.name == LATEST and path.is_file():  # checkpoints/latest: the step it names
+        path = path.parent / path.read_text().strip()
+        if not path.is_dir():
+            raise CheckpointError(f"{path.parent / LATEST}: names {path.name}, which does not "
+                                  "exist")
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run folder")
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
     if (path / "checkpoints").is_dir():

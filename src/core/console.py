@@ -190,9 +190,9 @@ def summary(exp, metrics: dict[str, float], seconds: float) -> str:
     ckpt = trainer.checkpoints.latest() if trainer.checkpoints is not None else None
     if ckpt is not None:
         lines.append(f"saved    {ckpt} (artifacts and metrics in {run_dir})")
-        lines.append(f"next     export: python -m src.main export --checkpoint {run_dir} --out "
-                     f"{exp.cfg.name}.safetensors; train on: the same command with a larger "
-                     "trainer.max_steps")
+        lines.append(f"next     predict: python -m src.main predict --run {run_dir}; export: "
+                     f"python -m src.main export --run {run_dir} --out {exp.cfg.name}.onnx; "
+                     "train on: the same command with a larger trainer.max_steps")
     return "\n".join(lines)
 
 

@@ -37,7 +37,8 @@ class MultiView:
 
     def __init__(
         self,
-        n_views: Annotated[int, Field(ge=1, description="augmented copies of each image")] = 2,
+        n_views: Annotated[int, Field(ge=1, le=64,
+                                       description="augmented copies of each image")] = 2,
         size: Annotated[Optional[conint(gt=0)], Field(
             description="output side (default: the input's)")] = None,
         scale: Annotated[tuple[confloat(gt=0, le=1), confloat(gt=0, le=1)], Field(

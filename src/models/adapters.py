@@ -2,6 +2,7 @@
 bitsandbytes) and prefix tuning. Only the adapter's parameters train."""
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from src.core.errors import ConfigError
@@ -44,6 +45,7 @@ def apply_adapter(model, section: dict[str, Any], kind: str):
         if unknown:
             raise ConfigError(f"model.adapter: unknown LoRA keys {sorted(unknown)} "
                               f"(allowed: {sorted(LORA_KEYS)})")
+        section = copy.deepcopy(section)  # PEFT extends modules_to_save in place: not the config's
         cfg = LoraConfig(r=section.get("r", 8), lora_alpha=section.get("alpha", 16),
                          lora_dropout=section.get("dropout", 0.0),
                          target_modules=section.get("target_modules", "all-linear"),

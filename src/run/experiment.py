@@ -292,14 +292,9 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
     world = strategy.world_size
     if d.batch_size % world:
         raise ConfigError(f"data.batch_size: {d.batch_size} does not divide among {world} processes")
-    data = DATASETS.build({"type": d.type, **(d.model_extra or {})}, "data", seed=cfg.seed,
-                          run_dir=Path(cfg.logging.root) / cfg.name)
-    model = MODELS.build(cfg.model, "model", info=data.info)
+    data, model, task = build_task(cfg)
     with building("trainer.gradient_checkpointing"):
         _apply_model_switches(model, cfg)
-    task = TASKS.build(cfg.task, "task", model=model)
-    with building("task"):
-        task.configure(data.info)
     views = task.train_views()
     if views is not None:  # self-supervised tasks train on per-sample augmented views
         if not hasattr(data.train, "view_transform"):
@@ -351,6 +346,19 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
                       train_loader, val_loader, derived)
 
 
+def build_task(cfg: ExperimentConfig, run_dir: Optional[Path] = None) -> tuple[Any, Any, Any]:
+    """The data, the model and the task of ``cfg``, configured from the data; no strategy, no
+    optimizer (what predict and export need, and the first half of :func:`build`)."""
+    run_dir = run_dir if run_dir is not None else Path(cfg.logging.root) / cfg.name
+    data = DATASETS.build({"type": cfg.data.type, **(cfg.data.model_extra or {})}, "data",
+                          seed=cfg.seed, run_dir=run_dir)
+    model = MODELS.build(cfg.model, "model", info=data.info)
+    task = TASKS.build(cfg.task, "task", model=model)
+    with building("task"):
+        task.configure(data.info)
+    return data, model, task
+
+
 def _apply_model_switches(model, cfg: ExperimentConfig) -> None:
     t = cfg.trainer
     if t.gradient_checkpointing:
@@ -371,4 +379,4 @@ def _source(path: str, origins: dict[str, str]) -> Optional[str]:
     return None
 
 
-__all__ = ["Experiment", "build", "prepare", "UserError"]
+__all__ = ["Experiment", "build", "build_task", "prepare", "UserError"]

@@ -1,0 +1,189 @@
+"""A trained run, loaded for use: the task its config builds, with a committed checkpoint's weights.
+
+    run = load_run(run="experiments/exp001")                    # its latest committed checkpoint
+    run = load_run(checkpoint="experiments/exp001/checkpoints/latest")
+    run.task.inference().module(x)                              # what predict and export use
+
+The checkpoint may come from any strategy (one file, DCP shards, DeepSpeed): its weights are
+consolidated into one process's model. Its pickles are checked before anything reads them.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from src.core.errors import CheckpointError, UserError
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class LoadedRun:
+    """A run's config, checkpoint, data and task (weights loaded, eval mode, on the CPU)."""
+
+    cfg: Any
+    run_dir: Optional[Path]
+    checkpoint: Path
+    step: int
+    data: Any
+    task: Any
+
+    def provenance(self) -> dict[str, Any]:
+        """What an exported file or a predictions file says it came from."""
+        return {"run": str(self.run_dir) if self.run_dir else None,
+                "checkpoint": str(self.checkpoint), "step": self.step, "name": self.cfg.name,
+                "task": self.cfg.task["type"], "model": self.cfg.model}
+
+
+def load_consolidated(directory: Path, trust_pickles: bool = False) -> dict[str, torch.Tensor]:
+    """The task's full state dict from a committed checkpoint directory of any strategy (its
+    pickles checked first unless ``trust_pickles``)."""
+    from src.core.checkpoint import MODEL_FILE, find_checkpoint
+    from src.core.pickle_guard import verify_checkpoint
+    from src.distributed.dcp_io import consolidated_model_state, has_dcp
+
+    directory = find_checkpoint(Path(directory))
+    verify_checkpoint(directory, trust=trust_pickles)
+    if (directory / MODEL_FILE).is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(directory / MODEL_FILE))
+    if has_dcp(directory):
+        return consolidated_model_state(directory)
+    from src.distributed.deepspeed import consolidated_deepspeed_state, is_deepspeed_checkpoint
+
+    if is_deepspeed_checkpoint(directory):
+        return consolidated_deepspeed_state(directory)
+    raise CheckpointError(f"{directory}: no model weights found (model.safetensors, dcp/ or a "
+                          "DeepSpeed checkpoint)")
+
+
+@contextlib.contextmanager
+def atomic_path(out: Path) -> Iterator[Path]:
+    """A temporary path beside ``out`` to write; on success it becomes ``out`` (readable by
+    others as the umask allows, like any file the user writes), on failure it is removed and
+    ``out`` is untouched."""
+    out = Path(out)
+    if out.is_dir() and out.suffix:
+        raise UserError(f"--out: {out} is a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        for p in ([tmp] + list(tmp.rglob("*")) if tmp.is_dir() else [tmp]):
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+        if tmp.is_dir() and out.exists():
+            old = out.with_name(f".{out.name}.old{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def positional_run(args, prog: str) -> Optional[str]:
+    """``RUN`` given as the first positional argument (not an override) stands for ``--run``."""
+    if args.overrides and "=" not in args.overrides[0]:
+        if args.run is not None:
+            raise UserError(f"{prog}: {args.overrides[0]!r}: the run is given twice (--run "
+                            f"{args.run}); overrides are key.path=value")
+        return args.overrides.pop(0)
+    return args.run
+
+
+def run_folder_of(checkpoint: Path) -> Optional[Path]:
+    """The run folder a ``<run>/checkpoints/step_<N>`` folder belongs to (None if not in one)."""
+    run = checkpoint.resolve().parent.parent
+    return run if (run / CONFIG_FILE).is_file() else None
+
+
+def locate(run: Optional[str], checkpoint: Optional[str],
+           config: Optional[str] = None) -> tuple[Path, Optional[Path], Optional[Path]]:
+    """(checkpoint step folder, run folder, config file) from what the user named: ``--run``,
+    ``--checkpoint`` (a step folder, ``checkpoints/``, ``checkpoints/latest``) or both."""
+    from src.core.checkpoint import find_checkpoint
+
+    run_dir = None
+    if run is not None:
+        run_dir = Path(run)
+        if not run_dir.is_dir():
+            raise UserError(f"--run: {run_dir}: no such run folder")
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise UserError(f"--run: {run_dir}: not a run folder (no {CONFIG_FILE}); give the "
+                            "folder training wrote, experiments/<name>")
+    if run is None and checkpoint is None:
+        raise UserError("give --run RUN_FOLDER (or --checkpoint STEP_FOLDER)")
+    try:
+        step_dir = find_checkpoint(Path(checkpoint) if checkpoint is not None else run_dir)
+    except CheckpointError as exc:
+        flag = "--checkpoint" if checkpoint is not None else "--run"
+        raise CheckpointError(f"{flag}: {exc}") from None
+    if run_dir is None:
+        run_dir = run_folder_of(step_dir)
+    config_file = Path(config) if config else (run_dir / CONFIG_FILE if run_dir else None)
+    if config_file is not None and not config_file.is_file():
+        raise UserError(f"--config: {config_file}: no such file")
+    return step_dir, run_dir, config_file
+
+
+def load_run(run: Optional[str] = None, checkpoint: Optional[str] = None,
+             config: Optional[str] = None, overrides: list[str] = (),
+             trust_pickles: bool = False) -> LoadedRun:
+    """Build the run's task from its config (``overrides`` applied, e.g. another data section)
+    and load the checkpoint's weights into it."""
+    from src.core.checkpoint import step_of
+    from src.core.console import held_output
+    from src.core.seeding import seed_everything
+    from src.run.experiment import build_task, prepare
+
+    step_dir, run_dir, config_file = locate(run, checkpoint, config)
+    if config_file is None:
+        raise UserError(f"--checkpoint: {step_dir} is not inside a run folder with a "
+                        f"{CONFIG_FILE}; give the run's config with --config")
+    held = held_output()  # what libraries print while building: kept only with a traceback
+    outcome = "drop"
+    try:
+        cfg, _ = prepare(str(config_file), list(overrides))
+        seed_everything(cfg.seed)
+        data, _, task = build_task(cfg, run_dir)
+    except UserError:
+        raise
+    except BaseException:
+        outcome = "console"
+        raise
+    finally:
+        held.release(outcome)
+    state = load_consolidated(step_dir, trust_pickles or cfg.checkpoint.trust_pickles)
+    own = task.state_dict()
+    loaded_storage = {own[k].data_ptr() for k in own if k in state and torch.is_tensor(own[k])}
+    missing = [k for k in own if k not in state and not k.endswith("_extra_state")
+               and own[k].data_ptr() not in loaded_storage]  # a tied weight loads with its twin
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        shown = (missing or unexpected)[:3]
+        raise CheckpointError(
+            f"{step_dir}: does not fit the model {config_file} builds: "
+            f"{len(missing)} weights missing, {len(unexpected)} unexpected (e.g. "
+            f"{', '.join(shown)})")
+    wrong = [k for k in state if state[k].shape != own[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(f"{step_dir}: {k} has shape {tuple(state[k].shape)} in the "
+                              f"checkpoint, {tuple(own[k].shape)} in the model {config_file} "
+                              "builds")
+    task.load_state_dict(state, strict=False)
+    task.eval()
+    return LoadedRun(cfg, run_dir, step_dir, step_of(step_dir), data, task)
