@@ -26,5 +26,6 @@ def test_every_benchmark_runs_at_a_tiny_size(tmp_path):
 def test_results_file_is_committed_and_complete():
     text = (ROOT / "benchmarks/RESULTS.md").read_text()
     for section in ("## Loop overhead", "## Start-up", "## Checkpoint", "## Data loading",
-                    "## 2-process DDP", "## Self-supervised and metric learning on digits"):
+                    "## 2-process DDP", "## Predict and ONNX",
+                    "## Self-supervised and metric learning on digits"):
         assert section in text

@@ -124,35 +124,34 @@ class _progress:
 
 
 def rows(result: dict[str, Any], class_names: list[str], top_k: int) -> list[dict[str, Any]]:
-    """One JSON-able record per sample."""
-    n = len(result["id"])
-    out = []
+    """One JSON-able record per sample (arrays turned into Python lists once, not per row)."""
+    ids = result["id"].tolist()
+    extra = {name: (v.tolist() if isinstance(v, np.ndarray) else v)
+             for name, v in result.items() if name not in ("id", "probs", "target")}
+    targets = result["target"].tolist() if "target" in result else None
     probs = result.get("probs")
     if probs is not None:
         k = min(top_k, probs.shape[1])
         top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    for i in range(n):
-        row: dict[str, Any] = {"id": int(result["id"][i])}
-        for name, value in result.items():
-            if name in ("id", "probs", "target"):
-                continue
-            v = value[i]
-            row[name] = v.tolist() if isinstance(v, np.ndarray) else \
-                v.item() if isinstance(v, np.generic) else v
+        top_labels = top.tolist()
+        top_p = np.take_along_axis(probs, top, axis=1)
+        top_probs, rounded = top_p[:, 0].tolist(), np.round(top_p.astype(np.float64), 6).tolist()
+    names = {i: n for i, n in enumerate(class_names)}
+    out = []
+    for i, id_ in enumerate(ids):
+        row: dict[str, Any] = {"id": id_}
+        for name, values in extra.items():
+            row[name] = values[i]
         if probs is not None:
-            label = int(top[i, 0])
-            row.update(label=label, name=_name(class_names, label), prob=float(probs[i, label]),
-                       top_k=[{"label": int(c), "name": _name(class_names, int(c)),
-                               "prob": round(float(probs[i, c]), 6)} for c in top[i]])
-        if "target" in result:
-            t = int(result["target"][i])
-            row.update(target=t, target_name=_name(class_names, t))
+            labels = top_labels[i]
+            row.update(label=labels[0], name=names.get(labels[0], str(labels[0])),
+                       prob=top_probs[i],
+                       top_k=[{"label": c, "name": names.get(c, str(c)), "prob": p}
+                              for c, p in zip(labels, rounded[i])])
+        if targets is not None:
+            row.update(target=targets[i], target_name=names.get(targets[i], str(targets[i])))
         out.append(row)
     return out
-
-
-def _name(names: list[str], i: int) -> str:
-    return names[i] if 0 <= i < len(names) else str(i)
 
 
 def write(result: dict[str, Any], out: Path, class_names: list[str], top_k: int) -> None:
@@ -176,8 +175,8 @@ def write(result: dict[str, Any], out: Path, class_names: list[str], top_k: int)
         records = rows(result, class_names, top_k)
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             if suffix == ".jsonl":
-                for r in records:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                encode = json.JSONEncoder(ensure_ascii=False).encode  # one encoder, not one per row
+                f.writelines(encode(r) + "\n" for r in records)
             else:
                 fields = [k for k in records[0] if k != "top_k"] if records else ["id"]
                 w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
