@@ -242,9 +242,8 @@ def export_run(run, fmt: str, out: Path, whole_task: bool = False) -> dict[str, 
         reference = inf.module.eval()
         if fmt in ("onnx", "torchscript", "torch_export") and \
                 hasattr(run.task.model, "merge_and_unload"):
-            merged = copy.copy(run.task)  # the adapter merged into a copy of the weights
-            merged._modules = dict(run.task._modules)
-            merged._modules["model"] = copy.deepcopy(run.task.model).merge_and_unload()
+            merged = copy.deepcopy(run.task)  # the adapter merged into a copy of the weights
+            merged.model = merged.model.merge_and_unload()
             meta["adapter"] = "merged"
             inf = merged.inference()
         module = inf.module.eval()

@@ -39,7 +39,8 @@ def shard_batches(n: int, batch_size: int, rank: int, world: int) -> list[list[i
 
 
 def predict(run: LoadedRun, dataset, batch_size: int, strategy=None, options=None,
-            top_k: int = 5, progress: bool = True) -> Optional[dict[str, Any]]:
+            top_k: int = 5, progress: bool = True,
+            device: Optional[torch.device] = None) -> Optional[dict[str, Any]]:
     """Predict every sample of ``dataset``; on the main process returns ``{"id": (N,) array,
     output name: (N, ...) array or list}`` in dataset order (None on the others)."""
     from torch.utils.data import DataLoader
@@ -49,7 +50,7 @@ def predict(run: LoadedRun, dataset, batch_size: int, strategy=None, options=Non
 
     rank = strategy.rank if strategy else 0
     world = strategy.world_size if strategy else 1
-    device = strategy.device if strategy else torch.device("cpu")
+    device = strategy.device if strategy else (device or torch.device("cpu"))
     task = run.task.to(device)
     batches = shard_batches(len(dataset), batch_size, rank, world)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn(dataset),
@@ -206,6 +207,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--temperature", type=float, default=0.0,
                    help="causal LM: 0 (default) is greedy, above samples")
     p.add_argument("--top-p", type=float, default=1.0, help="causal LM: nucleus sampling mass")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda > mps > cpu), cpu, cuda:1 ...; under torchrun each process "
+                        "takes its local GPU")
     p.add_argument("--trust-pickles", action="store_true",
                    help="read the checkpoint without checking its pickles (files you trust)")
     p.add_argument("overrides", nargs="*", metavar="[RUN] key.path=value",
@@ -243,6 +247,9 @@ def main(argv: list[str]) -> int:
 
 
 def _predict(args, out: Optional[Path], overrides: list[str], strategy) -> int:
+    from src.distributed.base import pick_device
+
+    device = None if strategy is not None else pick_device(args.device, "--device")
     run = load_run(args.run, args.checkpoint, args.config, overrides, args.trust_pickles)
     if args.prompts:
         from src.data.prompts import PromptDataset
@@ -263,7 +270,7 @@ def _predict(args, out: Optional[Path], overrides: list[str], strategy) -> int:
                    top_p=args.top_p, seed=run.cfg.seed)
     if strategy is not None:
         torch.manual_seed(run.cfg.seed)
-    result = predict(run, dataset, batch_size, strategy, options, args.top_k)
+    result = predict(run, dataset, batch_size, strategy, options, args.top_k, device=device)
     if result is None:  # not the main process
         return 0
     names = list(run.data.info.class_names) or [str(i) for i in range(run.data.info.num_classes

@@ -55,7 +55,8 @@ def test_banner_lines_summary_and_quiet_libraries(write_config, tmp_path, capsys
     assert "compute  single on cpu, world size 1, fp32, 20 steps" in out
     assert "done     step 20 of 20 in" in out and "final val/loss" in out
     assert f"saved    {run_dir}/checkpoints/step_00000020" in out
-    assert f"export --checkpoint {run_dir} --out tiny.safetensors" in out
+    assert f"predict --run {run_dir}; export: python -m src.main export --run {run_dir} " \
+           "--out tiny.onnx" in out
     # the library's warning and log record are in the run's log, not on the console
     assert "v9" not in out + err and "not initialized" not in out + err
     log = (run_dir / "log.txt").read_text()

@@ -119,6 +119,36 @@ def test_export_refuses_a_pickle_that_runs_code(checkpoints, strategy, name, tmp
     assert not marker.exists() and not out.exists()
 
 
+@pytest.mark.parametrize("strategy,name", CASES)
+def test_predict_and_onnx_export_refuse_a_pickle_that_runs_code(
+        checkpoints, strategy, name, tmp_path, capsys):
+    """The config builds the model; the poisoned step folder is read for its weights."""
+    from src.main import main
+
+    marker = tmp_path / "code_ran"
+    step = poison(checkpoints[strategy], name, tmp_path, marker)
+    config = str(checkpoints[strategy].parents[3] / f"{strategy}.yaml")
+    for command in (["predict", "--out", str(tmp_path / "p.jsonl")],
+                    ["export", "--out", str(tmp_path / "m.onnx")]):
+        assert main([*command, "--checkpoint", str(step), "--config", config]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "refuses to load the pickled global" in err[0], err
+    assert not marker.exists() and sorted(p.name for p in tmp_path.iterdir()) == [step.name]
+
+
+def test_predict_reads_every_strategys_checkpoint(checkpoints, tmp_path):
+    """Consolidated into one process's model: DCP shards and DeepSpeed's ZeRO-2 files alike."""
+    import json
+
+    from src.main import main
+
+    for strategy, step in checkpoints.items():
+        out = tmp_path / f"{strategy}.jsonl"
+        assert main(["predict", "--run", str(step.parents[1]), "--out", str(out)]) == 0, strategy
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        assert [r["id"] for r in rows] == list(range(359)), strategy
+
+
 @pytest.mark.parametrize("strategy,name", [c for c in CASES if c[0] != "deepspeed"])
 def test_resume_refuses_a_pickle_that_runs_code(checkpoints, strategy, name, tmp_path, capsys):
     """Single-process resume of every strategy's files but DeepSpeed's (below, on 2 ranks)."""

@@ -142,6 +142,7 @@ def test_predict_generates_for_prompts_the_same_in_any_process_count(tmp_path):
     (["--run", "{run}", "--data", "type=nope"], "data.type"),
     (["--run", "{run}", "--data", "nokey"], "is not KEY=VALUE"),
     (["--run", "{run}", "--batch-size", "0"], "below 1"),
+    (["--run", "{run}", "--device", "cuda:9"], "--device: cuda:9 does not exist here"),
     (["--run", "{run}", "--prompts", "/nonexistent.txt"], "no such file"),
     (["--checkpoint", "{run}/checkpoints/step_00000007"], "no such checkpoint"),
 ])
