@@ -301,7 +301,7 @@ def _save_state(run, tmp: Path, meta: dict, whole_task: bool):
 
 def format_of(fmt: Optional[str], out: Optional[Path]) -> str:
     """The format asked for, checked against ``--out``'s extension (or taken from it)."""
-    suffix = out.suffix if out is not None else None
+    suffix = out.suffix.lower() if out is not None else None
     if fmt is None:
         if suffix is None:
             return "safetensors"

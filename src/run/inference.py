@@ -120,7 +120,14 @@ def locate(run: Optional[str], checkpoint: Optional[str],
     if run is not None:
         run_dir = Path(run)
         if not run_dir.is_dir():
-            raise UserError(f"--run: {run_dir}: no such run folder")
+            import difflib
+
+            parent = run_dir.parent if run_dir.parent.is_dir() else None
+            near = difflib.get_close_matches(run_dir.name, [p.name for p in parent.iterdir()
+                                                            if (p / CONFIG_FILE).is_file()],
+                                             n=1) if parent else []
+            hint = f"; did you mean {parent / near[0]}?" if near else ""
+            raise UserError(f"--run: {run_dir}: no such run folder{hint}")
         if not (run_dir / CONFIG_FILE).is_file():
             raise UserError(f"--run: {run_dir}: not a run folder (no {CONFIG_FILE}); give the "
                             "folder training wrote, experiments/<name>")

@@ -159,7 +159,7 @@ def write(result: dict[str, Any], out: Path, class_names: list[str], top_k: int)
     """``out`` (.jsonl, .csv or .npy), written whole or not at all."""
     from src.run.inference import atomic_path
 
-    suffix = out.suffix
+    suffix = out.suffix.lower()
     arrays = [k for k, v in result.items() if k not in ("id", "target")
               and isinstance(v, np.ndarray) and v.ndim == 2]
     if suffix == ".npy" and len(arrays) != 1:
@@ -218,7 +218,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     args.run = positional_run(args, p.prog)
     out = Path(args.out) if args.out else None
-    if out is not None and out.suffix not in FORMATS:
+    if out is not None and out.suffix.lower() not in FORMATS:
         raise UserError(f"--out: {out}: write .jsonl, .csv or .npy")
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--top-k", args.top_k, 1),
                              ("--max-new-tokens", args.max_new_tokens, 1)):

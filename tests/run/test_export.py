@@ -111,6 +111,8 @@ def test_onnx_of_the_digits_cnn_scores_the_runs_accuracy(runs, tmp_path):
 def test_torchscript_and_torch_export_round_trip(runs, name, tmp_path):
     ts, pt2 = tmp_path / "m.pt", tmp_path / "m.pt2"
     assert main(["export", "--run", str(runs[name]), "--out", str(ts)]) == 0
+    upper = tmp_path / "M.PT2"  # an extension in capitals is the same extension
+    assert main(["export", str(runs[name]), "--out", str(upper)]) == 0 and upper.is_file()
     assert main(["export", "--run", str(runs[name]), "--format", "torch_export", "--out",
                  str(pt2)]) == 0
     extra = {"tessera.json": ""}

@@ -136,6 +136,7 @@ def test_predict_generates_for_prompts_the_same_in_any_process_count(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--run", "/nonexistent/run"], "no such run folder"),
+    (["--run", "{run}x"], "no such run folder; did you mean {run}?"),
     (["--run", "{empty}"], "not a run folder"),
     (["--run", "{uncommitted}"], "holds no committed checkpoint"),
     (["--run", "{run}", "--out", "p.txt"], "write .jsonl, .csv or .npy"),
@@ -152,6 +153,7 @@ def test_bad_predict_input_is_one_line_exit_2(digits_run, tmp_path, capsys, args
     (unc / "checkpoints" / "step_00000005").mkdir(parents=True)
     (unc / "config.yaml").write_text((digits_run / "config.yaml").read_text())
     args = [a.format(run=digits_run, empty=tmp_path / "empty", uncommitted=unc) for a in args]
+    message = message.format(run=digits_run)
     before = sorted(p.name for p in digits_run.rglob("*"))
     assert main(["predict", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
