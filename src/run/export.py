@@ -39,19 +39,26 @@ EXTENSIONS = {"onnx": (".onnx",), "torchscript": (".pt", ".ts"), "torch_export":
 FORMAT_OF = {ext: fmt for fmt, exts in EXTENSIONS.items() for ext in exts if ext}
 
 
-def export(directory: Path, out: Path, whole_task: bool = False,
-           trust_pickles: bool = False, metadata: Optional[dict[str, str]] = None
-           ) -> dict[str, torch.Tensor]:
-    """The checkpoint's ``model:`` weights (``whole_task``: all) as one safetensors file."""
+def write_safetensors(state: dict[str, Any], path: Path, metadata: dict[str, str]
+                      ) -> dict[str, torch.Tensor]:
+    """The tensors of ``state`` (contiguous copies: safetensors refuses views and shared
+    storage) written to ``path``; returns what was written."""
     from safetensors.torch import save_file
 
+    state = {k: v.detach().contiguous().clone() for k, v in state.items() if torch.is_tensor(v)}
+    save_file(state, str(path), metadata=metadata)
+    return state
+
+
+def export(directory: Path, out: Path, whole_task: bool = False,
+           trust_pickles: bool = False) -> dict[str, torch.Tensor]:
+    """The checkpoint's ``model:`` weights (``whole_task``: all) as one safetensors file, as
+    they are (no model is built to check them against)."""
     state = load_consolidated(directory, trust_pickles)
     if not whole_task:
         state = {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
-    state = {k: v.detach().contiguous().clone() for k, v in state.items()}
     with atomic_path(Path(out)) as tmp:
-        save_file(state, str(tmp), metadata={"source": str(directory), **(metadata or {})})
-    return state
+        return write_safetensors(state, tmp, {"source": str(directory)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,14 +193,13 @@ def _rebuilt(run) -> Any:
     return task.eval()
 
 
-def _safetensors(run, tmp: Path, meta: dict, whole_task: bool) -> Any:
-    from safetensors.torch import load_file, save_file
+def _safetensors(run, tmp: Path, meta: dict, whole_task: bool, check: bool = True) -> Any:
+    from safetensors.torch import load_file
 
     state = run.task.state_dict() if whole_task else run.task.model.state_dict()
-    state = {k: v.detach().contiguous().clone() for k, v in state.items()
-             if torch.is_tensor(v)}
-    save_file(state, str(tmp), metadata={"tessera": json.dumps(meta),
-                                         "source": str(run.checkpoint)})
+    write_safetensors(state, tmp, {"tessera": json.dumps(meta), "source": str(run.checkpoint)})
+    if not check:
+        return None
     fresh = _rebuilt(run)
     target = fresh if whole_task else fresh.model
     target.load_state_dict(load_file(str(tmp)), strict=not whole_task)
@@ -259,8 +265,7 @@ def export_run(run, fmt: str, out: Path, whole_task: bool = False) -> dict[str, 
             elif fmt == "torch_export":
                 runner = _torch_export(module, inf, batches[-1], tmp, meta)
             elif fmt == "safetensors":
-                runner = _safetensors(run, tmp, meta, whole_task) if checked else \
-                    _save_state(run, tmp, meta, whole_task)
+                runner = _safetensors(run, tmp, meta, whole_task, checked)
             else:
                 runner = _hf(run, tmp, meta, checked)
             diffs = []
@@ -288,15 +293,6 @@ def export_hf(config: str, overrides: list[str], directory: Path, out: Path,
     run = load_run(checkpoint=str(directory), config=config, overrides=list(overrides),
                    trust_pickles=trust_pickles)
     return export_run(run, "hf", Path(out))
-
-
-def _save_state(run, tmp: Path, meta: dict, whole_task: bool):
-    from safetensors.torch import save_file
-
-    state = run.task.state_dict() if whole_task else run.task.model.state_dict()
-    save_file({k: v.detach().contiguous().clone() for k, v in state.items() if torch.is_tensor(v)},
-              str(tmp), metadata={"tessera": json.dumps(meta), "source": str(run.checkpoint)})
-    return None
 
 
 def format_of(fmt: Optional[str], out: Optional[Path]) -> str:

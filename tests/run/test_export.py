@@ -184,3 +184,24 @@ def test_bad_export_input_is_one_line_exit_2(runs, tmp_path, capsys, args, messa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["uncommitted"]
+
+
+def test_a_task_without_an_inference_model_exports_its_weights_only(
+        runs, tmp_path, monkeypatch, capsys):
+    """DPO, PPO, masked LM: safetensors (unchecked, and says so); the graph formats refuse."""
+    from safetensors.torch import load_file
+
+    from src.algorithms.base import Task
+    from src.algorithms.classification import Classification
+
+    monkeypatch.setattr(Classification, "inference", Task.inference)
+    out = tmp_path / "w.safetensors"
+    assert main(["export", str(runs["cnn"]), "--out", str(out)]) == 0
+    assert "not checked: the task has no inference model" in capsys.readouterr().out
+    model = load_run(run=str(runs["cnn"])).task.model
+    written = load_file(str(out))
+    assert written.keys() == model.state_dict().keys()
+    assert all(torch.equal(written[k], v) for k, v in model.state_dict().items())
+    assert main(["export", str(runs["cnn"]), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "has no inference model" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
