@@ -74,6 +74,17 @@ def safe_load(path: Path) -> Any:
                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
+def fill_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """safetensors stores a tied tensor once: give each missing alias its partner's tensor."""
+    own = model.state_dict()
+    for k in own:
+        if k not in state:
+            for other, v in own.items():
+                if other in state and v.data_ptr() == own[k].data_ptr():
+                    state[k] = state[other]
+                    break
+
+
 def check_shapes(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
     """Raise a CheckpointError that lists every key whose shape or presence does not match."""
     own = model.state_dict()
@@ -335,14 +346,7 @@ class Strategy(abc.ABC):
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: unreadable checkpoint file ({exc})") from None
         module = self.unwrap(model)
-        own = module.state_dict()
-        # safetensors stores a tied tensor once; fill aliases from their partner.
-        for k in own:
-            if k not in state:
-                for other, v in own.items():
-                    if other in state and v.data_ptr() == own[k].data_ptr():
-                        state[k] = state[other]
-                        break
+        fill_tied(module, state)
         check_shapes(module, state, path)
         module.load_state_dict(state)
         if optimizer is not None:

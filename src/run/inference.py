@@ -154,6 +154,7 @@ def load_run(run: Optional[str] = None, checkpoint: Optional[str] = None,
     from src.core.checkpoint import step_of
     from src.core.console import held_output
     from src.core.seeding import seed_everything
+    from src.distributed.base import check_shapes, fill_tied
     from src.run.experiment import build_task, prepare
 
     step_dir, run_dir, config_file = locate(run, checkpoint, config)
@@ -174,23 +175,8 @@ def load_run(run: Optional[str] = None, checkpoint: Optional[str] = None,
     finally:
         held.release(outcome)
     state = load_consolidated(step_dir, trust_pickles or cfg.checkpoint.trust_pickles)
-    own = task.state_dict()
-    loaded_storage = {own[k].data_ptr() for k in own if k in state and torch.is_tensor(own[k])}
-    missing = [k for k in own if k not in state and not k.endswith("_extra_state")
-               and own[k].data_ptr() not in loaded_storage]  # a tied weight loads with its twin
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        shown = (missing or unexpected)[:3]
-        raise CheckpointError(
-            f"{step_dir}: does not fit the model {config_file} builds: "
-            f"{len(missing)} weights missing, {len(unexpected)} unexpected (e.g. "
-            f"{', '.join(shown)})")
-    wrong = [k for k in state if state[k].shape != own[k].shape]
-    if wrong:
-        k = wrong[0]
-        raise CheckpointError(f"{step_dir}: {k} has shape {tuple(state[k].shape)} in the "
-                              f"checkpoint, {tuple(own[k].shape)} in the model {config_file} "
-                              "builds")
-    task.load_state_dict(state, strict=False)
+    fill_tied(task, state)
+    check_shapes(task, state, step_dir)
+    task.load_state_dict(state)
     task.eval()
     return LoadedRun(cfg, run_dir, step_dir, step_of(step_dir), data, task)

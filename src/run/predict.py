@@ -39,8 +39,8 @@ def shard_batches(n: int, batch_size: int, rank: int, world: int) -> list[list[i
 
 
 def predict(run: LoadedRun, dataset, batch_size: int, strategy=None, options=None,
-            top_k: int = 5, progress: bool = True,
-            device: Optional[torch.device] = None) -> Optional[dict[str, Any]]:
+            progress: bool = True, device: Optional[torch.device] = None
+            ) -> Optional[dict[str, Any]]:
     """Predict every sample of ``dataset``; on the main process returns ``{"id": (N,) array,
     output name: (N, ...) array or list}`` in dataset order (None on the others)."""
     from torch.utils.data import DataLoader
@@ -268,9 +268,7 @@ def _predict(args, out: Optional[Path], overrides: list[str], strategy) -> int:
     batch_size = args.batch_size or d.eval_batch_size or d.batch_size
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, seed=run.cfg.seed)
-    if strategy is not None:
-        torch.manual_seed(run.cfg.seed)
-    result = predict(run, dataset, batch_size, strategy, options, args.top_k, device=device)
+    result = predict(run, dataset, batch_size, strategy, options, device=device)
     if result is None:  # not the main process
         return 0
     names = list(run.data.info.class_names) or [str(i) for i in range(run.data.info.num_classes
