@@ -2,6 +2,7 @@
 
     python -m benchmarks.run            # full: about an hour on 2 CPU cores
     python -m benchmarks.run --only inference --update     # predict and ONNX only
+    python -m benchmarks.run --only sweep --update         # the sweep, pruned or not, 1-2 workers
     python -m benchmarks.run --only ssl,lm --update   # redo some sections, keep the others
     python -m benchmarks.run --quick --out /tmp/RESULTS.md   # every benchmark at a tiny size
 
@@ -180,7 +181,12 @@ def previous_sections(path: Path) -> dict[str, list[str]]:
             out[title] = []
         elif title is not None:
             out[title].append(line)
-    return {k: v[1:] if v and not v[0] else v for k, v in out.items()}
+    for body in out.values():  # write() adds one blank line around each body again
+        while body and not body[-1].strip():
+            body.pop()
+        while body and not body[0].strip():
+            body.pop(0)
+    return out
 
 
 def overhead_section(res: dict, pairs: int, steps: int) -> list[str]:
@@ -205,7 +211,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (for tests)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/RESULTS.md"))
     p.add_argument("--only",
-                   default="overhead,startup,checkpoint,dataloader,ddp,inference,ssl,lm")
+                   default="overhead,startup,checkpoint,dataloader,ddp,inference,sweep,ssl,lm")
     p.add_argument("--update", action="store_true",
                    help="keep the sections of the existing file that this run does not redo")
     args = p.parse_args(argv)
@@ -273,6 +279,11 @@ def main(argv=None) -> int:
         n = 1 if q else 5
         done("Predict and ONNX", inference_section(
             bench_inference(n, 1 if q else 40, 20 if q else 1000, q), n))
+
+    if "sweep" in only:
+        from benchmarks import sweep
+
+        done("Sweeps", sweep.section(sweep.measure(q)))
 
     if "ssl" in only:
         from benchmarks import ssl

@@ -8,6 +8,7 @@
     python -m src.main --import my_pkg.my_module --config my.yaml        # user components
     python -m src.main predict --run experiments/exp001                  # predictions (JSONL)
     python -m src.main export --run experiments/exp001 --out exp001.onnx # onnx, .pt, .pt2, ...
+    python -m src.main sweep --config configs/sweep_exp001.yaml          # hyper-parameter search
 
 Bad input (config, data, checkpoint, command line) prints one line per problem and exits with 2.
 Heavy libraries are imported only once a config is being built, so --help and --list are instant.
@@ -27,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m src.main",
         description="Train an experiment described by one YAML file.",
         epilog="Overrides: dotted paths with YAML values, e.g. trainer.max_steps=50 "
-               "model.hidden=[256,256]. They win over the file, which wins over defaults.")
+               "model.hidden=[256,256]. They win over the file, which wins over defaults. "
+               "Other commands (each with --help): predict, export, sweep.")
     p.add_argument("--config", "-c", help="experiment YAML file")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     p.add_argument("--dry-run", action="store_true",
@@ -166,9 +168,14 @@ def _prepare_and_build(args):
     except UserError as exc:
         import os
 
+        from src.run.sweep_config import looks_like_sweep
+
+        if args.config and looks_like_sweep(args.config):
+            exc = UserError(f"{args.config}: is a sweep file; run it with python -m src.main "
+                            f"sweep --config {args.config}")
         # every rank of a launcher reads the same config: rank 0 alone reports what is wrong
         exc.quiet = os.environ.get("RANK", "0") != "0"
-        raise
+        raise exc from None
     except BaseException:
         outcome = "console"  # not the config's fault: keep whatever was printed, with the traceback
         raise
@@ -185,6 +192,10 @@ def _dispatch(argv: list[str]) -> int:
         from src.run import predict
 
         return predict.main(argv[1:])
+    if argv[:1] == ["sweep"]:
+        from src.run import sweep
+
+        return sweep.main(argv[1:])
     args = _parser().parse_args(argv)
     if args.list:
         return _list(args.list, args.imports)

@@ -2,11 +2,14 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import ROOT
 from helpers import metrics, run
 
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+ALL_CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+SWEEPS = [p for p in ALL_CONFIGS if p.stem.startswith("sweep_")]
+CONFIGS = [p for p in ALL_CONFIGS if p not in SWEEPS]
 SMOKE = ["trainer.max_steps=3", "trainer.max_epochs=null", "trainer.log_every=1",
          "checkpoint.every_n_steps=2"]
 
@@ -72,7 +75,6 @@ def test_exp001_with_overrides(overrides, tmp_path):
 @pytest.mark.parametrize("name", sorted(NEEDS_BASE))
 def test_a_config_that_needs_another_run_names_the_commands(name, tmp_path, monkeypatch, capsys):
     """On a fresh clone these configs stop at once, with the commands that make what they read."""
-    import yaml
 
     from src.main import main
 
@@ -88,7 +90,7 @@ def test_a_config_that_needs_another_run_names_the_commands(name, tmp_path, monk
             assert part.startswith(("python -m src.main ", "python -m benchmarks.")), part
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=[p.stem for p in ALL_CONFIGS])
 def test_config_header_says_what_it_trains_and_how_to_run_it(path: Path):
     """A config's opening comment says what it trains and gives the command; tuning history and
     results belong in benchmarks/RESULTS.md, not in the header."""
@@ -97,6 +99,19 @@ def test_config_header_says_what_it_trains_and_how_to_run_it(path: Path):
         if not line.startswith("#"):
             break
         header.append(line)
+    command = "sweep --config" if path in SWEEPS else "--config"
     assert header, f"{path.name}: no opening comment"
-    assert any(f"python -m src.main --config configs/{path.name}" in line for line in header)
-    assert len(header) <= 5, f"{path.name}: {len(header)} comment lines; move notes to RESULTS.md"
+    assert any(f"python -m src.main {command} configs/{path.name}" in line for line in header)
+    assert len(header) <= 6, f"{path.name}: {len(header)} comment lines; move notes to RESULTS.md"
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_sweep_config_runs_two_short_trials(path: Path, tmp_path, capsys):
+    """Every sweep in configs/ validates its space and runs two trials of a few steps."""
+    from src.main import main
+
+    assert main(["sweep", "--config", str(path), "trials=2", *SMOKE, f"logging.root={tmp_path}",
+                 "logging.loggers=[jsonl]"]) == 0
+    name = yaml.safe_load(path.read_text())["name"]
+    assert (tmp_path / name / "trials.csv").read_text().count("\n") == 3
+    assert (tmp_path / name / "best.yaml").exists()

@@ -74,3 +74,23 @@ def test_the_predict_and_export_examples_run(tmp_path, monkeypatch):
         before = {p for p in tmp_path.rglob("*") if p.is_file()}
         assert main(argv) == 0, command
         assert {p for p in tmp_path.rglob("*") if p.is_file()} - before, command
+
+
+def test_the_sweep_example_is_a_valid_sweep_of_exp001(tmp_path):
+    """The sweep file shown under "Sweeps" passes the whole space check against exp001."""
+    from pathlib import Path
+
+    from src.run.sweep import make_pruner, make_sampler
+    from src.run.sweep_config import check_space, load_sweep
+
+    section = README.split("## Sweeps", 1)[1].split("\n## ", 1)[0]
+    text = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text.replace("exp001.yaml", str(ROOT / "configs/exp001.yaml")))
+    sweep, experiment, overrides = load_sweep(path)
+    assert Path(experiment) == ROOT / "configs/exp001.yaml" and sweep.trials == 24
+    check_space(sweep, path, experiment, overrides)
+    make_sampler(sweep), make_pruner(sweep)
+    shipped = (ROOT / "configs/sweep_exp001.yaml").read_text()
+    for line in ("metric: val/accuracy", "method: tpe", "trials: 24", "pruner: {type: hyperband}"):
+        assert line in shipped and line in text

@@ -158,6 +158,14 @@ def attach_log(run_dir: Path) -> None:
         _reroute(_sink)
 
 
+def detach_log() -> None:
+    """Stop writing to the current run's ``log.txt`` (the next :func:`attach_log` opens another;
+    a sweep runs many runs in one process)."""
+    if _sink is not None and _sink.file is not None:
+        _sink.file.close()
+        _sink.file = None
+
+
 def banner(exp, decision, resumed: int) -> str:
     """The lines a run starts with: folder and whether it is new, model, data, compute."""
     s, cfg = exp.summary(), exp.cfg

@@ -284,9 +284,10 @@ class Strategy(abc.ABC):
     def barrier(self) -> None:
         """Return once every rank has called it."""
 
-    def teardown(self, in_step: bool = True) -> None:
+    def teardown(self, in_step: bool = True, keep_group: bool = False) -> None:
         """Leave the process group; ``in_step=False`` after an error another rank may not share
-        (no rank may then be waited for)."""
+        (no rank may then be waited for). ``keep_group``: finish this run's collectives but keep
+        the group for the next run of the same processes (a sweep's trials)."""
 
     def describe_failure(self, exc: BaseException) -> Optional[str]:
         """One line for an error that means the ranks fell out of step (None: not one of those)."""

@@ -114,8 +114,8 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
             self._shm_buffer().unlink()
 
     @override
-    def teardown(self, in_step: bool = True) -> None:
-        super().teardown(in_step)
+    def teardown(self, in_step: bool = True, keep_group: bool = False) -> None:
+        super().teardown(in_step, keep_group)
         # Only once every rank has passed its last collective: a rank still starting would wait
         # for the name forever. After an error the next run's setup removes it instead.
         if in_step and self.device.type == "cpu":  # the mappings stay valid; only the name goes

@@ -179,15 +179,20 @@ class ProcessGroupStrategy(Strategy):
         return None
 
     @override
-    def teardown(self, in_step: bool = True) -> None:
+    def teardown(self, in_step: bool = True, keep_group: bool = False) -> None:
         """Wait for the last asynchronous collective, then destroy the groups while nothing else
         holds them: a pending work handle or group left for interpreter shutdown to free can
-        outlive gloo's threads and abort the process at exit."""
+        outlive gloo's threads and abort the process at exit. ``keep_group`` keeps the default
+        group (a sweep runs its next trial on it) and frees this run's own sub-group."""
         if dist.is_initialized():
             if self._signal_work is not None and in_step:
                 self._signal_work[0].wait()
+            ckpt_group = getattr(self, "_ckpt_group", None)
             self._signal_work, self._ckpt_group = None, None
             if in_step:
                 dist.barrier()  # no rank tears the store down while another still talks to it
             gc.collect()
-            dist.destroy_process_group()
+            if not keep_group:
+                dist.destroy_process_group()
+            elif ckpt_group is not None:
+                dist.destroy_process_group(ckpt_group)

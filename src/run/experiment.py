@@ -161,6 +161,7 @@ class Experiment:
     val_loader: Any
     derived: dict[str, Any] = field(default_factory=dict)
     trainer: Any = None  # set by run()
+    callbacks: list = field(default_factory=list)  # built callbacks added to the config's
 
     @property
     def run_dir(self) -> Path:
@@ -251,6 +252,7 @@ class Experiment:
             strategy.barrier()
 
         callbacks = [CALLBACKS.build(s, f"callbacks.{i}") for i, s in enumerate(cfg.callbacks)]
+        callbacks += self.callbacks
         from src.core.callbacks.progress import RichProgressBar
 
         if strategy.is_main and sys.stdout.isatty() and \
