@@ -196,7 +196,7 @@ def _dispatch(argv: list[str]) -> int:
         from src.run import sweep
 
         return sweep.main(argv[1:])
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # overrides may come before or after flags
     if args.list:
         return _list(args.list, args.imports)
     if not args.config:

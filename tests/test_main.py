@@ -308,3 +308,13 @@ def test_a_misspelt_flag_or_config_file_gets_a_suggestion(capsys):
         capsys.readouterr().err
     assert main(["--config", str(ROOT / "configs/exp01.yaml"), "--dry-run"]) == 2
     assert f"did you mean {ROOT / 'configs/exp001.yaml'}?" in capsys.readouterr().err
+
+
+def test_overrides_may_come_before_and_after_flags(tmp_path, capsys):
+    """`--config C a=1 --dry-run b=2`: both overrides apply (argparse alone stops at b=2)."""
+    from src.main import main
+
+    assert main(["--config", str(ROOT / "configs/exp001.yaml"), "trainer.max_steps=7",
+                 "--dry-run", "name=late", f"logging.root={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "experiment      late" in out and "total steps     7" in out

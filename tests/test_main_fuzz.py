@@ -184,12 +184,13 @@ def _load(name: str) -> dict:
     return yaml.safe_load((ROOT / "configs" / name).read_text())
 
 
-def _leaves(data, prefix: str = "") -> list[str]:
+def _leaves(data, prefix: tuple = ()) -> list[tuple]:
+    """The key path of every leaf (a tuple: a key may itself hold dots, e.g. a file name)."""
     if isinstance(data, dict) and data:
-        return [p for k, v in data.items() for p in _leaves(v, f"{prefix}{k}.")]
+        return [p for k, v in data.items() for p in _leaves(v, (*prefix, k))]
     if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
-        return [p for i, v in enumerate(data) for p in _leaves(v, f"{prefix}{i}.")]
-    return [prefix[:-1]] if prefix else []
+        return [p for i, v in enumerate(data) for p in _leaves(v, (*prefix, str(i)))]
+    return [prefix] if prefix else []
 
 
 def _misspell(draw, word: str) -> str:
@@ -218,7 +219,8 @@ values = st.one_of(st.sampled_from(HOSTILE_VALUES), st.text(max_size=40),
 def override_case(draw, configs=tuple(c for c in CONFIGS if c not in SLOW)):
     """A config and 1-3 overrides: a real or misspelt key, or a malformed one; hostile values."""
     name = draw(st.sampled_from(configs))
-    paths = _leaves(_load(name)) + ["seed", "name", "trainer.max_steps", "optimizer.lr"]
+    paths = [".".join(p) for p in _leaves(_load(name))] + ["seed", "name", "trainer.max_steps",
+                                                           "optimizer.lr"]
     overrides = []
     for _ in range(draw(st.integers(1, 3))):
         kind = draw(st.sampled_from(["value", "value", "misspelt", "malformed", "malformed"]))
@@ -245,7 +247,7 @@ def file_case(draw, configs=tuple(c for c in CONFIGS if c not in SLOW)):
                                 "imports", "bytes", "truncate", "bomb", "top"]))
     paths = _leaves(data)
     if how in ("delete", "rename", "value") and paths:
-        keys = draw(st.sampled_from(paths)).split(".")
+        keys = list(draw(st.sampled_from(paths)))
         node = data
         for k in keys[:-1]:
             node = node[int(k)] if isinstance(node, list) else node[k]

@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # overrides may follow --workers N
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers: expected a positive number, got {args.workers}")
     rank = int(os.environ.get("RANK", "0"))
@@ -303,21 +303,23 @@ class Sweep:
     def run(self) -> int:
         if self.world > 1:
             self._join_group()
-        code = 0
+        in_step = False  # whether every rank leaves at the same point (may wait for the others)
         try:
             while True:
                 job = self._next() if self.is_main else None
                 job = self._broadcast(job)
                 if job is None:
                     break
-                code = self._run_trial(job)
-                if code:
-                    break
+                self._run_trial(job)
+            in_step = True
+        except SystemExit:  # a stop signal: every rank stopped at the same step
+            in_step = True
+            raise
         finally:
             self.rows.close()
             if self.group is not None:
-                self.group.teardown(in_step=code == 0)
-        return code
+                self.group.teardown(in_step=in_step)
+        return 0
 
     def _join_group(self) -> None:
         """Under a launcher, the trials of this sweep share one process group: rank 0 asks the
@@ -365,7 +367,8 @@ class Sweep:
         with self._study_lock():
             self._recover()
             trials = self.study.get_trials(deepcopy=False)
-            if sum(counted(t) for t in trials) >= self.budget:
+            waiting = any(t.state.name == "WAITING" for t in trials)  # a retry: the ask takes it
+            if not waiting and sum(counted(t) for t in trials) >= self.budget:
                 return None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with optimize"
@@ -431,9 +434,8 @@ class Sweep:
 
     # ------------------------------------------------------------ one trial
 
-    def _run_trial(self, job: dict) -> int:
-        """Run one trial to its outcome and tell the study; returns an exit code for the sweep
-        (0: go on)."""
+    def _run_trial(self, job: dict) -> None:
+        """Run one trial to its outcome and tell the study (raises what stops the sweep)."""
         from src.core.trainer import TrainingDiverged
         from src.run.experiment import build, prepare
 
@@ -503,7 +505,6 @@ class Sweep:
             if strategy is not None:
                 strategy.teardown(in_step, keep_group=self.world > 1)
         self._tell(trial, outcome, value, error, report.step, t0, heartbeat)
-        return 0
 
     @contextlib.contextmanager
     def _trial_output(self, run: str):

@@ -29,7 +29,8 @@ import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError,
+                      field_validator)
 
 from src.core.errors import ConfigError, shown
 
@@ -124,7 +125,7 @@ class SweepConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
     name: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_][\w.\-]*$")
-    experiment: str = Field(..., min_length=1, alias="base",
+    experiment: str = Field(..., min_length=1, validation_alias=AliasChoices("experiment", "base"),
                             description="The experiment config each trial starts from.")
     metric: str = Field(..., min_length=1, description="The value to optimise, e.g. val/accuracy.")
     direction: Literal["maximize", "minimize"] = "maximize"
@@ -183,6 +184,10 @@ def load_sweep(path: str | Path, cli: list[str] = ()) -> tuple[SweepConfig, Path
             trial_overrides.append(text)
     if "experiment" in data and "base" in data:
         raise ConfigError(f"{path}: give experiment or base, not both")
+    if "space" not in data and "model" in data:
+        raise ConfigError(f"{path}: is an experiment config, not a sweep file; a sweep file names "
+                          "it (experiment: ...) with a metric and a space, as "
+                          "configs/sweep_exp001.yaml does")
     try:
         sweep = SweepConfig.model_validate(data)
     except ValidationError as exc:

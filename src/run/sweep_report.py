@@ -110,7 +110,7 @@ def write_best(study, sweep: SweepConfig, sweep_dir: Path) -> Optional[Path]:
     header = (f"# The best trial of sweep {sweep.name}: trial {best.number} ({run}),\n"
               f"# {sweep.metric} {best.value:.6g} with {params}.\n"
               f"# Train it again: {reproduce_command(best, sweep_dir)}\n"
-              "# (CPU results depend on the thread count; this is the trial's.)\n")
+              "# (On a CPU the metrics depend on the thread count: this uses the trial's.)\n")
     path = sweep_dir / BEST
     with atomic_path(path) as tmp:
         Path(tmp).write_text(header + yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")

@@ -174,7 +174,8 @@ def test_cli_overrides_go_to_the_sweep_or_to_every_trial(tmp_path):
 
 # ------------------------------------------------------------------ interrupted sweeps
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT],
+                         ids=["kill-9", "sigterm", "sigint"])
 def test_a_killed_sweep_run_again_reaches_its_budget_without_duplicates(sig, tmp_path):
     path = sweep_file(tmp_path, {"trials": 3}, {"trainer.max_steps": 400,
                                                 "trainer.eval_every_n_steps": 100,
@@ -250,3 +251,49 @@ def test_distributed_trials_use_the_same_parameters_on_every_rank(tmp_path):
     assert all(v[0] == v[1] for v in seen.values())
     got = rows(tmp_path)
     assert [r["state"] for r in got] == ["pruned"] * 3  # no rank left waiting
+
+
+def test_an_experiment_config_given_to_sweep_says_what_a_sweep_file_is(tmp_path, capsys):
+    exp = make_config(tmp_path)
+    assert main(["sweep", "--config", str(exp)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {exp}: is an experiment config, not a sweep file; a sweep file names it "
+        "(experiment: ...) with a metric and a space, as configs/sweep_exp001.yaml does")
+    path = sweep_file(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    del data["experiment"]
+    path.write_text(yaml.safe_dump(data))
+    assert main(["sweep", "--config", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {path}: experiment: required but not given"
+
+
+def test_the_budget_counts_running_trials_and_a_dead_owners_trial_is_retried_in_its_folder(
+        tmp_path):
+    """What another process left in the study: a trial running in a live process counts toward
+    the budget; one whose process is gone is failed and asked again, with its parameters and its
+    run folder."""
+    import socket
+
+    from src.run.sweep import Sweep, open_study
+    from src.run.sweep_config import load_sweep
+
+    path = sweep_file(tmp_path, {"trials": 2})
+    sweep, experiment, overrides = load_sweep(path)
+    sweep_dir = tmp_path / "runs" / "s"
+    study = open_study(sweep, sweep_dir, create=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for pid in (1, dead.pid):  # pid 1 is alive: it is not ours, so it stays running
+        t = study.ask()
+        t.suggest_float("optimizer.lr", 1e-3, 3e-2, log=True)
+        t.suggest_categorical("model.hidden", ['[16]', '[32, 16]'])
+        t.set_user_attr("host", socket.gethostname())
+        t.set_user_attr("pid", pid)
+        t.set_user_attr("run", f"trial_{t.number}")
+    driver = Sweep(sweep, study, experiment, overrides, sweep_dir, [])
+    job = driver._next()
+    assert job is not None and job["run"] == "trial_1" and job["resumes"] == 1
+    lost = study.trials[1]
+    assert lost.state.name == "FAIL" and job["params"]["optimizer.lr"] == lost.params["optimizer.lr"]
+    driver.study.tell(job["trial"], 0.5)
+    assert driver._next() is None  # trial 0 (running elsewhere) and the retry make 2
