@@ -194,13 +194,13 @@ def make_sampler(sweep: SweepConfig, worker: int = 0, asked: int = 0):
     import optuna
 
     seed = (sweep.seed + 7919 * worker + 104729 * asked) % 2**32
-    if sweep.method == "grid":
-        space = {k: stored_choices(d) if d.choice is not None else d.grid(k)
-                 for k, d in sweep.space.items()}
-        return _Grid(space, seed=seed)
-    cls = {"random": optuna.samplers.RandomSampler, "tpe": optuna.samplers.TPESampler,
+    cls = {"grid": optuna.samplers.RandomSampler,  # a grid's points are queued: see grid_points
+           "random": optuna.samplers.RandomSampler, "tpe": optuna.samplers.TPESampler,
            "cmaes": optuna.samplers.CmaEsSampler}[sweep.method]
-    options = _options(cls, sweep.sampler, "sampler")
+    if sweep.method == "grid" and sweep.sampler:
+        raise ConfigError("sampler: a grid takes no sampler options (its points are the "
+                          "product of the axes)")
+    options = _options(cls, sweep.sampler, "sampler") if sweep.method != "grid" else {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -209,21 +209,20 @@ def make_sampler(sweep: SweepConfig, worker: int = 0, asked: int = 0):
         raise ConfigError(f"sampler: {library_message(exc, 160)}") from None
 
 
-def _grid_class():
-    import optuna
+def grid_points(sweep: SweepConfig) -> list[dict[str, Any]]:
+    """Every point of a grid, in the order of its axes' product, as Optuna stores the values.
+    The sweep queues them one by one (Optuna's GridSampler counts a failed point as visited, so
+    it would never run an interrupted point again)."""
+    import itertools
 
-    class Grid(optuna.samplers.GridSampler):
-        """Optuna's grid, whose end of grid is the sweep's budget (its own ``after_trial``
-        stops ``study.optimize``, which a sweep does not use)."""
-
-        def after_trial(self, study, trial, state, values) -> None:
-            pass
-
-    return Grid
+    keys = list(sweep.space)
+    axes = [stored_choices(d) if d.choice is not None else d.grid(k)
+            for k, d in sweep.space.items()]
+    return [dict(zip(keys, values)) for values in itertools.product(*axes)]
 
 
-def _Grid(space, seed):
-    return _grid_class()(space, seed=seed)
+def _point_key(params: dict[str, Any], keys) -> tuple:
+    return tuple(json.dumps(params.get(k), sort_keys=True) for k in keys)
 
 
 def make_pruner(sweep: SweepConfig):
@@ -370,6 +369,13 @@ class Sweep:
             waiting = any(t.state.name == "WAITING" for t in trials)  # a retry: the ask takes it
             if not waiting and sum(counted(t) for t in trials) >= self.budget:
                 return None
+            if self.sweep.method == "grid" and not waiting:  # the next point no trial holds
+                taken = {_point_key(t.params, self.sweep.space) for t in trials if counted(t)}
+                point = next((p for p in grid_points(self.sweep)
+                              if _point_key(p, self.sweep.space) not in taken), None)
+                if point is None:
+                    return None
+                self.study.enqueue_trial(point)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with optimize"
                 trial = self.study.ask()
@@ -391,17 +397,13 @@ class Sweep:
         return {"trial": trial, "number": trial.number, "params": params, "run": run,
                 "resumes": origin.number if origin is not None else None}
 
-    def _origin(self, trial, trials):
-        """The interrupted trial this one retries: named when the retry was queued, or (a grid,
-        which proposes an unfinished point again) the unclaimed one with the same parameters."""
+    @staticmethod
+    def _origin(trial, trials):
+        """The interrupted trial this one retries (named when the retry was queued), or None."""
         retry_of = trial.user_attrs.get(RETRY_OF)
-        if retry_of is not None:
-            return next((t for t in trials if t.number == retry_of), None)
-        if self.sweep.method != "grid":
+        if retry_of is None:
             return None
-        claimed = {t.user_attrs.get(RETRY_OF) for t in trials}
-        return next((t for t in trials if interrupted(t) and t.number not in claimed
-                     and t.params == trial.params), None)
+        return next((t for t in trials if t.number == retry_of), None)
 
     def _recover(self) -> None:
         """Fail the trials whose process is gone, and queue a retry of each interrupted one."""
@@ -419,8 +421,6 @@ class Sweep:
                     not _alive(pid):
                 with contextlib.suppress(UpdateFinishedTrialError):
                     storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-        if self.sweep.method == "grid":
-            return  # the grid proposes an unfinished point again; _origin finds its folder
         trials = self.study.get_trials(deepcopy=False)
         claimed = {t.user_attrs.get(RETRY_OF) for t in trials}
         attempts: dict[str, int] = {}

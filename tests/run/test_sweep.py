@@ -22,13 +22,15 @@ from src.main import main
 
 def sweep_file(tmp: Path, changes: dict | None = None, experiment: dict | None = None,
                name: str = "s") -> Path:
-    """A sweep over the tiny MLP config (20 steps, evaluated every 10)."""
+    """A sweep over the tiny MLP config (20 steps, evaluated every 10); a change to None
+    removes that key."""
     exp = make_config(tmp, {"trainer.eval_every_n_steps": 10, **(experiment or {})})
     data = {"name": name, "experiment": exp.name, "metric": "val/accuracy",
             "method": "random", "trials": 3,
             "space": {"optimizer.lr": {"loguniform": [1e-3, 3e-2]},
                       "model.hidden": {"choice": [[16], [32, 16]]}}}
     data.update(changes or {})
+    data = {k: v for k, v in data.items() if v is not None}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -68,6 +70,8 @@ BAD = [
     ({"pruner": {"type": "hyperbnd"}}, "pruner.type: Input should be 'none', 'median'"),
     ({"sampler": {"n_startup": 3}, "method": "tpe"}, "sampler.n_startup: not an option of TPE"),
     ({"direction": "up"}, "direction: Input should be 'maximize' or 'minimize'"),
+    ({"method": "grid", "sampler": {"seed": 1},
+      "space": {"optimizer.lr": {"choice": [0.01]}}}, "sampler: a grid takes no sampler options"),
     ({"storage": "nosuchdb://x/y"}, "storage: cannot open 'nosuchdb://x/y'"),
     ({"experiment": "nothere.yaml"}, "nothere.yaml: config file not found"),
 ]
@@ -75,11 +79,7 @@ BAD = [
 
 @pytest.mark.parametrize("changes,line", BAD, ids=[b[1][:40] for b in BAD])
 def test_a_bad_sweep_is_one_line_exit_2_and_writes_nothing(changes, line, tmp_path, capsys):
-    path = sweep_file(tmp_path, {k: v for k, v in changes.items()})
-    if changes.get("trials", 0) is None:
-        data = yaml.safe_load(path.read_text())
-        del data["trials"]
-        path.write_text(yaml.safe_dump(data))
+    path = sweep_file(tmp_path, changes)
     assert main(["sweep", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and line in err[0], err
@@ -259,10 +259,7 @@ def test_an_experiment_config_given_to_sweep_says_what_a_sweep_file_is(tmp_path,
     assert capsys.readouterr().err.strip() == (
         f"error: {exp}: is an experiment config, not a sweep file; a sweep file names it "
         "(experiment: ...) with a metric and a space, as configs/sweep_exp001.yaml does")
-    path = sweep_file(tmp_path)
-    data = yaml.safe_load(path.read_text())
-    del data["experiment"]
-    path.write_text(yaml.safe_dump(data))
+    path = sweep_file(tmp_path, {"experiment": None})
     assert main(["sweep", "--config", str(path)]) == 2
     assert capsys.readouterr().err.strip() == f"error: {path}: experiment: required but not given"
 
@@ -294,6 +291,39 @@ def test_the_budget_counts_running_trials_and_a_dead_owners_trial_is_retried_in_
     job = driver._next()
     assert job is not None and job["run"] == "trial_1" and job["resumes"] == 1
     lost = study.trials[1]
-    assert lost.state.name == "FAIL" and job["params"]["optimizer.lr"] == lost.params["optimizer.lr"]
+    assert lost.state.name == "FAIL"
+    assert job["params"]["optimizer.lr"] == lost.params["optimizer.lr"]
     driver.study.tell(job["trial"], 0.5)
     assert driver._next() is None  # trial 0 (running elsewhere) and the retry make 2
+
+
+def test_an_interrupted_grid_point_runs_again_in_its_folder_and_the_grid_stays_exact(tmp_path):
+    import socket
+
+    from src.run.sweep import grid_points, open_study
+    from src.run.sweep_config import load_sweep
+
+    path = sweep_file(tmp_path, {"method": "grid", "trials": None, "space": {
+        "optimizer.lr": {"choice": [0.001, 0.01]}, "model.hidden": {"choice": [[16], [32, 16]]}}},
+        {"trainer.max_steps": 4})
+    sweep, _, _ = load_sweep(path)
+    study = open_study(sweep, tmp_path / "runs" / "s", create=True)
+    points = grid_points(sweep)
+    assert len(points) == 4
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    study.enqueue_trial(points[2])  # a point whose process died while it trained
+    t = study.ask()
+    t.suggest_categorical("optimizer.lr", [0.001, 0.01])
+    t.suggest_categorical("model.hidden", ['[16]', '[32, 16]'])
+    for k, v in {"host": socket.gethostname(), "pid": dead.pid, "run": "trial_0"}.items():
+        t.set_user_attr(k, v)
+    assert main(["sweep", "--config", str(path)]) == 0
+    got = rows(tmp_path)
+    assert [r["state"] for r in got] == ["complete"] * 4
+    assert {(float(r["optimizer.lr"]), r["model.hidden"]) for r in got} == \
+        {(lr, h) for lr in (0.001, 0.01) for h in ("[16]", "[32, 16]")}
+    retry = next(r for r in got if r["retry_of"] == "0")
+    assert retry["run"] == "trial_0"
+    assert (float(retry["optimizer.lr"]), retry["model.hidden"]) == \
+        (points[2]["optimizer.lr"], points[2]["model.hidden"])
