@@ -47,6 +47,7 @@ class GroupCollectives(Collectives):
 
 # What gloo and NCCL say when a peer never answers (timeout) or has gone away.
 LOST_PEER = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
+             "Application timeout caused pair closure",  # gloo, when the wait ran out mid-pair
              "NCCL communicator was aborted", "Watchdog caught collective operation timeout")
 
 

@@ -145,7 +145,10 @@ def write_plots(study, sweep_dir: Path) -> list[str]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "experimental"
                 ax = getattr(ovm, fn)(study)
-            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+            first = ax.flat[0] if hasattr(ax, "flat") else ax
+            if name == "intermediate":  # values are reported at the samples trained on
+                first.set_xlabel("training samples seen")
+            fig = first.figure
             fig.set_size_inches(max(fig.get_size_inches()[0], 8), 5)
             fig.tight_layout()
             with atomic_path(sweep_dir / f"plot_{name}.png") as tmp:

@@ -97,3 +97,19 @@ def test_a_strategy_written_from_the_base_docstring_alone_trains_and_resumes(wri
     assert seen[0] == LoopSettings(batch_size=32, grad_clip=0.5, optimizer="adamw")
     assert two.trainer.step == 20
     assert metrics(one.run_dir)[-1] == metrics(two.run_dir)[-1]
+
+
+@pytest.mark.parametrize("message", [
+    "[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:41234",
+    "[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms for recv operation",
+    "Application timeout caused pair closure",
+])
+def test_what_gloo_says_when_a_peer_is_gone_is_one_line_naming_the_timeout(message):
+    from src.distributed.ddp import DDPStrategy
+
+    strategy = DDPStrategy(timeout_s=5)
+    strategy.rank = 0
+    line = strategy.describe_failure(RuntimeError(message))
+    assert line is not None and line.startswith("rank 0: a collective failed (")
+    assert "strategy.timeout_s = 5" in line and "\n" not in line
+    assert strategy.describe_failure(RuntimeError("shape mismatch")) is None
