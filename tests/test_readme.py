@@ -80,7 +80,7 @@ def test_the_sweep_example_is_a_valid_sweep_of_exp001(tmp_path):
     """The sweep file shown under "Sweeps" passes the whole space check against exp001."""
     from pathlib import Path
 
-    from src.run.sweep import make_pruner, make_sampler
+    from src.run.sweep_study import make_pruner, make_sampler
     from src.run.sweep_config import check_space, load_sweep
 
     section = README.split("## Sweeps", 1)[1].split("\n## ", 1)[0]

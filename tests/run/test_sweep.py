@@ -271,7 +271,8 @@ def test_the_budget_counts_running_trials_and_a_dead_owners_trial_is_retried_in_
     run folder."""
     import socket
 
-    from src.run.sweep import Sweep, open_study
+    from src.run.sweep import Sweep
+    from src.run.sweep_study import open_study
     from src.run.sweep_config import load_sweep
 
     path = sweep_file(tmp_path, {"trials": 2})
@@ -300,7 +301,7 @@ def test_the_budget_counts_running_trials_and_a_dead_owners_trial_is_retried_in_
 def test_an_interrupted_grid_point_runs_again_in_its_folder_and_the_grid_stays_exact(tmp_path):
     import socket
 
-    from src.run.sweep import grid_points, open_study
+    from src.run.sweep_study import grid_points, open_study
     from src.run.sweep_config import load_sweep
 
     path = sweep_file(tmp_path, {"method": "grid", "trials": None, "space": {
