@@ -304,7 +304,7 @@ class Sweep:
             overrides.append(f"checkpoint.keep_last={self.sweep.keep_last}")
         from src.run.sweep_pruning import Report
 
-        report = Report(self.sweep.metric, trial, number, self.world)
+        report = Report(self.sweep.metric, trial, self.world)
         heartbeat = _Heartbeat(self.study, trial) if trial is not None else None
         t0 = time.time()
         outcome, value, error, exp, strategy, in_step = "FAIL", None, None, None, None, False

@@ -3,7 +3,7 @@ pruner's decision stops the run (on every rank at the same step)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from src.core.callbacks.base import Callback
@@ -21,12 +21,10 @@ class Report(Callback):
 
     metric: str
     trial: Any  # the Optuna trial on rank 0, None elsewhere
-    number: int
     world: int = 1
     samples_per_step: int = 1
     pruned: bool = False
     step: int = 0
-    reported: list = field(default_factory=list)
 
     def on_validation_end(self, trainer, metrics: dict[str, float]) -> None:
         self.step = trainer.step
@@ -38,7 +36,6 @@ class Report(Callback):
         if self.trial is not None:
             if math.isfinite(value):
                 self.trial.report(value, trainer.step * self.samples_per_step)
-                self.reported.append((trainer.step, value))
             prune = self.trial.should_prune()
         if self.world > 1:
             import torch.distributed as dist
