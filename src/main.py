@@ -117,6 +117,11 @@ def _dry_run(exp) -> None:
     print(f"total steps     {s['total_steps']}")
     print(f"strategy        {exp.cfg.strategy['type']} on {exp.strategy.device}, "
           f"world size {exp.strategy.world_size}")
+    from src.core.model_summary import format_summary, summarize
+    from src.core.param_groups import format_table
+
+    print("\n" + "\n".join(format_summary(*summarize(exp.task))))
+    print("\n" + "\n".join(format_table(exp.param_groups)))
 
 
 def main(argv: list[str] | None = None) -> int:

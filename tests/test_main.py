@@ -1,9 +1,11 @@
 """The command line, run as users run it: in a subprocess."""
 import json
+import os
 import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -42,7 +44,24 @@ def test_dry_run_reports_sizes_and_writes_nothing(cli, write_config, tmp_path):
     assert "1,438 train, 359 val" in out.stdout
     assert "steps/epoch     44" in out.stdout and "total steps     132" in out.stdout
     assert "parameters" in out.stdout
+    # the model summary (every module with the prefix its parameter names start with) and the
+    # optimizer's groups
+    assert re.search(r"^ +model\.net\.1 +Linear +2,080 +2,080$", out.stdout, re.M)
+    assert "total: 2,410 parameters, 2,410 trainable, 0.01 MB" in out.stdout
+    assert re.search(r"^optimizer \(adamw\) +no_decay +2 +42 +0\.001 +0$", out.stdout, re.M)
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_installed_command_is_the_command_line(write_config, tmp_path):
+    tessera = Path(sys.executable).parent / "tessera"
+    assert tessera.exists(), "pip install -e . installs the `tessera` command"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # (an editable install elsewhere)
+    out = subprocess.run([str(tessera), "--config", str(write_config()), "--dry-run"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
+    assert out.returncode == 0 and "total steps     20" in out.stdout, out.stderr
+    bad = subprocess.run([str(tessera), "--config", str(write_config()), "optimizer.lr=-1"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: override 'optimizer.lr=-1'")
 
 
 PLUGIN = '''

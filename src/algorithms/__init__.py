@@ -2,4 +2,4 @@
 registration never depends on import order."""
 from src.algorithms import (byol, causal_lm, classification, dino, dpo, mae,  # noqa: F401
                             masked_lm, metric_learning, moco, ppo, rewards, seq2seq,
-                            sequence_classification, simclr, vicreg)
+                            sequence_classification, simclr, supervised, vicreg)

@@ -105,7 +105,16 @@ class ExperimentConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: Section = Field(..., description="MODELS entry.")
     task: Section = Field(..., description="TASKS entry.")
-    optimizer: Section = Field({"type": "adamw"}, description="OPTIMIZERS entry.")
+    optimizer: Section = Field({"type": "adamw"}, description=(
+        "OPTIMIZERS entry; `groups` (per-pattern lr_mult, lr, weight_decay, ...) and "
+        "`layer_decay` shape its parameter groups."))
+    optimizers: list[Section] = Field([], description=(
+        "Several optimizers by pattern: OPTIMIZERS entries with `match` (a regex on parameter "
+        "names; the last may omit it and takes the rest) and their own `scheduler`. Replaces "
+        "`optimizer`."))
+    freeze: list[str] = Field([], description=(
+        "Regexes on parameter names (model.blocks.0.attn.qkv.weight): matching parameters are "
+        "frozen."))
     scheduler: Section = Field({"type": "constant"}, description="SCHEDULERS entry.")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     strategy: Section = Field({"type": "single"}, description="STRATEGIES entry.")
@@ -132,6 +141,130 @@ class ExperimentConfig(_Strict):
         if "type" not in v:
             raise ValueError("needs a 'type' key naming a registered component")
         return v
+
+    @field_validator("optimizers")
+    @classmethod
+    def _each_has_type(cls, v: list[Section]) -> list[Section]:
+        for i, s in enumerate(v):
+            if "type" not in s:
+                raise ValueError(f"entry {i} needs a 'type' key naming a registered optimizer")
+        return v
+
+    @field_validator("freeze")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        for i, pattern in enumerate(v):
+            _regex_error(pattern, f"entry {i}")
+        return v
+
+
+def _regex_error(pattern: Any, where: str) -> None:
+    """Raise ValueError naming ``where`` when ``pattern`` is not a regular expression."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"{where}: a regular expression must be a string (got {shown(pattern)})")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{where}: {shown(pattern)} is not a regular expression ({exc})") from None
+
+
+# Keys of an optimizer section that shape its parameter groups (src/core/param_groups.py); the
+# rest is the OPTIMIZERS entry's. In an `optimizers` entry also `match` and `scheduler`.
+GROUP_SECTION_KEYS = ("groups", "layer_decay")
+MULTI_SECTION_KEYS = ("match", "scheduler")
+
+
+def optimizer_sections(cfg_or_data: Any) -> list[tuple[str, Section]]:
+    """(dotted path, section) of each optimizer: ``optimizer``, or each entry of ``optimizers``."""
+    get = cfg_or_data.get if isinstance(cfg_or_data, dict) else \
+        lambda k: getattr(cfg_or_data, k)
+    many = get("optimizers") or []
+    if isinstance(many, list) and many:
+        return [(f"optimizers.{i}", s) for i, s in enumerate(many)]
+    return [("optimizer", get("optimizer"))]
+
+
+def registry_section(section: Section) -> Section:
+    """An optimizer section without the keys the platform reads (groups, match, scheduler)."""
+    return {k: v for k, v in section.items()
+            if k not in GROUP_SECTION_KEYS + MULTI_SECTION_KEYS}
+
+
+def optimizer_structure_errors(path: str, section: Section) -> tuple[list[str], list[tuple]]:
+    """Problems of ``groups``/``layer_decay``/``match`` in one optimizer section, and the
+    (registry, path, section) triples to check against the registries (group hyper-parameters
+    as the optimizer's own, an entry's scheduler)."""
+    lines: list[str] = []
+    checks: list[tuple] = []
+    kind = section.get("type")
+    groups = section.get("groups", [])
+    if not isinstance(groups, list):
+        lines.append(f"{path}.groups: a list of {{match: REGEX, lr_mult: ..., ...}} "
+                     f"(got {shown(groups)})")
+        groups = []
+    for i, g in enumerate(groups):
+        at = f"{path}.groups.{i}"
+        if not isinstance(g, dict):
+            lines.append(f"{at}: a mapping {{match: REGEX, lr_mult: ..., weight_decay: ...}} "
+                         f"(got {shown(g)})")
+            continue
+        if "match" not in g:
+            lines.append(f"{at}: needs 'match', a regular expression on parameter names")
+        else:
+            try:
+                _regex_error(g["match"], f"{at}.match")
+            except ValueError as exc:
+                lines.append(str(exc))
+        mult = g.get("lr_mult", 1.0)
+        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not 0 <= mult < 1e6:
+            lines.append(f"{at}.lr_mult: a number >= 0 (got {shown(mult)})")
+        if len(g) == 1 and "match" in g:
+            lines.append(f"{at}: sets nothing (give lr_mult, lr, weight_decay or another "
+                         "hyper-parameter of the optimizer)")
+        hyper = {k: v for k, v in g.items() if k not in ("match", "lr_mult")}
+        if isinstance(kind, str) and hyper:
+            checks.append(("optimizers", at, {"type": kind, **hyper}))
+    decay = section.get("layer_decay")
+    if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float))
+                              or not 0 < decay <= 1):
+        lines.append(f"{path}.layer_decay: a number in (0, 1] (got {shown(decay)})")
+    if "match" in section:
+        if not path.startswith("optimizers."):
+            lines.append(f"{path}.match: only entries of `optimizers` take `match`")
+        else:
+            try:
+                _regex_error(section["match"], f"{path}.match")
+            except ValueError as exc:
+                lines.append(str(exc))
+    if "scheduler" in section:
+        sched = section["scheduler"]
+        if not path.startswith("optimizers."):
+            lines.append(f"{path}.scheduler: the schedule is the top-level `scheduler` section")
+        elif not isinstance(sched, dict) or not isinstance(sched.get("type"), str):
+            lines.append(f"{path}.scheduler: a SCHEDULERS section with a 'type' "
+                         f"(got {shown(sched)})")
+        else:
+            checks.append(("schedulers", f"{path}.scheduler", sched))
+    return lines, checks
+
+
+def optimizers_errors(cfg: "ExperimentConfig", defaults: Section) -> list[str]:
+    """How ``optimizers`` entries fit together (the last alone may omit `match`)."""
+    many = cfg.optimizers
+    if not many:
+        return []
+    lines = []
+    if cfg.optimizer != defaults:
+        lines.append("optimizers: replaces `optimizer`, which this config sets too; remove "
+                     "`optimizer` (or, where a base file sets it, give optimizer: {type: adamw})")
+    for i, s in enumerate(many[:-1]):
+        if "match" not in s:
+            lines.append(f"optimizers.{i}: needs `match` (only the last entry may omit it and "
+                         "take every parameter the others do not)")
+    if cfg.strategy.get("type") == "deepspeed" and len(many) > 1:
+        lines.append("optimizers: DeepSpeed steps one optimizer; use `optimizer` with `groups` "
+                     "under strategy.type deepspeed")
+    return lines
 
 
 # ---------------------------------------------------------------- loading
@@ -317,13 +450,23 @@ def _set_sources(origins: dict[str, str], new: dict[str, str]) -> None:
     origins.update(new)
 
 
-def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:
-    """A file merged over its ``base:`` files, and the file each leaf came from."""
-    if _resolved(path) in seen:
+DICT_SOURCE = "<dict>"  # where the values of a config given as a Python dict come from
+
+
+def _load_with_bases(path: Path, seen: tuple[Path, ...] = (), given: Optional[dict] = None
+                     ) -> tuple[dict, dict[str, str]]:
+    """A file (or the ``given`` dict, whose ``base:`` is relative to the current folder) merged
+    over its ``base:`` files, and the file each leaf came from."""
+    if given is None and _resolved(path) in seen:
         raise ConfigError(f"{path}: 'base' inheritance forms a cycle")
     if len(seen) > 16:
         raise ConfigError(f"{path}: 'base' files nest more than 16 deep")
-    data = _read_yaml(path)
+    if given is not None:
+        if not isinstance(given, dict):
+            raise ConfigError(f"config: a mapping of sections (got {type(given).__name__})")
+        data = copy.deepcopy(given)
+    else:
+        data = _read_yaml(path)
     bases = data.pop("base", None)
     merged: dict[str, Any] = {}
     origins: dict[str, str] = {}
@@ -403,12 +546,19 @@ def raw_component_errors(data: dict, origins: dict[str, str], source: str) -> li
     from src.core.registry import ALL
 
     sections = [(reg, key, data.get(key)) for reg, key in (
-        ("models", "model"), ("tasks", "task"), ("optimizers", "optimizer"),
+        ("models", "model"), ("tasks", "task"),
         ("schedulers", "scheduler"), ("strategies", "strategy"))]
+    sections += [("optimizers", path, registry_section(s) if isinstance(s, dict) else s)
+                 for path, s in optimizer_sections(data)]
     callbacks = data.get("callbacks")
     if isinstance(callbacks, list):
         sections += [("callbacks", f"callbacks.{i}", s) for i, s in enumerate(callbacks)]
     lines: list[str] = []
+    for path, section in optimizer_sections(data):
+        if isinstance(section, dict):
+            more, checks = optimizer_structure_errors(path, section)
+            lines += more
+            sections += checks
     for reg, path, section in sections:
         if isinstance(section, dict) and isinstance(section.get("type"), str):
             try:
@@ -418,15 +568,20 @@ def raw_component_errors(data: dict, origins: dict[str, str], source: str) -> li
     return _located(ConfigError(*lines), origins, source).lines if lines else []
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[ExperimentConfig, dict[str, str]]:
-    """Read, inherit, override and validate a config.
+def load_config(path: str | Path | dict, overrides: list[str] = ()
+                ) -> tuple[ExperimentConfig, dict[str, str]]:
+    """Read, inherit, override and validate a config (a file, or a dict of its sections).
 
     Returns:
         The validated config and ``origins``: dotted path -> the file or ``override`` it came from.
     Raises:
         ConfigError: every problem, one line each, naming its source and dotted path.
     """
-    data, origins = _load_with_bases(Path(path))
+    if isinstance(path, dict):
+        data, origins = _load_with_bases(Path(DICT_SOURCE), given=path)
+        path = DICT_SOURCE
+    else:
+        data, origins = _load_with_bases(Path(path))
     origins[""] = str(path)  # the main file (run_info tells its values from a base file's)
     for key in ("optimizer", "scheduler", "strategy"):  # an override edits the default section
         if key not in data:
@@ -475,10 +630,10 @@ def component_sections(cfg: ExperimentConfig) -> list[tuple[str, str, Section]]:
         ("datasets", "data", {"type": cfg.data.type, **data}),
         ("models", "model", cfg.model),
         ("tasks", "task", cfg.task),
-        ("optimizers", "optimizer", cfg.optimizer),
         ("schedulers", "scheduler", cfg.scheduler),
         ("strategies", "strategy", cfg.strategy),
     ]
+    out += [("optimizers", path, registry_section(s)) for path, s in optimizer_sections(cfg)]
     out += [("callbacks", f"callbacks.{i}", s) for i, s in enumerate(cfg.callbacks)]
     for i, s in enumerate(cfg.logging.loggers):
         out.append(("loggers", f"logging.loggers.{i}", {"type": s} if isinstance(s, str) else s))
@@ -530,13 +685,19 @@ def validate_components(cfg: ExperimentConfig, origins: dict[str, str], source: 
     from src.core.registry import ALL
 
     lines: list[str] = []
-    for registry, path, section in component_sections(cfg):
+    checks = component_sections(cfg)
+    for path, section in optimizer_sections(cfg):
+        more, extra = optimizer_structure_errors(path, section)
+        lines += more
+        checks += extra
+    for registry, path, section in checks:
         if registry not in ALL:
             continue
         try:
             ALL[registry].validate(section, path)
         except ConfigError as exc:
             lines += exc.lines
+    lines += optimizers_errors(cfg, ExperimentConfig.model_fields["optimizer"].default)
     lines += combination_errors(cfg)
     if lines:
         raise _located(ConfigError(*lines), origins, source)

@@ -8,9 +8,11 @@ Each receives ``start(run_info, resume_step)`` once, ``log(metrics, step)`` with
 from __future__ import annotations
 
 import json
+import os
 import time
+import uuid
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import Field
 
@@ -34,6 +36,9 @@ class Logger:
 
     def log_text(self, texts: dict[str, str], step: int) -> None:
         """Named texts (generated samples ...) at ``step``; loggers without text ignore them."""
+
+    def log_images(self, images: dict[str, Path], step: int) -> None:
+        """PNG files of the finished run (``curves``, ``confusion_matrix``) by name."""
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.sink is not None:
@@ -160,9 +165,12 @@ class MLflowLogger(Logger):
             description="MLflow experiment name (default: the run's name)")] = None,
     ):
         super().__init__(run_dir)
+        tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
         self.store = None if tracking_uri else (self.run_dir / "mlruns").resolve()
         self.uri = tracking_uri or f"sqlite:///{self.store / 'mlflow.db'}"
-        self.experiment = experiment or self.run_dir.name
+        # a store of its own holds one run: its experiment is the run; a shared store groups
+        # every run under one experiment, to be compared side by side
+        self.experiment = experiment or (self.run_dir.name if self.store else "tessera")
         self.client = None
         self.run_id: Optional[str] = None
 
@@ -180,8 +188,7 @@ class MLflowLogger(Logger):
             return
         exp = self.client.get_experiment_by_name(self.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(
-            self.experiment,
-            artifact_location=(self.store / "artifacts").as_uri() if self.store else None)
+            self.experiment, artifact_location=self._artifacts())
         run = self.client.create_run(exp_id, run_name=self.run_dir.name)
         self.run_id = run.info.run_id
         id_file.write_text(self.run_id)
@@ -195,6 +202,20 @@ class MLflowLogger(Logger):
         if config.exists():
             self.client.log_artifact(self.run_id, str(config))
 
+    def _artifacts(self) -> Optional[str]:
+        """Beside the database: <run>/mlruns/artifacts, or <shared db folder>/artifacts/<exp>
+        for a shared SQLite file (the server's own default for other stores)."""
+        if self.store is not None:
+            return (self.store / "artifacts").as_uri()
+        if self.uri.startswith("sqlite:///"):
+            db = Path(self.uri[len("sqlite:///"):])
+            return (db.resolve().parent / "artifacts" / self.experiment).as_uri()
+        return None
+
+    def log_images(self, images: dict[str, Path], step: int) -> None:
+        for path in images.values():
+            self.client.log_artifact(self.run_id, str(path))
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
@@ -206,3 +227,71 @@ class MLflowLogger(Logger):
         if self.client and self.run_id:
             self.client.set_terminated(self.run_id, status=status)
             self.client = None
+
+
+@LOGGERS.register("wandb")
+class WandbLogger(Logger):
+    """Weights & Biases: config, metrics, text and the run's figures. Offline by default (the run
+    is written under ``<run>/wandb/``; ``wandb sync <run>/wandb/offline-run-*`` uploads it
+    later); ``mode: online`` logs live. A resumed run continues the same W&B run."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        project: Annotated[str, Field(description="W&B project")] = "tessera",
+        mode: Annotated[Literal["offline", "online", "disabled"], Field(
+            description="offline: files only, synced later; online: needs a login")] = "offline",
+        entity: Annotated[Optional[str], Field(description="W&B team or user")] = None,
+        group: Annotated[Optional[str], Field(description="groups runs (a sweep, ...)")] = None,
+        tags: Annotated[list[str], Field(description="tags of the run")] = [],
+    ):
+        super().__init__(run_dir)
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            from src.core.errors import ConfigError
+
+            raise ConfigError("logging.loggers: wandb is not installed; pip install wandb (or "
+                              "the project's extra: pip install -e '.[wandb]')")
+        self.project, self.mode, self.entity, self.group, self.tags = \
+            project, mode, entity, group, list(tags)
+        self.run = None
+
+    def start(self, run_info: dict[str, Any], resume_step: int = 0) -> None:
+        import wandb
+
+        id_file = self.run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if resume_step and id_file.exists() else None
+        run_id = run_id or uuid.uuid4().hex[:8]
+        id_file.write_text(run_id)
+        self.run = wandb.init(
+            project=self.project, entity=self.entity, group=self.group, tags=self.tags,
+            name=self.run_dir.name, id=run_id, resume="allow", dir=str(self.run_dir),
+            mode=self.mode, config=run_info.get("params", {}), reinit="create_new",
+            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(dict(metrics), step=step)
+
+    def log_text(self, texts: dict[str, str], step: int) -> None:
+        import wandb
+
+        self.run.log({k: wandb.Html(f"<pre>{_escape(v)}</pre>") for k, v in texts.items()},
+                     step=step)
+
+    def log_images(self, images: dict[str, Path], step: int) -> None:
+        import wandb
+
+        self.run.log({f"figures/{k}": wandb.Image(str(p)) for k, p in images.items()},
+                     step=step)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+            self.run = None
+
+
+def _escape(text: str) -> str:
+    import html
+
+    return html.escape(text)

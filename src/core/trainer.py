@@ -50,8 +50,10 @@ class Trainer:
                  train_loader, val_loader, max_steps: int, callbacks: Iterable = (),
                  loggers: Iterable = (), checkpoints=None,
                  run_dir: Optional[Path] = None, run_info: Optional[dict] = None,
-                 on_start: Optional[Callable[[], None]] = None):
+                 on_start: Optional[Callable[[], None]] = None,
+                 group_lrs: Iterable[tuple[str, int]] = ()):
         self.cfg, self.task, self.model, self.strategy = cfg, task, model, strategy
+        self.group_lrs = list(group_lrs)  # (metric name, index in optimizer.param_groups)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.val_loader = train_loader, val_loader
         self.max_steps, self.callbacks, self.loggers = max_steps, list(callbacks), list(loggers)
@@ -98,6 +100,8 @@ class Trainer:
             with deferred_signals(self._on_signal):
                 self._run()
             status = "KILLED" if self._signal else "FINISHED"
+            if not self._signal and self.run_dir is not None and self.strategy.is_main:
+                self._write_artifacts()
         finally:
             if self.checkpoints is not None:
                 self.checkpoints.wait()
@@ -112,9 +116,19 @@ class Trainer:
                 print(f"stopped by {signal.Signals(self._signal).name} at step {self.step}; "
                       f"{saved}run the same command again to resume", flush=True)
             raise SystemExit(128 + self._signal)
-        if self.run_dir is not None and self.strategy.is_main:
-            self.task.write_artifacts(Path(self.run_dir))
         return {**self.last_logged, **self.last_val}
+
+    def _write_artifacts(self) -> None:
+        """The task's figures and ``curves.png`` into the run folder, each given to the loggers
+        (before they finish)."""
+        from src.core.curves import write_curves
+
+        run_dir = Path(self.run_dir)
+        self.task.write_artifacts(run_dir)
+        write_curves(run_dir)
+        images = {p.stem: p for p in sorted(run_dir.glob("*.png"))}
+        for lg in self.loggers:
+            lg.log_images(images, self.step)
 
     def train_step(self, batch: Any, final: bool, n_micro: int) -> dict[str, torch.Tensor]:
         """Forward and backward of one micro-batch; the override point for custom steps.
@@ -387,6 +401,9 @@ class Trainer:
     def _log_interval(self) -> None:
         metrics = {"epoch": self.epoch, **self.interval.read(
             self.strategy, self.optimizer.param_groups[0]["lr"], self.flops_per_micro, self.peak)}
+        if self.group_lrs:
+            groups = self.optimizer.param_groups
+            metrics.update({name: groups[i]["lr"] for name, i in self.group_lrs})
         if self.total_bad_steps:
             metrics["train/bad_steps"] = self.total_bad_steps
         if self.spikes is not None and self.spikes.skipped:
@@ -424,7 +441,7 @@ class Trainer:
     def _stopping(self) -> bool:
         return self.should_stop or bool(self._signal)
 
-    def _resume(self) -> int:
+    def _resume(self, announce: bool = True) -> int:
         if self.checkpoints is None:
             return 0
         got = self.checkpoints.load(self.model, self.optimizer)
@@ -434,7 +451,7 @@ class Trainer:
         self.load_state_dict(state)
         self.load_rank_state_dict(rank_state)
         self._last_save = self._last_eval = self.step
-        if self.strategy.is_main:
+        if self.strategy.is_main and announce:
             print(f"resumed from {path} at step {self.step} (epoch {self.epoch})", flush=True)
             if self.step >= self.max_steps:
                 print(f"this run already finished at step {self.step} of {self.max_steps}; raise "

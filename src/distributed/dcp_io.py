@@ -30,10 +30,17 @@ def has_dcp(directory: Path) -> bool:
     return (Path(directory) / DCP_DIR / ".metadata").is_file()
 
 
+def _optimizers(optimizer) -> list:
+    """The torch optimizers behind ``optimizer`` (several behind a MultiOptimizer), for DCP."""
+    if optimizer is None:
+        return []
+    return list(getattr(optimizer, "optimizers", [optimizer]))
+
+
 def _state(model, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    model_sd, optim_sd = get_state_dict(model, _optimizers(optimizer))
     state = {"model": model_sd}
     if optimizer is not None:
         state["optimizer"] = optim_sd
@@ -135,7 +142,7 @@ def load_dcp(directory: Path, model, optimizer) -> None:
         dcp.load(state, checkpoint_id=str(path))
     except _read_errors() as exc:  # a missing or truncated shard surfaces here
         raise _unreadable(path, exc) from None
-    set_state_dict(model, optimizer if optimizer is not None else [],
+    set_state_dict(model, _optimizers(optimizer),
                    model_state_dict=state["model"], optim_state_dict=state.get("optimizer", {}))
 
 

@@ -22,11 +22,13 @@ from typing import Any, Optional
 
 from src.core.console import attach_log, banner, summary
 from src.run.catalog import load_builtins
-from src.core.config import (ExperimentConfig, dump_config, flatten, load_config, missing_needs,
+from src.core.config import (DICT_SOURCE, ExperimentConfig, dump_config, flatten, load_config, missing_needs,
                              raw_component_errors, validate_components)
 from src.core.errors import ConfigError, UserError, library_message, shown
-from src.core.registry import (CALLBACKS, DATASETS, LOGGERS, MODELS, OPTIMIZERS, SAMPLERS,
-                               SCHEDULERS, STRATEGIES, TASKS, TRANSFORMS, building)
+from src.core.param_groups import (apply_freeze, build_optimizer, build_scheduler, format_table,
+                                   group_lr_metrics, shapes_groups, write_param_groups)
+from src.core.registry import (CALLBACKS, DATASETS, LOGGERS, MODELS, SAMPLERS, STRATEGIES, TASKS,
+                               TRANSFORMS, building)
 
 PLUGIN_GROUP = "src.plugins"
 
@@ -122,9 +124,11 @@ def load_plugins() -> None:
             raise ConfigError(f"plugin '{ep.name}' ({ep.value}): cannot import: {exc}") from None
 
 
-def prepare(path: str, overrides: list[str] = (), extra_imports: list[str] = ()
+def prepare(path: str | dict, overrides: list[str] = (), extra_imports: list[str] = ()
             ) -> tuple[ExperimentConfig, dict[str, str]]:
-    """Load and fully validate a config, component parameters included; builds nothing."""
+    """Load and fully validate a config (a file, or a dict of its sections), component
+    parameters included; builds nothing."""
+    source = DICT_SOURCE if isinstance(path, dict) else str(path)
     try:
         cfg, origins = load_config(path, list(overrides))
     except ConfigError as exc:
@@ -132,7 +136,7 @@ def prepare(path: str, overrides: list[str] = (), extra_imports: list[str] = ()
         if data is None:
             raise
         load_builtins()  # every problem in one run: the sections' parameters too
-        more = raw_component_errors(data, exc.origins, str(path))
+        more = raw_component_errors(data, exc.origins, source)
         raise ConfigError(*exc.lines, *more) from None
     missing = missing_needs(cfg)
     if missing:
@@ -141,7 +145,7 @@ def prepare(path: str, overrides: list[str] = (), extra_imports: list[str] = ()
     load_plugins()
     import_user_modules(list(extra_imports), "--import")
     import_user_modules(cfg.imports)
-    validate_components(cfg, origins, str(path))
+    validate_components(cfg, origins, source)
     return cfg, origins
 
 
@@ -162,6 +166,7 @@ class Experiment:
     derived: dict[str, Any] = field(default_factory=dict)
     trainer: Any = None  # set by run()
     callbacks: list = field(default_factory=list)  # built callbacks added to the config's
+    param_groups: list = field(default_factory=list)  # the optimizer's resolved groups (a table)
 
     @property
     def run_dir(self) -> Path:
@@ -201,7 +206,11 @@ class Experiment:
                                               "derived"), (env, "environment")):
             params.update(group)
             origin.update({k: kind for k in group})
-        return {"params": params, "origin": origin, "derived": self.derived}
+        from src.core.model_summary import summarize
+
+        rows, totals = summarize(self.task)
+        return {"params": params, "origin": origin, "derived": self.derived,
+                "model_summary": {"layers": rows, **totals}, "param_groups": self.param_groups}
 
     def run(self) -> dict[str, float]:
         """Decide new / resume / extend for the run folder, then train.
@@ -234,8 +243,7 @@ class Experiment:
         decision = decide(run_dir, yaml.safe_load(resolved), bool(ckpt.committed()), defaults)
         horizon = decision.horizon or self.derived["total_steps"]
         if horizon != self.derived["total_steps"]:  # an extended run keeps its schedule
-            self.scheduler = SCHEDULERS.build(cfg.scheduler, "scheduler", optimizer=self.optimizer,
-                                              total_steps=horizon)
+            self.scheduler = build_scheduler(cfg, self.optimizer, horizon)
         self.derived["schedule_horizon"] = horizon
         self.decision = decision
         info = self.run_info()  # for the record and the loggers, with the horizon in it
@@ -244,8 +252,11 @@ class Experiment:
             if strategy.is_main:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 write_record(run_dir, resolved, info, decision)
+                write_param_groups(run_dir, self.param_groups)
                 attach_log(run_dir)
                 print(banner(self, decision, self.trainer.step), flush=True)
+                if shapes_groups(cfg):
+                    print("\n".join(format_table(self.param_groups)), flush=True)
                 tokenizer = self.data.info.extra.get("tokenizer")
                 if tokenizer is not None and not (run_dir / "tokenizer").exists():
                     tokenizer.save_pretrained(str(run_dir / "tokenizer"))  # reused on resume
@@ -268,7 +279,9 @@ class Experiment:
                           train_loader=self.train_loader, val_loader=self.val_loader,
                           max_steps=self.derived["total_steps"], callbacks=callbacks,
                           loggers=loggers, checkpoints=ckpt,
-                          run_dir=run_dir, run_info=info, on_start=record)
+                          run_dir=run_dir, run_info=info, on_start=record,
+                          group_lrs=group_lr_metrics(self.param_groups) if shapes_groups(cfg)
+                          else ())
         self.trainer = trainer
         t0 = time.perf_counter()
         metrics = trainer.fit()
@@ -279,6 +292,7 @@ class Experiment:
 
 def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Experiment:
     """Build every component of ``cfg`` (already validated by :func:`prepare`)."""
+    load_builtins()  # a config validated elsewhere names built-in components too
     from src.core.seeding import seed_everything, set_deterministic
     from src.data.loader import TrainLoader, eval_loader, sample_labels, sample_lengths
     from src.data.samplers import ShardedBatchSampler
@@ -297,6 +311,7 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
     data, model, task = build_task(cfg)
     with building("trainer.gradient_checkpointing"):
         _apply_model_switches(model, cfg)
+    apply_freeze(task, cfg.freeze)
     views = task.train_views()
     if views is not None:  # self-supervised tasks train on per-sample augmented views
         if not hasattr(data.train, "view_transform"):
@@ -332,20 +347,28 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
             precision=t.precision, compile=t.compile, async_save=cfg.checkpoint.async_save,
             optimizer=cfg.optimizer["type"], skip_loss_spikes=t.loss_spike_sigmas is not None))
         task.collectives = strategy.collectives()  # the task's own cross-rank tensors
-        model_w, optimizer = strategy.wrap(task, lambda m: OPTIMIZERS.build(
-            cfg.optimizer, "optimizer", params=m.parameter_groups()))
+        table: list[dict] = []
+
+        def make_optimizer(m):  # over the parameters as placed (FSDP: the sharded ones)
+            optimizer, rows = build_optimizer(m, cfg)
+            table.extend(rows)
+            return optimizer
+
+        model_w, optimizer = strategy.wrap(task, make_optimizer)
     if t.compile:  # after wrapping, so DDP keeps its overlap and FSDP its hooks outside graphs
         with building("trainer.compile"):
             strategy.compile(model_w)
-    scheduler = SCHEDULERS.build(cfg.scheduler, "scheduler", optimizer=optimizer, total_steps=total)
+    scheduler = build_scheduler(cfg, optimizer, total)
     seed_everything(cfg.seed, strategy.rank)  # from here on, each rank draws its own randomness
     derived = {"steps_per_epoch": steps_per_epoch, "total_steps": total,
                "model_parameters": sum(p.numel() for p in task.parameters()),
                "trainable_parameters": sum(p.numel() for p in task.parameters() if p.requires_grad),
                "batches_per_epoch": batches, "per_rank_batch_size": per_rank,
                "effective_batch_size": d.batch_size * t.grad_accum_steps, "world_size": world}
-    return Experiment(cfg, origins or {}, strategy, data, task, model_w, optimizer, scheduler,
-                      train_loader, val_loader, derived)
+    exp = Experiment(cfg, origins or {}, strategy, data, task, model_w, optimizer, scheduler,
+                     train_loader, val_loader, derived)
+    exp.param_groups = table
+    return exp
 
 
 def build_task(cfg: ExperimentConfig, run_dir: Optional[Path] = None) -> tuple[Any, Any, Any]:

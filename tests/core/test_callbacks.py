@@ -97,3 +97,22 @@ def test_model_checkpoint_keeps_the_best(write_config, tmp_path):
             if "val/accuracy" in r}
     best2 = sorted(rows, key=rows.get, reverse=True)[:2]
     assert set(kept) == {f"step_{s:08d}" for s in best2} | {"step_00000020"}
+
+
+def test_profiler_trace_parses_and_holds_the_active_steps(write_config, tmp_path, capsys):
+    import json
+
+    from helpers import run
+
+    run(write_config({"callbacks": [{"type": "profiler", "wait": 2, "warmup": 1,
+                                     "active": 4}], "trainer.max_steps": 12}))
+    out = tmp_path / "runs/tiny/profiler"
+    traces = list(out.glob("trace_*.json"))
+    assert len(traces) == 1
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    steps = sorted(e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#"))
+    assert steps == [f"ProfilerStep#{i}" for i in range(3, 7)]  # after wait 2 + warm-up 1
+    assert list((out / "tensorboard").glob("*.pt.trace.json"))
+    table = (out / "top_ops.txt").read_text()
+    assert "aten::addmm" in table and "Self CPU time total" in table
+    assert "profiler: top ops by self_cpu_time_total" in capsys.readouterr().out

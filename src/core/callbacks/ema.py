@@ -51,6 +51,8 @@ class EMA(Callback):
         module = trainer.task
         return [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
 
+    shapes_evaluation = True  # evaluate() of the Python API prepares it before evaluating
+
     def on_fit_start(self, trainer) -> None:
         tensors = self._tensors(trainer)
         if not self.shadow:
