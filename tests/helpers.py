@@ -58,6 +58,13 @@ GPT = {"type": "hf", "kind": "causal_lm",
        "config": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32,
                   "n_positions": 64}}
 
+# That GPT with a LoRA adapter on the json package's source (a few seconds a run).
+LM_DATA = {"data": {"type": "text", "paths": ["stdlib:json"], "vocab_size": 400,
+                    "block_size": 32, "val_fraction": 0.3, "batch_size": 8},
+           "model": {**GPT, "adapter": {"type": "lora", "r": 4, "alpha": 8,
+                                        "target_modules": ["c_attn"]}},
+           "task": {"type": "causal_lm", "samples": 0}}
+
 TIMINGS = ("time", "train/samples_per_sec", "train/tokens_per_sec", "train/tflops", "train/mfu")
 
 
@@ -85,3 +92,21 @@ class SignalAtStep(Callback):
     def on_before_optimizer_step(self, trainer, grad_norm) -> None:
         if trainer.step + 1 == self.at:
             os.kill(os.getpid(), self.signum)
+
+
+# A plugin module for launched runs (written as stop_plugin.py): `imports: [stop_plugin]` and
+# `callbacks: [{type: stop_at, step: N}]`
+STOP_PLUGIN = '''
+import os, signal
+from src.core.callbacks.base import Callback
+from src.core.registry import CALLBACKS
+
+@CALLBACKS.register("stop_at")
+class StopAt(Callback):
+    """Every rank gets SIGTERM during the given step, as a cluster's pre-emption would send."""
+    def __init__(self, step: int):
+        self.at = step
+    def on_before_optimizer_step(self, trainer, grad_norm):
+        if trainer.step + 1 == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+'''

@@ -168,6 +168,14 @@ def _regex_error(pattern: Any, where: str) -> None:
         raise ValueError(f"{where}: {shown(pattern)} is not a regular expression ({exc})") from None
 
 
+def _regex_lines(pattern: Any, where: str) -> list[str]:
+    try:
+        _regex_error(pattern, where)
+    except ValueError as exc:
+        return [str(exc)]
+    return []
+
+
 # Keys of an optimizer section that shape its parameter groups (src/core/param_groups.py); the
 # rest is the OPTIMIZERS entry's. In an `optimizers` entry also `match` and `scheduler`.
 GROUP_SECTION_KEYS = ("groups", "layer_decay")
@@ -211,10 +219,7 @@ def optimizer_structure_errors(path: str, section: Section) -> tuple[list[str], 
         if "match" not in g:
             lines.append(f"{at}: needs 'match', a regular expression on parameter names")
         else:
-            try:
-                _regex_error(g["match"], f"{at}.match")
-            except ValueError as exc:
-                lines.append(str(exc))
+            lines += _regex_lines(g["match"], f"{at}.match")
         mult = g.get("lr_mult", 1.0)
         if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not 0 <= mult < 1e6:
             lines.append(f"{at}.lr_mult: a number >= 0 (got {shown(mult)})")
@@ -232,10 +237,7 @@ def optimizer_structure_errors(path: str, section: Section) -> tuple[list[str], 
         if not path.startswith("optimizers."):
             lines.append(f"{path}.match: only entries of `optimizers` take `match`")
         else:
-            try:
-                _regex_error(section["match"], f"{path}.match")
-            except ValueError as exc:
-                lines.append(str(exc))
+            lines += _regex_lines(section["match"], f"{path}.match")
     if "scheduler" in section:
         sched = section["scheduler"]
         if not path.startswith("optimizers."):

@@ -6,7 +6,7 @@ import signal
 import pytest
 import torch
 
-from helpers import GPT, launch, metrics, run
+from helpers import LM_DATA, STOP_PLUGIN, launch, metrics, run
 
 from src.core.errors import ConfigError
 from src.run.experiment import build, prepare
@@ -181,7 +181,7 @@ def test_two_optimizers_and_groups_on_two_ranks_match_one_process(write_config, 
     run(make_config(single, TWO))
     ref = {r["step"]: r for r in metrics(single / "runs/tiny") if "train/loss" in r}
     plugin = tmp_path / "stop_plugin.py"
-    plugin.write_text("import os\nimport signal\n" + STOP)
+    plugin.write_text(STOP_PLUGIN)
     dist = {**TWO, "strategy": {"type": strategy}, "imports": ["stop_plugin"],
             "callbacks": [{"type": "stop_at", "step": 8}]}
     launch(2, write_config(dist, "dist.yaml"), expect=1)  # torchrun: the workers exited 143
@@ -192,29 +192,8 @@ def test_two_optimizers_and_groups_on_two_ranks_match_one_process(write_config, 
         assert two_lrs(got[s]) == two_lrs(ref[s])
 
 
-STOP = '''
-from src.core.callbacks.base import Callback
-from src.core.registry import CALLBACKS
-
-
-@CALLBACKS.register("stop_at")
-class StopAt(Callback):
-    def __init__(self, step: int):
-        self.at = step
-
-    def on_before_optimizer_step(self, trainer, grad_norm):
-        if trainer.step + 1 == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
-'''
-
-
 def test_groups_on_lora_adapters(write_config, tmp_path):
-    changes = {"data": {"type": "text", "paths": ["stdlib:json"], "vocab_size": 400,
-                        "block_size": 32, "val_fraction": 0.3, "batch_size": 8},
-               "model": {**GPT, "adapter": {"type": "lora", "r": 4, "alpha": 8,
-                                            "target_modules": ["c_attn"]}},
-               "task": {"type": "causal_lm", "samples": 0}, "trainer.max_steps": 3,
-               "trainer.log_every": 1,
+    changes = {**LM_DATA, "trainer.max_steps": 3, "trainer.log_every": 1,
                "optimizer": {"type": "adamw", "lr": 1e-3,
                              "groups": [{"match": r"\.lora_B\.", "lr_mult": 4.0}]}}
     exp = run(write_config(changes))

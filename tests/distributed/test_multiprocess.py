@@ -13,24 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, port
-from helpers import launch, metrics, run
+from helpers import STOP_PLUGIN, launch, metrics, run
 
 pytestmark = pytest.mark.distributed
-
-STOP_PLUGIN = '''
-import os, signal
-from src.core.callbacks.base import Callback
-from src.core.registry import CALLBACKS
-
-@CALLBACKS.register("stop_at")
-class StopAt(Callback):
-    """Every rank gets SIGTERM during the given step, as a cluster's pre-emption would send."""
-    def __init__(self, step: int):
-        self.at = step
-    def on_before_optimizer_step(self, trainer, grad_norm):
-        if trainer.step + 1 == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
-'''
 
 BASE = {"trainer.max_steps": 20, "trainer.log_every": 1, "trainer.eval_every_n_epochs": None,
         "trainer.eval_every_n_steps": 10, "checkpoint.every_n_steps": 5, "checkpoint.keep_last": 2,

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import GPT
+from helpers import GPT, LM_DATA
 from helpers import run
 
 
@@ -12,12 +12,7 @@ def test_lora_adapter_round_trip_through_peft(write_config, tmp_path):
 
     from src.run.experiment import build, prepare
 
-    changes = {"data": {"type": "text", "paths": ["stdlib:json"], "vocab_size": 400,
-                        "block_size": 32, "val_fraction": 0.3, "batch_size": 8},
-               "model": {**GPT, "adapter": {"type": "lora", "r": 4, "alpha": 8,
-                                            "target_modules": ["c_attn"]}},
-               "task": {"type": "causal_lm", "samples": 0}, "trainer.max_steps": 3,
-               "checkpoint.every_n_steps": 3}
+    changes = {**LM_DATA, "trainer.max_steps": 3, "checkpoint.every_n_steps": 3}
     trained = run(write_config(changes))
     adapter = tmp_path / "runs/tiny/checkpoints/step_00000003/adapter"
     assert (adapter / "adapter_config.json").exists()
