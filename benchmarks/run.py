@@ -206,12 +206,61 @@ def overhead_section(res: dict, pairs: int, steps: int) -> list[str]:
     return body
 
 
+def bench_pairs(module: str, variants: list[tuple[str, list[str]]], cases: dict[str, list[str]],
+                common: list[str], pairs: int, key: str) -> dict:
+    """``key`` of each variant of each case, one process per run, variants alternating order."""
+    out: dict = {}
+    for case, args in cases.items():
+        got = {v: [] for v, _ in variants}
+        for i in range(pairs):
+            for v, vargs in (variants if i % 2 == 0 else list(reversed(variants))):
+                rec, _ = _python(["-m", module, *vargs, *args, *common])
+                got[v].append(rec[key])
+        out[case] = got
+    return out
+
+
+def lm_speed_section(res: dict) -> list[str]:
+    from benchmarks.lm_speed import SHAPES
+
+    lines = ["Training tokens per second of a GPT, ours (`configs/lm_stdlib.yaml`'s data and "
+             "model section, `python -m benchmarks.lm_speed`) against a minimal hand-written "
+             "nanoGPT-style loop of the same shape (fused QKV, `scaled_dot_product_attention`, "
+             "tied embeddings, the same dropout 0.1, AdamW, clipping), one process per run, "
+             "alternating, steady state (the first 10 steps left out), default threads. "
+             "Goal: ours / peer >= 1.05.", "",
+             "| shape | peer tokens/s | ours tokens/s | ours / peer (per pair) |",
+             "|---|---|---|---|"]
+    for shape, got in res.items():
+        s = SHAPES[shape]
+        name = f"{shape}: {s['n_layer']} layers, {s['n_head']} heads, {s['n_embd']} wide"
+        lines.append(f"| {name} | {stats(got['peer'], '{:,.0f}')} | "
+                     f"{stats(got['ours'], '{:,.0f}')} | {stats(ratios(got['ours'], got['peer']))} |")
+    return lines
+
+
+def ssl_speed_section(res: dict) -> list[str]:
+    lines = ["Training images per second of the shipped self-supervised configs with their "
+             "per-sample views (torchvision, per image, in the loader) and with the same "
+             "options made for the whole batch on its device (`batch_views`, "
+             "`batch_multi_crop`), `python -m benchmarks.ssl_speed`, alternating, one process "
+             "per run. Goal: batch / per-sample >= 3.", "",
+             "| config | per-sample images/s | batch images/s | batch / per-sample (per pair) |",
+             "|---|---|---|---|"]
+    for config, got in res.items():
+        lines.append(f"| `{config}` | {stats(got['per-sample'], '{:,.0f}')} | "
+                     f"{stats(got['batch'], '{:,.0f}')} | "
+                     f"{stats(ratios(got['batch'], got['per-sample']))} |")
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Regenerate benchmarks/RESULTS.md")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (for tests)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/RESULTS.md"))
     p.add_argument("--only",
-                   default="overhead,startup,checkpoint,dataloader,ddp,inference,sweep,ssl,lm")
+                   default="overhead,startup,checkpoint,dataloader,ddp,inference,sweep,ssl,lm,"
+                           "lmspeed,sslspeed")
     p.add_argument("--update", action="store_true",
                    help="keep the sections of the existing file that this run does not redo")
     args = p.parse_args(argv)
@@ -294,6 +343,24 @@ def main(argv=None) -> int:
         results = [ssl.run_method(m, tiny, b) for b, m in runs]
         done("Self-supervised and metric learning on digits",
              ssl.section(results, ssl.run_arcface(tiny)))
+
+    if q:  # the throughput sections only mean something at full size (tests call their parts)
+        only -= {"lmspeed", "sslspeed"}
+
+    if "lmspeed" in only:
+        done("Language-model training throughput", lm_speed_section(
+            bench_pairs("benchmarks.lm_speed", [
+                ("peer", ["--variant", "peer"]), ("ours", ["--variant", "ours"])],
+                {"base": ["--shape", "base"], "4x": ["--shape", "4x"]},
+                ["--steps", "60"], 5, "tokens_per_sec")))
+
+    if "sslspeed" in only:
+        done("Self-supervised views throughput", ssl_speed_section(
+            bench_pairs("benchmarks.ssl_speed", [
+                ("per-sample", ["--views", "sample"]), ("batch", ["--views", "batch"])],
+                {"ssl_simclr_digits": ["--config", "ssl_simclr_digits"],
+                 "ssl_dino_digits": ["--config", "ssl_dino_digits"]},
+                ["--steps", "30"], 5, "images_per_sec")))
 
     if "lm" in only:
         from benchmarks import lm

@@ -49,3 +49,30 @@ def test_recorded_sweep_meets_its_goals():
         trials_n, _, steps_n, best_n, _ = rows["none", workers]
         assert trials == trials_n == 24 and best >= 0.97 and best_n >= 0.97
         assert pruned >= 0.4 * trials and steps < steps_n / 2 and abs(best - best_n) <= 0.01
+
+
+def _ratio_medians(title: str) -> dict[str, float]:
+    """The median of the last column (a per-pair ratio, min / median / max) of each row."""
+    import re
+
+    text = (ROOT / "benchmarks/RESULTS.md").read_text().split(f"## {title}", 1)[1]
+    text = text.split("\n## ")[0]
+    return {m.group(1): float(m.group(2)) for m in re.finditer(
+        r"^\| ([^|]+?) \|.*\| [\d.]+ / ([\d.]+) / [\d.]+ \|$", text, re.M)}
+
+
+def test_recorded_batch_views_are_three_times_the_per_sample_ones():
+    got = _ratio_medians("Self-supervised views throughput")
+    assert set(got) == {"`ssl_simclr_digits`", "`ssl_dino_digits`"}
+    assert all(r >= 3.0 for r in got.values()), got
+
+
+def test_the_throughput_benchmarks_run_their_variants():
+    """The throughput sections run only at full size; their parts run here: both SSL view paths
+    on the shipped config, and the hand-written GPT peer."""
+    from benchmarks import lm_speed, ssl_speed
+
+    for views in ("sample", "batch"):
+        assert ssl_speed.images_per_sec("ssl_simclr_digits", views, 10) > 0
+    tiny = {**lm_speed.SHAPES["base"], "n_layer": 1, "n_embd": 32, "n_head": 2, "block": 16}
+    assert lm_speed.peer(tiny, 3) > 0

@@ -89,8 +89,17 @@ class Task(nn.Module):
         (``batch["views"]``), or None. Self-supervised tasks use it."""
         return None
 
+    # Views made for the whole batch on its device (src/data/batch_views.py), set by the
+    # composition root when ``train_views()`` names a batched transform.
+    device_views = None
+
     def forward(self, batch: dict[str, Any], stage: str = "train") -> dict[str, torch.Tensor]:
-        return self.training_step(batch) if stage == "train" else self.validation_step(batch)
+        if stage != "train":
+            return self.validation_step(batch)
+        if self.device_views is not None and "views" not in batch:
+            with torch.no_grad():
+                batch = {**batch, "views": self.device_views(batch["inputs"])}
+        return self.training_step(batch)
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Returns ``{"loss": scalar, **other scalar metrics}`` for one micro-batch."""

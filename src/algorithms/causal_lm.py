@@ -17,13 +17,17 @@ from src.core.registry import TASKS
 
 
 def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token NLL, number of predicted tokens); labels of -100 are ignored."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                            shift_labels.reshape(-1), ignore_index=-100,
+    """(sum of next-token NLL, number of predicted tokens); labels of -100 are ignored.
+
+    The labels move left by one (the last position predicts nothing) instead of the logits: the
+    logits, the largest tensor of a step, are read in place rather than copied."""
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    if logits.dtype != torch.float32:
+        logits = logits.float()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                            targets.reshape(-1), ignore_index=-100,
                                             reduction="sum")
-    return nll, (shift_labels != -100).sum()
+    return nll, (targets != -100).sum()
 
 
 @TASKS.register("causal_lm")

@@ -26,7 +26,7 @@ class DINO(SSLTask):
     ``freeze_last_layer_steps`` steps.
     """
 
-    default_views = {"type": "multi_crop", "global_views": 2, "local_views": 4}
+    default_views = {"type": "batch_multi_crop", "global_views": 2, "local_views": 4}
 
     def __init__(
         self,
@@ -54,7 +54,7 @@ class DINO(SSLTask):
             ge=0, description="steps during which the prototypes do not learn")] = 0,
         use_bn: Annotated[bool, Field(description="BatchNorm in the head's MLP")] = False,
         views: Annotated[Optional[dict[str, Any]], Field(
-            description="a TRANSFORMS section for the crops (default: multi_crop)")] = None,
+            description="a TRANSFORMS section for the crops (default: batch_multi_crop)")] = None,
     ):
         super().__init__(model, views)
         self.out_dim, self.hidden, self.bottleneck = out_dim, hidden, bottleneck

@@ -52,18 +52,20 @@ def cosine_momentum(base: float, step: int, max_steps: int) -> float:
 
 
 class SSLTask(Task):
-    """Base of self-supervised tasks. The data adds ``views`` to each training batch (built from
-    the task's ``views`` section, a TRANSFORMS entry); validation returns backbone features of the
-    clean inputs with their labels, for the online probes, k-NN and RankMe callbacks."""
+    """Base of self-supervised tasks. Each training batch carries ``views``, made by the task's
+    ``views`` section (a TRANSFORMS entry): for the whole batch on its device by default
+    (``batch_views``), or per sample in the loader (``views``, ``multi_crop``); validation returns
+    backbone features of the clean inputs with their labels, for the online probes, k-NN and
+    RankMe callbacks."""
 
-    default_views: Optional[dict[str, Any]] = {"type": "views", "n_views": 2}
+    default_views: Optional[dict[str, Any]] = {"type": "batch_views", "n_views": 2}
 
     def __init__(self, model: nn.Module, views: Optional[dict[str, Any]] = None):
         super().__init__(model)
         self.views = views if views is not None else self.default_views
 
     def train_views(self) -> Optional[dict[str, Any]]:
-        """The TRANSFORMS section the training set applies per sample (None: no views)."""
+        """The TRANSFORMS section that makes the training views (None: no views)."""
         return self.views
 
     def configure(self, info: DatasetInfo) -> None:

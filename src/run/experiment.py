@@ -313,11 +313,14 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
         _apply_model_switches(model, cfg)
     apply_freeze(task, cfg.freeze)
     views = task.train_views()
-    if views is not None:  # self-supervised tasks train on per-sample augmented views
+    transform = TRANSFORMS.build(views, "task.views") if views is not None else None
+    if getattr(transform, "batched", False):  # made by the task, for the batch on its device
+        task.device_views = transform
+    elif transform is not None:  # self-supervised tasks train on per-sample augmented views
         if not hasattr(data.train, "view_transform"):
             raise ConfigError(f"data: dataset '{d.type}' cannot produce the views task "
                               f"'{cfg.task['type']}' trains on")
-        data.train.view_transform = TRANSFORMS.build(views, "task.views")
+        data.train.view_transform = transform
 
     per_rank = d.batch_size // world
     if d.sampler is None:
@@ -328,6 +331,12 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
                                  lengths=sample_lengths(data.train), batch_size=per_rank,
                                  seed=cfg.seed, rank=strategy.rank, world_size=world)
     train_loader = TrainLoader(data.train, batches, cfg.seed, d.num_workers, d.pin_memory)
+    if train_loader.num_workers != d.num_workers and strategy.is_main:
+        import warnings
+
+        warnings.warn(f"data.num_workers: {d.num_workers} -> 0: dataset '{d.type}' is held in "
+                      "memory and gathers each batch in one operation; worker processes would "
+                      "only copy it through a pipe (slower)", stacklevel=2)
     val_loader = eval_loader(data.val, (d.eval_batch_size or d.batch_size) // world or 1,
                              strategy.rank, world, d.num_workers, d.pin_memory)
     batches = train_loader.batches_per_epoch()
