@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 
-from src.core.config import ExperimentConfig, optimizer_sections, registry_section
+from src.core.config import ExperimentConfig
+from src.core.optimizer_config import optimizer_sections, registry_section
 from src.core.errors import ConfigError, shown
 from src.core.registry import OPTIMIZERS, SCHEDULERS
 

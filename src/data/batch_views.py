@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from pydantic import Field, confloat, conint
 
 from src.core.registry import TRANSFORMS
+from src.data.views import MultiCrop
 
 RATIO = (0.8, 1.25)  # RandomResizedCrop's aspect-ratio range, as in the per-sample views
 
@@ -161,32 +162,12 @@ class BatchMultiView(_BatchViews):
 
 
 @TRANSFORMS.register("batch_multi_crop")
-class BatchMultiCrop(_BatchViews):
-    """``multi_crop`` for the whole batch on its device: ``global_views`` large crops, then
-    ``local_views`` small ones."""
+class BatchMultiCrop(_BatchViews, MultiCrop):
+    """``multi_crop`` for the whole batch on its device, with its options: ``global_views`` large
+    crops, then ``local_views`` small ones."""
 
-    def __init__(
-        self,
-        global_views: Annotated[int, Field(
-            ge=1, description="large crops (the teacher sees these)")] = 2,
-        local_views: Annotated[int, Field(ge=0, description="small crops (student only)")] = 4,
-        global_size: Annotated[Optional[conint(gt=0)], Field(
-            description="output sides (default: input side and half of it)")] = None,
-        local_size: Annotated[Optional[conint(gt=0)], Field(
-            description="output sides (default: input side and half of it)")] = None,
-        global_scale: Annotated[tuple[float, float], Field(
-            description="area range of the large crops")] = (0.5, 1.0),
-        local_scale: Annotated[tuple[float, float], Field(
-            description="area range of the small crops")] = (0.2, 0.5),
-        jitter: Annotated[float, Field(ge=0, description="colour-jitter strength")] = 0.4,
-        blur: Annotated[float, Field(ge=0, description="max Gaussian blur sigma (0 = off)")] = 0.0,
-    ):
-        self.n_global, self.n_local = global_views, local_views
-        self.sizes, self.scales = (global_size, local_size), (tuple(global_scale),
-                                                              tuple(local_scale))
-        self.degrees, self.translate, self.flip = 10.0, 0.1, False
-        self.jitter, self.saturation, self.grayscale, self.solarize = jitter, 0.0, 0.0, 0.0
-        self.blur = blur
+    degrees, translate, flip = 10.0, 0.1, False  # multi_crop's fixed affine and no flips
+    saturation = grayscale = solarize = 0.0
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         side = x.shape[-1]

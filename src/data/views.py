@@ -37,8 +37,8 @@ class MultiView:
 
     def __init__(
         self,
-        n_views: Annotated[int, Field(ge=1, le=64,
-                                       description="augmented copies of each image")] = 2,
+        n_views: Annotated[int, Field(
+            ge=1, le=64, description="augmented copies of each image")] = 2,
         size: Annotated[Optional[conint(gt=0)], Field(
             description="output side (default: the input's)")] = None,
         scale: Annotated[tuple[confloat(gt=0, le=1), confloat(gt=0, le=1)], Field(
@@ -52,8 +52,7 @@ class MultiView:
             ge=0,
             description="brightness/contrast strength (applied with p=0.8)")] = 0.4,
         blur: Annotated[float, Field(
-            ge=0,
-            description="max Gaussian blur sigma (0 = off). flip: horizontal flips (off for digits)")] = 0.0,
+            ge=0, description="max Gaussian blur sigma, applied with p=0.5 (0 = off)")] = 0.0,
         flip: Annotated[bool, Field(
             description="random horizontal flips (off for digits: a flipped 2 is no 2)")] = False,
     ):
@@ -86,10 +85,12 @@ class MultiCrop:
         local_scale: Annotated[tuple[float, float], Field(
             description="area range of the small crops")] = (0.2, 0.5),
         jitter: Annotated[float, Field(ge=0, description="colour-jitter strength")] = 0.4,
-        blur: Annotated[float, Field(ge=0, description="probability of a Gaussian blur")] = 0.0,
+        blur: Annotated[float, Field(
+            ge=0, description="max Gaussian blur sigma, applied with p=0.5 (0 = off)")] = 0.0,
     ):
-        self.g, self.l = global_views, local_views
-        self.sizes, self.scales = (global_size, local_size), (tuple(global_scale), tuple(local_scale))
+        self.n_global, self.n_local = global_views, local_views
+        self.sizes = (global_size, local_size)
+        self.scales = (tuple(global_scale), tuple(local_scale))
         self.jitter, self.blur = jitter, blur
         self._augs = None
 
@@ -97,6 +98,7 @@ class MultiCrop:
         if self._augs is None:
             side = x.shape[-1]
             gs, ls = self.sizes[0] or side, self.sizes[1] or max(2, side // 2)
-            self._augs = (augmentation(gs, self.scales[0], 10.0, 0.1, self.jitter, self.blur, False),
-                          augmentation(ls, self.scales[1], 10.0, 0.1, self.jitter, self.blur, False))
-        return [self._augs[0](x) for _ in range(self.g)] + [self._augs[1](x) for _ in range(self.l)]
+            self._augs = tuple(augmentation(size, scale, 10.0, 0.1, self.jitter, self.blur, False)
+                               for size, scale in zip((gs, ls), self.scales))
+        return [self._augs[0](x) for _ in range(self.n_global)] + \
+            [self._augs[1](x) for _ in range(self.n_local)]
