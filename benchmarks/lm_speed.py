@@ -9,7 +9,8 @@ and reports ``train/tokens_per_sec`` (evaluation and checkpoints excluded). One 
 process; further arguments are config overrides for ours:
 
     python -m benchmarks.lm_speed --variant peer --shape base --steps 60
-    python -m benchmarks.lm_speed --variant ours --shape base --steps 60 trainer.compile=true
+    python -m benchmarks.lm_speed --variant ours --shape base --steps 60 trainer.compile=false
+    python -m benchmarks.lm_speed --variant peer --shape base --steps 60 --compile
 
 prints one JSON line: {"variant", "shape", "tokens_per_sec"}.
 """
@@ -31,7 +32,7 @@ DROPOUT = 0.1  # GPT-2's default, which lm_stdlib keeps: the peer computes the s
 WARMUP = 10
 
 
-def peer(shape: dict, steps: int) -> float:
+def peer(shape: dict, steps: int, compiled: bool = False) -> float:
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -91,6 +92,8 @@ def peer(shape: dict, steps: int) -> float:
 
     torch.manual_seed(0)
     model = GPT(shape)
+    if compiled:
+        model.compile()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
@@ -136,10 +139,12 @@ def main(argv=None) -> int:
     p.add_argument("--variant", choices=["peer", "ours"], required=True)
     p.add_argument("--shape", choices=list(SHAPES), default="base")
     p.add_argument("--steps", type=int, default=60, help="timed steps (a multiple of 10)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the peer's model too")
     p.add_argument("overrides", nargs="*", help="more config overrides for ours")
     a = p.parse_args(argv)
     shape = SHAPES[a.shape]
-    tps = peer(shape, a.steps) if a.variant == "peer" else ours(shape, a.steps, a.overrides)
+    tps = peer(shape, a.steps, a.compile) if a.variant == "peer" else \
+        ours(shape, a.steps, a.overrides)
     print(json.dumps({"variant": a.variant, "shape": a.shape, "tokens_per_sec": round(tps, 1)}))
     return 0
 

@@ -76,3 +76,4 @@ def test_the_throughput_benchmarks_run_their_variants():
         assert ssl_speed.images_per_sec("ssl_simclr_digits", views, 10) > 0
     tiny = {**lm_speed.SHAPES["base"], "n_layer": 1, "n_embd": 32, "n_head": 2, "block": 16}
     assert lm_speed.peer(tiny, 3) > 0
+    assert lm_speed.peer(tiny, 3, compiled=True) > 0

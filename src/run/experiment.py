@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import logging
 import math
 import os
 import platform
@@ -301,6 +302,9 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
     strategy = STRATEGIES.build(cfg.strategy, "strategy")
     with building("strategy"):
         strategy.setup()
+    if cfg.trainer.compile and strategy.device.type == "cpu":
+        # inductor's C++ backend imports cpp_extension, which warns that no CUDA toolkit is found
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     seed_everything(cfg.seed)  # the same initial weights on every rank (FSDP shards them as built)
     set_deterministic(cfg.trainer.deterministic)
 
