@@ -16,6 +16,7 @@ SMOKE = ["trainer.max_steps=3", "trainer.max_epochs=null", "trainer.log_every=1"
 
 # What a config needs from earlier steps (a pretrained base, a data file), made small here.
 NEEDS_BASE = {"lora_email", "dpo_docstrings", "ppo_docstrings"}
+NEEDS_ARITH = {"grpo_arith"}  # the supervised arithmetic GPT, with its character tokenizer
 FASTER = {"lm_stdlib": ["data.max_files=20"]}
 
 
@@ -36,10 +37,25 @@ def tiny_base(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def arith_base(tmp_path_factory) -> Path:
+    """A 1-layer GPT with the arithmetic data's character tokenizer, as a transformers folder."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from src.data.arithmetic import char_tokenizer
+
+    folder = tmp_path_factory.mktemp("arith")
+    tok = char_tokenizer()
+    tok.save_pretrained(str(folder))
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32,
+                               n_positions=16)).save_pretrained(str(folder))
+    return folder
+
+
 def needs(path: Path, request) -> list[str]:
     extra = list(FASTER.get(path.stem, []))
-    if path.stem in NEEDS_BASE:
-        base = request.getfixturevalue("tiny_base")
+    if path.stem in NEEDS_BASE | NEEDS_ARITH:
+        base = request.getfixturevalue("arith_base" if path.stem in NEEDS_ARITH else "tiny_base")
         extra += [f"model.path={base}", f"data.tokenizer={base}"]  # needs: no longer read
         if path.stem == "dpo_docstrings":
             extra.append(f"data.path={base / 'pairs.jsonl'}")
@@ -72,7 +88,7 @@ def test_exp001_with_overrides(overrides, tmp_path):
     assert metrics(tmp_path / "exp001")[-1]["step"] == 3
 
 
-@pytest.mark.parametrize("name", sorted(NEEDS_BASE))
+@pytest.mark.parametrize("name", sorted(NEEDS_BASE | NEEDS_ARITH))
 def test_a_config_that_needs_another_run_names_the_commands(name, tmp_path, monkeypatch, capsys):
     """On a fresh clone these configs stop at once, with the commands that make what they read."""
 

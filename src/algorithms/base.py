@@ -101,6 +101,16 @@ class Task(nn.Module):
                 batch = {**batch, "views": self.device_views(batch["inputs"])}
         return self.training_step(batch)
 
+    def split(self, batch: dict[str, Any]) -> Optional[list[Any]]:
+        """The micro-batches one loader batch becomes, or None (the default: the batch is one).
+
+        A task that makes its training examples itself (GRPO's completions) makes them here,
+        outside the forward, and returns them in chunks; the trainer runs forward and backward
+        on each chunk alone (the memory of one chunk) and *adds* their losses: each chunk's loss
+        must be its exact share of the batch's loss.
+        """
+        return None
+
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Returns ``{"loss": scalar, **other scalar metrics}`` for one micro-batch."""
         raise NotImplementedError(f"{type(self).__name__} must implement training_step")

@@ -32,6 +32,12 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, adv + values
 
 
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded sequences, counted from each one's first real token, as
+    ``generate`` counts them: a forward without them would score a shifted sequence."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def token_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(token) under ``logits``: (N, T, V) logits and (N, T) tokens -> (N, T)."""
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None])[..., 0]
@@ -119,7 +125,8 @@ class PPO(Task):
         self._reward_device = torch.device("cpu")
 
     def _forward(self, model, seq, mask, with_values: bool):
-        out = model(input_ids=seq, attention_mask=mask, output_hidden_states=with_values)
+        out = model(input_ids=seq, attention_mask=mask, position_ids=positions(mask),
+                    output_hidden_states=with_values)
         values = self.value_head(out.hidden_states[-1].float())[..., 0] if with_values else None
         return out.logits, values
 

@@ -1,6 +1,8 @@
 """Reward functions for alignment (REWARDS registry): (prompts, completions) -> (N,) scores.
 
-Register your own with ``@REWARDS.register("name")`` on a factory that returns the function.
+Register your own with ``@REWARDS.register("name")`` on a factory that returns the function. A
+function that also takes ``answers`` gets each example's reference answer (GRPO passes it when
+the data has one).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Annotated, Callable, Optional
 import torch
 from pydantic import Field
 
+from src.core.errors import ConfigError
 from src.core.registry import REWARDS
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
@@ -34,6 +37,24 @@ def length(
     """1 - |characters - target| / target: completions close to ``target`` characters score 1."""
     return lambda prompts, completions: torch.tensor(
         [1.0 - abs(len(c) - target) / target for c in completions])
+
+
+@REWARDS.register("exact_answer")
+def exact_answer(
+    first_line: Annotated[bool, Field(
+        description="compare only the completion's first line (what follows is ignored)")] = True,
+) -> RewardFn:
+    """1 where the completion, stripped of surrounding spaces, is the example's ``answer``, else
+    0. Takes data whose batches carry answers (``arithmetic`` in ``prompts`` format)."""
+    def score(prompts: list[str], completions: list[str],
+              answers: Optional[list[str]] = None) -> torch.Tensor:
+        if answers is None:
+            raise ConfigError("reward 'exact_answer': the data gives no answers (use data with "
+                              "an 'answer' per prompt, e.g. arithmetic with format: prompts)")
+        got = [(c.split("\n", 1)[0] if first_line else c).strip() for c in completions]
+        return torch.tensor([float(g == str(a).strip()) for g, a in zip(got, answers)])
+
+    return score
 
 
 @REWARDS.register("reward_model")

@@ -131,14 +131,30 @@ class Trainer:
             lg.log_images(images, self.step)
 
     def train_step(self, batch: Any, final: bool, n_micro: int) -> dict[str, torch.Tensor]:
-        """Forward and backward of one micro-batch; the override point for custom steps.
+        """Forward and backward of one loader batch; the override point for custom steps.
 
         Args:
-            final: the last micro-batch of this optimizer step (gradients are synchronised).
-            n_micro: micro-batches in this step (the loss is divided by it).
+            final: the last loader batch of this optimizer step (gradients are synchronised).
+            n_micro: loader batches in this step (the loss is divided by it).
         Returns:
-            The task's outputs, detached.
+            The task's outputs, detached. A task whose ``split`` cuts the batch into chunks has
+            each chunk go forward and backward alone: ``loss`` is their sum, other scalars their
+            mean, anything else the last chunk's.
         """
+        parts = self.task.split(batch)
+        if parts is None:
+            return self._backward(batch, final, n_micro)
+        out: dict[str, Any] = {}
+        for j, part in enumerate(parts):
+            got = self._backward(part, final and j == len(parts) - 1, n_micro)
+            for k, v in got.items():
+                if isinstance(v, torch.Tensor) and v.ndim == 0:
+                    out[k] = out.get(k, 0) + (v if k == "loss" else v / len(parts))
+                else:
+                    out[k] = v
+        return out
+
+    def _backward(self, batch: Any, final: bool, n_micro: int) -> dict[str, torch.Tensor]:
         ctx = contextlib.nullcontext() if final else self.strategy.no_sync(self.model)
         with ctx:
             with self._autocast():

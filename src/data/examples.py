@@ -56,7 +56,8 @@ class PadCollator:
 
 
 class LeftPadCollator:
-    """Left-pads prompt ids (generation continues from the right end)."""
+    """Left-pads prompt ids (generation continues from the right end); any other field (an
+    ``answer`` string, say) is passed on as a list."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -69,4 +70,5 @@ class LeftPadCollator:
             n = len(r["input_ids"])
             ids[i, longest - n:] = r["input_ids"]
             mask[i, longest - n:] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        others = {k: [r[k] for r in rows] for k in rows[0] if k != "input_ids"}
+        return {"input_ids": ids, "attention_mask": mask, **others}
