@@ -18,7 +18,7 @@ def test_every_benchmark_runs_at_a_tiny_size(tmp_path):
     for section in ("## Loop overhead", "## Start-up", "## Checkpoint", "## Data loading",
                     "## 2-process DDP", "## Predict and ONNX", "## Sweeps",
                     "## Self-supervised and metric learning on digits",
-                    "## Language models on the standard library"):
+                    "## Language models on the standard library", "## GRPO on arithmetic"):
         assert section in text
     assert "| ours |" in text and "n/a" not in text and "| simclr |" in text
 
@@ -77,3 +77,21 @@ def test_the_throughput_benchmarks_run_their_variants():
     tiny = {**lm_speed.SHAPES["base"], "n_layer": 1, "n_embd": 32, "n_head": 2, "block": 16}
     assert lm_speed.peer(tiny, 3) > 0
     assert lm_speed.peer(tiny, 3, compiled=True) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_the_gpu_script_runs_its_reduced_form_on_the_cpu():
+    """benchmarks.gpu's precision parity and decoder-throughput checks, on the CPU: the loss of
+    bf16 autocast and of fp16 with a GradScaler is compared with fp32's, and a tiny Llama-style
+    decoder trains under FSDP2 with activation checkpointing and reports its MFU."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--only",
+                           "bf16_loss_parity,fp16_loss_parity,decoder_fsdp_mfu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines()
+             if line.startswith("| ") and "---" not in line}
+    assert "ok" in lines["fp32_reference"]
+    for name in ("bf16_loss_parity", "fp16_loss_parity"):
+        assert "ok (loss " in lines[name] and "vs fp32" in lines[name]
+    assert "ok (" in lines["decoder_fsdp_mfu"] and "MFU" in lines["decoder_fsdp_mfu"]

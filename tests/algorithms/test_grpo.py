@@ -154,11 +154,13 @@ def test_grpo_resumes_exactly(write_config, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_grpo_on_two_ddp_ranks(write_config, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_grpo_on_two_ranks(write_config, tmp_path, strategy):
     """Each rank answers its own prompts, with the token-level (dapo) normaliser shared between
-    them; the run trains, evaluates on both ranks' shares and saves."""
-    cfg = write_config({**section(micro_batch=8, loss_type="dapo"), "strategy": {"type": "ddp"},
-                        "checkpoint.save_last": True})
+    them; the run trains, evaluates on both ranks' shares and saves. Under FSDP the answers are
+    made outside the step's forward, with the sharded weights gathered for it."""
+    cfg = write_config({**section(micro_batch=8, loss_type="dapo", beta=0.04),
+                        "strategy": {"type": strategy}, "checkpoint.save_last": True})
     launch(2, cfg)
     rows = [json.loads(x) for x in (tmp_path / "runs/tiny/metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "train/reward" in r]
