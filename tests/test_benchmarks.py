@@ -95,3 +95,16 @@ def test_the_gpu_script_runs_its_reduced_form_on_the_cpu():
     for name in ("bf16_loss_parity", "fp16_loss_parity"):
         assert "ok (loss " in lines[name] and "vs fp32" in lines[name]
     assert "ok (" in lines["decoder_fsdp_mfu"] and "MFU" in lines["decoder_fsdp_mfu"]
+
+
+def test_dpo_pairs_differ_only_in_the_person_of_the_opening_verb(tmp_path):
+    import json
+
+    from benchmarks.dpo_data import third_person, write_pairs
+
+    assert write_pairs(tmp_path / "pairs.jsonl", limit=50) == 50
+    rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    for r in rows:
+        (cv, crest), (rv, rrest) = r["chosen"].split(" ", 1), r["rejected"].split(" ", 1)
+        assert crest == rrest and cv == third_person(rv) != rv
+    assert third_person("Push") == "Pushes" and third_person("Do") == "Does"
