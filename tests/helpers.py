@@ -26,6 +26,24 @@ def run(config: Path, *overrides: str):
     return exp
 
 
+def stop_and_resume(write_config, runs: Path, section: dict, step: int,
+                    callbacks: list = ()) -> tuple:
+    """``section`` run straight (run ``a``) and stopped by a signal during ``step`` then resumed
+    (run ``b``), both with ``callbacks``. Returns (straight, resumed, a's metric rows after
+    ``step``, b's)."""
+    import pytest
+
+    callbacks = list(callbacks)
+    straight = run(write_config({**section, "name": "a", "callbacks": callbacks}))
+    cfg = write_config({**section, "name": "b",
+                        "callbacks": [*callbacks, {"type": "signal_at_step", "step": step}]})
+    with pytest.raises(SystemExit):
+        run(cfg)
+    resumed = run(cfg, f"callbacks={json.dumps(callbacks)}")
+    after = [[r for r in metrics(runs / name) if r["step"] > step] for name in ("a", "b")]
+    return straight, resumed, *after
+
+
 def launch(nproc: int, config: Path, *overrides: str, launcher: str = "torchrun",
            expect: int = 0, cwd: Path = ROOT, master_port: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{config.parent}", "OMP_NUM_THREADS": "1"}

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import launch, metrics, params, run, same
+from helpers import launch, metrics, params, run, same, stop_and_resume
 
 GPT = {"type": "hf", "kind": "causal_lm",
        "config": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32,
@@ -141,14 +141,8 @@ def test_grpo_resumes_exactly(write_config, tmp_path):
     reused completions are restored, so 6 straight == 3 + resume."""
     sec = {**section(micro_batch=8, num_iterations=2, beta=0.04), "trainer.max_steps": 6,
            "trainer.eval_every_n_steps": None, "checkpoint.every_n_steps": 10}
-    straight = run(write_config({**sec, "name": "a"}))
-    cfg = write_config({**sec, "name": "b", "callbacks": [{"type": "signal_at_step", "step": 3}]})
-    with pytest.raises(SystemExit):
-        run(cfg)
-    resumed = run(cfg, "callbacks=[]")
+    straight, resumed, a, b = stop_and_resume(write_config, tmp_path / "runs", sec, 3)
     assert same(params(straight), params(resumed))
-    a = [r for r in metrics(tmp_path / "runs/a") if r["step"] > 3]
-    b = [r for r in metrics(tmp_path / "runs/b") if r["step"] > 3]
     assert a == b and len(a) == 3
 
 

@@ -3,7 +3,7 @@ the momentum methods, and their global state on two ranks."""
 import pytest
 import torch
 
-from helpers import metrics, params, run, same
+from helpers import metrics, params, run, same, stop_and_resume
 
 
 SSL = {"data.batch_size": 64, "model": {"type": "cnn", "channels": [8, 16], "num_classes": 0},
@@ -42,16 +42,9 @@ def test_momentum_methods_resume_exactly(write_config, tmp_path, task):
     """Teachers, queues and centres are checkpointed: 6 straight == 3 + resume to 6 (DINO's
     prototypes, frozen for 2 steps, must not freeze again after the resume)."""
     knn = {"type": "online_knn", "k": 5}
-    base = {**SSL, "task": task, "callbacks": [knn]}
-    straight = run(write_config({**base, "name": "a"}))
-    cfg = write_config({**base, "name": "b",
-                        "callbacks": [knn, {"type": "signal_at_step", "step": 3}]})
-    with pytest.raises(SystemExit):
-        run(cfg)
-    resumed = run(cfg, "callbacks=[{type: online_knn, k: 5}]")
+    straight, resumed, a, b = stop_and_resume(write_config, tmp_path / "runs",
+                                              {**SSL, "task": task}, 3, [knn])
     assert same(params(straight), params(resumed))
-    a = [r for r in metrics(tmp_path / "runs/a") if r["step"] > 3]
-    b = [r for r in metrics(tmp_path / "runs/b") if r["step"] > 3]
     assert a == b
 
 

@@ -3,7 +3,7 @@ it must do, per-image randomness, and the self-supervised methods training on th
 import pytest
 import torch
 
-from helpers import metrics, params, run, same
+from helpers import params, same, stop_and_resume
 
 from src.data import batch_views as bv
 from src.data.digits import digits
@@ -68,15 +68,10 @@ SSL = {"data.batch_size": 64, "model": {"type": "cnn", "channels": [8, 16], "num
 ], ids=lambda t: t["type"])
 def test_methods_train_on_batch_views_and_resume_exactly(write_config, tmp_path, task):
     """The views' random numbers come from the checkpointed generator: 6 straight == 3 + resume."""
-    straight = run(write_config({**SSL, "task": task, "name": "a"}))
+    straight, resumed, a, b = stop_and_resume(write_config, tmp_path / "runs",
+                                              {**SSL, "task": task}, 3,
+                                              [{"type": "online_knn", "k": 5}])
     assert not hasattr(straight.data.train, "view_transform") or \
         straight.data.train.view_transform is None  # nothing per sample in the loader
-    cfg = write_config({**SSL, "task": task, "name": "b", "callbacks": [
-        {"type": "online_knn", "k": 5}, {"type": "signal_at_step", "step": 3}]})
-    with pytest.raises(SystemExit):
-        run(cfg)
-    resumed = run(cfg, "callbacks=[{type: online_knn, k: 5}]")
     assert same(params(straight), params(resumed))
-    a = [r for r in metrics(tmp_path / "runs/a") if r["step"] > 3]
-    b = [r for r in metrics(tmp_path / "runs/b") if r["step"] > 3]
     assert a == b and all(r["train/loss"] == r["train/loss"] for r in a if "train/loss" in r)
