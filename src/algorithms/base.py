@@ -101,15 +101,19 @@ class Task(nn.Module):
                 batch = {**batch, "views": self.device_views(batch["inputs"])}
         return self.training_step(batch)
 
-    def split(self, batch: dict[str, Any]) -> Optional[list[Any]]:
-        """The micro-batches one loader batch becomes, or None (the default: the batch is one).
+    # True for a task that makes its own micro-batches in ``split`` (GRPO); the trainer (and
+    # FSDP, which gathers the weights for it) call ``split`` only then.
+    splits_batches = False
+
+    def split(self, batch: dict[str, Any]) -> list[Any]:
+        """The micro-batches one loader batch becomes (the default: the batch itself).
 
         A task that makes its training examples itself (GRPO's completions) makes them here,
         outside the forward, and returns them in chunks; the trainer runs forward and backward
         on each chunk alone (the memory of one chunk) and *adds* their losses: each chunk's loss
         must be its exact share of the batch's loss.
         """
-        return None
+        return [batch]
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Returns ``{"loss": scalar, **other scalar metrics}`` for one micro-batch."""

@@ -79,6 +79,8 @@ class GRPO(Task):
     check answers, their ``answer`` strings (the ``arithmetic`` data in ``prompts`` format, or
     ``prompts`` JSONL with an ``answer`` field)."""
 
+    splits_batches = True  # the step's completions are made and cut into chunks by split()
+
     def __init__(
         self,
         model,

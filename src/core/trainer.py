@@ -141,9 +141,9 @@ class Trainer:
             each chunk go forward and backward alone: ``loss`` is their sum, other scalars their
             mean, anything else the last chunk's.
         """
-        parts = self.task.split(batch)
-        if parts is None:
+        if not self.task.splits_batches:
             return self._backward(batch, final, n_micro)
+        parts = self.task.split(batch)
         out: dict[str, Any] = {}
         for j, part in enumerate(parts):
             got = self._backward(part, final and j == len(parts) - 1, n_micro)

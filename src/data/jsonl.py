@@ -201,7 +201,9 @@ def pairs(
 def prompts(
     seed: int,
     tokenizer: Tokenizer,
-    path: Annotated[Optional[str], Field(description="JSONL file of {\"prompt\"} lines")] = None,
+    path: Annotated[Optional[str], Field(
+        description="JSONL file of {\"prompt\"} lines (and \"answer\" for rewards that check "
+                    "it)")] = None,
     stdlib_functions: Annotated[bool, Field(
         description="use standard-library function headers as prompts instead of a file")] = False,
     max_length: Annotated[int, Field(
@@ -213,8 +215,12 @@ def prompts(
     """Prompts for PPO: ``{"prompt"}`` JSONL lines, or (``stdlib_functions``) the signature and
     docstring opening of standard-library functions."""
     tok = load_tokenizer(tokenizer)
+    answers = None
     if path:
-        texts = [r["prompt"] for _, r in read_jsonl(path, need=("prompt",))]
+        rows = [r for _, r in read_jsonl(path, need=("prompt",))]
+        texts = [r["prompt"] for r in rows]
+        if any("answer" in r for r in rows):  # for rewards that check answers (exact_answer)
+            answers = [str(r.get("answer", "")) for r in rows]
     elif stdlib_functions:
         texts = function_prompts()
     else:
@@ -223,6 +229,9 @@ def prompts(
         texts = texts[:limit]
     items = [{"input_ids": torch.tensor(tok(t, add_special_tokens=False)["input_ids"][-max_length:])}
              for t in texts]
+    if answers is not None:
+        for item, answer in zip(items, answers):
+            item["answer"] = answer
     dm = _module(items, None, val_fraction, seed, tok)
     collate = LeftPadCollator(tok.pad_token_id)
     dm.train.collate_fn = collate

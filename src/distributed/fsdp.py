@@ -134,7 +134,7 @@ class FSDPStrategy(ProcessGroupStrategy):
         fully_shard(task, **kw)
         if hasattr(task, "generate"):  # generation outside a step gathers the root's weights too
             register_fsdp_forward_method(task, "generate")
-        if _overrides_split(task):  # so do the chunks a task makes outside the step (GRPO)
+        if getattr(task, "splits_batches", False):  # so do the chunks a task makes (GRPO)
             register_fsdp_forward_method(task, "split")
         return task, make_optimizer(task) if make_optimizer else None
 
@@ -169,11 +169,3 @@ class FSDPStrategy(ProcessGroupStrategy):
                                   "start from its weights with `export` and a model's pretrained path")
         load_dcp(directory, model, optimizer)
         return safe_load(directory / TRAINER_FILE), self._rank_state(directory)
-
-
-def _overrides_split(task) -> bool:
-    """Whether the task makes its own micro-batches (:meth:`Task.split`), which run its model
-    outside the step's forward."""
-    from src.algorithms.base import Task
-
-    return isinstance(task, Task) and type(task).split is not Task.split

@@ -179,3 +179,19 @@ def test_left_padded_completions_are_scored_as_they_were_sampled():
         ppo_logits, _ = PPO._forward(ppo, task.model, padded, mask, True)
     assert torch.allclose(alone, left, atol=1e-5)
     assert torch.allclose(ppo_logits[:, 2:], task.model(seq).logits, atol=1e-5)
+
+
+def test_prompts_jsonl_with_answers_feeds_exact_answer(write_config, tmp_path):
+    from src.data.arithmetic import char_tokenizer
+
+    char_tokenizer().save_pretrained(str(tmp_path / "tok"))
+    lines = [json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)})
+             for a in range(4) for b in range(4)]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    run(write_config({**section(), "data": {"type": "prompts", "path": str(tmp_path / "p.jsonl"),
+                                            "tokenizer": str(tmp_path / "tok"), "batch_size": 4,
+                                            "val_fraction": 0.25},
+                      "trainer.max_steps": 2, "trainer.eval_every_n_steps": 2}))
+    rows = metrics(tmp_path / "runs/tiny")
+    assert 0 <= [r for r in rows if "val/reward" in r][-1]["val/reward/exact_answer"] <= 1
+    assert "train/reward/exact_answer" in [r for r in rows if "train/reward" in r][-1]
