@@ -1,4 +1,5 @@
 """Every YAML in configs/ runs for a few steps (STYLE: the override table as integration tests)."""
+import json
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ SMOKE = ["trainer.max_steps=3", "trainer.max_epochs=null", "trainer.log_every=1"
 # What a config needs from earlier steps (a pretrained base, a data file), made small here.
 NEEDS_BASE = {"lora_email", "dpo_docstrings", "ppo_docstrings"}
 NEEDS_ARITH = {"grpo_arith"}  # the supervised arithmetic GPT, with its character tokenizer
+NEEDS_VLM = {"vlm_digits_stage1", "vlm_digits"}  # the lm_stdlib GPT, a clip run, stage 1
 FASTER = {"lm_stdlib": ["data.max_files=20"]}
 
 
@@ -54,6 +56,13 @@ def arith_base(tmp_path_factory) -> Path:
 
 def needs(path: Path, request) -> list[str]:
     extra = list(FASTER.get(path.stem, []))
+    if path.stem in NEEDS_VLM:
+        base = request.getfixturevalue("tiny_base")
+        lm = {"type": "hf", "kind": "causal_lm", "path": str(base)}
+        if path.stem == "vlm_digits":
+            lm["adapter"] = {"type": "lora", "r": 4, "target_modules": ["c_attn"]}
+        extra += [f"data.tokenizer={base}", f"task.lm={json.dumps(lm)}", "task.vision_init=null",
+                  "task.init=null"]  # stage 2 from a stage 1 run: tests/algorithms/test_vlm.py
     if path.stem in NEEDS_BASE | NEEDS_ARITH:
         base = request.getfixturevalue("arith_base" if path.stem in NEEDS_ARITH else "tiny_base")
         extra += [f"model.path={base}", f"data.tokenizer={base}"]  # needs: no longer read
@@ -88,14 +97,17 @@ def test_exp001_with_overrides(overrides, tmp_path):
     assert metrics(tmp_path / "exp001")[-1]["step"] == 3
 
 
-@pytest.mark.parametrize("name", sorted(NEEDS_BASE | NEEDS_ARITH))
+@pytest.mark.parametrize("name", sorted(NEEDS_BASE | NEEDS_ARITH | NEEDS_VLM))
 def test_a_config_that_needs_another_run_names_the_commands(name, tmp_path, monkeypatch, capsys):
     """On a fresh clone these configs stop at once, with the commands that make what they read."""
 
     from src.main import main
 
     monkeypatch.chdir(tmp_path)  # no experiments/ here, as on a fresh clone
-    needs = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["needs"]
+    raw = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    needs = raw["needs"]
+    if "base" in raw:  # a base's needs come first, then the config's own
+        needs = {**yaml.safe_load((ROOT / "configs" / raw["base"]).read_text())["needs"], **needs}
     assert main(["--config", str(ROOT / "configs" / f"{name}.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: needs: {path} does not exist yet; make it with: {command}"

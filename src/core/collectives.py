@@ -15,6 +15,7 @@ class Collectives:
     """Cross-rank operations on tensors, called alike on every rank (one process: identity)."""
 
     world_size = 1
+    rank = 0
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         """The mean of ``t`` over every rank. Running statistics that steer training (DINO's
@@ -24,6 +25,12 @@ class Collectives:
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's ``t`` (same shape on each) concatenated on dim 0 in rank order (MoCo's
         queue takes every rank's keys, so all ranks hold one queue)."""
+        return t
+
+    def gather_with_grad(self, t: torch.Tensor) -> torch.Tensor:
+        """Like :meth:`gather`, but gradients flow back to every rank's ``t``: a loss over the
+        gathered rows (CLIP's, over the global batch) trains each rank's own rows, as open_clip's
+        ``--gather-with-grad``. Its backward sums the other ranks' gradients into this rank's."""
         return t
 
     def lockstep(self) -> dict[str, Any]:

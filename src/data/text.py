@@ -94,7 +94,12 @@ def load_tokenizer(path: str, key: str = "data.tokenizer"):
 
     from src.core.local_paths import resolve_path
 
-    tok = AutoTokenizer.from_pretrained(str(resolve_path(path, key)), local_files_only=True)
+    folder = resolve_path(path, key)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{key}: {path}: not a tokenizer folder "
+                          f"({str(exc).strip().splitlines()[0][:120]})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.chat_template is None:

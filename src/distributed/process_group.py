@@ -29,6 +29,7 @@ class GroupCollectives(Collectives):
 
     def __init__(self, world_size: int):
         self.world_size = world_size
+        self.rank = dist.get_rank()
 
     @override
     @torch.no_grad()
@@ -43,6 +44,12 @@ class GroupCollectives(Collectives):
         out = [torch.empty_like(t) for _ in range(self.world_size)]
         dist.all_gather(out, t.contiguous())
         return torch.cat(out)
+
+    @override
+    def gather_with_grad(self, t: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(t.contiguous()))
 
 
 # What gloo and NCCL say when a peer never answers (timeout) or has gone away.

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import torch
 
 from src.core.errors import CheckpointError, UserError
+from src.distributed.weights import load_consolidated  # noqa: F401 (part of this API)
 
 CONFIG_FILE = "config.yaml"
 
@@ -39,29 +39,6 @@ class LoadedRun:
         return {"run": str(self.run_dir) if self.run_dir else None,
                 "checkpoint": str(self.checkpoint), "step": self.step, "name": self.cfg.name,
                 "task": self.cfg.task["type"], "model": self.cfg.model}
-
-
-def load_consolidated(directory: Path, trust_pickles: bool = False) -> dict[str, torch.Tensor]:
-    """The task's full state dict from a committed checkpoint directory of any strategy (its
-    pickles checked first unless ``trust_pickles``)."""
-    from src.core.checkpoint import MODEL_FILE, find_checkpoint
-    from src.core.pickle_guard import verify_checkpoint
-    from src.distributed.dcp_io import consolidated_model_state, has_dcp
-
-    directory = find_checkpoint(Path(directory))
-    verify_checkpoint(directory, trust=trust_pickles)
-    if (directory / MODEL_FILE).is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(directory / MODEL_FILE))
-    if has_dcp(directory):
-        return consolidated_model_state(directory)
-    from src.distributed.deepspeed import consolidated_deepspeed_state, is_deepspeed_checkpoint
-
-    if is_deepspeed_checkpoint(directory):
-        return consolidated_deepspeed_state(directory)
-    raise CheckpointError(f"{directory}: no model weights found (model.safetensors, dcp/ or a "
-                          "DeepSpeed checkpoint)")
 
 
 @contextlib.contextmanager
