@@ -265,7 +265,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks/RESULTS.md"))
     p.add_argument("--only",
                    default="overhead,startup,checkpoint,dataloader,ddp,inference,sweep,ssl,lm,"
-                           "grpo,lmspeed,sslspeed")
+                           "grpo,multimodal,lmspeed,sslspeed")
     p.add_argument("--update", action="store_true",
                    help="keep the sections of the existing file that this run does not redo")
     args = p.parse_args(argv)
@@ -353,6 +353,11 @@ def main(argv=None) -> int:
         from benchmarks import grpo_arith
 
         done("GRPO on arithmetic", grpo_arith.section(grpo_arith.measure(q)))
+
+    if "multimodal" in only:
+        from benchmarks import multimodal
+
+        done("Multimodal on digits", multimodal.section(multimodal.measure(q)))
 
     if q:  # the throughput sections only mean something at full size (tests call their parts)
         only -= {"lmspeed", "sslspeed"}

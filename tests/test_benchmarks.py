@@ -18,7 +18,8 @@ def test_every_benchmark_runs_at_a_tiny_size(tmp_path):
     for section in ("## Loop overhead", "## Start-up", "## Checkpoint", "## Data loading",
                     "## 2-process DDP", "## Predict and ONNX", "## Sweeps",
                     "## Self-supervised and metric learning on digits",
-                    "## Language models on the standard library", "## GRPO on arithmetic"):
+                    "## Language models on the standard library", "## GRPO on arithmetic",
+                    "## Multimodal on digits"):
         assert section in text
     assert "| ours |" in text and "n/a" not in text and "| simclr |" in text
 
@@ -49,6 +50,27 @@ def test_recorded_sweep_meets_its_goals():
         trials_n, _, steps_n, best_n, _ = rows["none", workers]
         assert trials == trials_n == 24 and best >= 0.97 and best_n >= 0.97
         assert pruned >= 0.4 * trials and steps < steps_n / 2 and abs(best - best_n) <= 0.01
+
+
+def test_recorded_multimodal_results_meet_their_goals():
+    """CLIP: zero-shot top-1 >= 0.85 and image->text R@1 >= 0.80 in <= 10 min; the VLM: >= 0.90
+    exact match on "What digit is this?" in <= 15 min (both stages), far above the untrained."""
+    import re
+
+    text = (ROOT / "benchmarks/RESULTS.md").read_text().split("## Multimodal on digits", 1)[1]
+    text = text.split("\n## ")[0]
+    num = r"([\d.]+)"
+    clip = {m.group(1): [float(x) for x in m.groups()[1:6]] for m in re.finditer(
+        rf"^\| (random init|trained) \| {num} \| {num} \| {num} \| {num} \| {num} \|", text, re.M)}
+    zero_shot, i2t = clip["trained"][:2]
+    assert zero_shot >= 0.85 and i2t >= 0.80 and clip["random init"][0] < 0.3
+    assert float(re.search(rf"^\| trained \|.* \| {num} \|$", text, re.M).group(1)) <= 10
+    vlm = {m.group(1): (float(m.group(2)), float(m.group(3))) for m in re.finditer(
+        rf"^\| ([^|]+?) \| {num} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| ([\d.]+|-) \|$",
+        text.replace("| - |", "| 0 |"), re.M)}
+    digit, minutes = vlm["stage 2 (+ LoRA)"]
+    assert digit >= 0.90 and minutes + vlm["stage 1 (projector)"][1] <= 15
+    assert vlm["untrained projector"][0] < 0.2
 
 
 def _ratio_medians(title: str) -> dict[str, float]:

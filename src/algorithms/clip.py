@@ -46,7 +46,8 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
     n = image.shape[0]
     labels = torch.arange(n, device=image.device)
     if collectives is not None and collectives.world_size > 1:
-        all_image, all_text = collectives.gather_with_grad(image), collectives.gather_with_grad(text)
+        gather = collectives.gather_with_grad
+        all_image, all_text = gather(image), gather(text)
         if local_loss:
             labels = labels + n * collectives.rank
             per_image = logit_scale * image @ all_text.T
@@ -188,14 +189,20 @@ class CLIP(Task):
         """(B, text width) pooled features; a locked tower's come from the cache."""
         if not self.lock_text:
             return self._pooled(captions)
+        if len(self._text_cache) >= 200_000:  # a caption per image: caching would not pay
+            with torch.no_grad():
+                return self._pooled(captions)
         missing = list(dict.fromkeys(c for c in captions if c not in self._text_cache))
+        if self.collectives.world_size > 1:
+            # sharded towers gather their weights in each forward: every rank runs the tower
+            # when any rank needs it (one rank's cache is not another's)
+            need = self.collectives.mean(torch.tensor([float(len(missing))],
+                                                      device=self.text_proj.weight.device))
+            if float(need) > 0 and not missing:
+                missing = captions[:1]
         if missing:
             with torch.no_grad():
-                feats = self._pooled(missing).float()
-            if len(self._text_cache) < 200_000:
-                self._text_cache.update(zip(missing, feats))
-            else:
-                return self._pooled(captions)
+                self._text_cache.update(zip(missing, self._pooled(missing).float()))
         return torch.stack([self._text_cache[c] for c in captions])
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
@@ -271,6 +278,10 @@ class CLIP(Task):
             relevant[row[o], col[t]] = True
         out.update(cross_modal_recall(image, text[first], relevant.to(image.device)))
         return out
+
+    def write_checkpoint_files(self, directory) -> None:
+        if hasattr(self.text, "peft_config"):  # LoRA on the text tower, in PEFT's own layout
+            self.text.save_pretrained(str(directory / "text_adapter"))
 
     def inference(self) -> Inference:
         return Inference(ImageEmbedder(self.model, self.image_proj), ("inputs",), "embedding")

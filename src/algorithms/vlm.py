@@ -140,6 +140,9 @@ class VLM(Task):
         super().train(mode)
         if self.lock_vision:
             self.model.eval()
+        if self.lock_lm and getattr(self, "lm", None) is not None and \
+                not hasattr(self.lm, "peft_config"):
+            self.lm.eval()  # wholly frozen: no dropout noise in what the projector learns from
         return self
 
     # ------------------------------------------------------------------ model

@@ -308,7 +308,7 @@ class ImageQuestions(torch.utils.data.Dataset):
 
     batched = True
 
-    def __init__(self, images: torch.Tensor, rows: list[tuple[int, list[int], list[int], str, str]],
+    def __init__(self, images: Images, rows: list[tuple[int, list[int], list[int], str, str]],
                  pad_id: int):
         self.images, self.rows, self.pad_id = images, rows, pad_id
         self.lengths = [len(p) + len(a) for _, p, a, _, _ in rows]
@@ -333,10 +333,26 @@ class ImageQuestions(torch.utils.data.Dataset):
             ids[j, :len(seq)], mask[j, :len(seq)] = seq, 1
             labels[j, len(p):len(seq)] = seq[len(p):]
             prompt[j, longest_p - len(p):], prompt_mask[j, longest_p - len(p):] = seq[:len(p)], 1
-        return {"inputs": self.images[torch.tensor([r[0] for r in rows])], "input_ids": ids,
+        return {"inputs": self.images.take([r[0] for r in rows]), "input_ids": ids,
                 "attention_mask": mask, "labels": labels, "prompt_ids": prompt,
                 "prompt_mask": prompt_mask, "answer": [r[3] for r in rows],
                 "kind": [r[4] for r in rows]}
+
+
+def _lm_tokenizer(path: str):
+    from src.data.text import load_tokenizer
+
+    tok = load_tokenizer(path)
+    if tok.eos_token_id is None:
+        raise ConfigError(f"data.tokenizer: {path}: has no EOS token to end answers with "
+                          "(a causal LM's tokenizer is needed)")
+    return tok
+
+
+def _encode(tok, question: str, answer: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids + EOS) of one question."""
+    p = tok(PROMPT.format(question=question), add_special_tokens=False)["input_ids"]
+    return p, tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
 
 @DATASETS.register("digits_vqa")
@@ -354,31 +370,89 @@ def digits_vqa(
     channels: Channels = 1,
 ) -> DataModule:
     """Digits with questions and one-word answers; every question is asked of every image."""
-    from src.data.text import load_tokenizer, token_info
+    from src.data.text import token_info
 
-    tok = load_tokenizer(tokenizer)
-    if tok.eos_token_id is None:
-        raise ConfigError(f"data.tokenizer: {tokenizer}: has no EOS token to end answers with "
-                          "(a causal LM's tokenizer is needed)")
+    tok = _lm_tokenizer(tokenizer)
     x, y = digit_images(resize, channels)
     train_idx, val_idx = stratified_split(y.numpy(), val_fraction, seed)
     kinds = list(dict.fromkeys(questions))
     encoded = {}
     for kind in kinds:
         question, answer_of = QUESTIONS[kind]
-        p = tok(PROMPT.format(question=question), add_special_tokens=False)["input_ids"]
         for c in range(10):
-            a = answer_of(c)
-            encoded[kind, c] = (p, tok(" " + a, add_special_tokens=False)["input_ids"]
-                                + [tok.eos_token_id], a)
+            encoded[kind, c] = (*_encode(tok, question, answer_of(c)), answer_of(c))
 
     def split(idx) -> ImageQuestions:
         rows = [(j, *encoded[k, int(y[i])][:2], encoded[k, int(y[i])][2], k)
                 for j, i in enumerate(idx) for k in kinds]
-        return ImageQuestions(x[torch.as_tensor(idx)], rows, tok.pad_token_id)
+        return ImageQuestions(Images(x[torch.as_tensor(idx)]), rows, tok.pad_token_id)
 
     train, val = split(train_idx), split(val_idx)
     info = DatasetInfo(num_samples=len(train), input_shape=tuple(x.shape[1:]),
+                       extra={**token_info(tok), "question_kinds": kinds,
+                              "image_questions": True})
+    return DataModule(train, val, info)
+
+
+@DATASETS.register("image_questions")
+def image_questions(
+    seed: int,
+    root: Annotated[str, Field(description="folder the image paths are relative to")],
+    tokenizer: Annotated[str, Field(
+        description="the causal LM's tokenizer: a local folder (pkg:... too)")],
+    path: Annotated[str, Field(
+        description="JSONL: {image, question, answer, kind (optional: the question's type, "
+                    "for per-kind accuracy)} per line; relative to root unless it exists as "
+                    "given")] = "questions.jsonl",
+    val_fraction: ValFraction = 0.2,
+    image_size: Annotated[int, Field(gt=0, description="square side images are resized to")] = 32,
+    channels: Annotated[int, Field(ge=1, le=3, description="1 (grey) or 3 (RGB)")] = 3,
+) -> DataModule:
+    """Your own images with questions and answers (the ``vlm`` task); split by image, so no
+    validation image is seen in training under another question."""
+    from PIL import Image
+
+    from src.data.jsonl import read_jsonl
+    from src.data.text import token_info
+
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise ConfigError(f"data.root: folder not found: {root}")
+    file = Path(path).expanduser()
+    if not file.exists():
+        file = base / path
+    tok = _lm_tokenizer(tokenizer)
+    by_image: dict[str, list[tuple[str, str, str]]] = {}
+    for where, r in read_jsonl(str(file), ("image", "question", "answer"), "data.path"):
+        values = [r["image"], r["question"], r["answer"], r.get("kind", "question")]
+        if not all(isinstance(v, str) for v in values):
+            raise ConfigError(f"{where}: image, question, answer and kind must be strings")
+        if r["image"] not in by_image:
+            try:
+                with Image.open(base / r["image"]) as im:
+                    im.verify()
+            except FileNotFoundError:
+                raise ConfigError(f"{where}: image not found: {base / r['image']}") from None
+            except Exception as exc:  # PIL raises many types for broken files
+                raise ConfigError(f"{where}: {base / r['image']}: not a readable image "
+                                  f"({library_message(exc, 80)})") from None
+        by_image.setdefault(r["image"], []).append(tuple(values[1:]))
+    names = list(by_image)
+    order = np.random.default_rng(seed).permutation(len(names))
+    n_val = int(round(val_fraction * len(names)))
+    kinds = sorted({k for qs in by_image.values() for _, _, k in qs})
+
+    def split(chosen: list[str]) -> ImageQuestions:
+        rows = [(j, *_encode(tok, q, a), a, k) for j, n in enumerate(chosen)
+                for q, a, k in by_image[n]]
+        images = Images(files=[base / n for n in chosen], size=image_size, channels=channels)
+        return ImageQuestions(images, rows, tok.pad_token_id)
+
+    train = split([names[i] for i in order[n_val:]])
+    val = split([names[i] for i in order[:n_val]]) if n_val else None
+    if len(train) == 0:
+        raise ConfigError("data.val_fraction: leaves no training image")
+    info = DatasetInfo(num_samples=len(train), input_shape=(channels, image_size, image_size),
                        extra={**token_info(tok), "question_kinds": kinds,
                               "image_questions": True})
     return DataModule(train, val, info)

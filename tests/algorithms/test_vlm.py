@@ -199,3 +199,56 @@ def test_vlm_on_two_ranks(gpt, write_config, tmp_path, strategy):
     assert list((tmp_path / "runs/tiny/checkpoints").glob("step_00000004"))
     # the same global batches: the same answers are scored (to float noise in the weights)
     assert abs(val["val/exact_match"] - ref["val/exact_match"]) < 0.05
+
+
+def _questions_folder(root: Path, n: int = 8) -> Path:
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(root / f"img/{i}.png")
+        lines.append({"image": f"img/{i}.png", "question": "Is it bright?",
+                      "answer": "yes" if i % 2 else "no", "kind": "bright"})
+        lines.append({"image": f"img/{i}.png", "question": "Which one?", "answer": str(i)})
+    (root / "questions.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return root
+
+
+def test_own_images_and_questions_train_and_predict(gpt, write_config, tmp_path, cli):
+    """image_questions: a folder and a JSONL of questions; predict answers a user's own file."""
+    import json
+
+    folder = _questions_folder(tmp_path / "mine")
+    data = {"type": "image_questions", "root": str(folder), "tokenizer": str(gpt),
+            "image_size": 8, "channels": 1, "val_fraction": 0.25, "batch_size": 4}
+    exp = run(write_config({**section(gpt), "data": data}))
+    val = [r for r in metrics(exp.run_dir) if "val/exact_match" in r][-1]
+    assert set(exp.data.info.extra["question_kinds"]) == {"bright", "question"}
+    assert "val/exact_match/bright" in val and "val/exact_match/question" in val
+    train_images = {str(p) for p in exp.data.train.images.files}
+    assert not train_images & {str(p) for p in exp.data.val.images.files}
+    # predict on other questions about other images
+    other = _questions_folder(tmp_path / "other", n=3)
+    out = cli("predict", "--run", str(exp.run_dir), "--split", "train", "--data",
+              f"root={other}", "val_fraction=0", "--out", str(tmp_path / "answers.jsonl"))
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {r["expected"] for r in rows} >= {"yes", "no", "0"}
+    assert all(isinstance(r["answer"], str) for r in rows)
+
+
+def test_a_missing_image_of_a_question_is_one_line_exit_2(gpt, tmp_path, cli):
+    folder = _questions_folder(tmp_path / "mine", n=3)
+    (folder / "img/1.png").unlink()
+    out = cli("--config", "configs/vlm_digits_stage1.yaml", "needs={}",
+              f"data={{type: image_questions, root: {folder}, tokenizer: {gpt}}}",
+              f"task.lm.path={gpt}", "task.vision_init=null", f"logging.root={tmp_path / 'runs'}")
+    assert out.returncode == 2
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and "questions.jsonl:3: image not found" in err[0], err
+    assert not (tmp_path / "runs").exists()
