@@ -193,8 +193,10 @@ def overhead_section(res: dict, pairs: int, steps: int) -> list[str]:
     body = [f"digits, batch 64, AdamW lr 1e-3, {steps} steps, fp32, CPU; {pairs} alternating "
             "runs of every variant. `torch`: a hand-written loop over a DataLoader of a "
             "TensorDataset (what people write); `torch_fast`: hand-written with batches gathered "
-            "by tensor indexing (no DataLoader). Ratios are per pair, against `torch`. Goals: "
-            "loop <= 1.03x, whole process <= 1.15x (CNN loop <= 1.01x).", ""]
+            "by tensor indexing (no DataLoader). Ratios are per pair, against `torch`. `loop s` of "
+            "`ours` is the whole `run()`: the steps and the end-of-run files (curves.png, drawn "
+            "with matplotlib, about 0.5 s). Goals: loop <= 1.03x, whole process <= 1.15x (CNN "
+            "loop <= 1.01x).", ""]
     for model, r in res.items():
         body += [f"### {model.upper()}", "", "| variant | loop s | loop / torch | whole process s "
                  "| whole / torch |", "|---|---|---|---|---|"]

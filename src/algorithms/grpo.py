@@ -216,7 +216,7 @@ class GRPO(Task):
             self.model.train(was_training)
         scores = self._rewards(prompt, texts, answers)
         dev = seq.device
-        total = sum(w * scores[n] for n, (_, w, _, _) in zip(self.reward_names, self.reward_fns))
+        total = self._total(scores)
         adv, std = group_advantages(total, self.g, self.scale)
         n, p = len(seq), prompt.shape[1]
         mask = torch.cat([pmask, rmask], dim=1)
@@ -234,9 +234,13 @@ class GRPO(Task):
                           "for all their completions (no advantage, no gradient from them); "
                           "logged as train/frac_reward_zero_std", stacklevel=2)
             self._warned_flat = True
-        tokens = rmask.sum().float()
-        if self.loss_type == "dapo":  # every token of the step counts alike, across ranks
-            norm_tok = self.collectives.mean(tokens.to(dev))
+        # what each chunk's summed loss is divided by (the same for every chunk of the step)
+        if self.loss_type == "grpo":  # per completion: each divided by its own length below
+            norm = torch.tensor(float(n), device=dev)
+        elif self.loss_type == "dr_grpo":
+            norm = torch.tensor(float(n * self.gen["max_new_tokens"]), device=dev)
+        else:  # dapo: every token of the step counts alike, across ranks
+            norm = self.collectives.mean(rmask.sum().float().to(dev)).clamp(min=1.0)
         metrics = {"reward": total.mean(), "reward_std": std.mean(), "frac_reward_zero_std": flat,
                    "completion_length": rmask.sum(1).float().mean(),
                    **{f"reward/{k}": v.mean() for k, v in scores.items()}}
@@ -244,14 +248,7 @@ class GRPO(Task):
         step = self.micro_batch or n
         for i in range(0, n, step):
             s = slice(i, i + step)
-            rm = rmask[s]
-            if self.loss_type == "grpo":  # per completion: divide each by its own length below
-                norm = torch.tensor(float(n), device=dev)
-            elif self.loss_type == "dr_grpo":
-                norm = torch.tensor(float(n * self.gen["max_new_tokens"]), device=dev)
-            else:
-                norm = norm_tok.clamp(min=1.0)
-            chunks.append(Chunk(seq=seq[s], mask=mask[s], response_mask=rm,
+            chunks.append(Chunk(seq=seq[s], mask=mask[s], response_mask=rmask[s],
                                 advantages=adv[s].to(dev), norm=norm,
                                 old_logp=None if old is None else old[s],
                                 ref_logp=None if ref is None else ref[s], prompt_len=p,
@@ -286,6 +283,10 @@ class GRPO(Task):
         out["clip_ratio"] = (clipped_now.float() * m).sum().detach() / m.sum().clamp(min=1)
         return {"loss": loss, **out}
 
+    def _total(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reward of each completion: the weighted sum of the reward functions' scores."""
+        return sum(w * scores[n] for n, (_, w, _, _) in zip(self.reward_names, self.reward_fns))
+
     @torch.no_grad()
     def validation_step(self, batch):
         """Greedy completions of the held-out prompts: their rewards (with an ``exact_answer``
@@ -293,7 +294,7 @@ class GRPO(Task):
         seq, rmask, texts = self._complete(batch["input_ids"], batch["attention_mask"],
                                            sample=False)
         scores = self._rewards(batch["input_ids"], texts, batch.get("answer"))
-        total = sum(w * scores[n] for n, (_, w, _, _) in zip(self.reward_names, self.reward_fns))
+        total = self._total(scores)
         dev = seq.device
         return {"reward": total.mean().to(dev),
                 **{f"reward/{k}": v.mean().to(dev) for k, v in scores.items()}}

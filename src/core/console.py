@@ -199,9 +199,24 @@ def summary(exp, metrics: dict[str, float], seconds: float) -> str:
     if ckpt is not None:
         lines.append(f"saved    {ckpt} (artifacts and metrics in {run_dir})")
         lines.append(f"next     predict: python -m src.main predict --run {run_dir}; export: "
-                     f"python -m src.main export --run {run_dir} --out {exp.cfg.name}.onnx; "
+                     f"python -m src.main export --run {run_dir} {exported(exp)}; "
                      "train on: the same command with a larger trainer.max_steps")
     return "\n".join(lines)
+
+
+def exported(exp) -> str:
+    """The export the ``next`` line suggests: ONNX where the task has an inference model, else
+    the weights (RLHF, vision-language: no single module to export), every task weight when
+    some that trained are outside ``model:`` (a projector, heads)."""
+    from src.core.errors import UserError
+
+    try:
+        exp.task.inference()
+    except UserError:
+        outside = any(p.requires_grad and not n.startswith("model.")
+                      for n, p in exp.task.named_parameters())
+        return ("--task " if outside else "") + f"--out {exp.cfg.name}.safetensors"
+    return f"--out {exp.cfg.name}.onnx"
 
 
 def _best(run_dir: Path) -> list[tuple[str, tuple[float, int]]]:

@@ -24,6 +24,11 @@ def _image_transform(size: int, channels: int):
     ])
 
 
+# Parameters of every dataset that reads image files.
+ImageSize = Annotated[int, Field(gt=0, description="square side the images are resized to")]
+ImageChannels = Annotated[int, Field(ge=1, le=3, description="1 (grey) or 3 (RGB)")]
+
+
 @DATASETS.register("image_folder")
 def image_folder(
     seed: int,
@@ -34,9 +39,8 @@ def image_folder(
     val_fraction: Annotated[float, Field(
         ge=0.0, lt=1.0,
         description="fraction of the samples held out for validation when there is no val_root")] = 0.2,
-    image_size: Annotated[int, Field(
-        gt=0, description="square side the images are resized to")] = 32,
-    channels: Annotated[int, Field(ge=1, le=3, description="1 (grey) or 3 (RGB)")] = 3,
+    image_size: ImageSize = 32,
+    channels: ImageChannels = 3,
     bad_files: Annotated[Literal["error", "skip"], Field(
         description="every image is checked before training (its header and structure, not its "
                     "pixels); error stops at the first unreadable one with its path, skip leaves "

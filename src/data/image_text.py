@@ -32,6 +32,7 @@ from src.core.errors import ConfigError, DataError, library_message
 from src.core.registry import DATASETS
 from src.data.digits import stratified_split
 from src.data.examples import ValFraction
+from src.data.image_folder import ImageChannels, ImageSize
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # "{}" is the digit's name, "{digit}" its numeral.
@@ -236,8 +237,8 @@ def image_text(
         description="captions file: .jsonl ({image, caption} per line) or COCO captions .json; "
                     "relative to root unless it exists as given")] = "captions.jsonl",
     val_fraction: ValFraction = 0.1,
-    image_size: Annotated[int, Field(gt=0, description="square side images are resized to")] = 32,
-    channels: Annotated[int, Field(ge=1, le=3, description="1 (grey) or 3 (RGB)")] = 3,
+    image_size: ImageSize = 32,
+    channels: ImageChannels = 3,
     bad_files: Annotated[Literal["error", "skip"], Field(
         description="every image is checked first (header and structure); error stops at the "
                     "first unreadable or missing one, skip leaves it out and says how "
@@ -405,8 +406,8 @@ def image_questions(
                     "for per-kind accuracy)} per line; relative to root unless it exists as "
                     "given")] = "questions.jsonl",
     val_fraction: ValFraction = 0.2,
-    image_size: Annotated[int, Field(gt=0, description="square side images are resized to")] = 32,
-    channels: Annotated[int, Field(ge=1, le=3, description="1 (grey) or 3 (RGB)")] = 3,
+    image_size: ImageSize = 32,
+    channels: ImageChannels = 3,
 ) -> DataModule:
     """Your own images with questions and answers (the ``vlm`` task); split by image, so no
     validation image is seen in training under another question."""

@@ -252,3 +252,14 @@ def test_a_missing_image_of_a_question_is_one_line_exit_2(gpt, tmp_path, cli):
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and "questions.jsonl:3: image not found" in err[0], err
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_summary_suggests_an_export_that_works(gpt, write_config, tmp_path, capsys, cli):
+    """A VLM has no single module for ONNX: the run's last lines suggest its weights instead."""
+    run(write_config({**section(gpt), "trainer.max_steps": 1}))
+    nxt = [x for x in capsys.readouterr().out.splitlines() if x.startswith("next")][0]
+    command = nxt.split("export: ")[1].split(";")[0]
+    assert command.endswith("--task --out tiny.safetensors")
+    out = cli(*command.split()[3:-1], str(tmp_path / "tiny.safetensors"))
+    assert out.returncode == 0, out.stderr
+    assert any(k.startswith("projector.") for k in load_file(str(tmp_path / "tiny.safetensors")))
