@@ -240,7 +240,7 @@ class CLIP(Task):
         image, h = self.encode_image(batch["inputs"])
         captions = [c for cs in batch["captions"] for c in cs]
         text = self.encode_text(captions)
-        owner = torch.repeat_interleave(batch["index"], torch.tensor(
+        owner = torch.repeat_interleave(batch["index"].cpu(), torch.tensor(
             [len(cs) for cs in batch["captions"]]))
         firsts = torch.tensor([0] + [len(cs) for cs in batch["captions"]][:-1]).cumsum(0)
         loss = clip_loss(image, text[firsts.to(text.device)], self.logit_scale.exp())

@@ -212,9 +212,11 @@ class VLM(Task):
         embeds, mask, labels = self.sequence(batch)
         nll, n = token_loss_sums(self.lm(inputs_embeds=embeds, attention_mask=mask).logits, labels)
         said = self.answer(batch["inputs"], batch["prompt_ids"], batch["prompt_mask"])
-        correct = torch.tensor([s == a for s, a in zip(said, batch["answer"])], dtype=torch.float)
+        dev = batch["input_ids"].device  # gathered across ranks at the end (NCCL: on the GPU)
+        correct = torch.tensor([s == a for s, a in zip(said, batch["answer"])],
+                               dtype=torch.float, device=dev)
         kind = torch.tensor([self.kinds.index(k) if k in self.kinds else -1
-                             for k in batch["kind"]], dtype=torch.long)
+                             for k in batch["kind"]], dtype=torch.long, device=dev)
         self._results.append(self.valid(correct, kind))
         return {"loss": nll / n.clamp(min=1)}
 
