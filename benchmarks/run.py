@@ -195,7 +195,7 @@ def overhead_section(res: dict, pairs: int, steps: int) -> list[str]:
             "TensorDataset (what people write); `torch_fast`: hand-written with batches gathered "
             "by tensor indexing (no DataLoader). Ratios are per pair, against `torch`. `loop s` of "
             "`ours` is the whole `run()`: the steps and the end-of-run files (curves.png, drawn "
-            "with matplotlib, about 0.5 s). Goals: loop <= 1.03x, whole process <= 1.15x (CNN "
+            "with Pillow in about 0.05 s). Goals: loop <= 1.03x, whole process <= 1.10x (CNN "
             "loop <= 1.01x).", ""]
     for model, r in res.items():
         body += [f"### {model.upper()}", "", "| variant | loop s | loop / torch | whole process s "

@@ -83,6 +83,18 @@ def _ratio_medians(title: str) -> dict[str, float]:
         r"^\| ([^|]+?) \|.*\| [\d.]+ / ([\d.]+) / [\d.]+ \|$", text, re.M)}
 
 
+def test_recorded_whole_process_overhead_meets_its_goal():
+    """A whole run of the tiny workloads (MLP and CNN on digits, start-up and end-of-run files
+    included) takes at most 1.10x the hand-written script (median of the per-pair ratios)."""
+    text = (ROOT / "benchmarks/RESULTS.md").read_text().split("## Loop overhead", 1)[1]
+    text = text.split("\n## ")[0]
+    for model in ("MLP", "CNN"):
+        table = text.split(f"### {model}", 1)[1].split("\n### ")[0]
+        row = next(line for line in table.splitlines() if line.startswith("| ours |"))
+        whole = float(row.rstrip(" |").split("|")[-1].split("/")[1])
+        assert whole <= 1.10, (model, whole)
+
+
 def test_recorded_batch_views_are_three_times_the_per_sample_ones():
     got = _ratio_medians("Self-supervised views throughput")
     assert set(got) == {"`ssl_simclr_digits`", "`ssl_dino_digits`"}

@@ -105,26 +105,9 @@ class Classification(Task):
     def write_artifacts(self, run_dir: Path) -> None:
         if self.confusion is None:
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from src.core.figures import heatmap
 
         cm = self.confusion.numpy()
-        c = len(cm)
-        fig, ax = plt.subplots(figsize=(max(4, c * 0.5), max(4, c * 0.5)))
-        ax.imshow(cm, cmap="Blues")
-        names = self.class_names[:c]
-        ax.set_xticks(range(c), names, rotation=90 if c > 10 else 0)
-        ax.set_yticks(range(c), names)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        if c <= 30:
-            for i in range(c):
-                for j in range(c):
-                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if cm[i, j] > cm.max() / 2 else "black")
-        ax.set_title(f"confusion matrix (accuracy {cm.trace() / max(cm.sum(), 1):.4f})")
-        fig.tight_layout()
-        fig.savefig(run_dir / "confusion_matrix.png", dpi=100)
-        plt.close(fig)
+        heatmap(cm.tolist(), self.class_names[:len(cm)],
+                f"confusion matrix (accuracy {cm.trace() / max(cm.sum(), 1):.4f})",
+                run_dir / "confusion_matrix.png")

@@ -1,4 +1,5 @@
-"""``curves.png``: the curves people look at first, drawn at the end of a run from metrics.jsonl.
+"""``curves.png``: the curves people look at first, drawn at the end of a run from metrics.jsonl
+(with Pillow: :mod:`src.core.figures`).
 
 Three panels against the step: training and validation loss, the main validation metric (the
 first ``val/`` metric that is not a loss, e.g. ``val/accuracy``), and the learning rate.
@@ -37,28 +38,13 @@ def write_curves(run_dir: Path) -> Optional[Path]:
             rows.append(row)
     if not rows:
         return None
-    from matplotlib.figure import Figure  # no pyplot: no backend, no global state
+    from src.core.figures import Panel, Series, line_panels
 
     metric = main_metric(rows)
-    panels = [("loss", ["train/loss", "val/loss"])]
+    groups = [("loss", ["train/loss", "val/loss"])]
     if metric:
-        panels.append((metric.split("/", 1)[1], [metric.replace("val/", "train/", 1), metric]))
-    panels.append(("learning rate", ["train/lr"]))
-    fig = Figure(figsize=(4.2 * len(panels), 3.4))
-    axes = fig.subplots(1, len(panels))
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.15, top=0.84, wspace=0.28)
-    for ax, (title, keys) in zip(axes, panels):
-        for key in keys:
-            x, y = _series(rows, key)
-            if x:
-                ax.plot(x, y, marker="o" if key.startswith("val/") else None, markersize=3,
-                        label=key)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.suptitle(Path(run_dir).name, fontsize=10)
-    out = Path(run_dir) / "curves.png"
-    fig.savefig(out, dpi=80)
-    return out
+        groups.append((metric.split("/", 1)[1], [metric.replace("val/", "train/", 1), metric]))
+    groups.append(("learning rate", ["train/lr"]))
+    panels = [Panel(title, [Series(key, *_series(rows, key), markers=key.startswith("val/"))
+                            for key in keys if _series(rows, key)[0]]) for title, keys in groups]
+    return line_panels(panels, Path(run_dir).name, Path(run_dir) / "curves.png")

@@ -119,11 +119,12 @@ def test_mlflow_shared_store_holds_every_run(write_config, tmp_path, monkeypatch
 
 
 def test_curves_png_and_the_model_summary_are_in_the_run_folder(write_config, tmp_path):
-    import matplotlib.image
+    import numpy as np
+    from PIL import Image
 
     run(write_config({"trainer.eval_every_n_steps": 10}))
-    image = matplotlib.image.imread(tmp_path / "runs/tiny/curves.png")
-    assert image.shape[0] > 200 and image.shape[1] > 600 and image.std() > 0.01
+    image = np.asarray(Image.open(tmp_path / "runs/tiny/curves.png").convert("RGB"))
+    assert image.shape[0] > 200 and image.shape[1] > 600 and image.std() > 2
     summary = json.loads((tmp_path / "runs/tiny/run_info.json").read_text())["model_summary"]
     assert summary["parameters"] == summary["trainable"] == 2410
     assert {r["name"]: r["parameters"] for r in summary["layers"]}["model.net.1"] == 64 * 32 + 32
