@@ -175,18 +175,21 @@ def measure(quick: bool = False) -> dict:
     return out
 
 
-def section(r: dict) -> list[str]:
-    lm = r["lm"]
+def stdlib_section(lm: dict) -> list[str]:
     xz = lm["xz_files"]
-    body = ["Corpus: the standard library's own `.py` files (no tests), split by file with seed 0.",
-            "", "### Small GPT from scratch (`configs/lm_stdlib.yaml`)", "",
-            f"{lm['steps']} steps in {lm['minutes']:.1f} minutes; {lm['files']} held-out files.", "",
-            "| held-out files | bits per byte |", "|---|---|",
+    return ["### Small GPT from scratch (`configs/lm_stdlib.yaml`)", "",
+            f"{lm['steps']} steps in {lm['minutes']:.1f} minutes; {lm['files']} held-out files.",
+            "", "| held-out files | bits per byte |", "|---|---|",
             f"| GPT (val/bpb) | {lm['bpb']:.3f} |",
             f"| xz -9e, all held-out bytes | {lm['xz_total']:.3f} |",
             f"| xz -9e per file: min / median / max | {min(xz):.3f} / {statistics.median(xz):.3f}"
             f" / {max(xz):.3f} |", "",
-            f"Validation perplexity (per BPE token): {lm['perplexity']:.2f}.", "",
+            f"Validation perplexity (per BPE token): {lm['perplexity']:.2f}."]
+
+
+def section(r: dict) -> list[str]:
+    body = ["Corpus: the standard library's own `.py` files (no tests), split by file with seed 0.",
+            "", *stdlib_section(r["lm"]), "",
             "### Adapters on the `email` package, from the GPT above", "",
             "| adapter | held-out perplexity before | after | trainable / total parameters |"
             " minutes |", "|---|---|---|---|---|"]
@@ -251,11 +254,16 @@ def update_subsection(lines: list[str], results: Path) -> None:
 
 
 def update(what: str, base: str, results: Path) -> None:
-    """Rerun PPO or DPO alone from an exported GPT (the lm_stdlib one) and replace its
-    subsection."""
+    """Rerun the lm_stdlib GPT alone, or PPO or DPO alone from an exported GPT (the lm_stdlib
+    one), and replace its subsection."""
     from benchmarks.dpo_data import write_pairs
 
     root = tempfile.mkdtemp()
+    if what == "stdlib":
+        lm = run_lm_stdlib(root, quick=False)
+        print(f"exported to {lm['hf']}")
+        update_subsection(stdlib_section(lm), results)
+        return
     if what == "ppo":
         lines = ppo_section(run_ppo(root, base, quick=False))
     else:
@@ -267,6 +275,7 @@ def update(what: str, base: str, results: Path) -> None:
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:2] not in (["ppo"], ["dpo"]) or len(sys.argv) != 3:
-        sys.exit("usage: python -m benchmarks.lm ppo|dpo <exported lm_stdlib hf folder>")
-    update(sys.argv[1], sys.argv[2], ROOT / "benchmarks/RESULTS.md")
+    if not (sys.argv[1:] == ["stdlib"] or sys.argv[1:2] in (["ppo"], ["dpo"])
+            and len(sys.argv) == 3):
+        sys.exit("usage: python -m benchmarks.lm stdlib | ppo|dpo <exported lm_stdlib hf folder>")
+    update(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else "", ROOT / "benchmarks/RESULTS.md")

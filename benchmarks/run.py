@@ -226,7 +226,9 @@ def lm_speed_section(res: dict) -> list[str]:
     from benchmarks.lm_speed import SHAPES
 
     lines = ["Training tokens per second of a GPT, ours (`configs/lm_stdlib.yaml` as shipped, "
-             "`trainer.compile: true` included, at the shape under test; "
+             "`trainer.compile: true` (on the CPU with ATen's random numbers for dropout, "
+             "which are faster there than inductor's) and fused AdamW included, at the shape "
+             "under test; "
              "`python -m benchmarks.lm_speed`) against a minimal hand-written nanoGPT-style loop "
              "of the same shape (fused QKV, `scaled_dot_product_attention`, tied embeddings, the "
              "same dropout 0.1, AdamW, clipping), eager as people write it, and the same peer "

@@ -101,6 +101,18 @@ def test_recorded_batch_views_are_three_times_the_per_sample_ones():
     assert all(r >= 3.0 for r in got.values()), got
 
 
+def test_recorded_lm_throughput_is_five_percent_above_the_hand_written_gpt():
+    """ours / the nanoGPT-style peer (eager, as people write it), median of the per-pair ratios,
+    at lm_stdlib's shape and at the 4x one."""
+    text = (ROOT / "benchmarks/RESULTS.md").read_text()
+    text = text.split("## Language-model training throughput", 1)[1].split("\n## ")[0]
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| base")
+            or line.startswith("| 4x")]
+    assert [r[0].split(":")[0].strip() for r in rows] == ["base", "4x"]
+    for r in rows:
+        assert float(r[3].split("/")[1]) >= 1.05, r
+
+
 def test_the_throughput_benchmarks_run_their_variants():
     """The throughput sections run only at full size; their parts run here: both SSL view paths
     on the shipped config, and the hand-written GPT peer."""

@@ -305,6 +305,12 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
     if cfg.trainer.compile and strategy.device.type == "cpu":
         # inductor's C++ backend imports cpp_extension, which warns that no CUDA toolkit is found
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        # inductor's own random numbers (dropout masks) are slower on the CPU than ATen's: with
+        # ATen's, a compiled GPT-2 trains ~9% faster at 384 wide, and draws the eager model's
+        # dropout masks (the same losses; tests/algorithms/test_causal_lm.py)
+        import torch._inductor.config
+
+        torch._inductor.config.fallback_random = True
     seed_everything(cfg.seed)  # the same initial weights on every rank (FSDP shards them as built)
     set_deterministic(cfg.trainer.deterministic)
 
