@@ -113,6 +113,7 @@ def _draw_panel(draw, ox: int, oy: int, panel: Panel, font, small) -> None:
             draw.line([(x0 + 1, y), (x1 - 1, y)], fill=GRID)
             draw.line([(x0 - 4, y), (x0, y)], fill=FRAME)
             _text(draw, (x0 - 6, y), _label(t), small, "rm")
+    drawn = []  # the pixels the lines pass through, to keep the legend off them
     for i, s, pts in series:
         colour = COLOURS[i % len(COLOURS)]
         xy = [px(*p) for p in pts]
@@ -121,13 +122,27 @@ def _draw_panel(draw, ox: int, oy: int, panel: Panel, font, small) -> None:
         if s.markers or len(xy) == 1:
             for cx, cy in xy:
                 draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
-    ly = y0 + 6  # legend, top right inside the frame
-    for i, s, _ in series:
-        w = int(draw.textlength(s.label, font=small)) if hasattr(draw, "textlength") else 60
-        lx = x1 - w - 28
-        draw.line([(lx, ly + 6), (lx + 16, ly + 6)], fill=COLOURS[i % len(COLOURS)], width=2)
-        _text(draw, (lx + 20, ly + 6), s.label, small, "lm")
+        drawn += _along(xy)
+    widths = [int(draw.textlength(s.label, font=small)) if hasattr(draw, "textlength") else 60
+              for _, s, _ in series]
+    lw, lh = max(widths) + 30, 15 * len(series) + 4
+    corners = [(x1 - lw - 4, y0 + 4), (x0 + 4, y0 + 4), (x1 - lw - 4, y1 - lh - 4),
+               (x0 + 4, y1 - lh - 4)]  # as matplotlib's "best": the corner the lines avoid
+    lx, ly = min(corners, key=lambda c: sum(c[0] <= x <= c[0] + lw and c[1] <= y <= c[1] + lh
+                                            for x, y in drawn))
+    for (i, s, _), w in zip(series, widths):
+        draw.line([(lx + 4, ly + 8), (lx + 20, ly + 8)], fill=COLOURS[i % len(COLOURS)], width=2)
+        _text(draw, (lx + 24, ly + 8), s.label, small, "lm")
         ly += 15
+
+
+def _along(xy: list[tuple[float, float]], every: float = 3.0) -> list[tuple[float, float]]:
+    """Points every few pixels along a polyline (its vertices included)."""
+    out = list(xy[:1])
+    for (ax, ay), (bx, by) in zip(xy, xy[1:]):
+        n = max(1, int(math.hypot(bx - ax, by - ay) / every))
+        out += [(ax + (bx - ax) * k / n, ay + (by - ay) * k / n) for k in range(1, n + 1)]
+    return out
 
 
 def line_panels(panels: list[Panel], title: str, out: Path) -> Path:

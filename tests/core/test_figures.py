@@ -89,3 +89,16 @@ def test_a_run_draws_its_figures_without_matplotlib(tmp_path):
     for name in ("curves.png", "confusion_matrix.png"):
         image = np.asarray(Image.open(tmp_path / "runs/tiny" / name).convert("RGB"))
         assert image.std() > 10, name
+
+
+def test_the_legend_sits_in_a_corner_the_lines_leave_free(tmp_path):
+    """An accuracy-like curve runs along the top of the frame: the legend goes below it, as
+    matplotlib's ``loc="best"`` would put it, instead of over the curve."""
+    x = list(range(50))
+    acc = Series("train/accuracy", x, [0.5] + [1.0] * 49)
+    out = line_panels([Panel("accuracy", [acc])], "t", tmp_path / "p.png")
+    image = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    frame = image[24 + TOP + 2:24 + PANEL_H - BOTTOM - 2, LEFT + 2:PANEL_W - RIGHT - 2]
+    ink = (np.abs(frame - 30).sum(-1) < 60)  # the legend's text colour
+    rows = np.nonzero(ink)[0]
+    assert len(rows) > 20 and rows.min() > frame.shape[0] / 2
