@@ -46,5 +46,5 @@ def write_curves(run_dir: Path) -> Optional[Path]:
         groups.append((metric.split("/", 1)[1], [metric.replace("val/", "train/", 1), metric]))
     groups.append(("learning rate", ["train/lr"]))
     panels = [Panel(title, [Series(key, *_series(rows, key), markers=key.startswith("val/"))
-                            for key in keys if _series(rows, key)[0]]) for title, keys in groups]
+                            for key in keys]) for title, keys in groups]  # empty ones not drawn
     return line_panels(panels, Path(run_dir).name, Path(run_dir) / "curves.png")
