@@ -208,6 +208,7 @@ def _dispatch(argv: list[str]) -> int:
         from src.core.errors import UserError
 
         raise UserError("--config: required (or use --list / --help)")
+    from src.core.errors import CheckpointSaveError
     from src.core.trainer import TrainingDiverged
 
     exp = _prepare_and_build(args)
@@ -223,6 +224,13 @@ def _dispatch(argv: list[str]) -> int:
         in_step = True
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except CheckpointSaveError as exc:
+        if exc.every_rank:  # each rank says it before any leaves: a launcher stops the other
+            in_step = True  # processes as soon as one exits, maybe before they have printed
+            for line in exc.lines:
+                print(f"error: {line}", file=sys.stderr)
+            exc.quiet = True
+        raise
     except RuntimeError as exc:
         line = strategy.describe_failure(exc)
         if line is None:

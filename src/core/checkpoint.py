@@ -233,7 +233,9 @@ class CheckpointManager:
             shutil.rmtree(path, ignore_errors=True)
         if worst == 2 and failure is not None and not is_write_failure(failure):
             raise failure
-        raise self._save_error(path, failure)
+        error = self._save_error(path, failure)
+        error.every_rank = worst == 1  # no rank raised a program error instead
+        raise error
 
     def _save_error(self, path: Path, failure: Optional[BaseException]) -> CheckpointSaveError:
         if failure is None:

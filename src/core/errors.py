@@ -102,9 +102,11 @@ class CheckpointMismatchError(CheckpointError):
 class CheckpointSaveError(UserError):
     """A checkpoint could not be written (a full disk, a quota, any OS error). The partial
     folder is removed and ``latest`` still names the last committed checkpoint: the run resumes
-    from it once the cause is fixed. Exit code 75 (EX_TEMPFAIL: try again later)."""
+    from it once the cause is fixed. Exit code 75 (EX_TEMPFAIL: try again later).
+    ``every_rank``: every rank of the run raised it (each failed to write or saw another fail)."""
 
     exit_code = 75
+    every_rank = False
 
 
 class ArgumentParser(argparse.ArgumentParser):
