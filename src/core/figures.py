@@ -123,14 +123,13 @@ def _draw_panel(draw, ox: int, oy: int, panel: Panel, font, small) -> None:
             for cx, cy in xy:
                 draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
         drawn += _along(xy)
-    widths = [int(draw.textlength(s.label, font=small)) if hasattr(draw, "textlength") else 60
-              for _, s, _ in series]
-    lw, lh = max(widths) + 30, 15 * len(series) + 4
+    lw = max(int(draw.textlength(s.label, font=small)) for _, s, _ in series) + 30
+    lh = 15 * len(series) + 4
     corners = [(x1 - lw - 4, y0 + 4), (x0 + 4, y0 + 4), (x1 - lw - 4, y1 - lh - 4),
                (x0 + 4, y1 - lh - 4)]  # as matplotlib's "best": the corner the lines avoid
     lx, ly = min(corners, key=lambda c: sum(c[0] <= x <= c[0] + lw and c[1] <= y <= c[1] + lh
                                             for x, y in drawn))
-    for (i, s, _), w in zip(series, widths):
+    for i, s, _ in series:
         draw.line([(lx + 4, ly + 8), (lx + 20, ly + 8)], fill=COLOURS[i % len(COLOURS)], width=2)
         _text(draw, (lx + 24, ly + 8), s.label, small, "lm")
         ly += 15
