@@ -201,10 +201,26 @@ def _safetensors(run, tmp: Path, meta: dict, whole_task: bool, check: bool = Tru
     if not check:
         return None
     fresh = _rebuilt(run)
-    target = fresh if whole_task else fresh.model
-    target.load_state_dict(load_file(str(tmp)), strict=not whole_task)
+    if whole_task:
+        fresh.load_state_dict(load_file(str(tmp)), strict=False)
+    else:
+        # The file holds the model's weights; what the inference module has beyond them
+        # (metric learning's embedding layer, CLIP's projection) is the run's own, so the check
+        # measures the file alone.
+        rest = {k: v for k, v in run.task.state_dict().items() if not k.startswith(MODEL_PREFIX)}
+        fresh.load_state_dict(rest, strict=False)
+        fresh.model.load_state_dict(load_file(str(tmp)), strict=True)
     module = fresh.inference().module.eval()
     return lambda xs: module(*xs).detach().numpy()
+
+
+def outside_model(task, module) -> list[str]:
+    """The task's top-level parts (``embed``, ``image_proj``) whose weights ``module`` uses
+    beside the ``model:`` ones: a safetensors file of the model alone does not hold them."""
+    names = {id(t): n for n, t in task.state_dict(keep_vars=True).items()}
+    used = {names[id(t)].split(".")[0] for t in module.state_dict(keep_vars=True).values()
+            if id(t) in names}
+    return sorted(used - {MODEL_PREFIX[:-1]})
 
 
 def _hf(run, tmp: Path, meta: dict, check: bool = True) -> Any:
@@ -255,6 +271,8 @@ def export_run(run, fmt: str, out: Path, whole_task: bool = False) -> dict[str, 
         module = inf.module.eval()
         batches = check_batches(run)
         meta.update(inputs=signature(inf, batches[-1]), output=inf.output)
+        if fmt == "safetensors" and not whole_task:
+            meta["outside_model"] = outside_model(run.task, module)
     held = held_output()  # exporters print pages of progress and warnings: a log, not the console
     try:
         with atomic_path(out) as tmp, torch.no_grad():
@@ -368,4 +386,7 @@ def main(argv: list[str]) -> int:
                "inference model")
     extra = f", {meta['exporter']} exporter, opset {meta['opset']}" if fmt == "onnx" else ""
     print(f"wrote {out} ({fmt}, step {run.step}{extra}); {checked}")
+    if meta.get("outside_model"):
+        print(f"note: the {meta['output']} also uses the task's {', '.join(meta['outside_model'])}"
+              ", which the file does not hold; --task keeps every task weight")
     return 0

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_config
+from conftest import ROOT, make_config
 from helpers import run
 from src.main import main
 from src.run.export import sample_batch
@@ -153,6 +153,51 @@ def test_safetensors_and_hf_folder_load_without_the_platform(runs, tmp_path):
         logits = model(**{k: torch.from_numpy(v) for k, v in inputs.items()}).logits
     close(logits.numpy(), ref)
     assert (hf / "tokenizer.json").is_file() or (hf / "vocab.txt").is_file()
+
+
+INFERENCE_CONFIGS = ["exp001", "arcface_digits", "ssl_simclr_digits", "ssl_byol_digits",
+                     "ssl_moco_digits", "ssl_dino_digits", "ssl_vicreg_digits", "ssl_mae_digits",
+                     "clip_digits"]
+
+
+@pytest.mark.parametrize("config", INFERENCE_CONFIGS)
+def test_safetensors_round_trip_for_every_task_with_an_inference_model(config, tmp_path,
+                                                                      capsys):
+    """The shipped config trained a few steps (batch norm statistics moved, weights updated),
+    exported through the checked path: the file loads into a freshly built model (and, with
+    --task, task) that gives the trained one's outputs on real batches."""
+    from safetensors.torch import load_file
+
+    from src.core.seeding import seed_everything
+    from src.run.experiment import build_task, prepare
+
+    run(ROOT / "configs" / f"{config}.yaml", "name=r", f"logging.root={tmp_path}",
+        "trainer.max_steps=3", "trainer.eval_every_n_steps=null",
+        "trainer.eval_every_n_epochs=null", "data.batch_size=40", "data.sampler=null")
+    run_dir = tmp_path / "r"
+    trained = load_run(run=str(run_dir))
+    x = sample_batch(trained.data.val, 7)["inputs"]
+    cfg, _ = prepare(str(run_dir / "config.yaml"))
+    for whole_task in (False, True):
+        out = tmp_path / f"w{int(whole_task)}.safetensors"
+        assert main(["export", str(run_dir), "--out", str(out),
+                     *(["--task"] if whole_task else [])]) == 0
+        # the embedding layer (metric learning) and projection (CLIP) lie outside model:
+        said = "--task keeps every task weight" in capsys.readouterr().out
+        assert said == (not whole_task and config in ("arcface_digits", "clip_digits"))
+        seed_everything(cfg.seed + 7)  # other initial weights than the trained run's
+        _, _, fresh = build_task(cfg, run_dir)
+        fresh.eval()
+        if whole_task:
+            fresh.load_state_dict(load_file(str(out)), strict=False)
+            ours, ref = fresh.inference().module, trained.task.inference().module
+        else:
+            fresh.model.load_state_dict(load_file(str(out)))
+            ours, ref = fresh.model, trained.task.model
+        with torch.no_grad():
+            assert not torch.allclose(build_task(cfg, run_dir)[2].eval().model(x),
+                                      ref(x) if not whole_task else trained.task.model(x))
+            torch.testing.assert_close(ours(x), ref(x), rtol=RTOL, atol=ATOL)
 
 
 def test_a_failed_check_is_an_error_and_leaves_nothing(runs, tmp_path, monkeypatch, capsys):
