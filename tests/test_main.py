@@ -100,6 +100,45 @@ def test_user_module_registers_components(cli, write_config, tmp_path, how):
     assert "user_linear" in listed.stdout
 
 
+@pytest.mark.parametrize("stem", ["json", "tokenizers"])
+def test_a_plugin_file_named_like_a_module_does_not_replace_it(cli, write_config, tmp_path,
+                                                               stem):
+    """A plugin called json.py (standard library) or tokenizers.py (installed, used by the
+    platform) is imported under its own name: the run ends normally and the real module keeps
+    working (its run record and the tokenizer-free digits run both need json)."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / f"{stem}.py").write_text(PLUGIN)
+    changes = {"model": {"type": "user_linear"}, "task": {"type": "user_task"},
+               "trainer.max_steps": 4}
+    out = cli("--import", str(folder / f"{stem}.py"), "--config", str(write_config(changes)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert json.loads((tmp_path / "runs/tiny/run_info.json").read_text())["params"]
+    rows = [json.loads(line) for line in (tmp_path / "runs/tiny/metrics.jsonl").open()]
+    assert rows[-1]["step"] == 4
+
+
+def test_import_of_a_file_keeps_sys_path_and_the_real_module(tmp_path, monkeypatch):
+    import sys
+
+    from src.run.experiment import import_user_modules, plugin_module_name
+
+    (tmp_path / "json.py").write_text(PLUGIN.replace("user_linear", "json_linear")
+                                      .replace("user_task", "json_task"))
+    before = list(sys.path)
+    import_user_modules([str(tmp_path / "json.py")], "--import")
+    monkeypatch.chdir(tmp_path)
+    import_user_modules(["json.py"], "--import")  # the same file again: imported once
+    assert sys.path[:len(before)] == before  # nothing put in front
+    import json as real
+    assert real.dumps({"a": 1}) == '{"a": 1}' and sys.modules["json"] is real
+    assert plugin_module_name(tmp_path / "json.py") in sys.modules
+    from src.core.registry import MODELS
+
+    assert "json_linear" in MODELS
+
+
 def test_plugin_entry_point_group(tmp_path, write_config, monkeypatch):
     """A package advertising ``src.plugins`` is imported without any config line."""
     pkg = tmp_path / "site"

@@ -40,13 +40,15 @@ _MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 def import_user_modules(modules: list[str], where: str = "imports") -> None:
     """Import user modules that register components (``imports:`` in YAML, ``--import``).
 
-    Each is a module name (found in the current folder or on PYTHONPATH) or a ``.py`` file path.
-    A module that is missing, has a syntax error or raises while importing is a one-line
-    :class:`ConfigError` naming the file and line at fault.
+    Each is a module name (found on ``sys.path``, or else in the current folder) or a ``.py``
+    file path. A file is imported under a private module name, so a file called ``json.py`` or
+    ``tokenizers.py`` never stands in for the real module. A module that is missing, has a
+    syntax error or raises while importing is a one-line :class:`ConfigError` naming the file
+    and line at fault.
     """
     cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+    if cwd not in sys.path:  # last: a file in the current folder never shadows an installed one
+        sys.path.append(cwd)
     for i, name in enumerate(modules):
         at = f"{where}.{i}" if where == "imports" else where
         try:
@@ -74,20 +76,27 @@ def import_user_modules(modules: list[str], where: str = "imports") -> None:
                               f"{library_message(exc)}") from exc
 
 
+def plugin_module_name(path: Path) -> str:
+    """The private name a ``.py`` file given to ``--import`` is imported under: its stem and a
+    hash of its full path (``json.py`` -> ``tessera_plugin_json_1f2e3d4c``), never a name
+    another module could have."""
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+    return f"tessera_plugin_{path.stem}_{digest}"
+
+
 def _import_file(path: Path, at: str) -> None:
     import importlib.util
 
     if not path.is_file():
         raise ConfigError(f"{at}: {shown(str(path))}: no such file")
-    name = path.stem
-    if not _MODULE_NAME.fullmatch(name):
+    if not _MODULE_NAME.fullmatch(path.stem):
         raise ConfigError(f"{at}: {shown(path.name)} cannot be a module name")
-    folder = str(path.resolve().parent)
-    if folder not in sys.path:  # its sibling modules import as they would beside it
-        sys.path.insert(0, folder)
+    name = plugin_module_name(path)
+    if name in sys.modules:  # given twice (imports: and --import): it has registered already
+        return
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
+    sys.modules[name] = module  # pickling and dataclasses look their module up by name
     try:
         spec.loader.exec_module(module)
     except BaseException:
