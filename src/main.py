@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="list registered components (all, one registry), or one's parameters")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import a module that registers components (repeatable)")
+    p.add_argument("--traceback", action="store_true",
+                   help="with an error, also print the traceback of where it was raised (any "
+                        "command)")
     # The deepspeed launcher passes --local_rank; the same value is in the LOCAL_RANK variable.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return p
@@ -128,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from src.core.errors import UserError
 
+    show_traceback = "--traceback" in argv  # for every command, so taken out before parsing
+    argv = [a for a in argv if a != "--traceback"]
+
     from src.core.console import quiet_libraries
 
     try:
@@ -143,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         if len(lines) > MAX_ERROR_LINES:
             lines = lines[:MAX_ERROR_LINES - 1] + [
                 f"... and {len(lines) - MAX_ERROR_LINES + 1} more problems"]
+        if show_traceback:
+            import traceback
+
+            traceback.print_exception(getattr(exc, "origin", None) or exc, file=sys.stderr)
         for line in lines:
             print(f"error: {line}", file=sys.stderr)
         return exc.exit_code

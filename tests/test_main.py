@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from src.main import main
 
 
 def test_help_is_fast_and_imports_no_torch(cli):
@@ -376,3 +377,85 @@ def test_overrides_may_come_before_and_after_flags(tmp_path, capsys):
                  "--dry-run", "name=late", f"logging.root={tmp_path}"]) == 0
     out = capsys.readouterr().out
     assert "experiment      late" in out and "total steps     7" in out
+
+
+TYPO_TASK = '''
+from src.core.registry import TASKS
+from src.algorithms.classification import Classification
+
+
+@TASKS.register("typo_task")
+class TypoTask(Classification):
+    def configure(self, info):
+        super().configure(info)
+        self.extra = nn.Linear(3, 4)  # nn was never imported: a bug, not a config value
+'''
+
+
+def test_a_bug_in_a_users_task_is_shown_as_a_program_error(cli, write_config, tmp_path):
+    """A NameError inside a user's Task is a traceback and exit 1, with what libraries printed;
+    not a one-line config error that sends the user looking for a bad YAML value."""
+    (tmp_path / "typo_plugin.py").write_text(TYPO_TASK)
+    out = cli("--import", str(tmp_path / "typo_plugin.py"), "--config",
+              str(write_config({"task": {"type": "typo_task"}})))
+    assert out.returncode == 1, out.stderr
+    assert "Traceback (most recent call last)" in out.stderr
+    assert 'typo_plugin.py", line 10, in configure' in out.stderr
+    assert out.stderr.strip().endswith("NameError: name 'nn' is not defined")
+    assert not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_a_bug_in_a_strategy_is_a_program_error(write_config, monkeypatch):
+    from src.distributed.single import SingleDeviceStrategy
+
+    def broken(self, task, make_optimizer=None):
+        return task.no_such_attribute
+    monkeypatch.setattr(SingleDeviceStrategy, "wrap", broken)
+    with pytest.raises(AttributeError, match="no_such_attribute"):
+        main(["--config", str(write_config())])
+
+
+VIT = {"type": "timm", "name": "vit_tiny_patch16_224", "img_size": 8, "patch_size": 2,
+       "embed_dim": 50, "depth": 1, "num_heads": 3}
+
+
+def test_a_value_a_library_refuses_is_one_line_and_traceback_shows_where(
+        write_config, tmp_path, capsys):
+    cfg = str(write_config({"model": VIT}))
+    assert main(["--config", cfg]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: model: AssertionError: dim should be divisible by num_heads "
+                   "(--traceback shows where it was raised)"]
+    assert main(["--config", cfg, "--traceback"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "timm" in err
+    assert err.strip().splitlines()[-1] == ("error: model: AssertionError: dim should be "
+                                            "divisible by num_heads (--traceback shows where it "
+                                            "was raised)")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("exc, program", [
+    (NameError("x"), True), (AttributeError("x"), True), (KeyError("x"), True),
+    (TypeError("x"), True), (AssertionError("x"), True), (NotImplementedError("x"), True),
+    (ValueError("x"), False), (RuntimeError("x"), False), (MemoryError(), False),
+    (OSError("x"), False)])
+def test_errors_raised_in_own_code_are_program_errors_unless_refusals(exc, program):
+    from src.core.errors import is_program_error
+
+    try:
+        raise exc
+    except BaseException as caught:  # raised here, in the project's own code
+        assert is_program_error(caught) is program
+
+
+def test_errors_raised_inside_a_library_are_refusals():
+    import json as std
+
+    from src.core.errors import is_program_error
+
+    for bad in ("{", None):
+        try:
+            std.loads(bad)  # JSONDecodeError (a ValueError) / TypeError raised by the library
+        except Exception as caught:
+            assert not is_program_error(caught), caught

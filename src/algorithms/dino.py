@@ -8,7 +8,7 @@ from pydantic import Field
 from torch import nn
 
 from src.algorithms.ssl_base import SSLTask, cosine_momentum, ema_update, frozen_copy
-from src.core.registry import TASKS
+from src.core.registry import TASKS, TRANSFORMS
 from src.models.heads import DINOHead
 from src.models.losses import dino_loss
 
@@ -62,7 +62,9 @@ class DINO(SSLTask):
         self.warmup_temp, self.warmup_steps = warmup_teacher_temp, warmup_teacher_temp_steps
         self.center_momentum, self.base_momentum = center_momentum, base_momentum
         self.freeze_last_steps, self.use_bn = freeze_last_layer_steps, use_bn
-        self.n_global = int((self.views or {}).get("global_views", 2))
+        # the views section checked first: its global_views may be any value a YAML holds
+        views = TRANSFORMS.validate(self.views, "task.views") if self.views else {}
+        self.n_global = int(views.get("global_views", 2))
 
     def configure(self, info) -> None:
         super().configure(info)

@@ -37,6 +37,45 @@ def library_message(exc: BaseException, limit: int = 200) -> str:
     return f"{type(exc).__name__}: {shorten(_escape(text), limit)}"
 
 
+# What a library raises while building is its refusal of a value the config gave it (a range
+# check, an assertion on a shape, an option it does not know), whatever the type. In the
+# platform's or a user's own code only these are: the refusals that C code (torch's operators,
+# the OS) raises at the Python line that called it; anything else there is a bug in that code.
+REFUSALS = (ValueError, RuntimeError, OverflowError, MemoryError, OSError)
+# ... and these mean code is at fault wherever they are raised (an attribute typo on a module
+# is raised inside torch's ``Module.__getattr__``)
+BUGS = (NameError, AttributeError, SyntaxError, NotImplementedError, RecursionError)
+
+
+def library_files() -> tuple[str, ...]:
+    """Path prefixes of installed and standard-library code (and ``<frozen ...>`` modules)."""
+    import os
+    import sys
+
+    return tuple({sys.prefix, sys.base_prefix, os.path.dirname(os.__file__), "<"})
+
+
+def raised_in_library(exc: BaseException) -> bool:
+    """Was ``exc`` raised inside an installed library (or the standard library), rather than in
+    the platform's or a user's own code? Judged by the innermost Python frame."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and frames[-1].filename.startswith(library_files())
+
+
+def is_program_error(exc: BaseException) -> bool:
+    """True when ``exc`` is a bug in code (the platform's, a user's component) rather than a
+    value that something refused: a NameError or AttributeError in a user's task, a TypeError
+    or KeyError in a strategy. Such errors keep their traceback; refusals become one line."""
+    if isinstance(exc, BUGS):
+        return True
+    return not (raised_in_library(exc) or isinstance(exc, REFUSALS))
+
+
+TRACEBACK_HINT = " (--traceback shows where it was raised)"
+
+
 class UserError(Exception):
     """Bad input (config, data, checkpoint, command line). Printed without a traceback, exit 2."""
 

@@ -28,7 +28,8 @@ import difflib
 import inspect
 from typing import Any, Callable, Iterable
 
-from src.core.errors import ConfigError, UserError, library_message, shown
+from src.core.errors import (TRACEBACK_HINT, ConfigError, UserError, is_program_error,
+                             library_message, shown)
 
 
 class Registry:
@@ -124,18 +125,25 @@ class Registry:
 
 @contextlib.contextmanager
 def building(path: str):
-    """Turn an exception raised while building the component at ``path`` into a config error.
+    """Turn a value refused while building the component at ``path`` into a config error.
 
     The schema admits what a type says; a library may still refuse a value (a learning rate it
     finds out of range, a layer width it cannot allocate). That refusal is a config error of the
-    section that asked for it: one line with the section's path and the library's message.
+    section that asked for it: one line with the section's path and the library's message (the
+    original exception is its ``__cause__``, printed with ``--traceback``). A program error (a
+    NameError in a user's task, a TypeError in a strategy: see
+    :func:`~src.core.errors.is_program_error`) is no config error and goes on as it is.
     """
     try:
         yield
     except UserError:
         raise
     except Exception as exc:
-        raise ConfigError(f"{path}: {library_message(exc)}") from exc
+        if is_program_error(exc):
+            raise
+        err = ConfigError(f"{path}: {library_message(exc)}{TRACEBACK_HINT}")
+        err.origin = exc  # kept for --traceback (re-raising may drop the cause)
+        raise err from exc
 
 
 def _accepted(entry: Callable[..., Any], offered: dict[str, Any]) -> dict[str, Any]:

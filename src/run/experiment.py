@@ -25,7 +25,7 @@ from src.core.console import attach_log, banner, summary
 from src.run.catalog import load_builtins
 from src.core.config import (DICT_SOURCE, ExperimentConfig, dump_config, flatten, load_config, missing_needs,
                              raw_component_errors, validate_components)
-from src.core.errors import ConfigError, UserError, library_message, shown
+from src.core.errors import ConfigError, UserError, library_files, library_message, shown
 from src.core.param_groups import (apply_freeze, build_optimizer, build_scheduler, format_table,
                                    group_lr_metrics, shapes_groups, write_param_groups)
 from src.core.registry import (CALLBACKS, DATASETS, LOGGERS, MODELS, SAMPLERS, STRATEGIES, TASKS,
@@ -117,8 +117,7 @@ def _where_raised(exc: BaseException) -> str:
     import traceback
 
     frames = traceback.extract_tb(exc.__traceback__)
-    libs = tuple({sys.prefix, sys.base_prefix, os.path.dirname(os.__file__)})
-    own = [f for f in frames if not f.filename.startswith(("<", *libs))]
+    own = [f for f in frames if not f.filename.startswith(library_files())]
     frame = (own or frames or [None])[-1]
     return f"{_short_path(frame.filename)}:{frame.lineno}: " if frame else ""
 
