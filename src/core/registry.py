@@ -119,8 +119,21 @@ class Registry:
         path = path or self.name
         params = self.validate(section, path)
         entry = self._entries[section["type"]]
+        given = {k: v.get() if isinstance(v, Lazy) else v
+                 for k, v in _accepted(entry, injected).items()}
         with building(path):
-            return entry(**params, **_accepted(entry, injected))
+            return entry(**params, **given)
+
+
+class Lazy:
+    """An injected value made only when the entry being built takes it: a sampler that never
+    looks at labels does not make the platform read every sample for them."""
+
+    def __init__(self, make: Callable[[], Any]):
+        self.make = make
+
+    def get(self) -> Any:
+        return self.make()
 
 
 @contextlib.contextmanager

@@ -111,14 +111,33 @@ def sample_lengths(dataset) -> list[int]:
     return list(getattr(dataset, "lengths", [1] * len(dataset)))
 
 
-def sample_labels(dataset) -> torch.Tensor:
-    """Every training sample's label, for samplers that balance classes."""
+def sample_labels(dataset, sampler: str = "") -> torch.Tensor:
+    """Every training sample's class label, for samplers that balance classes: the dataset's
+    ``labels`` or ``targets`` where it keeps them, else read from each sample (which must hold
+    one integer label)."""
+    from src.core.errors import ConfigError
+
     labels = getattr(dataset, "labels", None)
     if labels is None:
         labels = getattr(dataset, "targets", None)
     if labels is None:
-        labels = [dataset[i]["labels"] for i in range(len(dataset))]
+        labels = []
+        for i in range(len(dataset)):
+            sample = dataset[i]
+            y = sample.get("labels") if isinstance(sample, dict) else None
+            if not (isinstance(y, int) or (torch.is_tensor(y) and y.ndim == 0
+                                           and not y.is_floating_point())):
+                raise ConfigError(f"data.sampler: sampler '{sampler}' balances classes, but "
+                                  f"sample {i} of the training data has no class label "
+                                  f"(its 'labels' is {_kind(y)})")
+            labels.append(int(y))
     return torch.as_tensor(labels)
+
+
+def _kind(value) -> str:
+    if torch.is_tensor(value):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return "missing" if value is None else f"a {type(value).__name__}"
 
 
 class EvalLoader:

@@ -44,9 +44,8 @@ class ShardedBatchSampler:
 class _GlobalBatches:
     """Base of samplers that draw whole global batches and hand each rank every world-th item."""
 
-    def __init__(self, labels: torch.Tensor, batch_size: int, seed: int, rank: int,
-                 world_size: int):
-        self.labels, self.batch_size, self.seed = labels, batch_size, seed
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int, world_size: int):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world = rank, world_size
         self.epoch = self.start = 0
 
@@ -54,7 +53,7 @@ class _GlobalBatches:
         self.epoch, self.start = epoch, start_batch
 
     def batches_per_epoch(self) -> int:
-        return len(self.labels) // (self.batch_size * self.world)
+        return self.size // (self.batch_size * self.world)
 
     def global_batches(self, g: torch.Generator) -> list[list[int]]:
         raise NotImplementedError
@@ -98,7 +97,7 @@ class PKSampler(_GlobalBatches):
         classes = labels.unique()
         if P > len(classes):
             raise ConfigError(f"data.sampler.classes_per_batch: {P} > {len(classes)} classes")
-        super().__init__(labels, batch_size, seed, rank, world_size)
+        super().__init__(len(labels), batch_size, seed, rank, world_size)
         self.P, self.K = P, K
         self.by_class = [torch.nonzero(labels == c).flatten() for c in classes]
 
@@ -126,7 +125,7 @@ class ClassBalancedSampler(_GlobalBatches):
 
     def __init__(self, labels: torch.Tensor, batch_size: int, seed: int, rank: int,
                  world_size: int):
-        super().__init__(labels, batch_size, seed, rank, world_size)
+        super().__init__(len(labels), batch_size, seed, rank, world_size)
         counts = torch.bincount(labels)
         self.weights = (1.0 / counts.clamp(min=1).double())[labels]
 
@@ -144,7 +143,6 @@ class LengthGroupedSampler(_GlobalBatches):
 
     def __init__(
         self,
-        labels: torch.Tensor,
         lengths: list[int],
         batch_size: int,
         seed: int,
@@ -153,7 +151,7 @@ class LengthGroupedSampler(_GlobalBatches):
         group: Annotated[int, Field(
             ge=1, description="batches per mega-batch sorted by length")] = 50,
     ):
-        super().__init__(torch.zeros(len(lengths)), batch_size, seed, rank, world_size)
+        super().__init__(len(lengths), batch_size, seed, rank, world_size)
         self.lengths, self.group = torch.tensor(lengths), group
 
     def global_batches(self, g: torch.Generator) -> list[list[int]]:

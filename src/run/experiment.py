@@ -29,7 +29,7 @@ from src.core.errors import ConfigError, UserError, library_files, library_messa
 from src.core.param_groups import (apply_freeze, build_optimizer, build_scheduler, format_table,
                                    group_lr_metrics, shapes_groups, write_param_groups)
 from src.core.registry import (CALLBACKS, DATASETS, LOGGERS, MODELS, SAMPLERS, STRATEGIES, TASKS,
-                               TRANSFORMS, building)
+                               TRANSFORMS, Lazy, building)
 
 PLUGIN_GROUP = "src.plugins"
 
@@ -345,8 +345,10 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
         batches = ShardedBatchSampler(len(data.train), per_rank, cfg.seed, d.shuffle,
                                       strategy.rank, world, d.drop_last)
     else:
-        batches = SAMPLERS.build(d.sampler, "data.sampler", labels=sample_labels(data.train),
-                                 lengths=sample_lengths(data.train), batch_size=per_rank,
+        batches = SAMPLERS.build(d.sampler, "data.sampler",
+                                 labels=Lazy(lambda: sample_labels(data.train, d.sampler["type"])),
+                                 lengths=Lazy(lambda: sample_lengths(data.train)),
+                                 batch_size=per_rank,
                                  seed=cfg.seed, rank=strategy.rank, world_size=world)
     train_loader = TrainLoader(data.train, batches, cfg.seed, d.num_workers, d.pin_memory)
     if train_loader.num_workers != d.num_workers and strategy.is_main:

@@ -120,6 +120,46 @@ def test_class_balanced_sampler_evens_out_classes():
     assert len(drawn) == 1000 and abs(drawn.float().mean().item() - 0.5) < 0.06
 
 
+ARITH_SFT = {"data": {"type": "arithmetic", "format": "sft", "max_operand": 20,
+                      "train_size": 200, "val_fraction": 0.1, "batch_size": 16},
+             "model": {"type": "hf", "kind": "causal_lm",
+                       "config": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16,
+                                  "n_positions": 16}},
+             "task": {"type": "causal_lm", "samples": 0}}
+
+
+def test_a_sampler_reads_only_what_it_uses(write_config, monkeypatch):
+    """length_grouped takes lengths, never labels: no training sample is read to build it (an
+    SFT example's labels are a token sequence, not a class); its batches group by length."""
+    from src.data.examples import Examples
+    from src.run.experiment import build, prepare
+
+    reads = []
+    real = Examples.__getitem__
+    monkeypatch.setattr(Examples, "__getitem__", lambda self, i: reads.append(i) or real(self, i))
+    cfg, origins = prepare(str(write_config({**ARITH_SFT, "data.sampler": {
+        "type": "length_grouped", "group": 4}})))
+    exp = build(cfg, origins)
+    assert reads == []
+    lengths = torch.tensor(exp.data.train.lengths)
+    exp.train_loader.set_epoch(0)
+    spreads = [int(lengths[b].max() - lengths[b].min()) for b in exp.train_loader.batch_sampler]
+    shuffled = ShardedBatchSampler(len(lengths), 16, 0)
+    shuffled.set_epoch(0)
+    assert sum(spreads) < sum(int(lengths[b].max() - lengths[b].min()) for b in shuffled)
+
+
+def test_a_class_sampler_on_data_without_class_labels_is_one_line(write_config):
+    from src.run.experiment import build, prepare
+
+    cfg, origins = prepare(str(write_config({**ARITH_SFT, "data.sampler": {
+        "type": "class_balanced"}})))
+    with pytest.raises(ConfigError, match=r"^data.sampler: sampler 'class_balanced' balances "
+                                          r"classes, but sample 0 .* has no class label \(its "
+                                          r"'labels' is a tensor of shape \(\d+,\)\)$"):
+        build(cfg, origins)
+
+
 def test_jsonl_errors_name_the_file_line_past_blank_lines(tmp_path):
     from src.data.jsonl import read_jsonl
 
