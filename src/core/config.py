@@ -436,29 +436,29 @@ def _replaces_component(data: dict, keys: list[str], new_type: Any) -> bool:
 def raw_component_errors(data: dict, origins: dict[str, str], source: str) -> list[str]:
     """Component-parameter problems of a config that failed validation elsewhere, so that one
     run reports every problem: each well-formed section is checked against its registry."""
+    lines = _component_errors(data)
+    return _located(ConfigError(*lines), origins, source).lines if lines else []
+
+
+def _component_errors(data: dict) -> list[str]:
+    """Every component section of a config's mapping (raw, or a validated config's dump) that
+    names a registered type, checked against its registry entry; one line per problem."""
     from src.core.registry import ALL
 
-    sections = [(reg, key, data.get(key)) for reg, key in (
-        ("models", "model"), ("tasks", "task"),
-        ("schedulers", "scheduler"), ("strategies", "strategy"))]
-    sections += [("optimizers", path, registry_section(s) if isinstance(s, dict) else s)
-                 for path, s in optimizer_sections(data)]
-    callbacks = data.get("callbacks")
-    if isinstance(callbacks, list):
-        sections += [("callbacks", f"callbacks.{i}", s) for i, s in enumerate(callbacks)]
     lines: list[str] = []
+    checks = component_sections(data)
     for path, section in optimizer_sections(data):
         if isinstance(section, dict):
-            more, checks = optimizer_structure_errors(path, section)
+            more, extra = optimizer_structure_errors(path, section)
             lines += more
-            sections += checks
-    for reg, path, section in sections:
-        if isinstance(section, dict) and isinstance(section.get("type"), str):
+            checks += extra
+    for reg, path, section in checks:
+        if reg in ALL and isinstance(section, dict) and isinstance(section.get("type"), str):
             try:
                 ALL[reg].validate(section, path)
             except ConfigError as exc:
                 lines += exc.lines
-    return _located(ConfigError(*lines), origins, source).lines if lines else []
+    return lines
 
 
 def load_config(path: str | Path | dict, overrides: list[str] = ()
@@ -517,22 +517,30 @@ def _located(err: ConfigError, origins: dict[str, str], default: str) -> ConfigE
     return ConfigError(*lines)
 
 
-def component_sections(cfg: ExperimentConfig) -> list[tuple[str, str, Section]]:
-    """(registry name, dotted path, section) for every component the config names."""
-    data = dict(cfg.data.model_extra or {})
-    out = [
-        ("datasets", "data", {"type": cfg.data.type, **data}),
-        ("models", "model", cfg.model),
-        ("tasks", "task", cfg.task),
-        ("schedulers", "scheduler", cfg.scheduler),
-        ("strategies", "strategy", cfg.strategy),
-    ]
-    out += [("optimizers", path, registry_section(s)) for path, s in optimizer_sections(cfg)]
-    out += [("callbacks", f"callbacks.{i}", s) for i, s in enumerate(cfg.callbacks)]
-    for i, s in enumerate(cfg.logging.loggers):
-        out.append(("loggers", f"logging.loggers.{i}", {"type": s} if isinstance(s, str) else s))
-    if cfg.data.sampler is not None:
-        out.append(("samplers", "data.sampler", cfg.data.sampler))
+def component_sections(data: dict) -> list[tuple[str, str, Any]]:
+    """(registry name, dotted path, section) for every component a config names, read from its
+    mapping (raw, or a validated config's ``model_dump()``); a section that is not a mapping
+    is given as it is. The one table of sections and their registries."""
+    def get(node: Any, key: str) -> Any:
+        return node.get(key) if isinstance(node, dict) else None
+
+    out: list[tuple[str, str, Any]] = []
+    d = data.get("data")
+    if isinstance(d, dict):  # its loader options are the platform's, the rest the dataset's
+        own = {k: v for k, v in d.items() if k == "type" or k not in DataConfig.model_fields}
+        out.append(("datasets", "data", {"type": DataConfig.model_fields["type"].default, **own}))
+        if d.get("sampler") is not None:
+            out.append(("samplers", "data.sampler", d["sampler"]))
+    for reg, key in (("models", "model"), ("tasks", "task"), ("schedulers", "scheduler"),
+                     ("strategies", "strategy")):
+        out.append((reg, key, data.get(key)))
+    out += [("optimizers", path, registry_section(s) if isinstance(s, dict) else s)
+            for path, s in optimizer_sections(data)]
+    for reg, path, entries in (("callbacks", "callbacks", data.get("callbacks")),
+                               ("loggers", "logging.loggers", get(data.get("logging"), "loggers"))):
+        if isinstance(entries, list):  # a bare name is {type: name}
+            out += [(reg, f"{path}.{i}", {"type": s} if isinstance(s, str) else s)
+                    for i, s in enumerate(entries)]
     return out
 
 
@@ -556,43 +564,18 @@ def missing_needs(cfg: ExperimentConfig) -> list[str]:
             for path, command in cfg.needs.items() if path in used and not Path(path).exists()]
 
 
-def combination_errors(cfg: ExperimentConfig) -> list[str]:
-    """Sections that are valid alone but cannot run together: one line each."""
-    lines = []
-    strategy = cfg.strategy["type"]
-    if cfg.model.get("dtype") == "fp16" and cfg.trainer.precision == "fp16" \
-            and strategy != "deepspeed":
-        lines.append("model.dtype: fp16 weights with trainer.precision: fp16 cannot train (the "
-                     "loss scaler refuses fp16 gradients); keep fp32 weights for fp16 autocast, "
-                     "or use bf16")
-    zero3 = strategy == "deepspeed" and ((cfg.strategy.get("config") or {}).get(
-        "zero_optimization") or {}).get("stage") == 3
-    if (cfg.model.get("adapter") or {}).get("type") == "qlora" and (strategy == "fsdp" or zero3):
-        lines.append(f"model.adapter.type: qlora's 4-bit weights cannot be sharded by "
-                     f"{'fsdp' if strategy == 'fsdp' else 'ZeRO stage 3'}; use ddp or ZeRO "
-                     "stage 1-2, or lora")
-    return lines
-
-
 def validate_components(cfg: ExperimentConfig, origins: dict[str, str], source: str) -> None:
-    """Check every component section against its registry entry; all problems in one error."""
-    from src.core.registry import ALL
+    """Check every component section against its registry entry, and what the strategy cannot
+    run (:meth:`Strategy.config_errors`); all problems in one error."""
+    from src.core.loop_settings import LoopSettings
+    from src.core.registry import STRATEGIES
 
-    lines: list[str] = []
-    checks = component_sections(cfg)
-    for path, section in optimizer_sections(cfg):
-        more, extra = optimizer_structure_errors(path, section)
-        lines += more
-        checks += extra
-    for registry, path, section in checks:
-        if registry not in ALL:
-            continue
-        try:
-            ALL[registry].validate(section, path)
-        except ConfigError as exc:
-            lines += exc.lines
+    lines = _component_errors(cfg.model_dump())
     lines += optimizers_errors(cfg, ExperimentConfig.model_fields["optimizer"].default)
-    lines += combination_errors(cfg)
+    strategy = STRATEGIES.get(cfg.strategy["type"], "strategy.type")
+    check = getattr(strategy, "config_errors", None)
+    if check is not None:
+        lines += check(cfg.strategy, LoopSettings.of(cfg))
     if lines:
         raise _located(ConfigError(*lines), origins, source)
 

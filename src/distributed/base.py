@@ -18,6 +18,7 @@ from torch import nn
 
 from src.core.checkpoint import MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE, rank_file
 from src.core.collectives import Collectives
+from src.core.loop_settings import LoopSettings
 from src.core.errors import CheckpointError, CheckpointMismatchError
 
 
@@ -103,33 +104,6 @@ def check_shapes(model: nn.Module, state: dict[str, torch.Tensor], where: Path) 
         raise CheckpointMismatchError(f"{where}: checkpoint does not fit the model; " + "; ".join(parts))
 
 
-@dataclass(frozen=True)
-class LoopSettings:
-    """What of the training loop a strategy may need to know, built once by the composition root
-    (a strategy gets this, never the whole experiment config).
-
-    Attributes:
-        batch_size: samples per micro-step over all ranks (``data.batch_size``).
-        grad_accum_steps: micro-steps per optimizer step.
-        grad_clip: max gradient norm, or None.
-        precision: ``fp32``, ``bf16`` or ``fp16`` (``trainer.precision``).
-        compile: whether the trainer compiles the model (``trainer.compile``).
-        async_save: whether checkpoints are written in the background.
-        optimizer: the optimizer's registered name (``optimizer.type``).
-        skip_loss_spikes: whether the trainer may skip an update for a loss spike
-            (``trainer.loss_spike_sigmas``): a strategy whose engine always steps refuses it.
-    """
-
-    batch_size: int = 1
-    grad_accum_steps: int = 1
-    grad_clip: Optional[float] = None
-    precision: str = "fp32"
-    compile: bool = False
-    async_save: bool = False
-    optimizer: str = "adamw"
-    skip_loss_spikes: bool = False
-
-
 class Strategy(abc.ABC):
     """How a run uses processes and devices (after Lightning Fabric's ``Strategy``).
 
@@ -181,6 +155,18 @@ class Strategy(abc.ABC):
     @abc.abstractmethod
     def setup(self) -> None:
         """Join the process group (if any), set rank, world size and device."""
+
+    @classmethod
+    def config_errors(cls, section: dict[str, Any], settings: LoopSettings) -> list[str]:
+        """What this strategy cannot run, known from the config alone (its own ``section`` and
+        the run's ``settings``): one line per problem, naming the config key. Checked with the
+        rest of the config, before anything is built; subclasses add their own rules."""
+        if settings.weights_dtype == "fp16" and settings.precision == "fp16" and \
+                not cls.owns_precision:
+            return ["model.dtype: fp16 weights with trainer.precision: fp16 cannot train (the "
+                    "loss scaler refuses fp16 gradients); keep fp32 weights for fp16 autocast, "
+                    "or use bf16"]
+        return []
 
     def configure(self, settings: LoopSettings) -> None:
         """Receive the loop's settings once, before ``wrap``; refuse what cannot run."""

@@ -122,6 +122,16 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
             self._remove_shm_buffer()
 
     @override
+    @classmethod
+    def config_errors(cls, section: dict[str, Any], settings: LoopSettings) -> list[str]:
+        lines = super().config_errors(section, settings)
+        stage = ((section.get("config") or {}).get("zero_optimization") or {}).get("stage")
+        if settings.adapter == "qlora" and stage == 3:
+            lines.append("model.adapter.type: qlora's 4-bit weights cannot be sharded by ZeRO "
+                         "stage 3; use ddp or ZeRO stage 1-2, or lora")
+        return lines
+
+    @override
     def configure(self, settings: LoopSettings) -> None:
         """Build the DeepSpeed config from the experiment's sections; refuse contradictions."""
         super().configure(settings)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Annotated, Iterator, Literal, Optional
+from typing import Annotated, Any, Iterator, Literal, Optional
 
 import torch
 from pydantic import Field
@@ -80,6 +80,15 @@ class FSDPStrategy(ProcessGroupStrategy):
         self.reshard_after_forward = reshard_after_forward
         self.blocks: tuple[type, ...] = ()
         self.compile_blocks = False
+
+    @override
+    @classmethod
+    def config_errors(cls, section: dict[str, Any], settings: LoopSettings) -> list[str]:
+        lines = super().config_errors(section, settings)
+        if settings.adapter == "qlora":
+            lines.append("model.adapter.type: qlora's 4-bit weights cannot be sharded by fsdp; "
+                         "use ddp or ZeRO stage 1-2, or lora")
+        return lines
 
     @override
     def configure(self, settings: LoopSettings) -> None:

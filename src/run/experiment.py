@@ -305,7 +305,7 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
     from src.core.seeding import seed_everything, set_deterministic
     from src.data.loader import TrainLoader, eval_loader, sample_labels, sample_lengths
     from src.data.samplers import ShardedBatchSampler
-    from src.distributed.base import LoopSettings
+    from src.core.loop_settings import LoopSettings
 
     strategy = STRATEGIES.build(cfg.strategy, "strategy")
     with building("strategy"):
@@ -371,10 +371,7 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
     total = min(limits)
 
     with building("strategy"):
-        strategy.configure(LoopSettings(
-            batch_size=d.batch_size, grad_accum_steps=t.grad_accum_steps, grad_clip=t.grad_clip,
-            precision=t.precision, compile=t.compile, async_save=cfg.checkpoint.async_save,
-            optimizer=cfg.optimizer["type"], skip_loss_spikes=t.loss_spike_sigmas is not None))
+        strategy.configure(LoopSettings.of(cfg))
         task.collectives = strategy.collectives()  # the task's own cross-rank tensors
         table: list[dict] = []
 

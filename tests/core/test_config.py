@@ -138,3 +138,42 @@ def test_a_type_override_replaces_the_component(write_config):
     assert cfg.model == {"type": "cnn", "channels": [8], "dropout": 0.3}
     cfg, _ = load_config(path, ["model={type: mlp, hidden: [2]}"])
     assert cfg.model == {"type": "mlp", "hidden": [2]}
+
+
+@pytest.mark.parametrize("also_bad_trainer", [False, True])
+def test_bad_keys_in_data_a_logger_and_a_sampler_come_at_once(write_config, also_bad_trainer):
+    """The dataset's, a logger's and a sampler's parameters are checked with the rest, both
+    when the config is otherwise valid and when the schema itself already failed."""
+    path = write_config({"data.resize_to": 3,
+                         "data.sampler": {"type": "pk", "classes_per_bach": 2},
+                         "logging.loggers": ["console", {"type": "jsonl", "bogus": 1}]})
+    with pytest.raises(ConfigError) as err:
+        prepare(str(path), ["trainer.max_stepz=3"] if also_bad_trainer else [])
+    lines = err.value.lines
+    assert any("data.resize_to: unknown key; did you mean 'resize'?" in ln for ln in lines)
+    assert any("data.sampler.classes_per_bach: unknown key" in ln for ln in lines)
+    assert any("logging.loggers.1.bogus: unknown key" in ln for ln in lines)
+    assert len(lines) == 3 + also_bad_trainer, lines
+
+
+def test_what_a_strategy_cannot_run_is_its_own_rule():
+    """The combination rules live with the strategies: core's config knows no strategy name."""
+    import inspect
+
+    import src.core.config as config
+    from src.core.loop_settings import LoopSettings
+    from src.distributed.ddp import DDPStrategy
+    from src.distributed.deepspeed import DeepSpeedStrategy
+    from src.distributed.fsdp import FSDPStrategy
+
+    assert not any(name in inspect.getsource(config) for name in ('"fsdp"', '"deepspeed"',
+                                                                   '"qlora"'))
+    fp16 = LoopSettings(precision="fp16", weights_dtype="fp16")
+    assert DDPStrategy.config_errors({}, fp16) and FSDPStrategy.config_errors({}, fp16)
+    assert DeepSpeedStrategy.config_errors({}, fp16) == []  # it scales fp16 itself
+    qlora = LoopSettings(adapter="qlora")
+    assert FSDPStrategy.config_errors({}, qlora) and not DDPStrategy.config_errors({}, qlora)
+    zero = {"config": {"zero_optimization": {"stage": 2}}}
+    assert DeepSpeedStrategy.config_errors(zero, qlora) == []
+    zero["config"]["zero_optimization"]["stage"] = 3
+    assert "ZeRO stage 3" in DeepSpeedStrategy.config_errors(zero, qlora)[0]
