@@ -18,6 +18,7 @@ folder is removed, ``latest`` keeps naming the last committed checkpoint, and a
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -67,15 +68,46 @@ def _write_durably(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-# How libraries word a failed write when they do not raise an OSError (torch's zip writer, the
-# safetensors writer): such a failure is the disk's, not the program's.
-_WRITE_FAILURE = re.compile(r"write|No space|StorageFull|unexpected pos|I/?O ?error|os error|quota",
-                            re.IGNORECASE)
+# The errors of storage a checkpoint write can meet: no space, a quota, a file-size limit, a
+# failing disk, a read-only or forbidden folder. They are the disk's, not the program's.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS,
+                            errno.EACCES})
+# torch's zip writer (torch.save, DeepSpeed) raises a C++ RuntimeError that carries no errno
+_TORCH_WRITER = re.compile(r"PytorchStreamWriter failed writing|unexpected pos \d+ vs \d+|"
+                           r"file write failed")
+_MAX_CAUSES = 8
 
 
-def is_write_failure(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) or (isinstance(exc, Exception)
-                                        and bool(_WRITE_FAILURE.search(str(exc))))
+def storage_failure(exc: Optional[BaseException]) -> Optional[BaseException]:
+    """The storage error behind ``exc`` (see :data:`STORAGE_ERRNOS`), or None when ``exc`` is
+    not the disk refusing a write but a program error.
+
+    Judged by type and errno: an OSError with a storage errno; the libraries' own errors that
+    wrap one (safetensors' I/O error, DCP's per-rank ``CheckpointException`` whose every
+    failure is one, torch's zip writer); or an exception raised from (``__cause__``) one. Any
+    other exception, whatever its message says, is a program error and keeps its traceback.
+    """
+    for _ in range(_MAX_CAUSES):
+        if exc is None:
+            return None
+        if isinstance(exc, OSError):
+            return exc if exc.errno in STORAGE_ERRNOS else None
+        kind = type(exc).__name__
+        if kind == "SafetensorError":  # "I/O error: No space left on device (os error 28)"
+            code = re.search(r"\(os error (\d+)\)", str(exc))
+            return exc if code is not None and int(code.group(1)) in STORAGE_ERRNOS else None
+        if kind == "CheckpointException":  # DCP: {rank: (exception, traceback)}
+            found = [storage_failure(f[0])
+                     for f in (getattr(exc, "failures", None) or {}).values()]
+            return found[0] if found and all(found) else None
+        if type(exc) is RuntimeError and _TORCH_WRITER.search(str(exc)):
+            return exc
+        exc = exc.__cause__
+    return None
+
+
+def is_write_failure(exc: Optional[BaseException]) -> bool:
+    return storage_failure(exc) is not None
 
 
 def folder_size(path: Path) -> int:
@@ -238,6 +270,7 @@ class CheckpointManager:
         raise error
 
     def _save_error(self, path: Path, failure: Optional[BaseException]) -> CheckpointSaveError:
+        failure = storage_failure(failure)
         if failure is None:
             cause = "another rank failed to write its part"
         elif isinstance(failure, OSError):

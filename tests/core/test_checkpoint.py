@@ -312,3 +312,44 @@ def test_a_disk_short_of_space_is_warned_about_before_a_save_fails(tmp_path, mon
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * size, 9 * size, size))
     with pytest.warns(UserWarning, match="free, a checkpoint takes .*the next saves may fail"):
         mgr.save(2, 0, model, None, {}, {})
+
+
+def test_a_program_error_during_a_save_keeps_its_traceback(write_config, tmp_path, monkeypatch):
+    """A bug raised while saving is no full disk, even when its message says 'write': it goes
+    on as it is (traceback, exit 1), not as exit 75 'try again later'."""
+    from src.distributed.base import Strategy
+    from src.main import main
+
+    def broken(self, directory, *a, **kw):
+        raise ValueError("cannot write a tensor of this layout")
+    monkeypatch.setattr(Strategy, "save", broken)
+    with pytest.raises(ValueError, match="cannot write a tensor"):
+        main(["--config", str(write_config(FULL))])
+    assert not list((tmp_path / "runs/tiny/checkpoints").glob("step_*"))
+
+
+def test_write_failures_are_told_by_type_and_errno():
+    import errno
+
+    from safetensors import SafetensorError
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from src.core.checkpoint import is_write_failure
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    disk = [full, OSError(errno.EDQUOT, "Disk quota exceeded"), OSError(errno.EFBIG, "File too large"),
+            OSError(errno.EIO, "Input/output error"),
+            SafetensorError("Error while serializing: I/O error: No space left on device (os "
+                            "error 28)"),
+            RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+            CheckpointException("save", {0: (full, []), 1: (full, [])})]
+    wrapped = RuntimeError("the engine could not save")
+    wrapped.__cause__ = full
+    disk.append(wrapped)
+    program = [ValueError("cannot write a tensor"), RuntimeError("write barrier broken"),
+               TypeError("write() argument must be str"), KeyError("write"),
+               OSError(errno.ENOENT, "No such file or directory"),
+               SafetensorError("Error while serializing: a tensor is shared (write it once)"),
+               CheckpointException("save", {0: (full, []), 1: (ValueError("bug"), [])})]
+    assert [is_write_failure(e) for e in disk] == [True] * len(disk)
+    assert [is_write_failure(e) for e in program] == [False] * len(program)
