@@ -106,6 +106,17 @@ class TrainLoader:
         return iter(self.loader)
 
 
+def sample_batch(dataset, n: int) -> dict[str, Any]:
+    """The first ``n`` samples of ``dataset`` as one batch, collated as training collates."""
+    from torch.utils.data import default_collate
+
+    idx = list(range(min(n, len(dataset))))
+    if getattr(dataset, "batched", False):
+        return dataset.__getitems__(idx)
+    items = [dataset[i] for i in idx]
+    return (collate_fn(dataset) or default_collate)(items)
+
+
 def sample_lengths(dataset) -> list[int]:
     """Every training sample's length in tokens (1 each where lengths do not apply)."""
     return list(getattr(dataset, "lengths", [1] * len(dataset)))

@@ -407,7 +407,43 @@ def build_task(cfg: ExperimentConfig, run_dir: Optional[Path] = None) -> tuple[A
     task = TASKS.build(cfg.task, "task", model=model)
     with building("task"):
         task.configure(data.info)
+    _materialize_lazy(task, data, cfg)
     return data, model, task
+
+
+def _materialize_lazy(task, data, cfg: ExperimentConfig) -> None:
+    """Lazy layers (``nn.LazyLinear`` ...) get their shapes from one forward pass of a sample
+    batch of the training data, before anything counts, moves or shards the parameters (as
+    Lightning documents for them). The task's inference model runs it, in eval mode."""
+    import torch
+    from torch.nn.parameter import is_lazy
+
+    from src.data.loader import sample_batch
+
+    def lazy() -> list[str]:
+        return [n for n, t in [*task.named_parameters(), *task.named_buffers()] if is_lazy(t)]
+
+    if not lazy():
+        return
+    what = f"model '{cfg.model['type']}' has lazy layers (nn.LazyLinear ...), which take their " \
+           "shapes from a forward pass"
+    try:
+        inf = task.inference()
+    except UserError:
+        raise ConfigError(f"model: {what}; task '{cfg.task['type']}' has no inference model to "
+                          "run one on a sample batch: give those layers their input sizes") from None
+    was_training = task.training
+    task.eval()
+    try:
+        with torch.no_grad(), building("model"):
+            inf.module(*inf.inputs_of(sample_batch(data.train, 2)))
+    finally:
+        task.train(was_training)
+    left = lazy()
+    if left:
+        raise ConfigError(f"model: {what}; a forward pass of the inference model left "
+                          f"{', '.join(left[:3])}{' ...' if len(left) > 3 else ''} without one: "
+                          "give those layers their input sizes")
 
 
 def _apply_model_switches(model, cfg: ExperimentConfig) -> None:

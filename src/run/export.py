@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from src.core.errors import ArgumentParser, UserError
+from src.data.loader import sample_batch  # noqa: F401 (part of this API)
 from src.run.inference import atomic_path, load_consolidated  # noqa: F401 (part of this API)
 
 MODEL_PREFIX = "model."
@@ -63,19 +64,6 @@ def export(directory: Path, out: Path, whole_task: bool = False,
 
 # ---------------------------------------------------------------------------------------------
 # The inference model, its inputs, and checks
-
-
-def sample_batch(dataset, n: int) -> dict[str, Any]:
-    """The first ``n`` samples of ``dataset`` as one batch, collated as training collates."""
-    from torch.utils.data import default_collate
-
-    from src.data.loader import collate_fn
-
-    idx = list(range(min(n, len(dataset))))
-    if getattr(dataset, "batched", False):
-        return dataset.__getitems__(idx)
-    items = [dataset[i] for i in idx]
-    return (collate_fn(dataset) or default_collate)(items)
 
 
 def check_batches(run) -> list[tuple[torch.Tensor, ...]]:
