@@ -101,6 +101,12 @@ class Task(nn.Module):
                 batch = {**batch, "views": self.device_views(batch["inputs"])}
         return self.training_step(batch)
 
+    # Optimizer steps each loader batch serves: > 1 for a task that reuses what it made of a
+    # batch (a rollout) for several updates (GRPO's num_iterations, PPO's ppo_epochs). The
+    # trainer then hands the same batch to that many steps before drawing the next, so every
+    # sample of an epoch is trained on exactly that many times, and counts it once.
+    steps_per_batch = 1
+
     # True for a task that makes its own micro-batches in ``split`` (GRPO); the trainer (and
     # FSDP, which gathers the weights for it) call ``split`` only then.
     splits_batches = False

@@ -126,7 +126,7 @@ class GRPO(Task):
         self.beta, self.eps_low = beta, epsilon
         self.eps_high = epsilon if epsilon_high is None else epsilon_high
         self.loss_type, self.scale = loss_type, scale_rewards == "group"
-        self.num_iterations = num_iterations
+        self.num_iterations = self.steps_per_batch = num_iterations  # one rollout per batch
         self.adapter_off = reference == "disable_adapter" or (
             reference == "auto" and hasattr(model, "disable_adapter"))
         if beta > 0 and not self.adapter_off:
@@ -201,7 +201,8 @@ class GRPO(Task):
     @torch.no_grad()
     def split(self, batch: dict[str, Any]) -> list[Chunk]:
         """The step's micro-batches: G completions of every prompt, scored, in chunks of
-        ``micro_batch`` (a rollout serves ``num_iterations`` steps)."""
+        ``micro_batch``. A rollout serves ``num_iterations`` steps; the trainer gives each of
+        them the same batch (``steps_per_batch``)."""
         if self._chunks is not None and self._uses < self.num_iterations:
             self._uses += 1
             return self._chunks

@@ -107,6 +107,7 @@ class PPO(Task):
         self.kl_coef, self.clip, self.vf_coef = kl_coef, clip, vf_coef
         self.kl_target, self.kl_horizon = kl_target, kl_horizon
         self.gamma, self.lam, self.ppo_epochs = gamma, lam, ppo_epochs
+        self.steps_per_batch = ppo_epochs  # the trainer gives a rollout's steps the same batch
         self.adapter_off = reference == "disable_adapter" or (
             reference == "auto" and hasattr(model, "disable_adapter"))
         if not self.adapter_off:

@@ -24,7 +24,7 @@ from src.core.spikes import SpikeGuard
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The trainer's checkpointed state, one key each (Trainer.state_dict / load_state_dict).
-STEP, EPOCH, BATCH_IN_EPOCH = "step", "epoch", "batch_in_epoch"
+STEP, EPOCH, BATCH_IN_EPOCH, BATCH_USES = "step", "epoch", "batch_in_epoch", "batch_uses"
 SCHEDULER, SCALER, TASK, INTERVAL, LAST_VAL = "scheduler", "scaler", "task", "interval", "last_val"
 CALLBACKS, CALLBACK_TYPES = "callbacks", "callback_types"
 BAD_STEPS, TOTAL_BAD_STEPS, SPIKES = "bad_steps", "total_bad_steps", "loss_spikes"
@@ -60,7 +60,10 @@ class Trainer:
         self.checkpoints = checkpoints
         self.run_dir, self.run_info, self.on_start = run_dir, run_info or {}, on_start
         self.batches_per_epoch = train_loader.batches_per_epoch()
-        self.step = self.epoch = self.batch_in_epoch = 0
+        # optimizer steps each loader batch serves (GRPO's num_iterations, PPO's ppo_epochs):
+        # the loader's place moves past a batch after its last one
+        self.steps_per_batch = getattr(task, "steps_per_batch", 1)
+        self.step = self.epoch = self.batch_in_epoch = self.batch_uses = 0
         self.bad_steps = self.total_bad_steps = 0
         self.should_stop = False
         self.last_val: dict[str, float] = {}
@@ -238,6 +241,7 @@ class Trainer:
         """Everything of the loop a resume needs, beside model and optimizer (same on all ranks)."""
         return {
             STEP: self.step, EPOCH: self.epoch, BATCH_IN_EPOCH: self.batch_in_epoch,
+            BATCH_USES: self.batch_uses,
             SCHEDULER: self.scheduler.state_dict() if self.scheduler else None,
             SCALER: self.scaler.state_dict() if self.scaler else None,
             CALLBACKS: [cb.state_dict() for cb in self.callbacks],
@@ -251,6 +255,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.batch_in_epoch = state[STEP], state[EPOCH], state[BATCH_IN_EPOCH]
+        self.batch_uses = state.get(BATCH_USES, 0)
         if self.scheduler is not None and state[SCHEDULER] is not None:
             self.scheduler.load_state_dict(state[SCHEDULER])
         if self.scaler is not None and state[SCALER]:
@@ -281,6 +286,7 @@ class Trainer:
 
     def _run(self) -> None:
         accum = self.cfg.grad_accum_steps
+        done = False
         while self.step < self.max_steps and not self._stopping():
             self.train_loader.set_epoch(self.epoch, self.batch_in_epoch)
             for batch in self.train_loader:
@@ -288,30 +294,43 @@ class Trainer:
                 group_start = i - i % accum
                 n_micro = min(accum, self.batches_per_epoch - group_start)
                 final = i - group_start == n_micro - 1
-                self.batch_in_epoch += 1
                 batch = self.strategy.to_device(batch)
-                self.interval.add_batch(batch)
-                if self.peak and self.flops_per_micro is None:
-                    from src.core.throughput import measure_flops
-
-                    out, self.flops_per_micro = measure_flops(
-                        lambda: self.train_step(batch, final, n_micro))
-                else:
-                    out = self.train_step(batch, final, n_micro)
-                for k, v in out.items():
-                    if isinstance(v, torch.Tensor) and v.ndim == 0:  # metrics: mean of micros
-                        self._micro[k] = v if n_micro == 1 else self._micro.get(k, 0) + v / n_micro
-                    else:  # features, labels ...: the last micro-batch's, for callbacks
-                        self._extras[k] = v
-                if final:
-                    self._optimizer_step()
-                    if self.step >= self.max_steps or self._stopping():
-                        break
+                if self.batch_uses == 0:  # samples and tokens count once, however many steps
+                    self.interval.add_batch(batch)
+                # a batch serves steps_per_batch optimizer steps (one, but for rollout reuse;
+                # a resume may come back in the middle of them)
+                for _ in range(self.batch_uses, self.steps_per_batch):
+                    self.batch_uses = (self.batch_uses + 1) % self.steps_per_batch
+                    if self.batch_uses == 0:  # its last use: the loader's place moves past it
+                        self.batch_in_epoch += 1
+                    self._micro_step(batch, final, n_micro)
+                    if final:
+                        self._optimizer_step()
+                        if self.step >= self.max_steps or self._stopping():
+                            done = True
+                            break
+                if done:
+                    break
         evaluates = self.cfg.eval_every_n_steps or self.cfg.eval_every_n_epochs
         if evaluates and self._last_eval != self.step and not self._signal:
             self.evaluate()
         if self.checkpoints is not None and (self.checkpoints.cfg.save_last or self._signal):
             self.save()
+
+    def _micro_step(self, batch: Any, final: bool, n_micro: int) -> None:
+        """Forward and backward of one loader batch; its outputs join the step's."""
+        if self.peak and self.flops_per_micro is None:
+            from src.core.throughput import measure_flops
+
+            out, self.flops_per_micro = measure_flops(
+                lambda: self.train_step(batch, final, n_micro))
+        else:
+            out = self.train_step(batch, final, n_micro)
+        for k, v in out.items():
+            if isinstance(v, torch.Tensor) and v.ndim == 0:  # metrics: mean of micros
+                self._micro[k] = v if n_micro == 1 else self._micro.get(k, 0) + v / n_micro
+            else:  # features, labels ...: the last micro-batch's, for callbacks
+                self._extras[k] = v
 
     def _optimizer_step(self) -> None:
         if self.checkpoints is not None:

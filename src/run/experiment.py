@@ -364,7 +364,12 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
         raise ConfigError(f"data.batch_size: {d.batch_size} is larger than the training set "
                           f"({len(data.train)} samples over {world} processes)")
     t = cfg.trainer
-    steps_per_epoch = math.ceil(batches / t.grad_accum_steps)
+    reuse = task.steps_per_batch  # a rollout's optimizer steps all train on its batch
+    if reuse > 1 and t.grad_accum_steps > 1:
+        raise ConfigError(f"trainer.grad_accum_steps: {t.grad_accum_steps} with task "
+                          f"'{cfg.task['type']}', whose rollouts serve {reuse} steps each: keep 1 "
+                          "(GRPO's micro_batch bounds memory instead)")
+    steps_per_epoch = math.ceil(batches / t.grad_accum_steps) * reuse
     limits = [s for s in (t.max_steps, t.max_epochs and t.max_epochs * steps_per_epoch) if s]
     if not limits:
         raise ConfigError("trainer: set max_steps or max_epochs (training stops at the first)")

@@ -136,6 +136,47 @@ def test_grpo_trains_and_evaluates(write_config, tmp_path):
     assert 0 <= val["val/reward/exact_answer"] <= 1
 
 
+@pytest.mark.parametrize("mu", [1, 3])
+def test_every_prompt_of_an_epoch_is_trained_on_num_iterations_times(write_config, monkeypatch,
+                                                                     mu):
+    """A rollout serves mu steps, and those steps are given its batch: over one epoch each
+    training prompt is trained on exactly mu times, the epoch has batches x mu steps, and
+    samples/s counts each prompt once."""
+    from collections import Counter
+
+    from src.algorithms.grpo import GRPO
+    from src.core.interval import IntervalMetrics, batch_size_of
+
+    steps, current, counted = [], [], []  # per step: the prompts its completions answer
+    real_train, real_end, real_add = GRPO.training_step, GRPO.on_step_end, IntervalMetrics.add_batch
+
+    def train(self, chunk):
+        prompts = self.tokenizer.batch_decode(chunk.seq[:, :chunk.prompt_len],
+                                              skip_special_tokens=True)
+        current.extend(prompts[::self.g])  # one per group of G completions
+        return real_train(self, chunk)
+
+    def step_end(self, *args):
+        steps.append(list(current))
+        current.clear()
+        return real_end(self, *args)
+    monkeypatch.setattr(GRPO, "training_step", train)
+    monkeypatch.setattr(GRPO, "on_step_end", step_end)
+    monkeypatch.setattr(IntervalMetrics, "add_batch",
+                        lambda self, b: (counted.append(batch_size_of(b)), real_add(self, b))[1])
+    data = {**DATA, "train_size": 12, "batch_size": 4}
+    exp = run(write_config({**section(num_iterations=mu), "data": data, "trainer.max_steps": None,
+                            "trainer.max_epochs": 1, "trainer.eval_every_n_steps": None}))
+    assert len(steps) == exp.derived["total_steps"] == 3 * mu and exp.trainer.epoch == 1
+    train_prompts = [exp.task.tokenizer.decode(exp.data.train[i]["input_ids"],
+                                               skip_special_tokens=True)
+                     for i in range(len(exp.data.train))]
+    assert Counter(p for step in steps for p in step) == Counter({p: mu for p in train_prompts})
+    for k in range(0, len(steps), mu):  # the steps of one rollout train on its batch alone
+        assert all(sorted(steps[j]) == sorted(steps[k]) for j in range(k, k + mu))
+    assert sum(counted) == 12
+
+
 def test_grpo_resumes_exactly(write_config, tmp_path):
     """A stop after step 3 of 6, with completions reused for 2 steps (num_iterations): the
     reused completions are restored, so 6 straight == 3 + resume."""
@@ -195,3 +236,14 @@ def test_prompts_jsonl_with_answers_feeds_exact_answer(write_config, tmp_path):
     rows = metrics(tmp_path / "runs/tiny")
     assert 0 <= [r for r in rows if "val/reward" in r][-1]["val/reward/exact_answer"] <= 1
     assert "train/reward/exact_answer" in [r for r in rows if "train/reward" in r][-1]
+
+
+def test_rollout_reuse_with_accumulation_is_one_line(write_config):
+    from src.core.errors import ConfigError
+    from src.run.experiment import build, prepare
+
+    cfg, origins = prepare(str(write_config({**section(num_iterations=2),
+                                             "trainer.grad_accum_steps": 2})))
+    with pytest.raises(ConfigError, match=r"^trainer.grad_accum_steps: 2 with task 'grpo', whose "
+                                          r"rollouts serve 2 steps each"):
+        build(cfg, origins)

@@ -80,3 +80,32 @@ def test_ppo_resumes_mid_rollout_exactly(write_config, tmp_path, ppo_section):
     a = [r for r in metrics(tmp_path / "runs/a") if r["step"] > 3]
     b = [r for r in metrics(tmp_path / "runs/b") if r["step"] > 3]
     assert a == b and len(a) == 3
+
+
+def test_every_prompt_of_an_epoch_is_trained_on_ppo_epochs_times(write_config, ppo_section,
+                                                                 monkeypatch):
+    """Each rollout's ppo_epochs steps are given its batch: over one epoch every training
+    prompt is sampled once and trained on exactly ppo_epochs times."""
+    from collections import Counter
+
+    from src.algorithms.ppo import PPO
+
+    trained, given = [], []
+    real = PPO.training_step
+
+    def step(self, batch):
+        out = real(self, batch)
+        r = self._rollout
+        trained.append(self.tokenizer.batch_decode(r.seq[:, :r.prompt_len],
+                                                   skip_special_tokens=True))
+        given.append(self.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True))
+        return out
+    monkeypatch.setattr(PPO, "training_step", step)
+    exp = run(write_config({**ppo_section, "trainer.max_steps": None, "trainer.max_epochs": 1,
+                            "trainer.eval_every_n_steps": None}))
+    batches = exp.train_loader.batches_per_epoch()
+    assert len(trained) == exp.derived["total_steps"] == 2 * batches
+    assert trained == given  # the rollout trained on is the batch the step was given
+    n = batches * 4  # drop_last: the epoch's prompts
+    assert sum(Counter(p for t in trained for p in t).values()) == 2 * n
+    assert all(c % 2 == 0 for c in Counter(p for t in trained for p in t).values())
