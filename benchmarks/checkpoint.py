@@ -1,6 +1,7 @@
 """Checkpoint speed: save+commit and load of a large model with AdamW state, against plain
 ``torch.save``/``torch.load`` of the same state on the same disk; and the async save option,
 where the training step is blocked only while the state is copied to host memory."""
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,7 @@ def step_compute(model, x) -> None:
 
 
 def _fsync_tree(path: Path) -> None:
-    for f in ([path] if path.is_file() else path.rglob("*")):
+    for f in [path] if path.is_file() else path.rglob("*"):
         if f.is_file():
             fd = os.open(f, os.O_RDONLY)
             os.fsync(fd)
@@ -46,9 +47,18 @@ def measure(params_millions: int = 100, repeats: int = 3) -> dict[str, list[floa
     strategy = SingleDeviceStrategy("cpu")
     strategy.setup()
     root = Path(tempfile.mkdtemp(dir=os.environ.get("BENCH_TMP")))
-    out: dict[str, list[float]] = {k: [] for k in (
-        "torch.save", "torch.load", "ours save+commit", "ours load", "async blocked",
-        "async total", "one training step (fwd+bwd)")}
+    out: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "torch.save",
+            "torch.load",
+            "ours save+commit",
+            "ours load",
+            "async blocked",
+            "async total",
+            "one training step (fwd+bwd)",
+        )
+    }
     x = torch.randn(32, model[0].in_features)
     out["parameters_millions"] = [sum(p.numel() for p in model.parameters()) / 1e6]
     try:
@@ -73,8 +83,9 @@ def measure(params_millions: int = 100, repeats: int = 3) -> dict[str, list[floa
             strategy.load(path, model, opt)
             out["ours load"].append(time.perf_counter() - t0)
 
-            manager = CheckpointManager(CheckpointConfig(keep_last=1, async_save=True),
-                                        root / "async", strategy)
+            manager = CheckpointManager(
+                CheckpointConfig(keep_last=1, async_save=True), root / "async", strategy
+            )
             t0 = time.perf_counter()
             manager.save(i + 1, 0, model, opt, {"step": i + 1}, {})
             blocked = time.perf_counter() - t0

@@ -1,5 +1,6 @@
 """Data loading: samples/s of the digits and an image-folder pipeline, against the training step
 rate of the classification config. The loop must never wait for data in the default configs."""
+
 from __future__ import annotations
 
 import tempfile
@@ -13,12 +14,13 @@ def loader_rate(dataset, batch_size: int, workers: int, batches: int) -> float:
     from src.data.loader import TrainLoader
     from src.data.samplers import ShardedBatchSampler
 
-    loader = TrainLoader(dataset, ShardedBatchSampler(len(dataset), batch_size, seed=0), seed=0,
-                         num_workers=workers)
+    loader = TrainLoader(
+        dataset, ShardedBatchSampler(len(dataset), batch_size, seed=0), seed=0, num_workers=workers
+    )
     n, t0, epoch = 0, time.perf_counter(), 0
     while n < batches:
         loader.set_epoch(epoch)
-        for batch in loader:
+        for _ in loader:
             n += 1
             if n == batches:
                 break
@@ -34,7 +36,8 @@ def make_image_folder(root: Path, per_class: int, size: int = 32) -> None:
         (root / f"class_{c}").mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
-                root / f"class_{c}" / f"{i}.png")
+                root / f"class_{c}" / f"{i}.png"
+            )
 
 
 def training_rate(steps: int) -> float:
@@ -45,11 +48,19 @@ def training_rate(steps: int) -> float:
 
     root = Path(__file__).resolve().parents[1]
     tmp = tempfile.mkdtemp()
-    cfg, origins = prepare(str(root / "configs/exp001.yaml"),
-                           [f"trainer.max_steps={steps}", "trainer.max_epochs=null",
-                            f"trainer.log_every={steps}", "trainer.eval_every_n_epochs=null",
-                            f"logging.root={tmp}", "logging.loggers=[jsonl]",
-                            "checkpoint.save_last=false", "checkpoint.every_n_steps=null"])
+    cfg, origins = prepare(
+        str(root / "configs/exp001.yaml"),
+        [
+            f"trainer.max_steps={steps}",
+            "trainer.max_epochs=null",
+            f"trainer.log_every={steps}",
+            "trainer.eval_every_n_epochs=null",
+            f"logging.root={tmp}",
+            "logging.loggers=[jsonl]",
+            "checkpoint.save_last=false",
+            "checkpoint.every_n_steps=null",
+        ],
+    )
     exp = build(cfg, origins)
     exp.run()
     rows = [json.loads(line) for line in (Path(tmp) / "exp001/metrics.jsonl").open()]
@@ -68,6 +79,5 @@ def measure(batches: int = 200, per_class: int = 100, steps: int = 200) -> dict[
         make_image_folder(Path(tmp), per_class)
         folder = image_folder(seed=0, root=tmp, image_size=32).train
         for w in (0, 2):
-            out[f"image_folder 32px, {w} workers"] = loader_rate(folder, 64, w,
-                                                                  min(batches, 40))
+            out[f"image_folder 32px, {w} workers"] = loader_rate(folder, 64, w, min(batches, 40))
     return out

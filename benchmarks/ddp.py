@@ -4,6 +4,7 @@
 
 Rank 0 prints {"variant", "loop_s"}. Workload: digits, MLP 64-256-256-10, AdamW, global batch 64.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,13 +55,17 @@ def run_ours(steps: int) -> float:
     from src.run.experiment import build, prepare
 
     tmp = tempfile.mkdtemp()
-    cfg = {"name": "bench_ddp", "data": {"type": "digits", "val_fraction": 0.0, "batch_size": 64},
-           "model": {"type": "mlp", "hidden": [256, 256]},
-           "task": {"type": "classification", "top_k": [], "train_accuracy": False},
-           "optimizer": {"type": "adamw", "lr": 1e-3},
-           "trainer": {"max_steps": steps, "log_every": 50, "eval_every_n_epochs": None},
-           "strategy": {"type": "ddp"}, "checkpoint": {"save_last": False, "resume": "never"},
-           "logging": {"loggers": ["jsonl"], "root": tmp}}
+    cfg = {
+        "name": "bench_ddp",
+        "data": {"type": "digits", "val_fraction": 0.0, "batch_size": 64},
+        "model": {"type": "mlp", "hidden": [256, 256]},
+        "task": {"type": "classification", "top_k": [], "train_accuracy": False},
+        "optimizer": {"type": "adamw", "lr": 1e-3},
+        "trainer": {"max_steps": steps, "log_every": 50, "eval_every_n_epochs": None},
+        "strategy": {"type": "ddp"},
+        "checkpoint": {"save_last": False, "resume": "never"},
+        "logging": {"loggers": ["jsonl"], "root": tmp},
+    }
     path = os.path.join(tmp, "c.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)

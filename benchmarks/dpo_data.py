@@ -16,6 +16,7 @@ function.
 
     python -m benchmarks.dpo_data experiments/dpo_docstrings.jsonl
 """
+
 from __future__ import annotations
 
 import json
@@ -28,15 +29,62 @@ from src.data.docstrings import public_functions
 
 def functions() -> list[tuple[str, str]]:
     """(prompt, first docstring line) of public functions with a one-line summary."""
-    return [(header + '\n    """', doc.splitlines()[0]) for header, doc in public_functions()
-            if doc and 20 <= len(doc.splitlines()[0]) <= 120]
+    return [
+        (header + '\n    """', doc.splitlines()[0])
+        for header, doc in public_functions()
+        if doc and 20 <= len(doc.splitlines()[0]) <= 120
+    ]
 
 
-VERBS = {"Return", "Parse", "Set", "Encode", "Add", "Send", "Get", "Log", "Configure", "Read",
-         "Decode", "Determine", "Delegate", "Remove", "Create", "Do", "Handle", "Format", "Serve",
-         "Convert", "Turn", "Prepare", "Push", "Iterate", "Make", "Build", "Compute", "Check",
-         "Write", "Find", "Open", "Close", "Call", "Run", "Process", "Split", "Join", "Copy",
-         "Update", "Reset", "Start", "Stop", "Test", "Print", "Load", "Save", "Register"}
+VERBS = {
+    "Return",
+    "Parse",
+    "Set",
+    "Encode",
+    "Add",
+    "Send",
+    "Get",
+    "Log",
+    "Configure",
+    "Read",
+    "Decode",
+    "Determine",
+    "Delegate",
+    "Remove",
+    "Create",
+    "Do",
+    "Handle",
+    "Format",
+    "Serve",
+    "Convert",
+    "Turn",
+    "Prepare",
+    "Push",
+    "Iterate",
+    "Make",
+    "Build",
+    "Compute",
+    "Check",
+    "Write",
+    "Find",
+    "Open",
+    "Close",
+    "Call",
+    "Run",
+    "Process",
+    "Split",
+    "Join",
+    "Copy",
+    "Update",
+    "Reset",
+    "Start",
+    "Stop",
+    "Test",
+    "Print",
+    "Load",
+    "Save",
+    "Register",
+}
 
 
 def third_person(verb: str) -> str:
@@ -53,8 +101,13 @@ def write_pairs(path: Path, seed: int = 0, limit: int = 400) -> int:
     rows = []
     for prompt, doc in funcs[:limit]:
         verb, _, rest = doc.partition(" ")
-        rows.append({"prompt": prompt, "chosen": f"{third_person(verb)} {rest}" + '"""',
-                     "rejected": doc + '"""'})
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": f"{third_person(verb)} {rest}" + '"""',
+                "rejected": doc + '"""',
+            }
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -15,13 +15,14 @@ with bf16 and activation checkpointing. It reports ok or the last line of its er
 figures each check reads. Exit code 1 when a check fails. On the CPU (``--device cpu``) the
 decoder is a tiny one and MFU is against a nominal 1 TFLOP/s: that checks the script.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import re
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -30,8 +31,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs/exp001.yaml")
-SHORT = ["trainer.max_steps=4", "trainer.log_every=2", "trainer.eval_every_n_epochs=null",
-         "trainer.eval_every_n_steps=4", "checkpoint.every_n_steps=2"]
+SHORT = [
+    "trainer.max_steps=4",
+    "trainer.log_every=2",
+    "trainer.eval_every_n_epochs=null",
+    "trainer.eval_every_n_steps=4",
+    "checkpoint.every_n_steps=2",
+]
 
 
 def _port() -> int:
@@ -40,21 +46,46 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def launch(launcher: str, nproc: int, overrides: list[str], root: Path, env: dict,
-           config: str = CONFIG):
+def launch(
+    launcher: str, nproc: int, overrides: list[str], root: Path, env: dict, config: str = CONFIG
+):
     """Run the CLI under ``launcher`` (python | torchrun | deepspeed); (returncode, stderr)."""
     if launcher == "python":
         cmd = [sys.executable, "-m", "src.main"]
     elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_port()}", "-m", "src.main"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={_port()}",
+            "-m",
+            "src.main",
+        ]
     else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}",
-               f"--master_port={_port()}", "--module", "src.main"]
-    out = subprocess.run(cmd + ["--config", config, *SHORT, f"logging.root={root}", *overrides],
-                         cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": os.pathsep.join(
-                             [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])},
-                         capture_output=True, text=True, timeout=900)
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            f"--num_gpus={nproc}",
+            f"--master_port={_port()}",
+            "--module",
+            "src.main",
+        ]
+    out = subprocess.run(
+        cmd + ["--config", config, *SHORT, f"logging.root={root}", *overrides],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            **env,
+            "PYTHONPATH": os.pathsep.join(
+                [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
+        },
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     return out.returncode, out.stderr
 
 
@@ -62,8 +93,12 @@ def _cause(stderr: str) -> list[str]:
     """The line of a failed run's stderr that names the error (not torchrun's banner rules)."""
     lines = [ln.strip() for ln in stderr.splitlines()]
     lines = [ln for ln in lines if ln.strip("=-") and not ln.lower().startswith("traceback")]
-    named = [ln for ln in lines if "ChildFailedError" not in ln and (
-        ln.startswith("error:") or re.search(r"\w+(Error|Exception):", ln))]
+    named = [
+        ln
+        for ln in lines
+        if "ChildFailedError" not in ln
+        and (ln.startswith("error:") or re.search(r"\w+(Error|Exception):", ln))
+    ]
     return (named or lines)[-1:]
 
 
@@ -78,8 +113,12 @@ def last_loss(r: list[dict], n: int = 10) -> float:
     return sum(losses) / len(losses) if losses else math.nan
 
 
-PARITY = ["trainer.max_steps=30", "trainer.log_every=1", "trainer.eval_every_n_steps=null",
-          "checkpoint.every_n_steps=null"]
+PARITY = [
+    "trainer.max_steps=30",
+    "trainer.log_every=1",
+    "trainer.eval_every_n_steps=null",
+    "checkpoint.every_n_steps=null",
+]
 LM = str(ROOT / "configs/lm_stdlib.yaml")
 
 
@@ -87,21 +126,48 @@ def decoder(cpu: bool) -> list[str]:
     """Overrides of lm_stdlib for a Llama-style decoder: ~1.1B parameters at sequence 2048 on a
     GPU, bf16, FSDP2 with activation checkpointing; a tiny one on the CPU."""
     if cpu:
-        shape = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
-        rest = ["data.block_size=128", "data.batch_size=2", "trainer.peak_tflops=1.0",
-                "data.max_files=20", "trainer.compile=false"]
+        shape = dict(
+            hidden_size=64,
+            intermediate_size=172,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=128,
+        )
+        rest = [
+            "data.block_size=128",
+            "data.batch_size=2",
+            "trainer.peak_tflops=1.0",
+            "data.max_files=20",
+            "trainer.compile=false",
+        ]
     else:
-        shape = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-                     num_attention_heads=16, num_key_value_heads=16,
-                     max_position_embeddings=2048)
-        rest = ["data.block_size=2048", "data.batch_size=4", "trainer.precision=bf16",
-                "data.pin_memory=true"]
+        shape = dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            max_position_embeddings=2048,
+        )
+        rest = [
+            "data.block_size=2048",
+            "data.batch_size=4",
+            "trainer.precision=bf16",
+            "data.pin_memory=true",
+        ]
     config = ", ".join(f"{k}: {v}" for k, v in {"model_type": "llama", **shape}.items())
-    return [f"model.config={{{config}}}", "strategy={type: fsdp, activation_checkpointing: true}",
-            "trainer.max_steps=12", "trainer.log_every=4", "trainer.eval_every_n_steps=null",
-            "checkpoint.every_n_steps=null", "checkpoint.save_last=false", "task.samples=0",
-            *rest]
+    return [
+        f"model.config={{{config}}}",
+        "strategy={type: fsdp, activation_checkpointing: true}",
+        "trainer.max_steps=12",
+        "trainer.log_every=4",
+        "trainer.eval_every_n_steps=null",
+        "checkpoint.every_n_steps=null",
+        "checkpoint.save_last=false",
+        "task.samples=0",
+        *rest,
+    ]
 
 
 def checks(gpus: int, cpu: bool) -> dict[str, tuple]:
@@ -131,27 +197,45 @@ def checks(gpus: int, cpu: bool) -> dict[str, tuple]:
 
     found = {
         "deterministic_cnn": ("python", 1, ["trainer.deterministic=true"], ran),
-        "deepspeed_bf16_cnn": ("deepspeed", ranks, [ds, "trainer.precision=bf16",
-                               "strategy.config={zero_optimization: {stage: 2}}"], finite_norms),
-        "deepspeed_zero0_grad_norm": ("deepspeed", ranks, [ds, "strategy.config={}"],
-                                      finite_norms),
-        "fsdp_async_checkpoint": ("torchrun", ranks, ["strategy.type=fsdp",
-                                  "checkpoint.async_save=true"], ran),
+        "deepspeed_bf16_cnn": (
+            "deepspeed",
+            ranks,
+            [ds, "trainer.precision=bf16", "strategy.config={zero_optimization: {stage: 2}}"],
+            finite_norms,
+        ),
+        "deepspeed_zero0_grad_norm": ("deepspeed", ranks, [ds, "strategy.config={}"], finite_norms),
+        "fsdp_async_checkpoint": (
+            "torchrun",
+            ranks,
+            ["strategy.type=fsdp", "checkpoint.async_save=true"],
+            ran,
+        ),
         "fp16_grad_scaler": ("python", 1, ["trainer.precision=fp16"], finite_norms),
         "ddp_compiled": ("torchrun", ranks, ["strategy.type=ddp", "trainer.compile=true"], ran),
-        "ddp_sync_batchnorm": ("torchrun", ranks, ["strategy={type: ddp, sync_batchnorm: true}"],
-                               finite_norms),
+        "ddp_sync_batchnorm": (
+            "torchrun",
+            ranks,
+            ["strategy={type: ddp, sync_batchnorm: true}"],
+            finite_norms,
+        ),
         "fp32_reference": ("python", 1, PARITY, ran),
         "bf16_loss_parity": ("python", 1, PARITY + ["trainer.precision=bf16"], parity),
         "fp16_loss_parity": ("python", 1, PARITY + ["trainer.precision=fp16"], parity),
         "decoder_fsdp_mfu": ("torchrun", 1, decoder(cpu), throughput, LM),
     }
     if not cpu:  # a CPU has no peak FLOP/s for utilisation, and nothing to offload from
-        found["mfu_bf16"] = ("python", 1, ["trainer.precision=bf16"],
-                             lambda r, _: any(0 < x.get("train/mfu", 0) < 1 for x in r))
-        found["fsdp_cpu_offload_clipped"] = ("torchrun", ranks, [
-            "strategy.type=fsdp", "strategy.cpu_offload=true", "trainer.grad_clip=1.0"],
-            finite_norms)
+        found["mfu_bf16"] = (
+            "python",
+            1,
+            ["trainer.precision=bf16"],
+            lambda r, _: any(0 < x.get("train/mfu", 0) < 1 for x in r),
+        )
+        found["fsdp_cpu_offload_clipped"] = (
+            "torchrun",
+            ranks,
+            ["strategy.type=fsdp", "strategy.cpu_offload=true", "trainer.grad_clip=1.0"],
+            finite_norms,
+        )
         found["pinned_memory"] = ("python", 1, ["data.pin_memory=true"], finite_norms)
     return found
 
@@ -169,8 +253,9 @@ def main(argv=None) -> int:
     if not cpu and gpus == 0:
         print("no CUDA device: nothing checked (use --device cpu to check this script)")
         return 0
-    env = {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"} \
-        if cpu else {}
+    env = (
+        {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"} if cpu else {}
+    )
     todo = checks(gpus, cpu)
     if args.only:
         wanted = set(args.only.split(","))
@@ -182,8 +267,7 @@ def main(argv=None) -> int:
     print("|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, (launcher, nproc, overrides, verdict, *config) in todo.items():
-            rc, err = launch(launcher, nproc, overrides + [f"name={name}"], Path(tmp), env,
-                             *config)
+            rc, err = launch(launcher, nproc, overrides + [f"name={name}"], Path(tmp), env, *config)
             ok, figures = False, ""
             if rc == 0:
                 got = verdict(rows(Path(tmp), name), lambda other: rows(Path(tmp), other))
@@ -192,7 +276,7 @@ def main(argv=None) -> int:
                 Path(args.log).mkdir(parents=True, exist_ok=True)
                 (Path(args.log) / f"{name}.txt").write_text(err)
             last = _cause(err) or [f"exit {rc}"]
-            said = ("ok" if ok else "FAILED: " + (figures if rc == 0 else last[0][-200:]))
+            said = "ok" if ok else "FAILED: " + (figures if rc == 0 else last[0][-200:])
             if ok and figures:
                 said += f" ({figures})"
             print(f"| {name} | {said} |", flush=True)

@@ -5,6 +5,7 @@ supervised model), every 50 GRPO steps, and of a model with random weights.
 
     python -m benchmarks.run --only grpo --update
 """
+
 from __future__ import annotations
 
 import json
@@ -52,21 +53,27 @@ def measure(quick: bool = False) -> dict:
     export_main(["--run", str(sft.run_dir), "--format", "hf", "--out", str(hf)])
     grpo_ov = common + ["needs={}", f"data.tokenizer={hf}", f"model.path={hf}"]
     if quick:
-        grpo_ov += ["trainer.max_steps=2", "trainer.eval_every_n_steps=2", "trainer.log_every=1",
-                    "data.batch_size=4"]
+        grpo_ov += [
+            "trainer.max_steps=2",
+            "trainer.eval_every_n_steps=2",
+            "trainer.log_every=1",
+            "data.batch_size=4",
+        ]
     grpo = build("configs/grpo_arith.yaml", grpo_ov)
     before = accuracy(grpo)
     t0 = time.perf_counter()
     grpo.run()
     minutes = (time.perf_counter() - t0) / 60
     rows = [json.loads(line) for line in (grpo.run_dir / "metrics.jsonl").open()]
-    curve = [(r["step"], r["val/reward/exact_answer"]) for r in rows
-             if "val/reward/exact_answer" in r]
+    curve = [
+        (r["step"], r["val/reward/exact_answer"]) for r in rows if "val/reward/exact_answer" in r
+    ]
     train = [r for r in rows if "train/reward" in r]
     # control: the supervised run 200 steps longer instead of GRPO (more of the same data)
     steps = sft.derived["total_steps"] + (0 if quick else 200)
-    longer = build("configs/arith_sft.yaml", sft_ov + ["name=arith_sft_longer",
-                                                       f"trainer.max_steps={steps}"])
+    longer = build(
+        "configs/arith_sft.yaml", sft_ov + ["name=arith_sft_longer", f"trainer.max_steps={steps}"]
+    )
     longer.run()
     longer_grpo = build("configs/grpo_arith.yaml", grpo_ov + ["name=grpo_longer"])
     longer_grpo.task.model.load_state_dict(longer.task.model.state_dict())
@@ -74,14 +81,22 @@ def measure(quick: bool = False) -> dict:
     rand = build("configs/arith_sft.yaml", common + ["name=arith_random", "trainer.max_steps=1"])
     rand_grpo = build("configs/grpo_arith.yaml", grpo_ov + ["name=grpo_random"])
     rand_grpo.task.model.load_state_dict(rand.task.model.state_dict())
-    return {"before": before, "curve": curve, "sft_minutes": sft_minutes, "minutes": minutes,
-            "random": accuracy(rand_grpo), "val": len(grpo.data.val),
-            "longer": accuracy(longer_grpo), "longer_steps": longer.derived["total_steps"],
-            "train_reward_first": train[0]["train/reward"],
-            "train_reward_last": train[-1]["train/reward"],
-            "zero_std_first": train[0]["train/frac_reward_zero_std"],
-            "zero_std_last": train[-1]["train/frac_reward_zero_std"],
-            "steps": grpo.derived["total_steps"], "sft_steps": sft.derived["total_steps"]}
+    return {
+        "before": before,
+        "curve": curve,
+        "sft_minutes": sft_minutes,
+        "minutes": minutes,
+        "random": accuracy(rand_grpo),
+        "val": len(grpo.data.val),
+        "longer": accuracy(longer_grpo),
+        "longer_steps": longer.derived["total_steps"],
+        "train_reward_first": train[0]["train/reward"],
+        "train_reward_last": train[-1]["train/reward"],
+        "zero_std_first": train[0]["train/frac_reward_zero_std"],
+        "zero_std_last": train[-1]["train/frac_reward_zero_std"],
+        "steps": grpo.derived["total_steps"],
+        "sft_steps": sft.derived["total_steps"],
+    }
 
 
 def section(r: dict) -> list[str]:
@@ -94,13 +109,15 @@ def section(r: dict) -> list[str]:
         f"(`configs/grpo_arith.yaml`: 64 problems x G = 8 sampled answers a step, reward 1 for "
         f"the exact answer, {r['steps']} steps). Accuracy: greedy answers to {r['val']} "
         "held-out problems (the same for both configs). "
-        "`python -m benchmarks.run --only grpo --update`.", "",
+        "`python -m benchmarks.run --only grpo --update`.",
+        "",
         "| random weights | after supervised (GRPO before) | GRPO after | change | GRPO minutes "
         "| supervised for as many more steps instead |",
         "|---|---|---|---|---|---|",
         f"| {r['random']:.3f} | {r['before']:.3f} | {after:.3f} | "
         f"{100 * (after - r['before']):+.1f} points | {r['minutes']:.1f} | {r['longer']:.3f} "
-        f"({r['longer_steps']} steps) |", "",
+        f"({r['longer_steps']} steps) |",
+        "",
         f"Held-out accuracy during GRPO: {curve}. Mean reward of the sampled answers "
         f"(temperature 1): {r['train_reward_first']:.3f} in the first logged interval, "
         f"{r['train_reward_last']:.3f} in the last; groups whose 8 answers all scored alike "

@@ -11,6 +11,7 @@ in-memory dataset), at the same batch size, and write the same JSONL rows (id, l
 probability, top 5). ``loop_s`` is the time from the first batch to the file written; the caller
 also takes the whole process's wall time. The last stdout line is JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,9 @@ def _dataset(run, repeat: int):
     from src.data.tensor_dataset import InMemoryDataset
 
     val = run.data.val
-    return InMemoryDataset(val.inputs.repeat(repeat, *[1] * (val.inputs.ndim - 1)),
-                           val.labels.repeat(repeat))
+    return InMemoryDataset(
+        val.inputs.repeat(repeat, *[1] * (val.inputs.ndim - 1)), val.labels.repeat(repeat)
+    )
 
 
 def ours(run_dir: str, repeat: int, out: Path) -> float:
@@ -56,16 +58,28 @@ def hand(run_dir: str, repeat: int, out: Path) -> float:
     t0 = time.perf_counter()
     with torch.inference_mode(), open(out, "w") as f:
         for start in range(0, len(data), BATCH):
-            x = data.inputs[start:start + BATCH]
+            x = data.inputs[start : start + BATCH]
             probs = model(x).float().softmax(-1)
             top_p, top_i = probs.topk(5, dim=-1)
-            labels = data.labels[start:start + BATCH]
+            labels = data.labels[start : start + BATCH]
             for j, (p, i, y) in enumerate(zip(top_p.tolist(), top_i.tolist(), labels.tolist())):
-                f.write(json.dumps({
-                    "id": start + j, "label": i[0], "name": names[i[0]], "prob": p[0],
-                    "top_k": [{"label": c, "name": names[c], "prob": round(q, 6)}
-                              for c, q in zip(i, p)],
-                    "target": y, "target_name": names[y]}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "id": start + j,
+                            "label": i[0],
+                            "name": names[i[0]],
+                            "prob": p[0],
+                            "top_k": [
+                                {"label": c, "name": names[c], "prob": round(q, 6)}
+                                for c, q in zip(i, p)
+                            ],
+                            "target": y,
+                            "target_name": names[y],
+                        }
+                    )
+                    + "\n"
+                )
     return time.perf_counter() - t0
 
 
@@ -97,8 +111,7 @@ def latency(run_dir: str, calls: int) -> dict:
                     for name in ("onnxruntime", "pytorch"):
                         t0 = time.perf_counter()
                         for _ in range(10):
-                            session.run(None, {"inputs": xn}) if name == "onnxruntime" \
-                                else model(x)
+                            session.run(None, {"inputs": xn}) if name == "onnxruntime" else model(x)
                         times[name].append((time.perf_counter() - t0) / 10)
             out[b] = {k: statistics.median(v) for k, v in times.items()}
     return out
@@ -110,9 +123,21 @@ def prepare(root: str, quick: bool) -> str:
     from benchmarks.run import ROOT
 
     steps = ["trainer.max_steps=20", "trainer.max_epochs=null"] if quick else []
-    subprocess.run([sys.executable, "-m", "src.main", "--config", "configs/exp001.yaml",
-                    f"logging.root={root}", "logging.loggers=[jsonl]", *steps], cwd=ROOT,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "src.main",
+            "--config",
+            "configs/exp001.yaml",
+            f"logging.root={root}",
+            "logging.loggers=[jsonl]",
+            *steps,
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     return str(Path(root) / "exp001")
 
 

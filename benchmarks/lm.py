@@ -8,6 +8,7 @@
 - DPO on docstring pairs (configs/dpo_docstrings.yaml): preference accuracy before and after.
 - PPO with a reward function (configs/ppo_docstrings.yaml): the reward over training.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -71,14 +72,27 @@ def run_lm_stdlib(root: str, quick: bool) -> dict:
     xz_total = sum(b * n for b, n in per_file) / sum(n for _, n in per_file)
     step = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     export_hf(str(ROOT / "configs/lm_stdlib.yaml"), ov, step, Path(root) / "lm_stdlib_hf")
-    return {"bpb": val["val/bpb"], "perplexity": val["val/perplexity"], "minutes": minutes,
-            "steps": exp.derived["total_steps"], "files": len(files), "xz_total": xz_total,
-            "xz_files": [b for b, _ in per_file], "hf": str(Path(root) / "lm_stdlib_hf")}
+    return {
+        "bpb": val["val/bpb"],
+        "perplexity": val["val/perplexity"],
+        "minutes": minutes,
+        "steps": exp.derived["total_steps"],
+        "files": len(files),
+        "xz_total": xz_total,
+        "xz_files": [b for b, _ in per_file],
+        "hf": str(Path(root) / "lm_stdlib_hf"),
+    }
 
 
 def run_adapter(root: str, base: str, adapter: str, quick: bool) -> dict:
-    ov = [f"logging.root={root}", "logging.loggers=[jsonl]", f"model.path={base}",
-          f"data.tokenizer={base}", f"name=lm_email_{adapter}", f"model.adapter.type={adapter}"]
+    ov = [
+        f"logging.root={root}",
+        "logging.loggers=[jsonl]",
+        f"model.path={base}",
+        f"data.tokenizer={base}",
+        f"name=lm_email_{adapter}",
+        f"model.adapter.type={adapter}",
+    ]
     if quick:
         ov += ["trainer.max_steps=2", "trainer.eval_every_n_steps=2"]
     if adapter == "qlora":
@@ -90,9 +104,14 @@ def run_adapter(root: str, base: str, adapter: str, quick: bool) -> dict:
     t0 = time.perf_counter()
     exp.run()
     after = last_val(exp.run_dir, "val/perplexity")
-    return {"adapter": adapter, "ppl_before": before["perplexity"],
-            "ppl_after": after["val/perplexity"], "trainable": exp.derived["trainable_parameters"],
-            "total": exp.derived["model_parameters"], "minutes": (time.perf_counter() - t0) / 60}
+    return {
+        "adapter": adapter,
+        "ppl_before": before["perplexity"],
+        "ppl_after": after["val/perplexity"],
+        "trainable": exp.derived["trainable_parameters"],
+        "total": exp.derived["model_parameters"],
+        "minutes": (time.perf_counter() - t0) / 60,
+    }
 
 
 def run_minilm(root: str, quick: bool) -> dict:
@@ -103,15 +122,25 @@ def run_minilm(root: str, quick: bool) -> dict:
     t0 = time.perf_counter()
     exp.run()
     val = last_val(exp.run_dir, "val/accuracy")
-    return {"accuracy": val["val/accuracy"], "chance": 1 / exp.data.info.num_classes,
-            "classes": exp.data.info.num_classes, "val": len(exp.data.val),
-            "trainable": exp.derived["trainable_parameters"], "total": exp.derived["model_parameters"],
-            "minutes": (time.perf_counter() - t0) / 60}
+    return {
+        "accuracy": val["val/accuracy"],
+        "chance": 1 / exp.data.info.num_classes,
+        "classes": exp.data.info.num_classes,
+        "val": len(exp.data.val),
+        "trainable": exp.derived["trainable_parameters"],
+        "total": exp.derived["model_parameters"],
+        "minutes": (time.perf_counter() - t0) / 60,
+    }
 
 
 def run_dpo(root: str, base: str, quick: bool) -> dict:
-    ov = [f"logging.root={root}", "logging.loggers=[jsonl]", f"model.path={base}",
-          f"data.tokenizer={base}", f"data.path={Path(root) / 'pairs.jsonl'}"]
+    ov = [
+        f"logging.root={root}",
+        "logging.loggers=[jsonl]",
+        f"model.path={base}",
+        f"data.tokenizer={base}",
+        f"data.path={Path(root) / 'pairs.jsonl'}",
+    ]
     if quick:
         ov += ["trainer.max_steps=2", "trainer.eval_every_n_steps=2"]
     exp = build("configs/dpo_docstrings.yaml", ov)
@@ -119,15 +148,24 @@ def run_dpo(root: str, base: str, quick: bool) -> dict:
     t0 = time.perf_counter()
     exp.run()
     after = last_val(exp.run_dir, "val/chosen_preferred")
-    return {"before": before, "after": after["val/chosen_preferred"],
-            "reward_accuracy": after["val/preference_accuracy"],
-            "margin": after["val/reward_margin"], "minutes": (time.perf_counter() - t0) / 60,
-            "pairs": len(exp.data.train) + len(exp.data.val), "val": len(exp.data.val)}
+    return {
+        "before": before,
+        "after": after["val/chosen_preferred"],
+        "reward_accuracy": after["val/preference_accuracy"],
+        "margin": after["val/reward_margin"],
+        "minutes": (time.perf_counter() - t0) / 60,
+        "pairs": len(exp.data.train) + len(exp.data.val),
+        "val": len(exp.data.val),
+    }
 
 
 def run_ppo(root: str, base: str, quick: bool) -> dict:
-    ov = [f"logging.root={root}", "logging.loggers=[jsonl]", f"model.path={base}",
-          f"data.tokenizer={base}"]
+    ov = [
+        f"logging.root={root}",
+        "logging.loggers=[jsonl]",
+        f"model.path={base}",
+        f"data.tokenizer={base}",
+    ]
     if quick:
         ov += ["trainer.max_steps=2", "trainer.eval_every_n_steps=2", "trainer.log_every=1"]
     exp = build("configs/ppo_docstrings.yaml", ov)
@@ -137,11 +175,18 @@ def run_ppo(root: str, base: str, quick: bool) -> dict:
     train = [r for r in rows if "train/reward" in r]
     val = [r for r in rows if "val/reward" in r]
     task = exp.cfg.task
-    return {"first": train[0]["train/reward"], "last": train[-1]["train/reward"],
-            "kl": train[-1]["train/kl"], "val_reward": val[-1]["val/reward"],
-            "val_kl": val[-1]["val/kl"], "kl_start": task.get("kl_coef", 0.05),
-            "kl_target": task.get("kl_target"), "kl_coef": train[-1]["train/kl_coef"],
-            "steps": exp.derived["total_steps"], "minutes": (time.perf_counter() - t0) / 60}
+    return {
+        "first": train[0]["train/reward"],
+        "last": train[-1]["train/reward"],
+        "kl": train[-1]["train/kl"],
+        "val_reward": val[-1]["val/reward"],
+        "val_kl": val[-1]["val/kl"],
+        "kl_start": task.get("kl_coef", 0.05),
+        "kl_target": task.get("kl_target"),
+        "kl_coef": train[-1]["train/kl_coef"],
+        "steps": exp.derived["total_steps"],
+        "minutes": (time.perf_counter() - t0) / 60,
+    }
 
 
 @torch.no_grad()
@@ -177,79 +222,111 @@ def measure(quick: bool = False) -> dict:
 
 def stdlib_section(lm: dict) -> list[str]:
     xz = lm["xz_files"]
-    return ["### Small GPT from scratch (`configs/lm_stdlib.yaml`)", "",
-            f"{lm['steps']} steps in {lm['minutes']:.1f} minutes; {lm['files']} held-out files.",
-            "", "| held-out files | bits per byte |", "|---|---|",
-            f"| GPT (val/bpb) | {lm['bpb']:.3f} |",
-            f"| xz -9e, all held-out bytes | {lm['xz_total']:.3f} |",
-            f"| xz -9e per file: min / median / max | {min(xz):.3f} / {statistics.median(xz):.3f}"
-            f" / {max(xz):.3f} |", "",
-            f"Validation perplexity (per BPE token): {lm['perplexity']:.2f}."]
+    return [
+        "### Small GPT from scratch (`configs/lm_stdlib.yaml`)",
+        "",
+        f"{lm['steps']} steps in {lm['minutes']:.1f} minutes; {lm['files']} held-out files.",
+        "",
+        "| held-out files | bits per byte |",
+        "|---|---|",
+        f"| GPT (val/bpb) | {lm['bpb']:.3f} |",
+        f"| xz -9e, all held-out bytes | {lm['xz_total']:.3f} |",
+        f"| xz -9e per file: min / median / max | {min(xz):.3f} / {statistics.median(xz):.3f}"
+        f" / {max(xz):.3f} |",
+        "",
+        f"Validation perplexity (per BPE token): {lm['perplexity']:.2f}.",
+    ]
 
 
 def section(r: dict) -> list[str]:
-    body = ["Corpus: the standard library's own `.py` files (no tests), split by file with seed 0.",
-            "", *stdlib_section(r["lm"]), "",
-            "### Adapters on the `email` package, from the GPT above", "",
-            "| adapter | held-out perplexity before | after | trainable / total parameters |"
-            " minutes |", "|---|---|---|---|---|"]
+    body = [
+        "Corpus: the standard library's own `.py` files (no tests), split by file with seed 0.",
+        "",
+        *stdlib_section(r["lm"]),
+        "",
+        "### Adapters on the `email` package, from the GPT above",
+        "",
+        "| adapter | held-out perplexity before | after | trainable / total parameters | minutes |",
+        "|---|---|---|---|---|",
+    ]
     for a in r["adapters"]:
-        body.append(f"| {a['adapter']} | {a['ppl_before']:.2f} | {a['ppl_after']:.2f} | "
-                    f"{a['trainable']:,} / {a['total']:,} | {a['minutes']:.1f} |")
+        body.append(
+            f"| {a['adapter']} | {a['ppl_before']:.2f} | {a['ppl_after']:.2f} | "
+            f"{a['trainable']:,} / {a['total']:,} | {a['minutes']:.1f} |"
+        )
     if len(r["adapters"]) == 1:
         body += ["", "QLoRA: bitsandbytes is not installed here (`pip install -e .[quant]`)."]
     m = r["minilm"]
-    body += ["", "### LoRA on the packaged MiniLM: which package a docstring comes from", "",
-             f"{m['classes']} packages, {m['val']} held-out docstrings (split by file).", "",
-             "| val accuracy | chance | trainable / total parameters | minutes |",
-             "|---|---|---|---|",
-             f"| {m['accuracy']:.4f} | {m['chance']:.4f} | {m['trainable']:,} / {m['total']:,} | "
-             f"{m['minutes']:.1f} |"]
+    body += [
+        "",
+        "### LoRA on the packaged MiniLM: which package a docstring comes from",
+        "",
+        f"{m['classes']} packages, {m['val']} held-out docstrings (split by file).",
+        "",
+        "| val accuracy | chance | trainable / total parameters | minutes |",
+        "|---|---|---|---|",
+        f"| {m['accuracy']:.4f} | {m['chance']:.4f} | {m['trainable']:,} / {m['total']:,} | "
+        f"{m['minutes']:.1f} |",
+    ]
     return body + dpo_section(r["dpo"]) + ppo_section(r["ppo"])
 
 
 def dpo_section(d: dict) -> list[str]:
     """The DPO subsection (redone alone by ``python -m benchmarks.lm dpo <base>``)."""
-    return ["", "### DPO on docstring pairs (`configs/dpo_docstrings.yaml`)", "",
-            f"{d['pairs']} pairs ({d['val']} held out: functions DPO does not train on) on a "
-            "documented style choice (`benchmarks/dpo_data.py`): the prompt is a function's "
-            "signature, the chosen answer its docstring's summary line in the descriptive style "
-            "of Google's Python style guide (\"Returns the ...\"), the rejected one the line as "
-            "the standard library wrote it, in PEP 257's imperative (\"Return the ...\"). The "
-            "GPT above is the policy and the reference. `chosen preferred`: held-out pairs where "
-            "the policy itself (adapter on, no dropout) gives the chosen answer the higher "
-            "log-probability; reward accuracy: where it does so by more than the reference.", "",
-            "| chosen preferred before | after | change | reward accuracy after | "
-            "reward margin after (nats) | minutes |", "|---|---|---|---|---|---|",
-            f"| {d['before']:.4f} | {d['after']:.4f} | {d['after'] - d['before']:+.4f} | "
-            f"{d['reward_accuracy']:.4f} | {d['margin']:.2f} | {d['minutes']:.1f} |", "",
-            "The pairs recorded here before (`benchmarks/dpo_data.py` as of commit d53848c: "
-            "another function's docstring, of any length, as the rejected answer) left the "
-            "held-out preference where it was (0.5375 before and after): there an answer's "
-            "summed log-probability is decided by its length, a gap of tens of nats that a DPO "
-            "margin of 1.5 (5.6 after 3x the steps) does not close."]
+    return [
+        "",
+        "### DPO on docstring pairs (`configs/dpo_docstrings.yaml`)",
+        "",
+        f"{d['pairs']} pairs ({d['val']} held out: functions DPO does not train on) on a "
+        "documented style choice (`benchmarks/dpo_data.py`): the prompt is a function's "
+        "signature, the chosen answer its docstring's summary line in the descriptive style "
+        'of Google\'s Python style guide ("Returns the ..."), the rejected one the line as '
+        'the standard library wrote it, in PEP 257\'s imperative ("Return the ..."). The '
+        "GPT above is the policy and the reference. `chosen preferred`: held-out pairs where "
+        "the policy itself (adapter on, no dropout) gives the chosen answer the higher "
+        "log-probability; reward accuracy: where it does so by more than the reference.",
+        "",
+        "| chosen preferred before | after | change | reward accuracy after | "
+        "reward margin after (nats) | minutes |",
+        "|---|---|---|---|---|---|",
+        f"| {d['before']:.4f} | {d['after']:.4f} | {d['after'] - d['before']:+.4f} | "
+        f"{d['reward_accuracy']:.4f} | {d['margin']:.2f} | {d['minutes']:.1f} |",
+        "",
+        "The pairs recorded here before (`benchmarks/dpo_data.py` as of commit d53848c: "
+        "another function's docstring, of any length, as the rejected answer) left the "
+        "held-out preference where it was (0.5375 before and after): there an answer's "
+        "summed log-probability is decided by its length, a gap of tens of nats that a DPO "
+        "margin of 1.5 (5.6 after 3x the steps) does not close.",
+    ]
 
 
 def ppo_section(p: dict) -> list[str]:
     """The PPO subsection (redone alone by ``python -m benchmarks.lm ppo <base>``)."""
-    return ["", "### PPO (`configs/ppo_docstrings.yaml`)", "",
-            "Prompts: standard-library function headers; reward: occurrences of `return` in "
-            f"the completion (capped at 3); per-token KL penalty to the starting model, "
-            f"coefficient {p['kl_start']} adapted toward a KL of {p['kl_target']} nats per "
-            "completion (train figures: mean of the last logged interval; val: held-out "
-            "prompts at the end).", "",
-            "| reward, first interval | reward, last | KL, last | val reward | val KL | "
-            "KL coefficient at the end | steps | minutes |", "|---|---|---|---|---|---|---|---|",
-            f"| {p['first']:.3f} | {p['last']:.3f} | {p['kl']:.2f} | {p['val_reward']:.3f} | "
-            f"{p['val_kl']:.2f} | {p['kl_coef']:.3f} | {p['steps']} | {p['minutes']:.1f} |"]
+    return [
+        "",
+        "### PPO (`configs/ppo_docstrings.yaml`)",
+        "",
+        "Prompts: standard-library function headers; reward: occurrences of `return` in "
+        f"the completion (capped at 3); per-token KL penalty to the starting model, "
+        f"coefficient {p['kl_start']} adapted toward a KL of {p['kl_target']} nats per "
+        "completion (train figures: mean of the last logged interval; val: held-out "
+        "prompts at the end).",
+        "",
+        "| reward, first interval | reward, last | KL, last | val reward | val KL | "
+        "KL coefficient at the end | steps | minutes |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {p['first']:.3f} | {p['last']:.3f} | {p['kl']:.2f} | {p['val_reward']:.3f} | "
+        f"{p['val_kl']:.2f} | {p['kl_coef']:.3f} | {p['steps']} | {p['minutes']:.1f} |",
+    ]
 
 
 def update_subsection(lines: list[str], results: Path) -> None:
     """Replace the subsection whose heading is ``lines[0]`` in ``results``."""
     text = results.read_text().split("\n")
     start = text.index(lines[0])
-    end = next((i for i in range(start + 1, len(text)) if text[i].startswith(("## ", "### "))),
-               len(text))
+    end = next(
+        (i for i in range(start + 1, len(text)) if text[i].startswith(("## ", "### "))), len(text)
+    )
     results.write_text("\n".join(text[:start] + lines + [""] + text[end:]).rstrip("\n") + "\n")
 
 
@@ -275,7 +352,8 @@ def update(what: str, base: str, results: Path) -> None:
 if __name__ == "__main__":
     import sys
 
-    if not (sys.argv[1:] == ["stdlib"] or sys.argv[1:2] in (["ppo"], ["dpo"])
-            and len(sys.argv) == 3):
+    if not (
+        sys.argv[1:] == ["stdlib"] or sys.argv[1:2] in (["ppo"], ["dpo"]) and len(sys.argv) == 3
+    ):
         sys.exit("usage: python -m benchmarks.lm stdlib | ppo|dpo <exported lm_stdlib hf folder>")
     update(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else "", ROOT / "benchmarks/RESULTS.md")

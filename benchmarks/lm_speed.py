@@ -14,6 +14,7 @@ process; further arguments are config overrides for ours:
 
 prints one JSON line: {"variant", "shape", "tokens_per_sec"}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # lm_stdlib's GPT, and a 4x larger one (twice the width: ~4x the FLOPs per token)
-SHAPES = {"base": dict(n_layer=3, n_head=4, n_embd=192, block=128, vocab=4096, batch=16),
-          "4x": dict(n_layer=3, n_head=8, n_embd=384, block=128, vocab=4096, batch=16)}
+SHAPES = {
+    "base": dict(n_layer=3, n_head=4, n_embd=192, block=128, vocab=4096, batch=16),
+    "4x": dict(n_layer=3, n_head=8, n_embd=384, block=128, vocab=4096, batch=16),
+}
 DROPOUT = 0.1  # GPT-2's default, which lm_stdlib keeps: the peer computes the same maths
 WARMUP = 10
 
@@ -47,8 +50,9 @@ def peer(shape: dict, steps: int, compiled: bool = False) -> float:
             b, t, d = x.shape
             q, k, v = self.c_attn(x).split(d, dim=2)
             q, k, v = (z.view(b, t, self.h, d // self.h).transpose(1, 2) for z in (q, k, v))
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=DROPOUT if self.training
-                                               else 0.0, is_causal=True)
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=DROPOUT if self.training else 0.0, is_causal=True
+            )
             return self.drop(self.c_proj(y.transpose(1, 2).contiguous().view(b, t, d)))
 
     class Block(nn.Module):
@@ -56,8 +60,12 @@ def peer(shape: dict, steps: int, compiled: bool = False) -> float:
             super().__init__()
             self.ln_1, self.attn = nn.LayerNorm(d), CausalSelfAttention(d, h)
             self.ln_2 = nn.LayerNorm(d)
-            self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"),
-                                     nn.Linear(4 * d, d), nn.Dropout(DROPOUT))
+            self.mlp = nn.Sequential(
+                nn.Linear(d, 4 * d),
+                nn.GELU(approximate="tanh"),
+                nn.Linear(4 * d, d),
+                nn.Dropout(DROPOUT),
+            )
 
         def forward(self, x):
             x = x + self.attn(self.ln_1(x))
@@ -96,8 +104,11 @@ def peer(shape: dict, steps: int, compiled: bool = False) -> float:
         model.compile()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                             {"params": other, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+        lr=1e-3,
+        betas=(0.9, 0.95),
+    )
     b, t = shape["batch"], shape["block"]
     data = torch.randint(0, shape["vocab"], (steps + WARMUP, b, t + 1))
     for i in range(steps + WARMUP):
@@ -119,13 +130,26 @@ def ours(shape: dict, steps: int, extra: list[str] = ()) -> float:
     s = shape
     root = tempfile.mkdtemp(prefix="lm_speed_")
     # the config's own model section (its GELU kernel included), at the shape under test
-    shape_keys = [f"model.config.n_layer={s['n_layer']}", f"model.config.n_head={s['n_head']}",
-                  f"model.config.n_embd={s['n_embd']}", f"model.config.n_positions={s['block']}"]
-    overrides = [*shape_keys, f"logging.root={root}", "logging.loggers=[jsonl]",
-                 f"trainer.max_steps={steps + WARMUP}", f"trainer.log_every={WARMUP}",
-                 "trainer.eval_every_n_steps=null", "checkpoint.save_last=false",
-                 "checkpoint.every_n_steps=null", "task.samples=0",
-                 f"data.batch_size={s['batch']}", f"data.block_size={s['block']}", *extra]
+    shape_keys = [
+        f"model.config.n_layer={s['n_layer']}",
+        f"model.config.n_head={s['n_head']}",
+        f"model.config.n_embd={s['n_embd']}",
+        f"model.config.n_positions={s['block']}",
+    ]
+    overrides = [
+        *shape_keys,
+        f"logging.root={root}",
+        "logging.loggers=[jsonl]",
+        f"trainer.max_steps={steps + WARMUP}",
+        f"trainer.log_every={WARMUP}",
+        "trainer.eval_every_n_steps=null",
+        "checkpoint.save_last=false",
+        "checkpoint.every_n_steps=null",
+        "task.samples=0",
+        f"data.batch_size={s['batch']}",
+        f"data.block_size={s['block']}",
+        *extra,
+    ]
     cfg, origins = prepare(str(ROOT / "configs/lm_stdlib.yaml"), overrides)
     exp = build(cfg, origins)
     exp.run()
@@ -143,8 +167,11 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="more config overrides for ours")
     a = p.parse_args(argv)
     shape = SHAPES[a.shape]
-    tps = peer(shape, a.steps, a.compile) if a.variant == "peer" else \
-        ours(shape, a.steps, a.overrides)
+    tps = (
+        peer(shape, a.steps, a.compile)
+        if a.variant == "peer"
+        else ours(shape, a.steps, a.overrides)
+    )
     print(json.dumps({"variant": a.variant, "shape": a.shape, "tokens_per_sec": round(tps, 1)}))
     return 0
 

@@ -6,6 +6,7 @@ benchmarks.multimodal <exported lm_stdlib hf folder>``) and the image tower of t
 
     python -m benchmarks.run --only multimodal --update
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,13 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-CLIP_KEYS = ("val/zeroshot_top1", "val/i2t_recall@1", "val/t2i_recall@1", "val/i2t_recall@5",
-             "val/t2i_recall@5")
+CLIP_KEYS = (
+    "val/zeroshot_top1",
+    "val/i2t_recall@1",
+    "val/t2i_recall@1",
+    "val/i2t_recall@5",
+    "val/t2i_recall@5",
+)
 KINDS = ("digit", "even", "plus_one")
 
 
@@ -52,16 +58,25 @@ def measure(quick: bool = False, lm_folder: Optional[str] = None) -> dict:
 
         lm = run_lm_stdlib(root, quick)
         lm_folder, out["lm_minutes"] = lm["hf"], lm["minutes"]
-    vlm_ov = common + short + ["needs={}", f"data.tokenizer={lm_folder}",
-                               f"task.lm.path={lm_folder}", f"task.vision_init={clip.run_dir}"]
+    vlm_ov = (
+        common
+        + short
+        + [
+            "needs={}",
+            f"data.tokenizer={lm_folder}",
+            f"task.lm.path={lm_folder}",
+            f"task.vision_init={clip.run_dir}",
+        ]
+    )
     one = experiment("configs/vlm_digits_stage1.yaml", vlm_ov)
     out["vlm_random"] = one.evaluate()  # the untrained projector before the GPT
     out["stage1"], out["stage1_minutes"] = train(one)
     two = experiment("configs/vlm_digits.yaml", vlm_ov + [f"task.init={one.run_dir}"])
     out["stage2"], out["stage2_minutes"] = train(two)
     # control: stage 2 alone, its projector untrained (what stage 1 adds)
-    alone = experiment("configs/vlm_digits.yaml",
-                       vlm_ov + ["name=vlm_digits_alone", "task.init=null"])
+    alone = experiment(
+        "configs/vlm_digits.yaml", vlm_ov + ["name=vlm_digits_alone", "task.init=null"]
+    )
     out["alone"], out["alone_minutes"] = train(alone)
     out["vlm_steps"] = (one.derived["total_steps"], two.derived["total_steps"])
     out["vlm_val"] = len(two.data.val)
@@ -73,43 +88,52 @@ def section(r: dict) -> list[str]:
         return f"| {name} | " + " | ".join(f"{m[k]:.3f}" for k in CLIP_KEYS) + f" | {minutes} |"
 
     def vlm_row(name: str, m: dict, minutes: str) -> str:
-        return (f"| {name} | " + " | ".join(f"{m[f'val/exact_match/{k}']:.3f}" for k in KINDS)
-                + f" | {m['val/exact_match']:.3f} | {minutes} |")
+        return (
+            f"| {name} | "
+            + " | ".join(f"{m[f'val/exact_match/{k}']:.3f}" for k in KINDS)
+            + f" | {m['val/exact_match']:.3f} | {minutes} |"
+        )
 
     gain = r["stage2"]["val/exact_match/digit"] - r["alone"]["val/exact_match/digit"]
-    verdict = (f"Stage 1 adds nothing measurable here: stage 2 from an untrained projector gets "
-               f"{r['alone']['val/exact_match/digit']:.3f} on the digit question in as many steps "
-               "(the projector and LoRA learn together on a task this small)."
-               if abs(gain) < 0.01 else
-               f"Stage 1 changes stage 2's digit accuracy by {100 * gain:+.1f} points against "
-               "stage 2 from an untrained projector.")
+    verdict = (
+        f"Stage 1 adds nothing measurable here: stage 2 from an untrained projector gets "
+        f"{r['alone']['val/exact_match/digit']:.3f} on the digit question in as many steps "
+        "(the projector and LoRA learn together on a task this small)."
+        if abs(gain) < 0.01
+        else f"Stage 1 changes stage 2's digit accuracy by {100 * gain:+.1f} points against "
+        "stage 2 from an untrained projector."
+    )
     s1, s2 = r["vlm_steps"]
     lm = f" (the GPT itself: {r['lm_minutes']:.1f} min)" if "lm_minutes" in r else ""
     return [
         "CLIP (`configs/clip_digits.yaml`): the default CNN as image tower, the packaged MiniLM "
         f"locked as text tower (LiT), {r['clip_steps']} steps of 256 (image, caption) pairs. "
         f"Metrics on the {r['clip_val']} validation images, captioned with templates never "
-        "trained on (\"a picture of a seven\", \"the handwritten digit 7\", ...): zero-shot "
+        'trained on ("a picture of a seven", "the handwritten digit 7", ...): zero-shot '
         "top-1 from class-name prompts made of those templates, and Recall@k over the distinct "
         "validation captions (image -> text: one of its captions is among the k nearest). "
-        "`python -m benchmarks.run --only multimodal --update`.", "",
+        "`python -m benchmarks.run --only multimodal --update`.",
+        "",
         "| CLIP | zero-shot top-1 | i2t R@1 | t2i R@1 | i2t R@5 | t2i R@5 | minutes |",
         "|---|---|---|---|---|---|---|",
         clip_row("random init", r["clip_random"], "-"),
-        clip_row("trained", r["clip"], f"{r['clip_minutes']:.1f}"), "",
+        clip_row("trained", r["clip"], f"{r['clip_minutes']:.1f}"),
+        "",
         "Vision-language model: the CLIP run's image tower (frozen) -> an MLP projector -> 16 "
         "token embeddings before the GPT of `configs/lm_stdlib.yaml`" + lm + ". Stage 1 "
         f"(`configs/vlm_digits_stage1.yaml`, {s1} steps): the projector alone, the GPT frozen. "
         f"Stage 2 (`configs/vlm_digits.yaml`, {s2} steps): from stage 1's projector, with LoRA "
         f"on the GPT. Exact-match accuracy of greedy answers to the {r['vlm_val']} validation "
-        "questions (3 per image: \"What digit is this?\" -> \"seven\", \"Is this digit "
-        "even?\" -> \"no\", \"What is this digit plus one?\" -> \"eight\").", "",
+        'questions (3 per image: "What digit is this?" -> "seven", "Is this digit '
+        'even?" -> "no", "What is this digit plus one?" -> "eight").',
+        "",
         "| VLM | digit | even | plus one | all | minutes |",
         "|---|---|---|---|---|---|",
         vlm_row("untrained projector", r["vlm_random"], "-"),
         vlm_row("stage 1 (projector)", r["stage1"], f"{r['stage1_minutes']:.1f}"),
         vlm_row("stage 2 (+ LoRA)", r["stage2"], f"{r['stage2_minutes']:.1f}"),
-        vlm_row("stage 2 alone (no stage 1)", r["alone"], f"{r['alone_minutes']:.1f}"), "",
+        vlm_row("stage 2 alone (no stage 1)", r["alone"], f"{r['alone_minutes']:.1f}"),
+        "",
         verdict,
     ]
 

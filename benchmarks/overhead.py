@@ -9,6 +9,7 @@ AdamW lr 1e-3, batch 64, 400 steps, fp32, CPU. One variant per process:
 prints one JSON line: {"variant", "model", "loop_s", "final_loss"}. ``loop_s`` times the training
 loop only (model and data already built); the driver (benchmarks/run.py) times whole processes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,14 @@ def build_model(kind: str):
     from torch import nn
 
     if kind == "mlp":
-        return nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256),
-                             nn.ReLU(), nn.Linear(256, 10))
+        return nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64, 256),
+            nn.ReLU(),
+            nn.Linear(256, 256),
+            nn.ReLU(),
+            nn.Linear(256, 10),
+        )
     from src.models.cnn import SmallCNN
 
     torch.manual_seed(0)
@@ -80,7 +87,7 @@ def run_torch_fast(kind: str, steps: int) -> tuple[float, float]:
     while step < steps:
         order = torch.randperm(len(y))
         for i in range(0, len(y) - BATCH + 1, BATCH):
-            idx = order[i:i + BATCH]
+            idx = order[i : i + BATCH]
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x[idx]), y[idx])
             loss.backward()
@@ -98,15 +105,22 @@ def run_ours(kind: str, steps: int) -> tuple[float, float]:
     from src.run.experiment import build, prepare
 
     tmp = tempfile.mkdtemp()
-    model = {"type": "mlp", "hidden": [256, 256]} if kind == "mlp" else \
-        {"type": "cnn", "channels": [32, 64, 128], "dropout": 0.0}
-    cfg = {"name": "bench", "seed": 0, "data": {"type": "digits", "val_fraction": 0.0,
-                                                "batch_size": BATCH},
-           "model": model, "task": {"type": "classification", "top_k": [], "train_accuracy": False},
-           "optimizer": {"type": "adamw", "lr": LR, "weight_decay": 0.01},
-           "trainer": {"max_steps": steps, "log_every": 50, "eval_every_n_epochs": None},
-           "checkpoint": {"save_last": False, "resume": "never"},
-           "logging": {"loggers": ["jsonl"], "root": tmp}}
+    model = (
+        {"type": "mlp", "hidden": [256, 256]}
+        if kind == "mlp"
+        else {"type": "cnn", "channels": [32, 64, 128], "dropout": 0.0}
+    )
+    cfg = {
+        "name": "bench",
+        "seed": 0,
+        "data": {"type": "digits", "val_fraction": 0.0, "batch_size": BATCH},
+        "model": model,
+        "task": {"type": "classification", "top_k": [], "train_accuracy": False},
+        "optimizer": {"type": "adamw", "lr": LR, "weight_decay": 0.01},
+        "trainer": {"max_steps": steps, "log_every": 50, "eval_every_n_epochs": None},
+        "checkpoint": {"save_last": False, "resume": "never"},
+        "logging": {"loggers": ["jsonl"], "root": tmp},
+    }
     path = os.path.join(tmp, "bench.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
@@ -139,9 +153,16 @@ def run_lightning(kind: str, steps: int) -> tuple[float, float]:
     torch.manual_seed(0)
     x, y = data()
     loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True, drop_last=True)
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, log_every_n_steps=50)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=50,
+    )
     module = Module()
     t0 = time.perf_counter()
     trainer.fit(module, loader)
@@ -173,19 +194,35 @@ def run_hf(kind: str, steps: int) -> tuple[float, float]:
 
     torch.manual_seed(0)
     x, y = data()
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=steps,
-                             per_device_train_batch_size=BATCH, learning_rate=LR,
-                             lr_scheduler_type="constant", weight_decay=0.0, logging_steps=50,
-                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-                             dataloader_drop_last=True, seed=0, max_grad_norm=0.0)
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=steps,
+        per_device_train_batch_size=BATCH,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        logging_steps=50,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_drop_last=True,
+        seed=0,
+        max_grad_norm=0.0,
+    )
     trainer = Trainer(model=Wrapped(), args=args, train_dataset=DS(x, y))
     t0 = time.perf_counter()
     out = trainer.train()
     return time.perf_counter() - t0, out.training_loss
 
 
-VARIANTS = {"torch": run_torch, "torch_fast": run_torch_fast, "ours": run_ours,
-            "lightning": run_lightning, "hf": run_hf}
+VARIANTS = {
+    "torch": run_torch,
+    "torch_fast": run_torch_fast,
+    "ours": run_ours,
+    "lightning": run_lightning,
+    "hf": run_hf,
+}
 OPTIONAL = {"lightning": "lightning", "hf": "transformers"}  # variant -> package it needs
 
 
@@ -199,8 +236,11 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     loop_s, loss = VARIANTS[args.variant](args.model, args.steps)
-    print(json.dumps({"variant": args.variant, "model": args.model, "loop_s": loop_s,
-                      "final_loss": loss}))
+    print(
+        json.dumps(
+            {"variant": args.variant, "model": args.model, "loop_s": loop_s, "final_loss": loss}
+        )
+    )
     return 0
 
 

@@ -2,6 +2,7 @@
 same backbone at random initialisation, and the final RankMe, on two backbones; plus ArcFace
 retrieval.   python -m benchmarks.run --only ssl [--update]
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -18,7 +19,7 @@ METHODS = ("simclr", "moco", "byol", "dino", "mae", "vicreg")
 @torch.no_grad()
 def features(model, dataset, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     model.eval()
-    feats = [model(dataset.inputs[i:i + batch]) for i in range(0, len(dataset), batch)]
+    feats = [model(dataset.inputs[i : i + batch]) for i in range(0, len(dataset), batch)]
     model.train()
     return torch.cat(feats).float(), dataset.labels
 
@@ -43,8 +44,10 @@ def evaluate(exp) -> tuple[float, float]:
 
 # The small ViT of configs/ssl_mae_digits.yaml (2x2 patches), for every method: its random
 # features are a bag of patches, so they say little about a digit, unlike a random CNN's.
-VIT = ("model={type: timm, name: vit_tiny_patch16_224, img_size: 8, patch_size: 2, embed_dim: 96,"
-       " depth: 4, num_heads: 3, global_pool: avg, num_classes: 0, dynamic_img_size: true}")
+VIT = (
+    "model={type: timm, name: vit_tiny_patch16_224, img_size: 8, patch_size: 2, embed_dim: 96,"
+    " depth: 4, num_heads: 3, global_pool: avg, num_classes: 0, dynamic_img_size: true}"
+)
 # 300 steps on the ViT for every method but MAE (whose own config is the ViT's): DINO's multi-crop
 # costs about a second a step there, and its longer CNN schedule changes nothing on the ViT.
 VIT_OPTIM = ["optimizer.lr=1.0e-3", "optimizer.weight_decay=0.05", "trainer.max_epochs=60"]
@@ -62,18 +65,31 @@ def run_method(method: str, overrides: list[str], backbone: str = "cnn") -> dict
     tmp = tempfile.mkdtemp()
     extra = []
     if backbone == "vit" and method != "mae":
-        extra = [VIT, *VIT_OPTIM, VIT_VIEWS.get(method, "task.views={type: batch_views, jitter: 0.0}")]
-    cfg, origins = prepare(str(ROOT / f"configs/ssl_{method}_digits.yaml"),
-                           [f"logging.root={tmp}", "logging.loggers=[jsonl]", *extra, *overrides])
+        extra = [
+            VIT,
+            *VIT_OPTIM,
+            VIT_VIEWS.get(method, "task.views={type: batch_views, jitter: 0.0}"),
+        ]
+    cfg, origins = prepare(
+        str(ROOT / f"configs/ssl_{method}_digits.yaml"),
+        [f"logging.root={tmp}", "logging.loggers=[jsonl]", *extra, *overrides],
+    )
     exp = build(cfg, origins)
     random_acc, random_rank = evaluate(exp)
     t0 = time.perf_counter()
     exp.run()
     minutes = (time.perf_counter() - t0) / 60
     acc, rank = evaluate(exp)
-    return {"method": method, "backbone": backbone, "knn_random": random_acc, "knn_trained": acc,
-            "rankme_random": random_rank, "rankme_trained": rank, "minutes": minutes,
-            "steps": exp.derived["total_steps"]}
+    return {
+        "method": method,
+        "backbone": backbone,
+        "knn_random": random_acc,
+        "knn_trained": acc,
+        "rankme_random": random_rank,
+        "rankme_trained": rank,
+        "minutes": minutes,
+        "steps": exp.derived["total_steps"],
+    }
 
 
 def run_arcface(overrides: list[str]) -> dict:
@@ -82,15 +98,21 @@ def run_arcface(overrides: list[str]) -> dict:
     from src.run.experiment import build, prepare
 
     tmp = tempfile.mkdtemp()
-    cfg, origins = prepare(str(ROOT / "configs/arcface_digits.yaml"),
-                           [f"logging.root={tmp}", "logging.loggers=[jsonl]", *overrides])
+    cfg, origins = prepare(
+        str(ROOT / "configs/arcface_digits.yaml"),
+        [f"logging.root={tmp}", "logging.loggers=[jsonl]", *overrides],
+    )
     exp = build(cfg, origins)
     t0 = time.perf_counter()
     exp.run()
     rows = [json.loads(line) for line in (Path(tmp) / cfg.name / "metrics.jsonl").open()]
     last = [r for r in rows if "val/recall@1" in r][-1]
-    return {"recall@1": last["val/recall@1"], "recall@5": last["val/recall@5"],
-            "map@r": last["val/map@r"], "minutes": (time.perf_counter() - t0) / 60}
+    return {
+        "recall@1": last["val/recall@1"],
+        "recall@5": last["val/recall@5"],
+        "map@r": last["val/map@r"],
+        "minutes": (time.perf_counter() - t0) / 60,
+    }
 
 
 NOTES = [
@@ -99,9 +121,11 @@ NOTES = [
     "simclr 0.9805, moco 0.9694, byol 0.9610, dino 0.9721, vicreg 0.9582; ViT simclr 0.8858, "
     "moco 0.7437, byol 0.5571, dino 0.5487, vicreg 0.7660 (MAE has no views). The batched views "
     "sample every geometric change bilinearly, which on 8x8 digits keeps more of each stroke "
-    "than nearest-neighbour rotation; no row got worse.", "",
+    "than nearest-neighbour rotation; no row got worse.",
+    "",
     "How the schedules and settings of these configs were chosen, with the per-sample views "
-    "(k-NN of the CNN; of the ViT for MAE):", "",
+    "(k-NN of the CNN; of the ViT for MAE):",
+    "",
     "- BYOL: the target network starts from random features and lags the online one, so the "
     "CNN's k-NN first drops (0.95 -> 0.86 after 250 steps), then climbs past its random start "
     "(0.96-0.97 after 1000 steps, 0.97-0.98 after 1500). A faster-moving target (base momentum "
@@ -121,29 +145,38 @@ NOTES = [
 
 
 def section(results: list[dict], arcface: dict | None) -> list[str]:
-    body = ["Digits validation split (359 images). k-NN: weighted 20-NN on cosine similarity of "
-            "backbone features, train split as the memory. `random` is the same backbone at its "
-            "random initialisation (same seed). RankMe: effective rank of the validation "
-            "features. Two backbones: the CNN of the `ssl_*_digits.yaml` configs (128 features), "
-            "whose random conv features already score near raw-pixel k-NN (0.969), so training "
-            "can add only a few points; and the small ViT of `ssl_mae_digits.yaml` (96 features, "
-            "2x2 patches), whose random features are a bag of patches. CNN rows and MAE run "
-            "their configs' schedules; the other ViT rows run 300 steps, with views without "
-            "brightness/contrast jitter. Views: the configs' default, made for the whole batch "
-            "on its device (`batch_views`, `batch_multi_crop`).", "",
-            "| backbone | method | k-NN random | k-NN trained | errors random -> trained | "
-            "RankMe random | RankMe trained | steps | minutes |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    body = [
+        "Digits validation split (359 images). k-NN: weighted 20-NN on cosine similarity of "
+        "backbone features, train split as the memory. `random` is the same backbone at its "
+        "random initialisation (same seed). RankMe: effective rank of the validation "
+        "features. Two backbones: the CNN of the `ssl_*_digits.yaml` configs (128 features), "
+        "whose random conv features already score near raw-pixel k-NN (0.969), so training "
+        "can add only a few points; and the small ViT of `ssl_mae_digits.yaml` (96 features, "
+        "2x2 patches), whose random features are a bag of patches. CNN rows and MAE run "
+        "their configs' schedules; the other ViT rows run 300 steps, with views without "
+        "brightness/contrast jitter. Views: the configs' default, made for the whole batch "
+        "on its device (`batch_views`, `batch_multi_crop`).",
+        "",
+        "| backbone | method | k-NN random | k-NN trained | errors random -> trained | "
+        "RankMe random | RankMe trained | steps | minutes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        body.append(f"| {r.get('backbone', 'cnn')} | {r['method']} | {r['knn_random']:.4f} | "
-                    f"{r['knn_trained']:.4f} | {1 - r['knn_random']:.1%} -> "
-                    f"{1 - r['knn_trained']:.1%} | {r['rankme_random']:.1f} | "
-                    f"{r['rankme_trained']:.1f} | {r['steps']} | {r['minutes']:.1f} |")
+        body.append(
+            f"| {r.get('backbone', 'cnn')} | {r['method']} | {r['knn_random']:.4f} | "
+            f"{r['knn_trained']:.4f} | {1 - r['knn_random']:.1%} -> "
+            f"{1 - r['knn_trained']:.1%} | {r['rankme_random']:.1f} | "
+            f"{r['rankme_trained']:.1f} | {r['steps']} | {r['minutes']:.1f} |"
+        )
     body += ["", *NOTES]
     if arcface:
-        body += ["", "Metric learning (`configs/arcface_digits.yaml`, ArcFace head, P x K "
-                 "batches), retrieval on the validation split with FAISS:", "",
-                 "| Recall@1 | Recall@5 | mAP@R |", "|---|---|---|",
-                 f"| {arcface['recall@1']:.4f} | {arcface['recall@5']:.4f} | "
-                 f"{arcface['map@r']:.4f} |"]
+        body += [
+            "",
+            "Metric learning (`configs/arcface_digits.yaml`, ArcFace head, P x K "
+            "batches), retrieval on the validation split with FAISS:",
+            "",
+            "| Recall@1 | Recall@5 | mAP@R |",
+            "|---|---|---|",
+            f"| {arcface['recall@1']:.4f} | {arcface['recall@5']:.4f} | {arcface['map@r']:.4f} |",
+        ]
     return body

@@ -1,4 +1,5 @@
 """Start-up: wall time of ``--help``, ``--list`` and ``--dry-run`` of exp001 as fresh processes."""
+
 from __future__ import annotations
 
 import subprocess
@@ -19,7 +20,8 @@ def measure(repeats: int = 5) -> dict[str, list[float]]:
     for _ in range(repeats):
         for name, args in COMMANDS.items():  # interleaved, so drift hits every command alike
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "src.main", *args], cwd=ROOT, check=True,
-                           capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "src.main", *args], cwd=ROOT, check=True, capture_output=True
+            )
             out[name].append(time.perf_counter() - t0)
     return out

@@ -7,6 +7,7 @@ its Hyperband pruner, with 1 and 2 worker processes.
 Each sweep runs as the README shows it (``python -m src.main sweep --config ...``) into a fresh
 folder, timed whole; its trials.csv gives the states, the best value and the steps trained.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,19 @@ METRIC = "val/accuracy"
 
 def run_sweep(root: Path, pruner: str, workers: int, extra: list[str] = ()) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "src.main", "sweep", "--config", str(CONFIG),
-           f"logging.root={root}", f"pruner.type={pruner}", "--workers", str(workers), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "src.main",
+        "sweep",
+        "--config",
+        str(CONFIG),
+        f"logging.root={root}",
+        f"pruner.type={pruner}",
+        "--workers",
+        str(workers),
+        *extra,
+    ]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -35,18 +47,34 @@ def run_sweep(root: Path, pruner: str, workers: int, extra: list[str] = ()) -> d
     with open(root / "sweep_exp001" / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     complete = [float(r[METRIC]) for r in rows if r["state"] == "complete"]
-    return {"pruner": pruner, "workers": workers, "trials": len(rows),
-            "pruned": sum(r["state"] == "pruned" for r in rows),
-            "failed": sum(r["state"] == "failed" for r in rows),
-            "steps": sum(int(r["steps"] or 0) for r in rows), "best": max(complete),
-            "wall_s": wall}
+    return {
+        "pruner": pruner,
+        "workers": workers,
+        "trials": len(rows),
+        "pruned": sum(r["state"] == "pruned" for r in rows),
+        "failed": sum(r["state"] == "failed" for r in rows),
+        "steps": sum(int(r["steps"] or 0) for r in rows),
+        "best": max(complete),
+        "wall_s": wall,
+    }
 
 
 def measure(quick: bool = False) -> list[dict]:
-    extra = ["trials=4", "trainer.max_steps=20", "trainer.max_epochs=null",
-             "trainer.eval_every_n_steps=10"] if quick else []
-    runs = [("hyperband", 1), ("none", 1)] if quick else \
-        [("hyperband", 1), ("none", 1), ("hyperband", 2), ("none", 2)]
+    extra = (
+        [
+            "trials=4",
+            "trainer.max_steps=20",
+            "trainer.max_epochs=null",
+            "trainer.eval_every_n_steps=10",
+        ]
+        if quick
+        else []
+    )
+    runs = (
+        [("hyperband", 1), ("none", 1)]
+        if quick
+        else [("hyperband", 1), ("none", 1), ("hyperband", 2), ("none", 2)]
+    )
     out = []
     for pruner, workers in runs:
         with tempfile.TemporaryDirectory() as tmp:
@@ -60,24 +88,34 @@ def section(results: list[dict]) -> list[str]:
         "each, over lr, weight decay, dropout and batch size; `val/accuracy` after the last "
         "epoch. `pruner.type=none` is the same sweep without pruning. Whole-command wall time. "
         "Goals: best >= 0.97; with the pruner >= 40% of trials pruned, fewer than half the "
-        "training steps, best within 0.01 of the unpruned sweep.", "",
+        "training steps, best within 0.01 of the unpruned sweep.",
+        "",
         "| pruner | workers | trials | pruned | failed | training steps | best val/accuracy | "
-        "wall s |", "|---|---|---|---|---|---|---|---|"]
+        "wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        body.append(f"| {r['pruner']} | {r['workers']} | {r['trials']} | {r['pruned']} "
-                    f"({100 * r['pruned'] / r['trials']:.0f}%) | {r['failed']} | {r['steps']:,} | "
-                    f"{r['best']:.4f} | {r['wall_s']:.0f} |")
+        body.append(
+            f"| {r['pruner']} | {r['workers']} | {r['trials']} | {r['pruned']} "
+            f"({100 * r['pruned'] / r['trials']:.0f}%) | {r['failed']} | {r['steps']:,} | "
+            f"{r['best']:.4f} | {r['wall_s']:.0f} |"
+        )
     by = {(r["pruner"], r["workers"]): r for r in results}
     pruned, full = by.get(("hyperband", 1)), by.get(("none", 1))
     if pruned and full:
-        body += ["", f"One worker: the pruned sweep trains {pruned['steps'] / full['steps']:.2f}x "
-                 f"the steps of the unpruned one, in {pruned['wall_s'] / full['wall_s']:.2f}x the "
-                 f"time; best {pruned['best']:.4f} against {full['best']:.4f} "
-                 f"(difference {pruned['best'] - full['best']:+.4f})."]
+        body += [
+            "",
+            f"One worker: the pruned sweep trains {pruned['steps'] / full['steps']:.2f}x "
+            f"the steps of the unpruned one, in {pruned['wall_s'] / full['wall_s']:.2f}x the "
+            f"time; best {pruned['best']:.4f} against {full['best']:.4f} "
+            f"(difference {pruned['best'] - full['best']:+.4f}).",
+        ]
     two = by.get(("none", 2))
     if two and full:
-        body.append(f"Two workers (no pruner) take {two['wall_s'] / full['wall_s']:.2f}x the wall "
-                    "time of one on this machine (2 cores: each worker's trials get one core).")
+        body.append(
+            f"Two workers (no pruner) take {two['wall_s'] / full['wall_s']:.2f}x the wall "
+            "time of one on this machine (2 cores: each worker's trials get one core)."
+        )
     return body
 
 

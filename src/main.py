@@ -13,6 +13,7 @@
 Bad input (config, data, checkpoint, command line) prints one line per problem and exits with 2.
 Heavy libraries are imported only once a config is being built, so --help and --list are instant.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,21 +29,41 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m src.main",
         description="Train an experiment described by one YAML file.",
         epilog="Overrides: dotted paths with YAML values, e.g. trainer.max_steps=50 "
-               "model.hidden=[256,256]. They win over the file, which wins over defaults. "
-               "Other commands (each with --help): predict, export, sweep.")
+        "model.hidden=[256,256]. They win over the file, which wins over defaults. "
+        "Other commands (each with --help): predict, export, sweep.",
+    )
     p.add_argument("--config", "-c", help="experiment YAML file")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
-    p.add_argument("--dry-run", action="store_true",
-                   help="validate and build everything, print sizes and step counts, do not train")
-    p.add_argument("--new-run", action="store_true",
-                   help="train in a new folder <name>-2, -3, ... when experiments/<name> is taken")
-    p.add_argument("--list", nargs="?", const="all", metavar="REGISTRY[.NAME]",
-                   help="list registered components (all, one registry), or one's parameters")
-    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="import a module that registers components (repeatable)")
-    p.add_argument("--traceback", action="store_true",
-                   help="with an error, also print the traceback of where it was raised (any "
-                        "command)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate and build everything, print sizes and step counts, do not train",
+    )
+    p.add_argument(
+        "--new-run",
+        action="store_true",
+        help="train in a new folder <name>-2, -3, ... when experiments/<name> is taken",
+    )
+    p.add_argument(
+        "--list",
+        nargs="?",
+        const="all",
+        metavar="REGISTRY[.NAME]",
+        help="list registered components (all, one registry), or one's parameters",
+    )
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a module that registers components (repeatable)",
+    )
+    p.add_argument(
+        "--traceback",
+        action="store_true",
+        help="with an error, also print the traceback of where it was raised (any command)",
+    )
     # The deepspeed launcher passes --local_rank; the same value is in the LOCAL_RANK variable.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return p
@@ -52,16 +73,17 @@ def _list(which: str, imports: list[str]) -> int:
     """``--list``, ``--list REGISTRY`` or ``--list REGISTRY.NAME`` (that component's parameters)."""
     import difflib
 
-    from src.run.catalog import builtin_names, summary
     from src.core.errors import ConfigError
     from src.core.registry import ALL
+    from src.run.catalog import builtin_names, summary
 
     reg_name, _, component = which.partition(".")
     if reg_name != "all" and reg_name not in ALL:
         close = difflib.get_close_matches(reg_name, list(ALL), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"--list: unknown registry '{reg_name}'{hint} "
-                          f"(available: {', '.join(ALL)})")
+        raise ConfigError(
+            f"--list: unknown registry '{reg_name}'{hint} (available: {', '.join(ALL)})"
+        )
     names = builtin_names()
     if imports:  # user modules register at import; show them too, with their docstrings
         from src.run.experiment import import_user_modules
@@ -86,8 +108,8 @@ def _list(which: str, imports: list[str]) -> int:
 def _list_component(reg_name: str, name: str) -> int:
     import inspect
 
-    from src.run.catalog import load_builtins, parameters, summary
     from src.core.registry import ALL
+    from src.run.catalog import load_builtins, parameters, summary
 
     load_builtins()
     reg = ALL[reg_name]
@@ -101,7 +123,9 @@ def _list_component(reg_name: str, name: str) -> int:
         print("  (no parameters)")
     widths = [max([len(r[i]) for r in rows] + [0]) for i in range(3)]
     for pname, kind, default, text in rows:
-        print(f"  {pname:<{widths[0]}}  {kind:<{widths[1]}}  {default:<{widths[2]}}  {text}".rstrip())
+        print(
+            f"  {pname:<{widths[0]}}  {kind:<{widths[1]}}  {default:<{widths[2]}}  {text}".rstrip()
+        )
     if reg.injected:
         print(f"  (set by the platform: {', '.join(sorted(reg.injected))})")
     return 0
@@ -110,16 +134,24 @@ def _list_component(reg_name: str, name: str) -> int:
 def _dry_run(exp) -> None:
     s = exp.summary()
     print(f"experiment      {exp.cfg.name}")
-    print(f"model           {exp.cfg.model['type']}: {s['model_parameters']:,} parameters "
-          f"({s['trainable_parameters']:,} trainable)")
-    print(f"data            {exp.cfg.data.type}: {s['train_samples']:,} train, "
-          f"{s['val_samples']:,} val samples; input {tuple(exp.data.info.input_shape)}, "
-          f"{exp.data.info.num_classes} classes")
-    print(f"steps/epoch     {s['steps_per_epoch']} (batch {exp.cfg.data.batch_size} x "
-          f"accumulation {exp.cfg.trainer.grad_accum_steps})")
+    print(
+        f"model           {exp.cfg.model['type']}: {s['model_parameters']:,} parameters "
+        f"({s['trainable_parameters']:,} trainable)"
+    )
+    print(
+        f"data            {exp.cfg.data.type}: {s['train_samples']:,} train, "
+        f"{s['val_samples']:,} val samples; input {tuple(exp.data.info.input_shape)}, "
+        f"{exp.data.info.num_classes} classes"
+    )
+    print(
+        f"steps/epoch     {s['steps_per_epoch']} (batch {exp.cfg.data.batch_size} x "
+        f"accumulation {exp.cfg.trainer.grad_accum_steps})"
+    )
     print(f"total steps     {s['total_steps']}")
-    print(f"strategy        {exp.cfg.strategy['type']} on {exp.strategy.device}, "
-          f"world size {exp.strategy.world_size}")
+    print(
+        f"strategy        {exp.cfg.strategy['type']} on {exp.strategy.device}, "
+        f"world size {exp.strategy.world_size}"
+    )
     from src.core.model_summary import format_summary, summarize
     from src.core.param_groups import format_table
 
@@ -147,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             return exc.exit_code
         lines = exc.lines or ["(no message)"]
         if len(lines) > MAX_ERROR_LINES:
-            lines = lines[:MAX_ERROR_LINES - 1] + [
-                f"... and {len(lines) - MAX_ERROR_LINES + 1} more problems"]
+            lines = lines[: MAX_ERROR_LINES - 1] + [
+                f"... and {len(lines) - MAX_ERROR_LINES + 1} more problems"
+            ]
         if show_traceback:
             import traceback
 
@@ -185,12 +218,15 @@ def _prepare_and_build(args):
 
         from src.run.sweep_config import looks_like_sweep
 
+        err = exc
         if args.config and looks_like_sweep(args.config):
-            exc = UserError(f"{args.config}: is a sweep file; run it with python -m src.main "
-                            f"sweep --config {args.config}")
+            err = UserError(
+                f"{args.config}: is a sweep file; run it with python -m src.main "
+                f"sweep --config {args.config}"
+            )
         # every rank of a launcher reads the same config: rank 0 alone reports what is wrong
-        exc.quiet = os.environ.get("RANK", "0") != "0"
-        raise exc from None
+        err.quiet = os.environ.get("RANK", "0") != "0"
+        raise err from None
     except BaseException:
         outcome = "console"  # not the config's fault: keep whatever was printed, with the traceback
         raise

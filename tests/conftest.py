@@ -1,4 +1,5 @@
 """Shared fixtures: tiny configs, a CLI runner, free ports, and clean process state per test."""
+
 from __future__ import annotations
 
 import copy
@@ -66,8 +67,14 @@ def write_config(tmp_path):
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300, env: dict | None = None):
     """Run ``python -m src.main ARGS`` in a subprocess; returns CompletedProcess (text)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "src.main", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "src.main", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture

@@ -1,16 +1,15 @@
 """Helpers shared by tests: run an experiment in-process and read what it wrote."""
+
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
-
 from conftest import ROOT, port
 
 from src.core.callbacks.base import Callback
@@ -26,8 +25,9 @@ def run(config: Path, *overrides: str):
     return exp
 
 
-def stop_and_resume(write_config, runs: Path, section: dict, step: int,
-                    callbacks: list = ()) -> tuple:
+def stop_and_resume(
+    write_config, runs: Path, section: dict, step: int, callbacks: list = ()
+) -> tuple:
     """``section`` run straight (run ``a``) and stopped by a signal during ``step`` then resumed
     (run ``b``), both with ``callbacks``. Returns (straight, resumed, a's metric rows after
     ``step``, b's)."""
@@ -35,8 +35,13 @@ def stop_and_resume(write_config, runs: Path, section: dict, step: int,
 
     callbacks = list(callbacks)
     straight = run(write_config({**section, "name": "a", "callbacks": callbacks}))
-    cfg = write_config({**section, "name": "b",
-                        "callbacks": [*callbacks, {"type": "signal_at_step", "step": step}]})
+    cfg = write_config(
+        {
+            **section,
+            "name": "b",
+            "callbacks": [*callbacks, {"type": "signal_at_step", "step": step}],
+        }
+    )
     with pytest.raises(SystemExit):
         run(cfg)
     resumed = run(cfg, f"callbacks={json.dumps(callbacks)}")
@@ -44,19 +49,46 @@ def stop_and_resume(write_config, runs: Path, section: dict, step: int,
     return straight, resumed, *after
 
 
-def launch(nproc: int, config: Path, *overrides: str, launcher: str = "torchrun",
-           expect: int = 0, cwd: Path = ROOT, master_port: int = 0) -> subprocess.CompletedProcess:
+def launch(
+    nproc: int,
+    config: Path,
+    *overrides: str,
+    launcher: str = "torchrun",
+    expect: int = 0,
+    cwd: Path = ROOT,
+    master_port: int = 0,
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{config.parent}", "OMP_NUM_THREADS": "1"}
     master_port = master_port or port()
     if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={master_port}", "-m", "src.main"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={master_port}",
+            "-m",
+            "src.main",
+        ]
     else:
         env["DS_ACCELERATOR"] = "cpu"
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}",
-               f"--master_port={master_port}", "--module", "src.main"]
-    out = subprocess.run(cmd + ["--config", str(config), *overrides], env=env, cwd=cwd,
-                         capture_output=True, text=True, timeout=400)
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            f"--num_gpus={nproc}",
+            f"--master_port={master_port}",
+            "--module",
+            "src.main",
+        ]
+    out = subprocess.run(
+        cmd + ["--config", str(config), *overrides],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
@@ -64,24 +96,41 @@ def launch(nproc: int, config: Path, *overrides: str, launcher: str = "torchrun"
 def torchrun(nproc: int, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node nproc -m src.main ARGS`` (any subcommand)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={port()}", "-m", "src.main", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={port()}",
+        "-m",
+        "src.main",
+        *args,
+    ]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
 
 # A one-layer GPT-2 built from config (nothing downloaded), for language-model tests.
-GPT = {"type": "hf", "kind": "causal_lm",
-       "config": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32,
-                  "n_positions": 64}}
+GPT = {
+    "type": "hf",
+    "kind": "causal_lm",
+    "config": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64},
+}
 
 # That GPT with a LoRA adapter on the json package's source (a few seconds a run).
-LM_DATA = {"data": {"type": "text", "paths": ["stdlib:json"], "vocab_size": 400,
-                    "block_size": 32, "val_fraction": 0.3, "batch_size": 8},
-           "model": {**GPT, "adapter": {"type": "lora", "r": 4, "alpha": 8,
-                                        "target_modules": ["c_attn"]}},
-           "task": {"type": "causal_lm", "samples": 0}}
+LM_DATA = {
+    "data": {
+        "type": "text",
+        "paths": ["stdlib:json"],
+        "vocab_size": 400,
+        "block_size": 32,
+        "val_fraction": 0.3,
+        "batch_size": 8,
+    },
+    "model": {**GPT, "adapter": {"type": "lora", "r": 4, "alpha": 8, "target_modules": ["c_attn"]}},
+    "task": {"type": "causal_lm", "samples": 0},
+}
 
 TIMINGS = ("time", "train/samples_per_sec", "train/tokens_per_sec", "train/tflops", "train/mfu")
 

@@ -1,34 +1,54 @@
 """Each benchmark runs once at a tiny size, so `python -m benchmarks.run` keeps working.
 (No timing is asserted here: the figures live in benchmarks/RESULTS.md.)"""
+
 import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 
 @pytest.mark.slow
 def test_every_benchmark_runs_at_a_tiny_size(tmp_path):
     out = tmp_path / "RESULTS.md"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
-    for section in ("## Loop overhead", "## Start-up", "## Checkpoint", "## Data loading",
-                    "## 2-process DDP", "## Predict and ONNX", "## Sweeps",
-                    "## Self-supervised and metric learning on digits",
-                    "## Language models on the standard library", "## GRPO on arithmetic",
-                    "## Multimodal on digits"):
+    for section in (
+        "## Loop overhead",
+        "## Start-up",
+        "## Checkpoint",
+        "## Data loading",
+        "## 2-process DDP",
+        "## Predict and ONNX",
+        "## Sweeps",
+        "## Self-supervised and metric learning on digits",
+        "## Language models on the standard library",
+        "## GRPO on arithmetic",
+        "## Multimodal on digits",
+    ):
         assert section in text
     assert "| ours |" in text and "n/a" not in text and "| simclr |" in text
 
 
 def test_results_file_is_committed_and_complete():
     text = (ROOT / "benchmarks/RESULTS.md").read_text()
-    for section in ("## Loop overhead", "## Start-up", "## Checkpoint", "## Data loading",
-                    "## 2-process DDP", "## Predict and ONNX", "## Sweeps",
-                    "## Self-supervised and metric learning on digits"):
+    for section in (
+        "## Loop overhead",
+        "## Start-up",
+        "## Checkpoint",
+        "## Data loading",
+        "## 2-process DDP",
+        "## Predict and ONNX",
+        "## Sweeps",
+        "## Self-supervised and metric learning on digits",
+    ):
         assert section in text
 
 
@@ -39,11 +59,20 @@ def test_recorded_sweep_meets_its_goals():
 
     text = (ROOT / "benchmarks/RESULTS.md").read_text().split("## Sweeps", 1)[1].split("\n## ")[0]
     rows = {}
-    for m in re.finditer(r"^\| (\w+) \| (\d) \| (\d+) \| (\d+) \(\d+%\) \| (\d+) \| ([\d,]+) \| "
-                         r"([\d.]+) \| (\d+) \|$", text, re.M):
+    for m in re.finditer(
+        r"^\| (\w+) \| (\d) \| (\d+) \| (\d+) \(\d+%\) \| (\d+) \| ([\d,]+) \| "
+        r"([\d.]+) \| (\d+) \|$",
+        text,
+        re.M,
+    ):
         pruner, workers, trials, pruned, failed, steps, best, wall = m.groups()
-        rows[pruner, int(workers)] = (int(trials), int(pruned), int(steps.replace(",", "")),
-                                      float(best), int(wall))
+        rows[pruner, int(workers)] = (
+            int(trials),
+            int(pruned),
+            int(steps.replace(",", "")),
+            float(best),
+            int(wall),
+        )
     assert set(rows) == {("hyperband", 1), ("none", 1), ("hyperband", 2), ("none", 2)}
     for workers in (1, 2):
         trials, pruned, steps, best, _ = rows["hyperband", workers]
@@ -60,14 +89,25 @@ def test_recorded_multimodal_results_meet_their_goals():
     text = (ROOT / "benchmarks/RESULTS.md").read_text().split("## Multimodal on digits", 1)[1]
     text = text.split("\n## ")[0]
     num = r"([\d.]+)"
-    clip = {m.group(1): [float(x) for x in m.groups()[1:6]] for m in re.finditer(
-        rf"^\| (random init|trained) \| {num} \| {num} \| {num} \| {num} \| {num} \|", text, re.M)}
+    clip = {
+        m.group(1): [float(x) for x in m.groups()[1:6]]
+        for m in re.finditer(
+            rf"^\| (random init|trained) \| {num} \| {num} \| {num} \| {num} \| {num} \|",
+            text,
+            re.M,
+        )
+    }
     zero_shot, i2t = clip["trained"][:2]
     assert zero_shot >= 0.85 and i2t >= 0.80 and clip["random init"][0] < 0.3
     assert float(re.search(rf"^\| trained \|.* \| {num} \|$", text, re.M).group(1)) <= 10
-    vlm = {m.group(1): (float(m.group(2)), float(m.group(3))) for m in re.finditer(
-        rf"^\| ([^|]+?) \| {num} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| ([\d.]+|-) \|$",
-        text.replace("| - |", "| 0 |"), re.M)}
+    vlm = {
+        m.group(1): (float(m.group(2)), float(m.group(3)))
+        for m in re.finditer(
+            rf"^\| ([^|]+?) \| {num} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| ([\d.]+|-) \|$",
+            text.replace("| - |", "| 0 |"),
+            re.M,
+        )
+    }
     digit, minutes = vlm["stage 2 (+ LoRA)"]
     assert digit >= 0.90 and minutes + vlm["stage 1 (projector)"][1] <= 15
     assert vlm["untrained projector"][0] < 0.2
@@ -79,8 +119,10 @@ def _ratio_medians(title: str) -> dict[str, float]:
 
     text = (ROOT / "benchmarks/RESULTS.md").read_text().split(f"## {title}", 1)[1]
     text = text.split("\n## ")[0]
-    return {m.group(1): float(m.group(2)) for m in re.finditer(
-        r"^\| ([^|]+?) \|.*\| [\d.]+ / ([\d.]+) / [\d.]+ \|$", text, re.M)}
+    return {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r"^\| ([^|]+?) \|.*\| [\d.]+ / ([\d.]+) / [\d.]+ \|$", text, re.M)
+    }
 
 
 def test_recorded_whole_process_overhead_meets_its_goal():
@@ -106,8 +148,11 @@ def test_recorded_lm_throughput_is_five_percent_above_the_hand_written_gpt():
     at lm_stdlib's shape and at the 4x one."""
     text = (ROOT / "benchmarks/RESULTS.md").read_text()
     text = text.split("## Language-model training throughput", 1)[1].split("\n## ")[0]
-    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| base")
-            or line.startswith("| 4x")]
+    rows = [
+        line.split("|")[1:-1]
+        for line in text.splitlines()
+        if line.startswith("| base") or line.startswith("| 4x")
+    ]
     assert [r[0].split(":")[0].strip() for r in rows] == ["base", "4x"]
     for r in rows:
         assert float(r[3].split("/")[1]) >= 1.05, r
@@ -131,12 +176,27 @@ def test_the_gpu_script_runs_its_reduced_form_on_the_cpu():
     """benchmarks.gpu's precision parity and decoder-throughput checks, on the CPU: the loss of
     bf16 autocast and of fp16 with a GradScaler is compared with fp32's, and a tiny Llama-style
     decoder trains under FSDP2 with activation checkpointing and reports its MFU."""
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--only",
-                           "bf16_loss_parity,fp16_loss_parity,decoder_fsdp_mfu"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.gpu",
+            "--device",
+            "cpu",
+            "--only",
+            "bf16_loss_parity,fp16_loss_parity,decoder_fsdp_mfu",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines()
-             if line.startswith("| ") and "---" not in line}
+    lines = {
+        line.split("|")[1].strip(): line
+        for line in proc.stdout.splitlines()
+        if line.startswith("| ") and "---" not in line
+    }
     assert "ok" in lines["fp32_reference"]
     for name in ("bf16_loss_parity", "fp16_loss_parity"):
         assert "ok (loss " in lines[name] and "vs fp32" in lines[name]

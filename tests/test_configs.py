@@ -1,18 +1,22 @@
 """Every YAML in configs/ runs for a few steps (STYLE: the override table as integration tests)."""
+
 import json
 from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT
 from helpers import metrics, run
 
 ALL_CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 SWEEPS = [p for p in ALL_CONFIGS if p.stem.startswith("sweep_")]
 CONFIGS = [p for p in ALL_CONFIGS if p not in SWEEPS]
-SMOKE = ["trainer.max_steps=3", "trainer.max_epochs=null", "trainer.log_every=1",
-         "checkpoint.every_n_steps=2"]
+SMOKE = [
+    "trainer.max_steps=3",
+    "trainer.max_epochs=null",
+    "trainer.log_every=1",
+    "checkpoint.every_n_steps=2",
+]
 
 
 # What a config needs from earlier steps (a pretrained base, a data file), made small here.
@@ -33,8 +37,9 @@ def tiny_base(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("base")
     tok = train_tokenizer(resolve_files(["stdlib:json"]), 400)
     tok.save_pretrained(str(folder))
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32,
-                               n_positions=128)).save_pretrained(str(folder))
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, n_positions=128)
+    ).save_pretrained(str(folder))
     write_pairs(folder / "pairs.jsonl", limit=24)
     return folder
 
@@ -49,8 +54,9 @@ def arith_base(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("arith")
     tok = char_tokenizer()
     tok.save_pretrained(str(folder))
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32,
-                               n_positions=16)).save_pretrained(str(folder))
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, n_positions=16)
+    ).save_pretrained(str(folder))
     return folder
 
 
@@ -61,8 +67,12 @@ def needs(path: Path, request) -> list[str]:
         lm = {"type": "hf", "kind": "causal_lm", "path": str(base)}
         if path.stem == "vlm_digits":
             lm["adapter"] = {"type": "lora", "r": 4, "target_modules": ["c_attn"]}
-        extra += [f"data.tokenizer={base}", f"task.lm={json.dumps(lm)}", "task.vision_init=null",
-                  "task.init=null"]  # stage 2 from a stage 1 run: tests/algorithms/test_vlm.py
+        extra += [
+            f"data.tokenizer={base}",
+            f"task.lm={json.dumps(lm)}",
+            "task.vision_init=null",
+            "task.init=null",
+        ]  # stage 2 from a stage 1 run: tests/algorithms/test_vlm.py
     if path.stem in NEEDS_BASE | NEEDS_ARITH:
         base = request.getfixturevalue("arith_base" if path.stem in NEEDS_ARITH else "tiny_base")
         extra += [f"model.path={base}", f"data.tokenizer={base}"]  # needs: no longer read
@@ -92,8 +102,13 @@ OVERRIDES = [
 
 @pytest.mark.parametrize("overrides", OVERRIDES, ids=[" ".join(o) for o in OVERRIDES])
 def test_exp001_with_overrides(overrides, tmp_path):
-    run(ROOT / "configs/exp001.yaml", *SMOKE, *overrides, f"logging.root={tmp_path}",
-        "logging.loggers=[jsonl]")
+    run(
+        ROOT / "configs/exp001.yaml",
+        *SMOKE,
+        *overrides,
+        f"logging.root={tmp_path}",
+        "logging.loggers=[jsonl]",
+    )
     assert metrics(tmp_path / "exp001")[-1]["step"] == 3
 
 
@@ -110,8 +125,10 @@ def test_a_config_that_needs_another_run_names_the_commands(name, tmp_path, monk
         needs = {**yaml.safe_load((ROOT / "configs" / raw["base"]).read_text())["needs"], **needs}
     assert main(["--config", str(ROOT / "configs" / f"{name}.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: needs: {path} does not exist yet; make it with: {command}"
-                   for path, command in needs.items()]
+    assert err == [
+        f"error: needs: {path} does not exist yet; make it with: {command}"
+        for path, command in needs.items()
+    ]
     assert not (tmp_path / "experiments").exists()
     for command in needs.values():  # each named command is one this platform has
         for part in command.split(" && "):
@@ -138,8 +155,20 @@ def test_sweep_config_runs_two_short_trials(path: Path, tmp_path, capsys):
     """Every sweep in configs/ validates its space and runs two trials of a few steps."""
     from src.main import main
 
-    assert main(["sweep", "--config", str(path), "trials=2", *SMOKE, f"logging.root={tmp_path}",
-                 "logging.loggers=[jsonl]"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--config",
+                str(path),
+                "trials=2",
+                *SMOKE,
+                f"logging.root={tmp_path}",
+                "logging.loggers=[jsonl]",
+            ]
+        )
+        == 0
+    )
     name = yaml.safe_load(path.read_text())["name"]
     assert (tmp_path / name / "trials.csv").read_text().count("\n") == 3
     assert (tmp_path / name / "best.yaml").exists()

@@ -9,6 +9,7 @@
 Every ``import`` under ``src/`` is read, the ones inside functions too: a function-level import
 is still a dependency, it only hides it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -18,8 +19,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-LAYERS = {"core": 0, "data": 1, "models": 1, "distributed": 1, "algorithms": 2, "run": 3,
-          "main": 4}
+LAYERS = {"core": 0, "data": 1, "models": 1, "distributed": 1, "algorithms": 2, "run": 3, "main": 4}
 
 
 def modules(root: Path) -> dict[str, Path]:
@@ -39,8 +39,12 @@ def imports(file: Path, known: dict[str, Path]) -> list[tuple[int, str]]:
     for node in ast.walk(ast.parse(file.read_text(), str(file))):
         if isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names if a.name.startswith("src.")]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
-                node.module.split(".")[0] == "src":
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and node.module
+            and node.module.split(".")[0] == "src"
+        ):
             for a in node.names:  # `from src.run import export` imports the module src.run.export
                 sub = f"{node.module}.{a.name}"
                 found.append((node.lineno, sub if sub in known else node.module))
@@ -65,8 +69,10 @@ def violations(root: Path) -> list[str]:
                 continue
             if LAYERS[dst_pkg] >= LAYERS[src_pkg]:
                 kind = "up" if LAYERS[dst_pkg] > LAYERS[src_pkg] else "sideways"
-                problems.append(f"{file.relative_to(root.parent)}:{line}: {mod} imports "
-                                f"{target} ({kind}: {src_pkg} -> {dst_pkg})")
+                problems.append(
+                    f"{file.relative_to(root.parent)}:{line}: {mod} imports "
+                    f"{target} ({kind}: {src_pkg} -> {dst_pkg})"
+                )
     problems += [f"import cycle: {' -> '.join(c)}" for c in cycles(graph)]
     return problems
 
@@ -128,25 +134,54 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
     return root
 
 
-@pytest.mark.parametrize("files, expected", [
-    ({"core/trainer.py": "from src.algorithms.base import batch_size_of\n",
-      "algorithms/base.py": ""}, "up: core -> algorithms"),
-    ({"core/a.py": "def f():\n    import src.run.experiment\n",
-      "run/experiment.py": ""}, "up: core -> run"),
-    ({"data/text.py": "from src.models.hf import resolve_path\n", "models/hf.py": ""},
-     "sideways: data -> models"),
-    ({"data/jsonl.py": "def f():\n    from src.data.docstrings import g\n",
-      "data/docstrings.py": "from src.data.jsonl import Examples\n"}, "import cycle"),
-    ({"run/main.py": "from src.run import export\n", "run/export.py": "from src.core import x\n",
-      "core/x.py": "from src.run.export import y\n"}, "up: core -> run"),
-])
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        (
+            {
+                "core/trainer.py": "from src.algorithms.base import batch_size_of\n",
+                "algorithms/base.py": "",
+            },
+            "up: core -> algorithms",
+        ),
+        (
+            {"core/a.py": "def f():\n    import src.run.experiment\n", "run/experiment.py": ""},
+            "up: core -> run",
+        ),
+        (
+            {"data/text.py": "from src.models.hf import resolve_path\n", "models/hf.py": ""},
+            "sideways: data -> models",
+        ),
+        (
+            {
+                "data/jsonl.py": "def f():\n    from src.data.docstrings import g\n",
+                "data/docstrings.py": "from src.data.jsonl import Examples\n",
+            },
+            "import cycle",
+        ),
+        (
+            {
+                "run/main.py": "from src.run import export\n",
+                "run/export.py": "from src.core import x\n",
+                "core/x.py": "from src.run.export import y\n",
+            },
+            "up: core -> run",
+        ),
+    ],
+)
 def test_an_inverted_import_or_a_cycle_is_found(tmp_path, files, expected):
     problems = violations(_tree(tmp_path, files))
     assert any(expected in p for p in problems), problems
 
 
 def test_a_clean_tree_has_no_problem(tmp_path):
-    root = _tree(tmp_path, {"core/a.py": "", "data/d.py": "from src.core.a import x\n",
-                            "algorithms/t.py": "from src.data.d import y\nimport src.core.a\n",
-                            "run/r.py": "from src.algorithms import t\n"})
+    root = _tree(
+        tmp_path,
+        {
+            "core/a.py": "",
+            "data/d.py": "from src.core.a import x\n",
+            "algorithms/t.py": "from src.data.d import y\nimport src.core.a\n",
+            "run/r.py": "from src.algorithms import t\n",
+        },
+    )
     assert violations(root) == []

@@ -1,4 +1,5 @@
 """The command line, run as users run it: in a subprocess."""
+
 import json
 import os
 import re
@@ -8,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
+
 from src.main import main
 
 
@@ -17,20 +18,39 @@ def test_help_is_fast_and_imports_no_torch(cli):
     t0 = time.perf_counter()
     out = cli("--help")
     assert out.returncode == 0 and "--dry-run" in out.stdout
-    assert time.perf_counter() - t0 < 5  # benchmarks/ holds the real figure; this catches regressions
+    assert (
+        time.perf_counter() - t0 < 5
+    )  # benchmarks/ holds the real figure; this catches regressions
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys, src.main as m\n"
-         "try: m.main(['--list'])\nexcept SystemExit: pass\n"
-         "print('torch' in sys.modules, 'timm' in sys.modules, 'transformers' in sys.modules)"],
-        cwd=ROOT, capture_output=True, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, src.main as m\n"
+            "try: m.main(['--list'])\nexcept SystemExit: pass\n"
+            "print('torch' in sys.modules, 'timm' in sys.modules, 'transformers' in sys.modules)",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert probe.stdout.strip().splitlines()[-1] == "False False False"
 
 
 def test_list_all_and_one(cli):
     out = cli("--list")
     assert out.returncode == 0
-    for name in ("digits", "cnn", "mlp", "timm", "classification", "adamw", "lars",
-                 "warmup_cosine", "single", "jsonl"):
+    for name in (
+        "digits",
+        "cnn",
+        "mlp",
+        "timm",
+        "classification",
+        "adamw",
+        "lars",
+        "warmup_cosine",
+        "single",
+        "jsonl",
+    ):
         assert f"  {name} " in out.stdout
     one = cli("--list", "schedulers")
     assert "onecycle" in one.stdout and "adamw" not in one.stdout
@@ -39,8 +59,13 @@ def test_list_all_and_one(cli):
 
 
 def test_dry_run_reports_sizes_and_writes_nothing(cli, write_config, tmp_path):
-    out = cli("--config", str(write_config()), "--dry-run", "trainer.max_steps=1000",
-              "trainer.max_epochs=3")
+    out = cli(
+        "--config",
+        str(write_config()),
+        "--dry-run",
+        "trainer.max_steps=1000",
+        "trainer.max_epochs=3",
+    )
     assert out.returncode == 0, out.stderr
     assert "1,438 train, 359 val" in out.stdout
     assert "steps/epoch     44" in out.stdout and "total steps     132" in out.stdout
@@ -57,11 +82,23 @@ def test_the_installed_command_is_the_command_line(write_config, tmp_path):
     tessera = Path(sys.executable).parent / "tessera"
     assert tessera.exists(), "pip install -e . installs the `tessera` command"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # (an editable install elsewhere)
-    out = subprocess.run([str(tessera), "--config", str(write_config()), "--dry-run"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
+    out = subprocess.run(
+        [str(tessera), "--config", str(write_config()), "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        env=env,
+    )
     assert out.returncode == 0 and "total steps     20" in out.stdout, out.stderr
-    bad = subprocess.run([str(tessera), "--config", str(write_config()), "optimizer.lr=-1"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
+    bad = subprocess.run(
+        [str(tessera), "--config", str(write_config()), "optimizer.lr=-1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        env=env,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("error: override 'optimizer.lr=-1'")
 
 
@@ -86,8 +123,11 @@ class UserTask(Classification):
 @pytest.mark.parametrize("how", ["yaml", "flag"])
 def test_user_module_registers_components(cli, write_config, tmp_path, how):
     (tmp_path / "my_plugin.py").write_text(PLUGIN)
-    changes = {"model": {"type": "user_linear", "scale": 2.0}, "task": {"type": "user_task"},
-               "trainer.max_steps": 6}
+    changes = {
+        "model": {"type": "user_linear", "scale": 2.0},
+        "task": {"type": "user_task"},
+        "trainer.max_steps": 6,
+    }
     if how == "yaml":
         changes["imports"] = ["my_plugin"]
         args = ["--config", str(write_config(changes))]
@@ -102,16 +142,18 @@ def test_user_module_registers_components(cli, write_config, tmp_path, how):
 
 
 @pytest.mark.parametrize("stem", ["json", "tokenizers"])
-def test_a_plugin_file_named_like_a_module_does_not_replace_it(cli, write_config, tmp_path,
-                                                               stem):
+def test_a_plugin_file_named_like_a_module_does_not_replace_it(cli, write_config, tmp_path, stem):
     """A plugin called json.py (standard library) or tokenizers.py (installed, used by the
     platform) is imported under its own name: the run ends normally and the real module keeps
     working (its run record and the tokenizer-free digits run both need json)."""
     folder = tmp_path / "plugins"
     folder.mkdir()
     (folder / f"{stem}.py").write_text(PLUGIN)
-    changes = {"model": {"type": "user_linear"}, "task": {"type": "user_task"},
-               "trainer.max_steps": 4}
+    changes = {
+        "model": {"type": "user_linear"},
+        "task": {"type": "user_task"},
+        "trainer.max_steps": 4,
+    }
     out = cli("--import", str(folder / f"{stem}.py"), "--config", str(write_config(changes)))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
@@ -125,14 +167,16 @@ def test_import_of_a_file_keeps_sys_path_and_the_real_module(tmp_path, monkeypat
 
     from src.run.experiment import import_user_modules, plugin_module_name
 
-    (tmp_path / "json.py").write_text(PLUGIN.replace("user_linear", "json_linear")
-                                      .replace("user_task", "json_task"))
+    (tmp_path / "json.py").write_text(
+        PLUGIN.replace("user_linear", "json_linear").replace("user_task", "json_task")
+    )
     before = list(sys.path)
     import_user_modules([str(tmp_path / "json.py")], "--import")
     monkeypatch.chdir(tmp_path)
     import_user_modules(["json.py"], "--import")  # the same file again: imported once
-    assert sys.path[:len(before)] == before  # nothing put in front
+    assert sys.path[: len(before)] == before  # nothing put in front
     import json as real
+
     assert real.dumps({"a": 1}) == '{"a": 1}' and sys.modules["json"] is real
     assert plugin_module_name(tmp_path / "json.py") in sys.modules
     from src.core.registry import MODELS
@@ -175,17 +219,23 @@ BAD = [
 
 
 @pytest.mark.parametrize("args,expected", BAD, ids=[e for _, e in BAD])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, write_config, tmp_path, args,
-                                                         expected):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    capsys, write_config, tmp_path, args, expected
+):
     """In-process for speed; test_bad_input_in_a_real_process covers the process boundary."""
     from src.main import main
 
     (tmp_path / "bad.yaml").write_text("name: x\nmodel: {type: mlp\n")
     (tmp_path / "empty.yaml").write_text("")
     (tmp_path / "tag.yaml").write_text(
-        f"name: x\nmodel: !!python/object/apply:os.system ['touch {tmp_path}/pwned']\n")
-    paths = {"ok": write_config(), "bad": tmp_path / "bad.yaml", "empty": tmp_path / "empty.yaml",
-             "tag": tmp_path / "tag.yaml"}
+        f"name: x\nmodel: !!python/object/apply:os.system ['touch {tmp_path}/pwned']\n"
+    )
+    paths = {
+        "ok": write_config(),
+        "bad": tmp_path / "bad.yaml",
+        "empty": tmp_path / "empty.yaml",
+        "tag": tmp_path / "tag.yaml",
+    }
     code = main([a.format(**paths) for a in args])
     err = capsys.readouterr().err
     assert code == 2, err
@@ -200,13 +250,20 @@ def test_bad_input_in_a_real_process(cli, write_config, tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [
         "error: override 'optimizer.lr=fast': optimizer.lr: Input should be a valid number, "
-        "unable to parse string as a number (got 'fast')"]
+        "unable to parse string as a number (got 'fast')"
+    ]
     assert not (tmp_path / "runs").exists()
 
 
 # Each class of bad input the config fuzzer (tests/test_main_fuzz.py) found, by name.
-LAUGHS = "[" + ", ".join(["&a0 [x, x, x, x, x, x, x, x, x]"] + [
-    f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 8)]) + "]"
+LAUGHS = (
+    "["
+    + ", ".join(
+        ["&a0 [x, x, x, x, x, x, x, x, x]"]
+        + [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 8)]
+    )
+    + "]"
+)
 CLASSES = {
     "yaml_tag_int": (["trainer.max_steps=!!int x"], "invalid YAML value: ValueError"),
     "yaml_tag_float": (["optimizer.lr=!!float abc"], "invalid YAML value: ValueError"),
@@ -239,8 +296,10 @@ CLASSES = {
     "device_missing": (["strategy.device=cuda:7"], "strategy.device: cuda:7 does not exist"),
     "width_unallocatable": (["model.hidden=[100000000000000]"], "model: RuntimeError:"),
     "width_overflow": (["model.hidden=[1000000000000000000000000000000]"], "model: "),
-    "depth_unbounded": (["task={type: mae, decoder_depth: 2147483648}"],  # looped for minutes
-                        "task.decoder_depth: Input should be less than or equal to 64"),
+    "depth_unbounded": (
+        ["task={type: mae, decoder_depth: 2147483648}"],  # looped for minutes
+        "task.decoder_depth: Input should be less than or equal to 64",
+    ),
     "unknown_flag": (["--trainer.max_steps=5"], "unrecognized arguments: --trainer.max_steps=5"),
     "newline_in_value": (['name="a\\nb"'], "(got 'a\\nb')"),
     "nul_byte_in_file": ("{nul}", "invalid YAML: unacceptable character #x0000"),
@@ -256,9 +315,14 @@ def test_each_class_of_bad_input_is_one_line(name, capsys, write_config, tmp_pat
 
     args, expected = CLASSES[name]
     ok = write_config()
-    files = {"laughs": f"name: x\nbomb: {LAUGHS}\n", "base5": "base: 5\n",
-             "base_nul": 'base: "a\\0b"\n', "base_long": f"base: {'b' * 5000}\n",
-             "nul": "name: x\x00\n", "dup": ok.read_text() + "trainer: {max_steps: 5}\n"}
+    files = {
+        "laughs": f"name: x\nbomb: {LAUGHS}\n",
+        "base5": "base: 5\n",
+        "base_nul": 'base: "a\\0b"\n',
+        "base_long": f"base: {'b' * 5000}\n",
+        "nul": "name: x\x00\n",
+        "dup": ok.read_text() + "trainer: {max_steps: 5}\n",
+    }
     for key, text in files.items():
         (tmp_path / f"{key}.yaml").write_text(text)
     (tmp_path / "bad_syntax.py").write_text("def broken(:\n    pass\n")
@@ -285,11 +349,17 @@ def test_yaml_1_2_scalars_dates_and_off_stay_strings():
     from src.core.config import yaml_load
 
     assert yaml_load("{a: off, b: yes, c: 2026-01-01, d: true, e: 3e-4}") == {
-        "a": "off", "b": "yes", "c": "2026-01-01", "d": True, "e": 3e-4}
+        "a": "off",
+        "b": "yes",
+        "c": "2026-01-01",
+        "d": True,
+        "e": 3e-4,
+    }
 
 
-def test_library_output_before_a_config_error_is_held_back(capsys, write_config, monkeypatch,
-                                                           tmp_path):
+def test_library_output_before_a_config_error_is_held_back(
+    capsys, write_config, monkeypatch, tmp_path
+):
     """A library that prints while a bad config is built leaves only the error line."""
     import src.core.registry as registry
     from src.main import main
@@ -302,8 +372,9 @@ def test_library_output_before_a_config_error_is_held_back(capsys, write_config,
         return real(self, section, path, **kw)
 
     monkeypatch.setattr(registry.Registry, "build", noisy)
-    assert main(["--config", str(write_config()), "model.hidden=[100000000000000]",
-                 "--dry-run"]) == 2
+    assert (
+        main(["--config", str(write_config()), "model.hidden=[100000000000000]", "--dry-run"]) == 2
+    )
     assert capsys.readouterr().err.startswith("error: model: RuntimeError")
     assert main(["--config", str(write_config()), "--dry-run"]) == 0
     assert "Loading weights" in capsys.readouterr().err  # a good dry run shows what was printed
@@ -363,8 +434,7 @@ def test_a_misspelt_flag_or_config_file_gets_a_suggestion(capsys):
     from src.main import main
 
     assert main(["--confg", "configs/exp001.yaml"]) == 2
-    assert "unrecognized arguments: --confg; did you mean --config?" in \
-        capsys.readouterr().err
+    assert "unrecognized arguments: --confg; did you mean --config?" in capsys.readouterr().err
     assert main(["--config", str(ROOT / "configs/exp01.yaml"), "--dry-run"]) == 2
     assert f"did you mean {ROOT / 'configs/exp001.yaml'}?" in capsys.readouterr().err
 
@@ -373,13 +443,24 @@ def test_overrides_may_come_before_and_after_flags(tmp_path, capsys):
     """`--config C a=1 --dry-run b=2`: both overrides apply (argparse alone stops at b=2)."""
     from src.main import main
 
-    assert main(["--config", str(ROOT / "configs/exp001.yaml"), "trainer.max_steps=7",
-                 "--dry-run", "name=late", f"logging.root={tmp_path}"]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                str(ROOT / "configs/exp001.yaml"),
+                "trainer.max_steps=7",
+                "--dry-run",
+                "name=late",
+                f"logging.root={tmp_path}",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "experiment      late" in out and "total steps     7" in out
 
 
-TYPO_TASK = '''
+TYPO_TASK = """
 from src.core.registry import TASKS
 from src.algorithms.classification import Classification
 
@@ -389,15 +470,19 @@ class TypoTask(Classification):
     def configure(self, info):
         super().configure(info)
         self.extra = nn.Linear(3, 4)  # nn was never imported: a bug, not a config value
-'''
+"""
 
 
 def test_a_bug_in_a_users_task_is_shown_as_a_program_error(cli, write_config, tmp_path):
     """A NameError inside a user's Task is a traceback and exit 1, with what libraries printed;
     not a one-line config error that sends the user looking for a bad YAML value."""
     (tmp_path / "typo_plugin.py").write_text(TYPO_TASK)
-    out = cli("--import", str(tmp_path / "typo_plugin.py"), "--config",
-              str(write_config({"task": {"type": "typo_task"}})))
+    out = cli(
+        "--import",
+        str(tmp_path / "typo_plugin.py"),
+        "--config",
+        str(write_config({"task": {"type": "typo_task"}})),
+    )
     assert out.returncode == 1, out.stderr
     assert "Traceback (most recent call last)" in out.stderr
     assert 'typo_plugin.py", line 10, in configure' in out.stderr
@@ -410,36 +495,59 @@ def test_a_bug_in_a_strategy_is_a_program_error(write_config, monkeypatch):
 
     def broken(self, task, make_optimizer=None):
         return task.no_such_attribute
+
     monkeypatch.setattr(SingleDeviceStrategy, "wrap", broken)
     with pytest.raises(AttributeError, match="no_such_attribute"):
         main(["--config", str(write_config())])
 
 
-VIT = {"type": "timm", "name": "vit_tiny_patch16_224", "img_size": 8, "patch_size": 2,
-       "embed_dim": 50, "depth": 1, "num_heads": 3}
+VIT = {
+    "type": "timm",
+    "name": "vit_tiny_patch16_224",
+    "img_size": 8,
+    "patch_size": 2,
+    "embed_dim": 50,
+    "depth": 1,
+    "num_heads": 3,
+}
 
 
 def test_a_value_a_library_refuses_is_one_line_and_traceback_shows_where(
-        write_config, tmp_path, capsys):
+    write_config, tmp_path, capsys
+):
     cfg = str(write_config({"model": VIT}))
     assert main(["--config", cfg]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: model: AssertionError: dim should be divisible by num_heads "
-                   "(--traceback shows where it was raised)"]
+    assert err == [
+        "error: model: AssertionError: dim should be divisible by num_heads "
+        "(--traceback shows where it was raised)"
+    ]
     assert main(["--config", cfg, "--traceback"]) == 2
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "timm" in err
-    assert err.strip().splitlines()[-1] == ("error: model: AssertionError: dim should be "
-                                            "divisible by num_heads (--traceback shows where it "
-                                            "was raised)")
+    assert err.strip().splitlines()[-1] == (
+        "error: model: AssertionError: dim should be "
+        "divisible by num_heads (--traceback shows where it "
+        "was raised)"
+    )
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("exc, program", [
-    (NameError("x"), True), (AttributeError("x"), True), (KeyError("x"), True),
-    (TypeError("x"), True), (AssertionError("x"), True), (NotImplementedError("x"), True),
-    (ValueError("x"), False), (RuntimeError("x"), False), (MemoryError(), False),
-    (OSError("x"), False)])
+@pytest.mark.parametrize(
+    "exc, program",
+    [
+        (NameError("x"), True),
+        (AttributeError("x"), True),
+        (KeyError("x"), True),
+        (TypeError("x"), True),
+        (AssertionError("x"), True),
+        (NotImplementedError("x"), True),
+        (ValueError("x"), False),
+        (RuntimeError("x"), False),
+        (MemoryError(), False),
+        (OSError("x"), False),
+    ],
+)
 def test_errors_raised_in_own_code_are_program_errors_unless_refusals(exc, program):
     from src.core.errors import is_program_error
 

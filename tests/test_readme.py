@@ -1,4 +1,5 @@
 """The README's promises: its set-up commands are the ones CI runs, and its examples work."""
+
 import io
 import re
 import shlex
@@ -43,7 +44,9 @@ def test_the_error_examples_print_what_the_readme_shows(tmp_path, monkeypatch):
     pairs = re.findall(r"^\$ python -m src\.main (.*)\n(error: .*)$", section, re.M)
     assert len(pairs) >= 3
     # the example's own module: line 12 uses a name it never imported
-    (tmp_path / "my_components.py").write_text("import torch\n" + "\n" * 10 + "x = nn.Linear(1, 1)\n")
+    (tmp_path / "my_components.py").write_text(
+        "import torch\n" + "\n" * 10 + "x = nn.Linear(1, 1)\n"
+    )
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     monkeypatch.chdir(tmp_path)
     for args, expected in pairs:
@@ -60,14 +63,22 @@ def test_the_predict_and_export_examples_run(tmp_path, monkeypatch):
     from src.main import main
 
     monkeypatch.chdir(tmp_path)
-    run(ROOT / "configs/exp001.yaml", "trainer.max_steps=20", "trainer.max_epochs=null",
-        "logging.loggers=[jsonl]")
+    run(
+        ROOT / "configs/exp001.yaml",
+        "trainer.max_steps=20",
+        "trainer.max_epochs=null",
+        "logging.loggers=[jsonl]",
+    )
     commands = []
     for section in ("Predict", "Export"):
         block = re.search(rf"## {section}\n\n```bash\n(.*?)```", README, re.S).group(1)
-        commands += [line.split("  #")[0].strip() for line in block.splitlines()
-                     if "experiments/exp001" in line and line.startswith("python -m src.main")
-                     and "--data" not in line]
+        commands += [
+            line.split("  #")[0].strip()
+            for line in block.splitlines()
+            if "experiments/exp001" in line
+            and line.startswith("python -m src.main")
+            and "--data" not in line
+        ]
     assert len(commands) == 7
     for command in commands:
         argv = shlex.split(command)[3:]
@@ -80,8 +91,8 @@ def test_the_sweep_example_is_a_valid_sweep_of_exp001(tmp_path):
     """The sweep file shown under "Sweeps" passes the whole space check against exp001."""
     from pathlib import Path
 
-    from src.run.sweep_study import make_pruner, make_sampler
     from src.run.sweep_config import check_space, load_sweep
+    from src.run.sweep_study import make_pruner, make_sampler
 
     section = README.split("## Sweeps", 1)[1].split("\n## ", 1)[0]
     text = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)

@@ -7,6 +7,7 @@ see every call::
     out = task(batch)                 # -> training_step(batch) -> {"loss": ..., "accuracy": ...}
     out = task(batch, stage="val")    # -> validation_step(batch) -> {"loss": ..., ...}
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,8 +41,10 @@ class Inference:
         if missing:
             from src.core.errors import UserError
 
-            raise UserError(f"data: batches have no {', '.join(missing)}, which the model takes "
-                            f"(they hold {', '.join(sorted(batch))})")
+            raise UserError(
+                f"data: batches have no {', '.join(missing)}, which the model takes "
+                f"(they hold {', '.join(sorted(batch))})"
+            )
         return tuple(batch[k] for k in self.inputs)
 
 
@@ -57,8 +60,9 @@ class HFOutput(nn.Module):
         if not attention_mask:
             self.inputs = ("input_ids",)
 
-    def forward(self, input_ids: torch.Tensor,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         return getattr(out, self.field).float()
 
@@ -182,16 +186,18 @@ class Task(nn.Module):
         ``**self.collectives.lockstep()``."""
         return self.model.generate(**self.collectives.lockstep(), **kwargs)
 
-    def inference(self) -> "Inference":
+    def inference(self) -> Inference:
         """What a trained model is used as: the module ``predict`` runs and ``export`` writes,
         the batch keys it takes (in order) and the name of what it returns. Tasks whose model
         has no such single use (RLHF, masked LM pre-training) keep this default, an error."""
         from src.core.errors import UserError
 
-        raise UserError(f"task '{type(self).__name__}' has no inference model: predict and "
-                        "export --format onnx/torchscript/torch_export take classification, "
-                        "metric learning, self-supervised, sequence classification and causal LM "
-                        "runs (export --format safetensors takes any)")
+        raise UserError(
+            f"task '{type(self).__name__}' has no inference model: predict and "
+            "export --format onnx/torchscript/torch_export take classification, "
+            "metric learning, self-supervised, sequence classification and causal LM "
+            "runs (export --format safetensors takes any)"
+        )
 
     def predict_step(self, batch: dict[str, Any], **options) -> dict[str, Any]:
         """Per-sample predictions of one batch: name -> (B, ...) tensor or list of B values.

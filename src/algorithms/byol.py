@@ -1,4 +1,5 @@
 """BYOL (Grill et al., 2020): an online network predicts a slowly moving target network."""
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Optional
@@ -22,16 +23,20 @@ class BYOL(SSLTask):
     def __init__(
         self,
         model,
-        proj_dim: Annotated[int, Field(
-            gt=0, description="output width of the projector and predictor")] = 128,
-        hidden: Annotated[int, Field(
-            gt=0,
-            description="hidden width of the projector and predictor MLPs")] = 512,
-        base_momentum: Annotated[float, Field(
-            ge=0, lt=1,
-            description="target momentum at the start; it follows a cosine to 1")] = 0.99,
-        views: Annotated[Optional[dict[str, Any]], Field(
-            description="a TRANSFORMS section for the two views (default: views)")] = None,
+        proj_dim: Annotated[
+            int, Field(gt=0, description="output width of the projector and predictor")
+        ] = 128,
+        hidden: Annotated[
+            int, Field(gt=0, description="hidden width of the projector and predictor MLPs")
+        ] = 512,
+        base_momentum: Annotated[
+            float,
+            Field(ge=0, lt=1, description="target momentum at the start; it follows a cosine to 1"),
+        ] = 0.99,
+        views: Annotated[
+            Optional[dict[str, Any]],
+            Field(description="a TRANSFORMS section for the two views (default: views)"),
+        ] = None,
     ):
         super().__init__(model, views)
         self.proj_dim, self.hidden, self.base_momentum = proj_dim, hidden, base_momentum

@@ -4,6 +4,7 @@ Validation reports the loss per token, perplexity, and bits per byte of the held
 (``val/bpb``: loss / ln 2 / bytes per token, so tokenizers of any vocabulary compare); after each
 evaluation a few sampled continuations are logged as text.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,9 @@ from src.algorithms.base import HFOutput, Inference, Task
 from src.core.registry import TASKS
 
 
-def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_loss_sums(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token NLL, number of predicted tokens); labels of -100 are ignored.
 
     The labels move left by one (the last position predicts nothing) instead of the logits: the
@@ -24,9 +27,12 @@ def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
     if logits.dtype != torch.float32:
         logits = logits.float()
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                            targets.reshape(-1), ignore_index=-100,
-                                            reduction="sum")
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
     return nll, (targets != -100).sum()
 
 
@@ -39,17 +45,22 @@ class CausalLM(Task):
     def __init__(
         self,
         model,
-        samples: Annotated[int, Field(
-            ge=0,
-            description="continuations generated after each evaluation (0 = none)")] = 2,
-        prompt: Annotated[Optional[str], Field(
-            description="what they continue (default: the start of a validation block)")] = None,
-        max_new_tokens: Annotated[int, Field(
-            ge=1, description="length of each sample after an evaluation")] = 48,
-        temperature: Annotated[float, Field(
-            gt=0, description="sampling temperature of the samples")] = 0.8,
-        top_k: Annotated[int, Field(
-            ge=0, description="sample among the k most likely tokens (0: all)")] = 50,
+        samples: Annotated[
+            int, Field(ge=0, description="continuations generated after each evaluation (0 = none)")
+        ] = 2,
+        prompt: Annotated[
+            Optional[str],
+            Field(description="what they continue (default: the start of a validation block)"),
+        ] = None,
+        max_new_tokens: Annotated[
+            int, Field(ge=1, description="length of each sample after an evaluation")
+        ] = 48,
+        temperature: Annotated[
+            float, Field(gt=0, description="sampling temperature of the samples")
+        ] = 0.8,
+        top_k: Annotated[
+            int, Field(ge=0, description="sample among the k most likely tokens (0: all)")
+        ] = 50,
     ):
         super().__init__(model)
         self.samples, self.prompt = samples, prompt
@@ -70,24 +81,36 @@ class CausalLM(Task):
         return Inference(module, module.inputs, "logits")
 
     @torch.no_grad()
-    def predict_step(self, batch, ids=None, max_new_tokens: int = 48, temperature: float = 0.0,
-                     top_p: float = 1.0, seed: int = 0, **options):
+    def predict_step(
+        self,
+        batch,
+        ids=None,
+        max_new_tokens: int = 48,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        **options,
+    ):
         """Continuations of ``batch["prompt"]`` (strings): greedy at temperature 0, else sampled
         with a generator seeded by ``seed`` and the prompt's id, so that a prompt gets the same
         text however the prompts are split among processes."""
         from src.core.errors import UserError
 
         if "prompt" not in batch:
-            raise UserError("predict: causal_lm continues prompts: give --prompts FILE (one "
-                            "prompt per line, or JSONL with a 'prompt' field)")
+            raise UserError(
+                "predict: causal_lm continues prompts: give --prompts FILE (one "
+                "prompt per line, or JSONL with a 'prompt' field)"
+            )
         if self.tokenizer is None:
             raise UserError("predict: the run's data has no tokenizer to encode prompts with")
         tok = self.tokenizer
         device = next(self.model.parameters()).device
         sample = temperature > 0
-        gen = dict(max_new_tokens=max_new_tokens, do_sample=sample,
-                   pad_token_id=tok.pad_token_id if tok.pad_token_id is not None
-                   else tok.eos_token_id)
+        gen = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        )
         if sample:
             gen.update(temperature=temperature, top_p=top_p, top_k=0)
         texts = []
@@ -96,7 +119,7 @@ class CausalLM(Task):
             if sample:
                 torch.manual_seed(seed * 1_000_003 + int(ids[i] if ids is not None else i))
             out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), **gen)
-            texts.append(tok.decode(out[0, x.shape[1]:], skip_special_tokens=True))
+            texts.append(tok.decode(out[0, x.shape[1] :], skip_special_tokens=True))
         return {"text": texts}
 
     def training_step(self, batch):
@@ -136,11 +159,18 @@ class CausalLM(Task):
             return {}
         device = next(self.model.parameters()).device
         ids = ids.to(device).repeat(self.samples, 1)
-        out = self.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                            do_sample=True, pad_token_id=tok.pad_token_id, **self.gen)
+        out = self.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            pad_token_id=tok.pad_token_id,
+            **self.gen,
+        )
         prompt = tok.decode(ids[0])
-        return {f"sample_{i}": prompt + " ▸ " + tok.decode(o[ids.shape[1]:], skip_special_tokens=True)
-                for i, o in enumerate(out)}
+        return {
+            f"sample_{i}": prompt + " ▸ " + tok.decode(o[ids.shape[1] :], skip_special_tokens=True)
+            for i, o in enumerate(out)
+        }
 
     def validation_texts(self) -> dict[str, str]:
         return self.texts

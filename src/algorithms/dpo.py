@@ -1,4 +1,5 @@
 """DPO: preference pairs train the policy directly against a frozen reference (Rafailov et al.)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,9 @@ from src.core.registry import TASKS
 from src.models.losses import dpo_loss
 
 
-def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   labels: torch.Tensor) -> torch.Tensor:
+def sequence_logps(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """Sum over answer tokens (labels != -100) of log p(token | prefix): (B,)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
     target = labels[:, 1:]
@@ -35,17 +37,24 @@ class DPO(Task):
     def __init__(
         self,
         model,
-        beta: Annotated[float, Field(
-            gt=0, description="strength of the implicit KL constraint")] = 0.1,
-        reference: Annotated[Literal["auto", "frozen_copy", "disable_adapter"], Field(
-            description="frozen_copy of the initial model, or disable_adapter (a PEFT model's base,"
-                        " the adapter switched off; no copy). auto: the latter when there is an "
-                        "adapter")] = "auto",
+        beta: Annotated[
+            float, Field(gt=0, description="strength of the implicit KL constraint")
+        ] = 0.1,
+        reference: Annotated[
+            Literal["auto", "frozen_copy", "disable_adapter"],
+            Field(
+                description="frozen_copy of the initial model, or disable_adapter (a PEFT model's base,"
+                " the adapter switched off; no copy). auto: the latter when there is an "
+                "adapter"
+            ),
+        ] = "auto",
     ):
         super().__init__(model)
         self.beta = beta
         has_adapter = hasattr(model, "disable_adapter")
-        self.use_adapter_off = reference == "disable_adapter" or (reference == "auto" and has_adapter)
+        self.use_adapter_off = reference == "disable_adapter" or (
+            reference == "auto" and has_adapter
+        )
         if not self.use_adapter_off:
             self.reference = frozen_copy(model).eval()
 
@@ -55,8 +64,12 @@ class DPO(Task):
         return self.reference, contextlib.nullcontext()
 
     def _pair(self, model, batch, prefix: str) -> torch.Tensor:
-        return sequence_logps(model, batch[f"{prefix}_input_ids"], batch[f"{prefix}_attention_mask"],
-                              batch[f"{prefix}_labels"])
+        return sequence_logps(
+            model,
+            batch[f"{prefix}_input_ids"],
+            batch[f"{prefix}_attention_mask"],
+            batch[f"{prefix}_labels"],
+        )
 
     def _step(self, batch):
         pc, pr = self._pair(self.model, batch, "chosen"), self._pair(self.model, batch, "rejected")
@@ -64,9 +77,12 @@ class DPO(Task):
         with torch.no_grad(), ctx:
             rc, rr = self._pair(ref, batch, "chosen"), self._pair(ref, batch, "rejected")
         loss, logits = dpo_loss(pc, pr, rc, rr, self.beta)
-        return {"loss": loss, "preference_accuracy": (logits.detach() > 0).float().mean(),
-                "reward_margin": logits.detach().mean() / self.beta,
-                "chosen_preferred": (pc.detach() > pr.detach()).float().mean()}
+        return {
+            "loss": loss,
+            "preference_accuracy": (logits.detach() > 0).float().mean(),
+            "reward_margin": logits.detach().mean() / self.beta,
+            "chosen_preferred": (pc.detach() > pr.detach()).float().mean(),
+        }
 
     def training_step(self, batch):
         return self._step(batch)

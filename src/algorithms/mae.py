@@ -1,8 +1,10 @@
 """MAE (He et al., 2022) on a timm ViT: the encoder sees only the visible patches; a light decoder
 with mask tokens reconstructs the masked ones (per-patch normalised pixels)."""
+
 from __future__ import annotations
 
 from typing import Annotated
+
 import torch
 from pydantic import Field
 from torch import nn
@@ -21,17 +23,24 @@ class MAE(SSLTask):
     def __init__(
         self,
         model,
-        mask_ratio: Annotated[float, Field(
-            gt=0, lt=1,
-            description="fraction of patches hidden from the encoder")] = 0.75,
-        decoder_dim: Annotated[int, Field(
-            gt=0, description="the decoder (timm transformer blocks)")] = 64,
-        decoder_depth: Annotated[int, Field(
-            ge=1, le=64, description="the decoder (timm transformer blocks)")] = 2,
-        decoder_heads: Annotated[int, Field(
-            ge=1, description="the decoder (timm transformer blocks)")] = 4,
-        norm_pix_loss: Annotated[bool, Field(
-            description="targets are each patch's pixels normalised by its own mean and variance")] = True,
+        mask_ratio: Annotated[
+            float, Field(gt=0, lt=1, description="fraction of patches hidden from the encoder")
+        ] = 0.75,
+        decoder_dim: Annotated[
+            int, Field(gt=0, description="the decoder (timm transformer blocks)")
+        ] = 64,
+        decoder_depth: Annotated[
+            int, Field(ge=1, le=64, description="the decoder (timm transformer blocks)")
+        ] = 2,
+        decoder_heads: Annotated[
+            int, Field(ge=1, description="the decoder (timm transformer blocks)")
+        ] = 4,
+        norm_pix_loss: Annotated[
+            bool,
+            Field(
+                description="targets are each patch's pixels normalised by its own mean and variance"
+            ),
+        ] = True,
     ):
         super().__init__(model, None)
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
@@ -40,8 +49,10 @@ class MAE(SSLTask):
     def configure(self, info) -> None:
         m = self.model
         if not all(hasattr(m, a) for a in ("patch_embed", "blocks", "pos_embed", "cls_token")):
-            raise ConfigError("task: 'mae' needs a timm ViT, e.g. model: {type: timm, name: "
-                              "vit_tiny_patch16_224, img_size: 8, patch_size: 2, num_classes: 0}")
+            raise ConfigError(
+                "task: 'mae' needs a timm ViT, e.g. model: {type: timm, name: "
+                "vit_tiny_patch16_224, img_size: 8, patch_size: 2, num_classes: 0}"
+            )
         super().configure(info)
         from timm.models.vision_transformer import Block
 
@@ -52,9 +63,11 @@ class MAE(SSLTask):
         self.decoder_embed = nn.Linear(m.embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.decoder_pos = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
-        self.decoder_blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio=4.0) for _ in range(depth)])
+        self.decoder_blocks = nn.Sequential(
+            *[Block(dim, heads, mlp_ratio=4.0) for _ in range(depth)]
+        )
         self.decoder_norm = nn.LayerNorm(dim)
-        self.decoder_pred = nn.Linear(dim, self.patch ** 2 * self.channels)
+        self.decoder_pred = nn.Linear(dim, self.patch**2 * self.channels)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Masked language modelling (BERT): 15% of tokens are chosen; 80% of those become the mask
 token, 10% a random token, 10% stay; the model predicts the originals."""
+
 from __future__ import annotations
 
 from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -19,9 +21,12 @@ class MaskedLM(Task):
     def __init__(
         self,
         model,
-        mask_prob: Annotated[float, Field(
-            gt=0, lt=1,
-            description="fraction of (non-special, non-padding) tokens to predict")] = 0.15,
+        mask_prob: Annotated[
+            float,
+            Field(
+                gt=0, lt=1, description="fraction of (non-special, non-padding) tokens to predict"
+            ),
+        ] = 0.15,
     ):
         super().__init__(model)
         self.mask_prob = mask_prob
@@ -50,8 +55,9 @@ class MaskedLM(Task):
     def _step(self, batch):
         inputs, labels = self.mask(batch["input_ids"], batch.get("attention_mask"))
         logits = self.model(input_ids=inputs, attention_mask=batch.get("attention_mask")).logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1),
-                               ignore_index=-100)
+        loss = F.cross_entropy(
+            logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100
+        )
         hit = (logits.argmax(-1) == labels)[labels != -100].float().mean()
         return {"loss": loss, "masked_accuracy": hit.detach()}
 

@@ -1,5 +1,6 @@
 """Metric learning with margin heads (ArcFace, CosFace, Sub-center ArcFace), evaluated by
 retrieval: Recall@k and mAP@R on the embeddings of the whole validation split (all ranks)."""
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
@@ -34,20 +35,27 @@ class MetricLearning(Task):
     def __init__(
         self,
         model,
-        head: Annotated[Literal["arcface", "cosface", "subcenter_arcface"], Field(
-            description="arcface, cosface or subcenter_arcface")] = "arcface",
-        embedding_dim: Annotated[int, Field(
-            gt=0, description="D of the embedding used for retrieval")] = 64,
-        scale: Annotated[float, Field(
-            gt=0,
-            description="the head's s and m; subcenters: k for subcenter_arcface")] = 30.0,
-        margin: Annotated[float, Field(
-            ge=0,
-            description="the head's s and m; subcenters: k for subcenter_arcface")] = 0.5,
-        subcenters: Annotated[int, Field(
-            ge=2, description="sub-centres per class (subcenter_arcface)")] = 3,
-        recall_at: Annotated[list[conint(ge=1)], Field(
-            description="k values of the Recall@k evaluation")] = [1, 5],
+        head: Annotated[
+            Literal["arcface", "cosface", "subcenter_arcface"],
+            Field(description="arcface, cosface or subcenter_arcface"),
+        ] = "arcface",
+        embedding_dim: Annotated[
+            int, Field(gt=0, description="D of the embedding used for retrieval")
+        ] = 64,
+        scale: Annotated[
+            float,
+            Field(gt=0, description="the head's s and m; subcenters: k for subcenter_arcface"),
+        ] = 30.0,
+        margin: Annotated[
+            float,
+            Field(ge=0, description="the head's s and m; subcenters: k for subcenter_arcface"),
+        ] = 0.5,
+        subcenters: Annotated[
+            int, Field(ge=2, description="sub-centres per class (subcenter_arcface)")
+        ] = 3,
+        recall_at: Annotated[
+            list[conint(ge=1)], Field(description="k values of the Recall@k evaluation")
+        ] = [1, 5],
     ):
         super().__init__(model)
         self.head_kind, self.embedding_dim = head, embedding_dim
@@ -57,11 +65,14 @@ class MetricLearning(Task):
 
     def configure(self, info) -> None:
         feat = feature_dim(self.model, info, "metric_learning")
-        self.embed = nn.Sequential(nn.Linear(feat, self.embedding_dim),
-                                   nn.BatchNorm1d(self.embedding_dim))
+        self.embed = nn.Sequential(
+            nn.Linear(feat, self.embedding_dim), nn.BatchNorm1d(self.embedding_dim)
+        )
         kind = "cosface" if self.head_kind == "cosface" else "arcface"
         k = self.subcenters if self.head_kind == "subcenter_arcface" else 1
-        self.head = MarginHead(self.embedding_dim, info.num_classes, kind, self.scale, self.margin, k)
+        self.head = MarginHead(
+            self.embedding_dim, info.num_classes, kind, self.scale, self.margin, k
+        )
 
     def embeddings(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed(self.model(x))

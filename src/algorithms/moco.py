@@ -1,4 +1,5 @@
 """MoCo v2 (Chen et al., 2020): a momentum key encoder and a queue of negative keys."""
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Optional
@@ -25,14 +26,17 @@ class MoCo(SSLTask):
         model,
         proj_dim: Annotated[int, Field(gt=0, description="output width of the projector")] = 128,
         hidden: Annotated[int, Field(gt=0, description="hidden width of the projector MLP")] = 512,
-        queue_size: Annotated[int, Field(
-            gt=0,
-            description="negative keys kept from earlier batches (all ranks')")] = 1024,
+        queue_size: Annotated[
+            int, Field(gt=0, description="negative keys kept from earlier batches (all ranks')")
+        ] = 1024,
         temperature: Annotated[float, Field(gt=0, description="InfoNCE temperature")] = 0.2,
-        momentum: Annotated[float, Field(
-            ge=0, lt=1, description="momentum of the key encoder")] = 0.99,
-        views: Annotated[Optional[dict[str, Any]], Field(
-            description="a TRANSFORMS section for the two views (default: views)")] = None,
+        momentum: Annotated[
+            float, Field(ge=0, lt=1, description="momentum of the key encoder")
+        ] = 0.99,
+        views: Annotated[
+            Optional[dict[str, Any]],
+            Field(description="a TRANSFORMS section for the two views (default: views)"),
+        ] = None,
     ):
         super().__init__(model, views)
         self.proj_dim, self.hidden, self.queue_size = proj_dim, hidden, queue_size
@@ -42,7 +46,9 @@ class MoCo(SSLTask):
         super().configure(info)
         self.projector = mlp(self.feat_dim, self.hidden, self.proj_dim)
         self.key_encoder = frozen_copy(nn.Sequential(self.model, self.projector))
-        self.register_buffer("queue", F.normalize(torch.randn(self.queue_size, self.proj_dim), dim=1))
+        self.register_buffer(
+            "queue", F.normalize(torch.randn(self.queue_size, self.proj_dim), dim=1)
+        )
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     def training_step(self, batch):

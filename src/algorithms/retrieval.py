@@ -1,4 +1,5 @@
 """Retrieval metrics on embeddings with FAISS: Recall@k and mAP@R (leave-one-out on one split)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,7 +25,7 @@ def retrieval_metrics(emb: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dic
     _, nn_idx = index.search(x, depth)
     # drop each query itself (normally first; ties can move it)
     own = nn_idx == np.arange(len(y))[:, None]
-    neighbours = np.stack([row[~mine][:depth - 1] for row, mine in zip(nn_idx, own)])
+    neighbours = np.stack([row[~mine][: depth - 1] for row, mine in zip(nn_idx, own)])
     rel = y[neighbours] == y[:, None]  # (N, depth-1)
     out = {f"recall@{k}": float(rel[:, :k].any(1).mean()) for k in ks}
     R = counts[y] - 1

@@ -1,4 +1,5 @@
 """Sequence-to-sequence (T5, BART) training: the decoder learns the target given the source."""
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,11 @@ class Seq2Seq(Task):
     (-100 on padding); the model shifts the labels into decoder inputs. Reports loss and perplexity."""
 
     def _loss(self, batch) -> torch.Tensor:
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                          labels=batch["labels"]).loss
+        return self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            labels=batch["labels"],
+        ).loss
 
     def training_step(self, batch):
         return {"loss": self._loss(batch)}

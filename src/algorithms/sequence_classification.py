@@ -1,4 +1,5 @@
 """Sequence classification with a transformers model (a pretrained encoder, LoRA or not)."""
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -13,8 +14,9 @@ class SequenceClassification(Task):
     and accuracy. Use with ``model: {type: hf, kind: sequence_classification, ...}``."""
 
     def logits(self, batch):
-        return self.model(input_ids=batch["input_ids"],
-                          attention_mask=batch.get("attention_mask")).logits.float()
+        return self.model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
+        ).logits.float()
 
     def inference(self) -> Inference:
         module = HFOutput(self.model)
@@ -26,11 +28,15 @@ class SequenceClassification(Task):
     def training_step(self, batch):
         logits = self.logits(batch)
         labels = batch["labels"]
-        return {"loss": F.cross_entropy(logits, labels),
-                "accuracy": (logits.detach().argmax(-1) == labels).float().mean()}
+        return {
+            "loss": F.cross_entropy(logits, labels),
+            "accuracy": (logits.detach().argmax(-1) == labels).float().mean(),
+        }
 
     def validation_step(self, batch):
         logits = self.logits(batch)
         labels = batch["labels"]
-        return {"loss": F.cross_entropy(logits, labels),
-                "accuracy": (logits.argmax(-1) == labels).float().mean()}
+        return {
+            "loss": F.cross_entropy(logits, labels),
+            "accuracy": (logits.argmax(-1) == labels).float().mean(),
+        }

@@ -1,4 +1,5 @@
 """SimCLR (Chen et al., 2020): two views, a projector, NT-Xent over the 2N views."""
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Optional
@@ -19,16 +20,20 @@ class SimCLR(SSLTask):
     def __init__(
         self,
         model,
-        proj_dim: Annotated[int, Field(
-            gt=0,
-            description="output width of the projector (the loss is computed there)")] = 128,
-        hidden: Annotated[int, Field(
-            gt=0, description="hidden width of the 2-layer projector")] = 512,
-        temperature: Annotated[float, Field(
-            gt=0,
-            description="softmax temperature of NT-Xent; lower is sharper")] = 0.2,
-        views: Annotated[Optional[dict[str, Any]], Field(
-            description="TRANSFORMS section that makes the two augmented views")] = None,
+        proj_dim: Annotated[
+            int,
+            Field(gt=0, description="output width of the projector (the loss is computed there)"),
+        ] = 128,
+        hidden: Annotated[
+            int, Field(gt=0, description="hidden width of the 2-layer projector")
+        ] = 512,
+        temperature: Annotated[
+            float, Field(gt=0, description="softmax temperature of NT-Xent; lower is sharper")
+        ] = 0.2,
+        views: Annotated[
+            Optional[dict[str, Any]],
+            Field(description="TRANSFORMS section that makes the two augmented views"),
+        ] = None,
     ):
         super().__init__(model, views)
         self.proj_dim, self.hidden, self.temperature = proj_dim, hidden, temperature
@@ -42,5 +47,8 @@ class SimCLR(SSLTask):
         n = v1.shape[0]
         h = self.model(torch.cat([v1, v2]))  # (2N, D): one pass, batch statistics over both views
         z1, z2 = self.projector(h).chunk(2)
-        return {"loss": nt_xent(z1, z2, self.temperature), "features": h[:n].detach(),
-                "labels": batch["labels"]}
+        return {
+            "loss": nt_xent(z1, z2, self.temperature),
+            "features": h[:n].detach(),
+            "labels": batch["labels"],
+        }

@@ -1,4 +1,5 @@
 """What self-supervised tasks share: views from the data, backbone features, momentum teachers."""
+
 from __future__ import annotations
 
 import copy
@@ -21,12 +22,18 @@ def feature_dim(model: nn.Module, info: DatasetInfo, task: str) -> int:
         out = model(torch.zeros(2, *info.input_shape))
     model.train(was_training)
     if out.ndim != 2:
-        raise ConfigError(f"task: '{task}' needs a backbone that returns (batch, features); "
-                          f"the model returned shape {tuple(out.shape)}")
-    if info.num_classes and out.shape[1] == info.num_classes and \
-            getattr(model, "num_features", out.shape[1]) != out.shape[1]:
-        raise ConfigError(f"task: '{task}' needs features, not class logits: set "
-                          "model.num_classes: 0")
+        raise ConfigError(
+            f"task: '{task}' needs a backbone that returns (batch, features); "
+            f"the model returned shape {tuple(out.shape)}"
+        )
+    if (
+        info.num_classes
+        and out.shape[1] == info.num_classes
+        and getattr(model, "num_features", out.shape[1]) != out.shape[1]
+    ):
+        raise ConfigError(
+            f"task: '{task}' needs features, not class logits: set model.num_classes: 0"
+        )
     return int(out.shape[1])
 
 
@@ -74,8 +81,10 @@ class SSLTask(Task):
     def batch_views(self, batch: dict[str, Any], n: int) -> list[torch.Tensor]:
         views = batch.get("views")
         if views is None or len(views) < n:
-            raise ConfigError(f"task: {type(self).__name__} needs {n} views per sample; its "
-                              "'views' section must produce them")
+            raise ConfigError(
+                f"task: {type(self).__name__} needs {n} views per sample; its "
+                "'views' section must produce them"
+            )
         return views
 
     def inference(self) -> Inference:

@@ -5,6 +5,7 @@ Python API (by reference) or the name of a ``torch.nn.functional`` loss (``cross
 ``mse_loss``, ``l1_loss``, ...). Validation reports the loss, and the accuracy where the outputs
 are class scores ``(B, C)`` and the labels class indices ``(B,)``.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any
@@ -30,8 +31,10 @@ def _loss_fn(name: str):
         fn = objects.get(name, "task.loss")
         if isinstance(fn, torch.nn.Module) or callable(fn):
             return fn
-    raise ConfigError(f"task.loss: {name!r} is neither a torch.nn.functional loss "
-                      "(cross_entropy, mse_loss, ...) nor a function given to the Python API")
+    raise ConfigError(
+        f"task.loss: {name!r} is neither a torch.nn.functional loss "
+        "(cross_entropy, mse_loss, ...) nor a function given to the Python API"
+    )
 
 
 @TASKS.register("supervised")
@@ -42,9 +45,15 @@ class Supervised(Task):
     def __init__(
         self,
         model,
-        loss: Annotated[str, Field(description=(
-            "a torch.nn.functional loss name, or the reference of a loss function given to "
-            "the Python API"))] = "cross_entropy",
+        loss: Annotated[
+            str,
+            Field(
+                description=(
+                    "a torch.nn.functional loss name, or the reference of a loss function given to "
+                    "the Python API"
+                )
+            ),
+        ] = "cross_entropy",
     ):
         super().__init__(model)
         self.loss_name = loss
@@ -62,8 +71,13 @@ class Supervised(Task):
         out = self.model(batch["inputs"])
         labels = batch["labels"]
         metrics = {"loss": self.loss_fn(out, labels)}
-        if isinstance(out, torch.Tensor) and out.ndim == 2 and out.is_floating_point() \
-                and labels.ndim == 1 and not labels.is_floating_point():
+        if (
+            isinstance(out, torch.Tensor)
+            and out.ndim == 2
+            and out.is_floating_point()
+            and labels.ndim == 1
+            and not labels.is_floating_point()
+        ):
             metrics["accuracy"] = (out.detach().argmax(-1) == labels).float().mean()
         return metrics
 

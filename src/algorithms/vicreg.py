@@ -1,4 +1,5 @@
 """VICReg (Bardes et al., 2022): invariance, variance and covariance terms; no negatives, no teacher."""
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Optional
@@ -20,18 +21,23 @@ class VICReg(SSLTask):
         self,
         model,
         proj_dim: Annotated[int, Field(gt=0, description="output width of the expander")] = 256,
-        hidden: Annotated[int, Field(
-            gt=0, description="hidden width of the 3-layer expander")] = 256,
-        sim_weight: Annotated[float, Field(
-            ge=0,
-            description="weight of the invariance (mean squared distance) term")] = 25.0,
-        var_weight: Annotated[float, Field(
-            ge=0,
-            description="weight of the variance (hinge on each dimension's std) term")] = 25.0,
-        cov_weight: Annotated[float, Field(
-            ge=0, description="weight of the covariance (off-diagonal) term")] = 1.0,
-        views: Annotated[Optional[dict[str, Any]], Field(
-            description="TRANSFORMS section that makes the two augmented views")] = None,
+        hidden: Annotated[
+            int, Field(gt=0, description="hidden width of the 3-layer expander")
+        ] = 256,
+        sim_weight: Annotated[
+            float, Field(ge=0, description="weight of the invariance (mean squared distance) term")
+        ] = 25.0,
+        var_weight: Annotated[
+            float,
+            Field(ge=0, description="weight of the variance (hinge on each dimension's std) term"),
+        ] = 25.0,
+        cov_weight: Annotated[
+            float, Field(ge=0, description="weight of the covariance (off-diagonal) term")
+        ] = 1.0,
+        views: Annotated[
+            Optional[dict[str, Any]],
+            Field(description="TRANSFORMS section that makes the two augmented views"),
+        ] = None,
     ):
         super().__init__(model, views)
         self.proj_dim, self.hidden = proj_dim, hidden

@@ -16,6 +16,7 @@ a few token embeddings, are put before the text of a causal language model.
 - Checkpoints also hold ``projector.safetensors`` (and the LM's adapter in PEFT's layout): the
   parts that train when the rest is frozen.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -64,32 +65,55 @@ class VLM(Task):
     def __init__(
         self,
         model,
-        lm: Annotated[dict[str, Any], Field(
-            description="MODELS section of the causal LM (hf, kind causal_lm, a local folder "
-                        "or a config); an `adapter:` in it trains LoRA")],
-        image_tokens: Annotated[int, Field(
-            ge=1, description="token embeddings each image becomes")] = 4,
-        projector_hidden: Annotated[Optional[int], Field(
-            gt=0, description="hidden width of the projector MLP (default: the LM's)")] = None,
-        lock_vision: Annotated[bool, Field(
-            description="freeze the vision encoder (kept in eval mode)")] = True,
-        lock_lm: Annotated[bool, Field(
-            description="freeze the LM's own weights (an adapter still trains); false: full "
-                        "fine-tuning")] = True,
-        vision_init: Annotated[Optional[str], Field(
-            description="weights of the vision encoder: a run folder or checkpoint whose "
-                        "model: it was (a clip run's image tower), or a .safetensors of "
-                        "them")] = None,
-        init: Annotated[Optional[str], Field(
-            description="a previous stage's run folder or checkpoint: its projector (and "
-                        "vision encoder) start this run")] = None,
-        max_new_tokens: Annotated[int, Field(
-            ge=1, description="longest generated answer at validation")] = 6,
+        lm: Annotated[
+            dict[str, Any],
+            Field(
+                description="MODELS section of the causal LM (hf, kind causal_lm, a local folder "
+                "or a config); an `adapter:` in it trains LoRA"
+            ),
+        ],
+        image_tokens: Annotated[
+            int, Field(ge=1, description="token embeddings each image becomes")
+        ] = 4,
+        projector_hidden: Annotated[
+            Optional[int],
+            Field(gt=0, description="hidden width of the projector MLP (default: the LM's)"),
+        ] = None,
+        lock_vision: Annotated[
+            bool, Field(description="freeze the vision encoder (kept in eval mode)")
+        ] = True,
+        lock_lm: Annotated[
+            bool,
+            Field(
+                description="freeze the LM's own weights (an adapter still trains); false: full "
+                "fine-tuning"
+            ),
+        ] = True,
+        vision_init: Annotated[
+            Optional[str],
+            Field(
+                description="weights of the vision encoder: a run folder or checkpoint whose "
+                "model: it was (a clip run's image tower), or a .safetensors of "
+                "them"
+            ),
+        ] = None,
+        init: Annotated[
+            Optional[str],
+            Field(
+                description="a previous stage's run folder or checkpoint: its projector (and "
+                "vision encoder) start this run"
+            ),
+        ] = None,
+        max_new_tokens: Annotated[
+            int, Field(ge=1, description="longest generated answer at validation")
+        ] = 6,
     ):
         super().__init__(model)
         if lm.get("type") != "hf" or lm.get("kind", "causal_lm") != "causal_lm":
-            raise ConfigError("task.lm: a transformers causal LM ({type: hf, kind: causal_lm, "
-                              "path: ...}) is needed")
+            raise ConfigError(
+                "task.lm: a transformers causal LM ({type: hf, kind: causal_lm, "
+                "path: ...}) is needed"
+            )
         self.lm_section = dict(lm)
         self.image_tokens, self.projector_hidden = image_tokens, projector_hidden
         self.lock_vision, self.lock_lm = lock_vision, lock_lm
@@ -100,8 +124,10 @@ class VLM(Task):
     def configure(self, info: DatasetInfo) -> None:
         self.tokenizer = info.extra.get("tokenizer")
         if not info.extra.get("image_questions") or self.tokenizer is None:
-            raise ConfigError("data: task 'vlm' trains on images with questions and answers "
-                              "(data.type: digits_vqa)")
+            raise ConfigError(
+                "data: task 'vlm' trains on images with questions and answers "
+                "(data.type: digits_vqa)"
+            )
         self.kinds = list(info.extra.get("question_kinds", ()))
         if self.vision_init is not None:
             state = load_weights(self.vision_init, ("model.",), "task.vision_init")
@@ -110,8 +136,9 @@ class VLM(Task):
         width = self.lm.get_input_embeddings().weight.shape[1]
         feat = feature_dim(self.model, info, "vlm")
         hidden = self.projector_hidden or width
-        self.projector = nn.Sequential(nn.Linear(feat, hidden), nn.GELU(),
-                                       nn.Linear(hidden, self.image_tokens * width))
+        self.projector = nn.Sequential(
+            nn.Linear(feat, hidden), nn.GELU(), nn.Linear(hidden, self.image_tokens * width)
+        )
         if self.init is not None:
             state = load_weights(self.init, ("projector.", "model."), "task.init")
             if not any(k.startswith("projector.") for k in state):
@@ -128,20 +155,25 @@ class VLM(Task):
 
     @staticmethod
     def _load(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, key: str) -> None:
-        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         try:
             module.load_state_dict(own, strict=True)
         except RuntimeError as exc:
             first = str(exc).split("\n\t")[1] if "\n\t" in str(exc) else str(exc)
-            raise ConfigError(f"{key}: its {prefix.rstrip('.')} weights do not fit this run's "
-                              f"({first.strip()[:200]})") from None
+            raise ConfigError(
+                f"{key}: its {prefix.rstrip('.')} weights do not fit this run's "
+                f"({first.strip()[:200]})"
+            ) from None
 
     def train(self, mode: bool = True):
         super().train(mode)
         if self.lock_vision:
             self.model.eval()
-        if self.lock_lm and getattr(self, "lm", None) is not None and \
-                not hasattr(self.lm, "peft_config"):
+        if (
+            self.lock_lm
+            and getattr(self, "lm", None) is not None
+            and not hasattr(self.lm, "peft_config")
+        ):
             self.lm.eval()  # wholly frozen: no dropout noise in what the projector learns from
         return self
 
@@ -165,9 +197,11 @@ class VLM(Task):
         b, k = image.shape[:2]
         ones = torch.ones(b, k, dtype=batch["attention_mask"].dtype, device=image.device)
         ignore = torch.full((b, k), -100, dtype=batch["labels"].dtype, device=image.device)
-        return (torch.cat([image.to(text.dtype), text], 1),
-                torch.cat([ones, batch["attention_mask"]], 1),
-                torch.cat([ignore, batch["labels"]], 1))
+        return (
+            torch.cat([image.to(text.dtype), text], 1),
+            torch.cat([ones, batch["attention_mask"]], 1),
+            torch.cat([ignore, batch["labels"]], 1),
+        )
 
     def training_step(self, batch):
         embeds, mask, labels = self.sequence(batch)
@@ -176,18 +210,24 @@ class VLM(Task):
         return {"loss": nll / n.clamp(min=1)}
 
     @torch.no_grad()
-    def answer(self, images: torch.Tensor, prompt_ids: torch.Tensor,
-               prompt_mask: torch.Tensor) -> list[str]:
+    def answer(
+        self, images: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+    ) -> list[str]:
         """Greedy answers to left-padded prompts about ``images`` (with the KV cache)."""
         image = self.image_embeddings(images)
         embed = self.lm.get_input_embeddings()
         text = embed(prompt_ids)
         b, k = image.shape[:2]
-        mask = torch.cat([torch.ones(b, k, dtype=prompt_mask.dtype, device=image.device),
-                          prompt_mask], 1)
+        mask = torch.cat(
+            [torch.ones(b, k, dtype=prompt_mask.dtype, device=image.device), prompt_mask], 1
+        )
         pos = (mask.cumsum(1) - 1).clamp(min=0)  # the image and prompt count from 0, as in training
-        out = self.lm(inputs_embeds=torch.cat([image.to(text.dtype), text], 1),
-                      attention_mask=mask, position_ids=pos, use_cache=True)
+        out = self.lm(
+            inputs_embeds=torch.cat([image.to(text.dtype), text], 1),
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+        )
         eos = self.tokenizer.eos_token_id
         tokens, done = [], torch.zeros(b, dtype=torch.bool, device=image.device)
         last = pos[:, -1:]
@@ -197,26 +237,40 @@ class VLM(Task):
             tokens.append(nxt)
             done |= nxt == eos
             # several ranks step together (sharded weights are gathered in every forward)
-            if step == self.max_new_tokens - 1 or (self.collectives.world_size == 1
-                                                   and bool(done.all())):
+            if step == self.max_new_tokens - 1 or (
+                self.collectives.world_size == 1 and bool(done.all())
+            ):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             last = last + 1
-            out = self.lm(inputs_embeds=embed(nxt[:, None]), attention_mask=mask,
-                          position_ids=last, past_key_values=out.past_key_values, use_cache=True)
+            out = self.lm(
+                inputs_embeds=embed(nxt[:, None]),
+                attention_mask=mask,
+                position_ids=last,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
         ids = torch.stack(tokens, 1).tolist()
-        return [self.tokenizer.decode(row[:row.index(eos)] if eos in row else row,
-                                      skip_special_tokens=True).strip() for row in ids]
+        return [
+            self.tokenizer.decode(
+                row[: row.index(eos)] if eos in row else row, skip_special_tokens=True
+            ).strip()
+            for row in ids
+        ]
 
     def validation_step(self, batch):
         embeds, mask, labels = self.sequence(batch)
         nll, n = token_loss_sums(self.lm(inputs_embeds=embeds, attention_mask=mask).logits, labels)
         said = self.answer(batch["inputs"], batch["prompt_ids"], batch["prompt_mask"])
         dev = batch["input_ids"].device  # gathered across ranks at the end (NCCL: on the GPU)
-        correct = torch.tensor([s == a for s, a in zip(said, batch["answer"])],
-                               dtype=torch.float, device=dev)
-        kind = torch.tensor([self.kinds.index(k) if k in self.kinds else -1
-                             for k in batch["kind"]], dtype=torch.long, device=dev)
+        correct = torch.tensor(
+            [s == a for s, a in zip(said, batch["answer"])], dtype=torch.float, device=dev
+        )
+        kind = torch.tensor(
+            [self.kinds.index(k) if k in self.kinds else -1 for k in batch["kind"]],
+            dtype=torch.long,
+            device=dev,
+        )
         self._results.append(self.valid(correct, kind))
         return {"loss": nll / n.clamp(min=1)}
 
@@ -244,7 +298,9 @@ class VLM(Task):
 
         state = self.projector.state_dict()
         if not any(hasattr(v, "full_tensor") for v in state.values()):  # sharded: in the checkpoint
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
-                      str(directory / "projector.safetensors"))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in state.items()},
+                str(directory / "projector.safetensors"),
+            )
         if hasattr(self.lm, "peft_config"):
             self.lm.save_pretrained(str(directory / "adapter"))

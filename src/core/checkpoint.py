@@ -16,6 +16,7 @@ A save that fails (a full disk, any OS error) on any rank is abandoned alike by 
 folder is removed, ``latest`` keeps naming the last committed checkpoint, and a
 :class:`CheckpointSaveError` says which path failed and how much space there is (exit 75).
 """
+
 from __future__ import annotations
 
 import errno
@@ -25,12 +26,18 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from src.core.config import CheckpointConfig
-from src.core.errors import (CheckpointError, CheckpointMismatchError, CheckpointSaveError,
-                             ConfigError, library_message)
+from src.core.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointSaveError,
+    ConfigError,
+    library_message,
+)
 from src.core.pickle_guard import UnsafeCheckpointError, verify_checkpoint
 
 # Every name in a checkpoint folder, in one place (the strategies write the files, this module
@@ -70,11 +77,14 @@ def _write_durably(path: Path, text: str) -> None:
 
 # The errors of storage a checkpoint write can meet: no space, a quota, a file-size limit, a
 # failing disk, a read-only or forbidden folder. They are the disk's, not the program's.
-STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS,
-                            errno.EACCES})
+STORAGE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES}
+)
 # torch's zip writer (torch.save, DeepSpeed) raises a C++ RuntimeError that carries no errno
-_TORCH_WRITER = re.compile(r"PytorchStreamWriter failed writing|unexpected pos \d+ vs \d+|"
-                           r"file write failed")
+_TORCH_WRITER = re.compile(
+    r"PytorchStreamWriter failed writing|unexpected pos \d+ vs \d+|"
+    r"file write failed"
+)
 _MAX_CAUSES = 8
 
 
@@ -97,8 +107,7 @@ def storage_failure(exc: Optional[BaseException]) -> Optional[BaseException]:
             code = re.search(r"\(os error (\d+)\)", str(exc))
             return exc if code is not None and int(code.group(1)) in STORAGE_ERRNOS else None
         if kind == "CheckpointException":  # DCP: {rank: (exception, traceback)}
-            found = [storage_failure(f[0])
-                     for f in (getattr(exc, "failures", None) or {}).values()]
+            found = [storage_failure(f[0]) for f in (getattr(exc, "failures", None) or {}).values()]
             return found[0] if found and all(found) else None
         if type(exc) is RuntimeError and _TORCH_WRITER.search(str(exc)):
             return exc
@@ -119,7 +128,7 @@ def _mb(n: float) -> str:
 
 
 def step_of(path: Path) -> int:
-    return int(path.name[len(PREFIX):])
+    return int(path.name[len(PREFIX) :])
 
 
 def is_committed(path: Path) -> bool:
@@ -134,8 +143,9 @@ def find_checkpoint(path: Path) -> Path:
     if path.name == LATEST and path.is_file():  # checkpoints/latest: the step it names
         path = path.parent / path.read_text().strip()
         if not path.is_dir():
-            raise CheckpointError(f"{path.parent / LATEST}: names {path.name}, which does not "
-                                  "exist")
+            raise CheckpointError(
+                f"{path.parent / LATEST}: names {path.name}, which does not exist"
+            )
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or run folder")
     if not path.is_dir():
@@ -149,8 +159,14 @@ def find_checkpoint(path: Path) -> Path:
     latest = path / LATEST
     if latest.is_file() and is_committed(path / latest.read_text().strip()):
         return path / latest.read_text().strip()
-    done = sorted((p for p in path.iterdir() if p.name.startswith(PREFIX)
-                   and p.name[len(PREFIX):].isdigit() and is_committed(p)), key=step_of)
+    done = sorted(
+        (
+            p
+            for p in path.iterdir()
+            if p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit() and is_committed(p)
+        ),
+        key=step_of,
+    )
     if not done:
         raise CheckpointError(f"{path}: holds no committed checkpoint")
     return done[-1]
@@ -167,7 +183,12 @@ class CheckpointManager:
     """
 
     def __init__(self, cfg: CheckpointConfig, directory: Path, strategy, config_hash: str = ""):
-        self.cfg, self.dir, self.strategy, self.config_hash = cfg, Path(directory), strategy, config_hash
+        self.cfg, self.dir, self.strategy, self.config_hash = (
+            cfg,
+            Path(directory),
+            strategy,
+            config_hash,
+        )
         # top-k selection; the model_checkpoint callback may set these too
         self.top_k, self.monitor, self.mode = cfg.top_k, cfg.monitor, cfg.mode
         self.save_on_eval = cfg.save_on_eval or bool(cfg.top_k and cfg.monitor)
@@ -180,8 +201,11 @@ class CheckpointManager:
     def all_dirs(self) -> list[Path]:
         if not self.dir.is_dir():
             return []
-        dirs = [p for p in self.dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-                and p.name[len(PREFIX):].isdigit()]
+        dirs = [
+            p
+            for p in self.dir.iterdir()
+            if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()
+        ]
         return sorted(dirs, key=step_of)
 
     def committed(self) -> list[Path]:
@@ -189,9 +213,17 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ saving
 
-    def save(self, step: int, epoch: int, model, optimizer, trainer_state: dict[str, Any],
-             rank_state: dict[str, Any], metrics: Optional[dict[str, float]] = None,
-             extra_files: Optional[Callable[[Path], None]] = None) -> Path:
+    def save(
+        self,
+        step: int,
+        epoch: int,
+        model,
+        optimizer,
+        trainer_state: dict[str, Any],
+        rank_state: dict[str, Any],
+        metrics: Optional[dict[str, float]] = None,
+        extra_files: Optional[Callable[[Path], None]] = None,
+    ) -> Path:
         """Write ``step_<N>/`` through the strategy, commit it, point ``latest`` at it, rotate.
 
         Raises:
@@ -211,14 +243,26 @@ class CheckpointManager:
             except OSError as exc:
                 failure = exc
         s.barrier()
-        meta = {"step": step, "epoch": epoch, "world_size": s.world_size,
-                "strategy": type(s).__name__, "config_hash": self.config_hash,
-                "time": time.time(), "metrics": metrics or {}}
+        meta = {
+            "step": step,
+            "epoch": epoch,
+            "world_size": s.world_size,
+            "strategy": type(s).__name__,
+            "config_hash": self.config_hash,
+            "time": time.time(),
+            "metrics": metrics or {},
+        }
         future = None
         if failure is None:
             try:
-                future = s.save(path, model, optimizer, trainer_state, rank_state,
-                                async_save=self.cfg.async_save)
+                future = s.save(
+                    path,
+                    model,
+                    optimizer,
+                    trainer_state,
+                    rank_state,
+                    async_save=self.cfg.async_save,
+                )
                 if extra_files is not None and s.is_main:
                     extra_files(path)
             except Exception as exc:
@@ -256,8 +300,9 @@ class CheckpointManager:
         import torch
 
         s = self.strategy
-        flag = torch.tensor(0.0 if failure is None else 1.0 if is_write_failure(failure) else 2.0,
-                            device=s.device)
+        flag = torch.tensor(
+            0.0 if failure is None else 1.0 if is_write_failure(failure) else 2.0, device=s.device
+        )
         worst = int(s.reduce({"failed": flag}, op="max")["failed"].item())
         if worst == 0:
             return
@@ -274,19 +319,24 @@ class CheckpointManager:
         if failure is None:
             cause = "another rank failed to write its part"
         elif isinstance(failure, OSError):
-            cause = f"{failure.strerror or type(failure).__name__}" + \
-                    (f" ({failure.filename})" if failure.filename else "")
+            cause = f"{failure.strerror or type(failure).__name__}" + (
+                f" ({failure.filename})" if failure.filename else ""
+            )
         else:  # torch's zip writer says only "unexpected pos ..."
             cause = f"write failed ({library_message(failure, 120)})"
         free = shutil.disk_usage(self.dir).free if self.dir.exists() else 0
         size = self._checkpoint_size()
         needed = f"a checkpoint takes {_mb(size)}, " if size else ""
         latest = self.latest()
-        resume = f"the run resumes from {latest.name}" if latest is not None else \
-            "no earlier checkpoint: the run starts afresh"
+        resume = (
+            f"the run resumes from {latest.name}"
+            if latest is not None
+            else "no earlier checkpoint: the run starts afresh"
+        )
         return CheckpointSaveError(
             f"{path}: checkpoint not saved: {cause}; {needed}{_mb(free)} free on {self.dir}; "
-            f"the partial folder is removed and {resume} when this command runs again")
+            f"the partial folder is removed and {resume} when this command runs again"
+        )
 
     def _warn_if_short_of_space(self) -> None:
         """Warn once when the disk holds less than two more checkpoints of the last one's size
@@ -297,8 +347,11 @@ class CheckpointManager:
         free = shutil.disk_usage(self.dir).free
         if free < 2 * size:
             self._warned_space = True
-            warnings.warn(f"{self.dir}: {_mb(free)} free, a checkpoint takes {_mb(size)}: the "
-                          "next saves may fail", stacklevel=3)
+            warnings.warn(
+                f"{self.dir}: {_mb(free)} free, a checkpoint takes {_mb(size)}: the "
+                "next saves may fail",
+                stacklevel=3,
+            )
 
     def _checkpoint_size(self) -> int:
         """Bytes of the last committed checkpoint (measured once after a resume)."""
@@ -335,11 +388,11 @@ class CheckpointManager:
         """Delete what no rule keeps: keep_last, keep_every, top_k by monitor, and ``latest``."""
         cfg = self.cfg
         done = self.committed()
-        keep = set(done[-cfg.keep_last:] if cfg.keep_last else done)
+        keep = set(done[-cfg.keep_last :] if cfg.keep_last else done)
         if cfg.keep_every:
             keep |= {p for p in done if step_of(p) % cfg.keep_every == 0}
         if self.top_k and self.monitor:
-            keep |= set(self.ranked()[:self.top_k])
+            keep |= set(self.ranked()[: self.top_k])
         latest = self.latest()
         if latest is not None:
             keep.add(latest)
@@ -413,8 +466,10 @@ class CheckpointManager:
                     raise
                 warnings.warn(f"skipping checkpoint: {exc}; trying the previous one", stacklevel=2)
         if candidates:
-            raise CheckpointError(f"{self.dir}: no committed checkpoint could be read; "
-                                  "set checkpoint.resume=never to start afresh")
+            raise CheckpointError(
+                f"{self.dir}: no committed checkpoint could be read; "
+                "set checkpoint.resume=never to start afresh"
+            )
         return None
 
     def clean_uncommitted(self) -> None:

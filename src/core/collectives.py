@@ -4,6 +4,7 @@ A task never imports ``torch.distributed``: the composition root sets ``task.col
 ``strategy.collectives()`` before training. In one process (and for a task used on its own) the
 handle is :class:`Collectives`, whose operations are the identity.
 """
+
 from __future__ import annotations
 
 from typing import Any

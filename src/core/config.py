@@ -6,6 +6,7 @@ checked against their registry entry's signature by :func:`validate_components`.
 
     cfg, origins = load_config("configs/exp001.yaml", ["trainer.max_steps=50"])
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,8 +18,13 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from src.core.errors import ConfigError, library_message, shown
-from src.core.optimizer_config import (optimizer_sections, optimizer_structure_errors,
-                                       optimizers_errors, regex_error, registry_section)
+from src.core.optimizer_config import (
+    optimizer_sections,
+    optimizer_structure_errors,
+    optimizers_errors,
+    regex_error,
+    registry_section,
+)
 
 Section = dict[str, Any]  # a component: {"type": name, **params}, checked by its registry
 
@@ -53,16 +59,31 @@ class TrainerConfig(_Strict):
     eval_every_n_steps: Optional[int] = Field(None, gt=0, description="Evaluate every N steps.")
     eval_every_n_epochs: Optional[int] = Field(1, gt=0, description="Evaluate every N epochs.")
     max_bad_steps: int = Field(5, gt=0, description="Stop after N consecutive non-finite steps.")
-    loss_spike_sigmas: Optional[float] = Field(None, gt=0, description=(
-        "Skip an update whose loss (mean over ranks) exceeds the mean of the last "
-        "loss_spike_window steps by this many standard deviations (None: off)."))
-    loss_spike_window: int = Field(50, ge=2, description=(
-        "Applied steps the loss-spike statistics cover; steps are judged once it is full."))
+    loss_spike_sigmas: Optional[float] = Field(
+        None,
+        gt=0,
+        description=(
+            "Skip an update whose loss (mean over ranks) exceeds the mean of the last "
+            "loss_spike_window steps by this many standard deviations (None: off)."
+        ),
+    )
+    loss_spike_window: int = Field(
+        50,
+        ge=2,
+        description=(
+            "Applied steps the loss-spike statistics cover; steps are judged once it is full."
+        ),
+    )
     compile: bool = Field(False, description="torch.compile the model.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations (HF/timm).")
     deterministic: bool = Field(False, description="Deterministic algorithms only.")
-    peak_tflops: Optional[float] = Field(None, gt=0, description=(
-        "Device peak TFLOP/s for model FLOPs utilisation (train/mfu); known GPUs are detected."))
+    peak_tflops: Optional[float] = Field(
+        None,
+        gt=0,
+        description=(
+            "Device peak TFLOP/s for model FLOPs utilisation (train/mfu); known GPUs are detected."
+        ),
+    )
 
 
 class CheckpointConfig(_Strict):
@@ -78,13 +99,21 @@ class CheckpointConfig(_Strict):
     monitor: Optional[str] = Field(None, description="Metric for top_k, e.g. val/accuracy.")
     mode: Literal["min", "max"] = Field("max", description="Whether the monitor improves up/down.")
     resume: str = Field("auto", description="auto | never | path to a checkpoint directory.")
-    async_save: bool = Field(False, description=(
-        "Copy and write model and optimizer in a background thread (DCP) while the next step's "
-        "forward and backward run; the update waits for the copy. COMMIT follows the write."))
-    trust_pickles: bool = Field(False, description=(
-        "Skip the check that refuses a checkpoint whose pickles name anything but tensors and "
-        "the records of our formats (DeepSpeed and DCP unpickle without restriction). Only for "
-        "checkpoints whose origin you trust."))
+    async_save: bool = Field(
+        False,
+        description=(
+            "Copy and write model and optimizer in a background thread (DCP) while the next step's "
+            "forward and backward run; the update waits for the copy. COMMIT follows the write."
+        ),
+    )
+    trust_pickles: bool = Field(
+        False,
+        description=(
+            "Skip the check that refuses a checkpoint whose pickles name anything but tensors and "
+            "the records of our formats (DeepSpeed and DCP unpickle without restriction). Only for "
+            "checkpoints whose origin you trust."
+        ),
+    )
 
 
 class LoggingConfig(_Strict):
@@ -98,32 +127,53 @@ class ExperimentConfig(_Strict):
     """One experiment. Sections map to registries; see configs/exp001.yaml."""
 
     name: str = Field(..., max_length=128, description="Run name: the folder experiments/<name>/.")
-    seed: int = Field(0, ge=0, lt=2**32, description=(
-        "Seed for python, numpy and torch (offset per rank), 0 <= seed < 2**32."))
+    seed: int = Field(
+        0,
+        ge=0,
+        lt=2**32,
+        description=("Seed for python, numpy and torch (offset per rank), 0 <= seed < 2**32."),
+    )
     imports: list[str] = Field([], description="User modules imported to register components.")
-    needs: dict[str, str] = Field({}, description=(
-        "Files or folders this config reads that another command makes: path -> that command. "
-        "A missing one stops the run before anything is built, naming its command."))
+    needs: dict[str, str] = Field(
+        {},
+        description=(
+            "Files or folders this config reads that another command makes: path -> that command. "
+            "A missing one stops the run before anything is built, naming its command."
+        ),
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     model: Section = Field(..., description="MODELS entry.")
     task: Section = Field(..., description="TASKS entry.")
-    optimizer: Section = Field({"type": "adamw"}, description=(
-        "OPTIMIZERS entry; `groups` (per-pattern lr_mult, lr, weight_decay, ...) and "
-        "`layer_decay` shape its parameter groups."))
-    optimizers: list[Section] = Field([], description=(
-        "Several optimizers by pattern: OPTIMIZERS entries with `match` (a regex on parameter "
-        "names; the last may omit it and takes the rest) and their own `scheduler`. Replaces "
-        "`optimizer`."))
-    freeze: list[str] = Field([], description=(
-        "Regexes on parameter names (model.blocks.0.attn.qkv.weight): matching parameters are "
-        "frozen."))
+    optimizer: Section = Field(
+        {"type": "adamw"},
+        description=(
+            "OPTIMIZERS entry; `groups` (per-pattern lr_mult, lr, weight_decay, ...) and "
+            "`layer_decay` shape its parameter groups."
+        ),
+    )
+    optimizers: list[Section] = Field(
+        [],
+        description=(
+            "Several optimizers by pattern: OPTIMIZERS entries with `match` (a regex on parameter "
+            "names; the last may omit it and takes the rest) and their own `scheduler`. Replaces "
+            "`optimizer`."
+        ),
+    )
+    freeze: list[str] = Field(
+        [],
+        description=(
+            "Regexes on parameter names (model.blocks.0.attn.qkv.weight): matching parameters are "
+            "frozen."
+        ),
+    )
     scheduler: Section = Field({"type": "constant"}, description="SCHEDULERS entry.")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     strategy: Section = Field({"type": "single"}, description="STRATEGIES entry.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    callbacks: list[Section] = Field([], description=(
-        "CALLBACKS entries (a bare name is {type: name})."))
+    callbacks: list[Section] = Field(
+        [], description=("CALLBACKS entries (a bare name is {type: name}).")
+    )
 
     @field_validator("callbacks", mode="before")
     @classmethod
@@ -184,30 +234,43 @@ def _yaml_loader():
             if isinstance(node, yaml.MappingNode):
                 seen: dict[str, int] = {}
                 for key_node, _ in node.value:
-                    if isinstance(key_node, yaml.ScalarNode) and \
-                            key_node.tag != "tag:yaml.org,2002:merge":
+                    if (
+                        isinstance(key_node, yaml.ScalarNode)
+                        and key_node.tag != "tag:yaml.org,2002:merge"
+                    ):
                         if key_node.value in seen:
                             raise yaml.constructor.ConstructorError(
-                                None, None, f"duplicate key '{key_node.value}' (first given on "
-                                f"line {seen[key_node.value] + 1})", key_node.start_mark)
+                                None,
+                                None,
+                                f"duplicate key '{key_node.value}' (first given on "
+                                f"line {seen[key_node.value] + 1})",
+                                key_node.start_mark,
+                            )
                         seen[key_node.value] = key_node.start_mark.line
             return super().construct_mapping(node, deep)
 
     dropped = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")
     Loader.yaml_implicit_resolvers = {
         first: [(tag, rx) for tag, rx in resolvers if tag not in dropped]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-    Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
-                                 re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                 list("tTfF"))
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:bool",
+        re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+        list("tTfF"),
+    )
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
-        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        re.compile(
+            r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                     |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                     |\.[0-9_]+(?:[eE][-+][0-9]+)?
                     |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$""", re.X),
-        list("-+0123456789."))
+                    |\.(?:nan|NaN|NAN))$""",
+            re.X,
+        ),
+        list("-+0123456789."),
+    )
     return Loader
 
 
@@ -233,8 +296,7 @@ def yaml_load(text: str, where: str = "<yaml>") -> Any:
     except yaml.YAMLError as exc:  # e.g. a NUL byte: the reader's message, first line only
         raise ConfigError(f"{where}: invalid YAML: {str(exc).splitlines()[0]}") from None
     except RecursionError:
-        raise ConfigError(f"{where}: invalid YAML: nested deeper than {MAX_DEPTH} levels"
-                          ) from None
+        raise ConfigError(f"{where}: invalid YAML: nested deeper than {MAX_DEPTH} levels") from None
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
         # a tag's value that cannot be built: !!int x, !!bool maybe, a 5000-digit integer
         raise ConfigError(f"{where}: invalid YAML value: {library_message(exc, 120)}") from None
@@ -255,22 +317,26 @@ def _check_tree(data: Any, where: str) -> None:
         count += 1
         at = f"{where}: {path}" if path else where
         if count > MAX_VALUES:
-            raise ConfigError(f"{where}: more than {MAX_VALUES:,} values once aliases are "
-                              "expanded; a config needs far fewer")
+            raise ConfigError(
+                f"{where}: more than {MAX_VALUES:,} values once aliases are "
+                "expanded; a config needs far fewer"
+            )
         if depth > MAX_DEPTH:
             raise ConfigError(f"{at}: nested deeper than {MAX_DEPTH} levels")
         if isinstance(node, (dict, list)):
             if id(node) in open_ids:
                 raise ConfigError(f"{at}: refers to itself (a recursive alias)")
             open_ids.add(id(node))
-            for k, v in (node.items() if isinstance(node, dict) else enumerate(node)):
+            for k, v in node.items() if isinstance(node, dict) else enumerate(node):
                 if isinstance(node, dict) and not isinstance(k, str):
                     raise ConfigError(f"{at}: key {shown(k)} is not a string")
                 walk(v, f"{path}.{k}" if path else str(k), depth + 1)
             open_ids.discard(id(node))
         elif not isinstance(node, _JSON_TYPES):
-            raise ConfigError(f"{at}: a YAML {type(node).__name__} is not a config value (use a "
-                              "string, number, boolean, list or mapping)")
+            raise ConfigError(
+                f"{at}: a YAML {type(node).__name__} is not a config value (use a "
+                "string, number, boolean, list or mapping)"
+            )
 
     walk(data, "", 0)
 
@@ -288,8 +354,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             hint = f"; did you mean {path.parent / close[0]}?" if close else ""
             raise ConfigError(f"{name}: config file not found{hint}")
         if path.stat().st_size > MAX_FILE_BYTES:
-            raise ConfigError(f"{name}: {path.stat().st_size:,} bytes is too large for a config "
-                              f"file (limit {MAX_FILE_BYTES:,})")
+            raise ConfigError(
+                f"{name}: {path.stat().st_size:,} bytes is too large for a config "
+                f"file (limit {MAX_FILE_BYTES:,})"
+            )
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{name}: not UTF-8 text (byte {exc.start})") from None
@@ -313,8 +381,11 @@ def _merge(base: dict, top: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in top.items():
         old = out.get(key)
-        if isinstance(value, dict) and isinstance(old, dict) and \
-                value.get("type", old.get("type")) == old.get("type"):
+        if (
+            isinstance(value, dict)
+            and isinstance(old, dict)
+            and value.get("type", old.get("type")) == old.get("type")
+        ):
             out[key] = _merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -346,8 +417,9 @@ def _set_sources(origins: dict[str, str], new: dict[str, str]) -> None:
 DICT_SOURCE = "<dict>"  # where the values of a config given as a Python dict come from
 
 
-def _load_with_bases(path: Path, seen: tuple[Path, ...] = (), given: Optional[dict] = None
-                     ) -> tuple[dict, dict[str, str]]:
+def _load_with_bases(
+    path: Path, seen: tuple[Path, ...] = (), given: Optional[dict] = None
+) -> tuple[dict, dict[str, str]]:
     """A file (or the ``given`` dict, whose ``base:`` is relative to the current folder) merged
     over its ``base:`` files, and the file each leaf came from."""
     if given is None and _resolved(path) in seen:
@@ -367,8 +439,9 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...] = (), given: Optional[di
         if bases is None:
             break
         if not isinstance(b, str) or not b.strip() or "\x00" in b or len(b) > 1024:
-            raise ConfigError(f"{path}: base: expected a config file name (or a list of them), "
-                              f"got {shown(b)}")
+            raise ConfigError(
+                f"{path}: base: expected a config file name (or a list of them), got {shown(b)}"
+            )
         bdata, borigins = _load_with_bases(path.parent / b, seen + (_resolved(path),))
         merged = _merge(merged, bdata)
         _set_sources(origins, borigins)
@@ -397,8 +470,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"{where}: key path is deeper than {MAX_DEPTH} levels")
     bad = next((p for p in parts if not _KEY_PART.fullmatch(p)), None)
     if bad is not None:
-        raise ConfigError(f"{where}: {shown(bad, 40) if bad else 'an empty part'} is not a key "
-                          "(expected key.path=value, keys of letters, digits, '_' and '-')")
+        raise ConfigError(
+            f"{where}: {shown(bad, 40) if bad else 'an empty part'} is not a key "
+            "(expected key.path=value, keys of letters, digits, '_' and '-')"
+        )
     value = yaml_load(raw, where) if raw.strip() else None
     return parts, value
 
@@ -461,8 +536,9 @@ def _component_errors(data: dict) -> list[str]:
     return lines
 
 
-def load_config(path: str | Path | dict, overrides: list[str] = ()
-                ) -> tuple[ExperimentConfig, dict[str, str]]:
+def load_config(
+    path: str | Path | dict, overrides: list[str] = ()
+) -> tuple[ExperimentConfig, dict[str, str]]:
     """Read, inherit, override and validate a config (a file, or a dict of its sections).
 
     Returns:
@@ -490,14 +566,18 @@ def load_config(path: str | Path | dict, overrides: list[str] = ()
                 del origins[p]
         source = f"override {shown(text, 60)}"
         _apply_override(data, keys, value, text)
-        _set_sources(origins, _leaf_sources({".".join(keys): value}, source)
-                     if not isinstance(value, dict)
-                     else _leaf_sources(value, source, ".".join(keys) + "."))
+        _set_sources(
+            origins,
+            _leaf_sources({".".join(keys): value}, source)
+            if not isinstance(value, dict)
+            else _leaf_sources(value, source, ".".join(keys) + "."),
+        )
     try:
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as exc:
-        err = _located(ConfigError.from_pydantic(exc, model=ExperimentConfig), origins,
-                       str(Path(path)))
+        err = _located(
+            ConfigError.from_pydantic(exc, model=ExperimentConfig), origins, str(Path(path))
+        )
         err.data, err.origins = data, origins  # for the component checks (all problems at once)
         raise err from None
     return cfg, origins
@@ -511,8 +591,9 @@ def _located(err: ConfigError, origins: dict[str, str], default: str) -> ConfigE
         parts = loc.split(".")
         prefixes = [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
         below = [src for p, src in origins.items() if p.startswith(loc + ".")]
-        source = next((origins[p] for p in prefixes if p in origins),
-                      below[0] if below else default)
+        source = next(
+            (origins[p] for p in prefixes if p in origins), below[0] if below else default
+        )
         lines.append(f"{source}: {line}")
     return ConfigError(*lines)
 
@@ -521,6 +602,7 @@ def component_sections(data: dict) -> list[tuple[str, str, Any]]:
     """(registry name, dotted path, section) for every component a config names, read from its
     mapping (raw, or a validated config's ``model_dump()``); a section that is not a mapping
     is given as it is. The one table of sections and their registries."""
+
     def get(node: Any, key: str) -> Any:
         return node.get(key) if isinstance(node, dict) else None
 
@@ -531,16 +613,26 @@ def component_sections(data: dict) -> list[tuple[str, str, Any]]:
         out.append(("datasets", "data", {"type": DataConfig.model_fields["type"].default, **own}))
         if d.get("sampler") is not None:
             out.append(("samplers", "data.sampler", d["sampler"]))
-    for reg, key in (("models", "model"), ("tasks", "task"), ("schedulers", "scheduler"),
-                     ("strategies", "strategy")):
+    for reg, key in (
+        ("models", "model"),
+        ("tasks", "task"),
+        ("schedulers", "scheduler"),
+        ("strategies", "strategy"),
+    ):
         out.append((reg, key, data.get(key)))
-    out += [("optimizers", path, registry_section(s) if isinstance(s, dict) else s)
-            for path, s in optimizer_sections(data)]
-    for reg, path, entries in (("callbacks", "callbacks", data.get("callbacks")),
-                               ("loggers", "logging.loggers", get(data.get("logging"), "loggers"))):
+    out += [
+        ("optimizers", path, registry_section(s) if isinstance(s, dict) else s)
+        for path, s in optimizer_sections(data)
+    ]
+    for reg, path, entries in (
+        ("callbacks", "callbacks", data.get("callbacks")),
+        ("loggers", "logging.loggers", get(data.get("logging"), "loggers")),
+    ):
         if isinstance(entries, list):  # a bare name is {type: name}
-            out += [(reg, f"{path}.{i}", {"type": s} if isinstance(s, str) else s)
-                    for i, s in enumerate(entries)]
+            out += [
+                (reg, f"{path}.{i}", {"type": s} if isinstance(s, str) else s)
+                for i, s in enumerate(entries)
+            ]
     return out
 
 
@@ -560,8 +652,11 @@ def missing_needs(cfg: ExperimentConfig) -> list[str]:
                 strings(x)
 
     strings(cfg.model_dump(mode="json", exclude={"needs"}))
-    return [f"needs: {path} does not exist yet; make it with: {command}"
-            for path, command in cfg.needs.items() if path in used and not Path(path).exists()]
+    return [
+        f"needs: {path} does not exist yet; make it with: {command}"
+        for path, command in cfg.needs.items()
+        if path in used and not Path(path).exists()
+    ]
 
 
 def validate_components(cfg: ExperimentConfig, origins: dict[str, str], source: str) -> None:

@@ -6,6 +6,7 @@ the platform's own warnings stay on the console as one line each, without a sour
 :func:`quiet_libraries` installs this for the command line; :func:`attach_log` opens the file
 once the run folder is known (what came before is written into it then).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,12 +14,28 @@ import io
 import logging
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
-LIBRARY_LOGGERS = ("DeepSpeed", "deepspeed", "transformers", "peft", "mlflow", "alembic",
-                   "bitsandbytes", "timm", "accelerate", "torch.distributed", "urllib3",
-                   "huggingface_hub", "datasets", "faiss", "matplotlib", "PIL")
+LIBRARY_LOGGERS = (
+    "DeepSpeed",
+    "deepspeed",
+    "transformers",
+    "peft",
+    "mlflow",
+    "alembic",
+    "bitsandbytes",
+    "timm",
+    "accelerate",
+    "torch.distributed",
+    "urllib3",
+    "huggingface_hub",
+    "datasets",
+    "faiss",
+    "matplotlib",
+    "PIL",
+)
 _OWN = str(Path(__file__).resolve().parents[1])  # the src/ folder
 
 
@@ -60,7 +77,7 @@ class _LogSink(logging.Handler):
 _sink: Optional[_LogSink] = None
 
 
-def _reroute(sink: "_LogSink") -> None:
+def _reroute(sink: _LogSink) -> None:
     """Library loggers write to the sink only (a library may add its own handler on import)."""
     for name in LIBRARY_LOGGERS:
         lg = logging.getLogger(name)
@@ -169,38 +186,51 @@ def detach_log() -> None:
 def banner(exp, decision, resumed: int) -> str:
     """The lines a run starts with: folder and whether it is new, model, data, compute."""
     s, cfg = exp.summary(), exp.cfg
-    state = {"new": "new run", "resume": f"resumed at step {resumed}",
-             "extend": f"resumed at step {resumed}, extended: {decision.describe()}"}
+    state = {
+        "new": "new run",
+        "resume": f"resumed at step {resumed}",
+        "extend": f"resumed at step {resumed}, extended: {decision.describe()}",
+    }
     info = exp.data.info
-    return "\n".join([
-        f"run      {exp.run_dir} ({state.get(decision.kind, decision.kind)})",
-        f"model    {cfg.model['type']}: {s['model_parameters']:,} parameters "
-        f"({s['trainable_parameters']:,} trainable)",
-        f"data     {cfg.data.type}: {s['train_samples']:,} train / {s['val_samples']:,} val "
-        f"samples, input {tuple(info.input_shape)}, batch {cfg.data.batch_size} x "
-        f"{cfg.trainer.grad_accum_steps}, {s['steps_per_epoch']} steps per epoch",
-        f"compute  {cfg.strategy['type']} on {exp.strategy.device}, world size "
-        f"{exp.strategy.world_size}, {cfg.trainer.precision}, {s['total_steps']} steps",
-    ])
+    return "\n".join(
+        [
+            f"run      {exp.run_dir} ({state.get(decision.kind, decision.kind)})",
+            f"model    {cfg.model['type']}: {s['model_parameters']:,} parameters "
+            f"({s['trainable_parameters']:,} trainable)",
+            f"data     {cfg.data.type}: {s['train_samples']:,} train / {s['val_samples']:,} val "
+            f"samples, input {tuple(info.input_shape)}, batch {cfg.data.batch_size} x "
+            f"{cfg.trainer.grad_accum_steps}, {s['steps_per_epoch']} steps per epoch",
+            f"compute  {cfg.strategy['type']} on {exp.strategy.device}, world size "
+            f"{exp.strategy.world_size}, {cfg.trainer.precision}, {s['total_steps']} steps",
+        ]
+    )
 
 
 def summary(exp, metrics: dict[str, float], seconds: float) -> str:
     """The lines a run ends with: final and best metrics, where things are, what to do next."""
     trainer, run_dir = exp.trainer, exp.run_dir
-    final = {k: v for k, v in metrics.items() if k.startswith("val/")} or \
-        {k: v for k, v in metrics.items() if k in ("train/loss", "train/accuracy")}
-    lines = [f"done     step {trainer.step} of {trainer.max_steps} in {_duration(seconds)}"
-             + (" | final " + " ".join(f"{k} {v:.4g}" for k, v in list(final.items())[:4])
-                if final else "")]
+    final = {k: v for k, v in metrics.items() if k.startswith("val/")} or {
+        k: v for k, v in metrics.items() if k in ("train/loss", "train/accuracy")
+    }
+    lines = [
+        f"done     step {trainer.step} of {trainer.max_steps} in {_duration(seconds)}"
+        + (
+            " | final " + " ".join(f"{k} {v:.4g}" for k, v in list(final.items())[:4])
+            if final
+            else ""
+        )
+    ]
     best = _best(run_dir)
     if best:
         lines.append("best     " + " | ".join(f"{k} {v:.4g} (step {s})" for k, (v, s) in best))
     ckpt = trainer.checkpoints.latest() if trainer.checkpoints is not None else None
     if ckpt is not None:
         lines.append(f"saved    {ckpt} (artifacts and metrics in {run_dir})")
-        lines.append(f"next     predict: python -m src.main predict --run {run_dir}; export: "
-                     f"python -m src.main export --run {run_dir} {exported(exp)}; "
-                     "train on: the same command with a larger trainer.max_steps")
+        lines.append(
+            f"next     predict: python -m src.main predict --run {run_dir}; export: "
+            f"python -m src.main export --run {run_dir} {exported(exp)}; "
+            "train on: the same command with a larger trainer.max_steps"
+        )
     return "\n".join(lines)
 
 
@@ -213,8 +243,9 @@ def exported(exp) -> str:
     try:
         exp.task.inference()
     except UserError:
-        outside = any(p.requires_grad and not n.startswith("model.")
-                      for n, p in exp.task.named_parameters())
+        outside = any(
+            p.requires_grad and not n.startswith("model.") for n, p in exp.task.named_parameters()
+        )
         return ("--task " if outside else "") + f"--out {exp.cfg.name}.safetensors"
     return f"--out {exp.cfg.name}.onnx"
 
@@ -233,9 +264,20 @@ def _best(run_dir: Path) -> list[tuple[str, tuple[float, int]]]:
         except ValueError:
             continue
         for k, v in row.items():
-            if k.startswith("val/") and isinstance(v, (int, float)) and k in (
-                    "val/loss", "val/accuracy", "val/knn_accuracy", "val/probe_accuracy",
-                    "val/perplexity", "val/map_at_r", "val/recall_at_1"):
+            if (
+                k.startswith("val/")
+                and isinstance(v, (int, float))
+                and k
+                in (
+                    "val/loss",
+                    "val/accuracy",
+                    "val/knn_accuracy",
+                    "val/probe_accuracy",
+                    "val/perplexity",
+                    "val/map_at_r",
+                    "val/recall_at_1",
+                )
+            ):
                 lower = "loss" in k or "perplexity" in k
                 if k not in best or (v < best[k][0] if lower else v > best[k][0]):
                     best[k] = (v, row.get("step", 0))
@@ -246,4 +288,3 @@ def _duration(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     h, m = divmod(m, 60)
     return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s" if m else f"{seconds:.1f}s"
-

@@ -4,6 +4,7 @@
 Three panels against the step: training and validation loss, the main validation metric (the
 first ``val/`` metric that is not a loss, e.g. ``val/accuracy``), and the learning rate.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,9 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def main_metric(rows: list[dict]) -> Optional[str]:
     keys = [k for r in rows for k in r if k.startswith("val/") and "loss" not in k]
-    return next((k for k in ("val/accuracy", "val/zeroshot_top1") if k in keys), keys[0]
-                if keys else None)
+    return next(
+        (k for k in ("val/accuracy", "val/zeroshot_top1") if k in keys), keys[0] if keys else None
+    )
 
 
 def write_curves(run_dir: Path) -> Optional[Path]:
@@ -45,6 +47,11 @@ def write_curves(run_dir: Path) -> Optional[Path]:
     if metric:
         groups.append((metric.split("/", 1)[1], [metric.replace("val/", "train/", 1), metric]))
     groups.append(("learning rate", ["train/lr"]))
-    panels = [Panel(title, [Series(key, *_series(rows, key), markers=key.startswith("val/"))
-                            for key in keys]) for title, keys in groups]  # empty ones not drawn
+    panels = [
+        Panel(
+            title,
+            [Series(key, *_series(rows, key), markers=key.startswith("val/")) for key in keys],
+        )
+        for title, keys in groups
+    ]  # empty ones not drawn
     return line_panels(panels, Path(run_dir).name, Path(run_dir) / "curves.png")

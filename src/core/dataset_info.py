@@ -1,4 +1,5 @@
 """What a dataset tells the rest of the run: classes and input shape flow from data, never typed twice."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

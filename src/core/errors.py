@@ -4,6 +4,7 @@ Every line is printed as one line: control characters (a newline in a value, a N
 terminal escape) are escaped, and a line is cut at :data:`MAX_LINE` characters. Values quoted in
 messages go through :func:`shown`, library messages through :func:`library_message`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,7 @@ def _escape(text: str) -> str:
 
 
 def shorten(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def shown(value, limit: int = 80) -> str:
@@ -90,7 +91,7 @@ class ConfigError(UserError):
     """A config problem; each line names the dotted path of the field at fault."""
 
     @classmethod
-    def from_pydantic(cls, exc, prefix: str = "", source: str = "", model=None) -> "ConfigError":
+    def from_pydantic(cls, exc, prefix: str = "", source: str = "", model=None) -> ConfigError:
         """One line per pydantic error: ``[source: ]path.to.field: message (got value)``.
 
         With ``model`` (the pydantic model that was validated), an unknown key gets the closest

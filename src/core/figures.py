@@ -5,16 +5,27 @@ Importing matplotlib costs about half a second, which every short run and every 
 simple figures; Pillow (already installed with torchvision) draws both in about 0.1 s.
 Figures drawn on request (the lr finder, sweep reports) keep matplotlib.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 # matplotlib's tab10, so the figures look like the ones people know
-COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22", "#17becf"]
+COLOURS = [
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+]
 INK, GRID, FRAME = (30, 30, 30), (225, 225, 225), (110, 110, 110)
 PANEL_W, PANEL_H = 380, 300
 LEFT, RIGHT, TOP, BOTTOM = 58, 14, 30, 40
@@ -87,9 +98,18 @@ def _draw_panel(draw, ox: int, oy: int, panel: Panel, font, small) -> None:
     x1, y1 = ox + PANEL_W - RIGHT, oy + PANEL_H - BOTTOM
     _text(draw, ((x0 + x1) // 2, oy + 8), panel.title, font, "mt")
     _text(draw, ((x0 + x1) // 2, oy + PANEL_H - 4), panel.xlabel, small, "md")
-    series = [(i, s, [(float(a), float(b)) for a, b in zip(s.x, s.y)
-                      if math.isfinite(float(a)) and math.isfinite(float(b))])
-              for i, s in enumerate(panel.series)]
+    series = [
+        (
+            i,
+            s,
+            [
+                (float(a), float(b))
+                for a, b in zip(s.x, s.y)
+                if math.isfinite(float(a)) and math.isfinite(float(b))
+            ],
+        )
+        for i, s in enumerate(panel.series)
+    ]
     series = [t for t in series if t[2]]
     draw.rectangle([x0, y0, x1, y1], outline=FRAME)
     if not series:
@@ -125,10 +145,16 @@ def _draw_panel(draw, ox: int, oy: int, panel: Panel, font, small) -> None:
         drawn += _along(xy)
     lw = max(int(draw.textlength(s.label, font=small)) for _, s, _ in series) + 30
     lh = 15 * len(series) + 4
-    corners = [(x1 - lw - 4, y0 + 4), (x0 + 4, y0 + 4), (x1 - lw - 4, y1 - lh - 4),
-               (x0 + 4, y1 - lh - 4)]  # as matplotlib's "best": the corner the lines avoid
-    lx, ly = min(corners, key=lambda c: sum(c[0] <= x <= c[0] + lw and c[1] <= y <= c[1] + lh
-                                            for x, y in drawn))
+    corners = [
+        (x1 - lw - 4, y0 + 4),
+        (x0 + 4, y0 + 4),
+        (x1 - lw - 4, y1 - lh - 4),
+        (x0 + 4, y1 - lh - 4),
+    ]  # as matplotlib's "best": the corner the lines avoid
+    lx, ly = min(
+        corners,
+        key=lambda c: sum(c[0] <= x <= c[0] + lw and c[1] <= y <= c[1] + lh for x, y in drawn),
+    )
     for i, s, _ in series:
         draw.line([(lx + 4, ly + 8), (lx + 20, ly + 8)], fill=COLOURS[i % len(COLOURS)], width=2)
         _text(draw, (lx + 24, ly + 8), s.label, small, "lm")
@@ -175,8 +201,14 @@ def heatmap_layout(c: int, names: Sequence[str]) -> tuple[int, int, int, int]:
     return cell, 30 + (name_w + 8 if cell >= 10 else 0), 30, name_w
 
 
-def heatmap(matrix: Sequence[Sequence[float]], names: Sequence[str], title: str, out: Path,
-            xlabel: str = "predicted", ylabel: str = "true") -> Path:
+def heatmap(
+    matrix: Sequence[Sequence[float]],
+    names: Sequence[str],
+    title: str,
+    out: Path,
+    xlabel: str = "predicted",
+    ylabel: str = "true",
+) -> Path:
     """A square matrix as coloured cells (counts written in them up to 30 classes), rows
     ``ylabel`` and columns ``xlabel`` named by ``names``; written as a PNG."""
     from PIL import Image, ImageDraw
@@ -196,12 +228,22 @@ def heatmap(matrix: Sequence[Sequence[float]], names: Sequence[str], title: str,
     for i, row in enumerate(matrix):
         for j, v in enumerate(row):
             fill = _blues(v / peak)
-            box = [left + j * cell, top + i * cell, left + (j + 1) * cell - 1,
-                   top + (i + 1) * cell - 1]
+            box = [
+                left + j * cell,
+                top + i * cell,
+                left + (j + 1) * cell - 1,
+                top + (i + 1) * cell - 1,
+            ]
             draw.rectangle(box, fill=fill)
             if c <= 30 and cell >= 14:
-                _text(draw, (box[0] + cell / 2, box[1] + cell / 2), f"{v:g}", small, "mm",
-                      (255, 255, 255) if v > peak / 2 else (0, 0, 0))
+                _text(
+                    draw,
+                    (box[0] + cell / 2, box[1] + cell / 2),
+                    f"{v:g}",
+                    small,
+                    "mm",
+                    (255, 255, 255) if v > peak / 2 else (0, 0, 0),
+                )
     draw.rectangle([left - 1, top - 1, left + c * cell, top + c * cell], outline=FRAME)
     if show_names:
         for i, n in enumerate(names):

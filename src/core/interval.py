@@ -3,6 +3,7 @@
 Kept as device tensors (one stack and one add per step, no host sync); read once per log interval
 and checkpointed, so a resumed run logs the same averages bit for bit.
 """
+
 from __future__ import annotations
 
 import time
@@ -70,8 +71,13 @@ class IntervalMetrics:
         """Leave ``seconds`` (evaluation, a checkpoint) out of the interval's time."""
         self.t0 += seconds
 
-    def read(self, strategy, lr: float, flops_per_micro: Optional[int] = None,
-             peak: Optional[float] = None) -> dict[str, float]:
+    def read(
+        self,
+        strategy,
+        lr: float,
+        flops_per_micro: Optional[int] = None,
+        peak: Optional[float] = None,
+    ) -> dict[str, float]:
         """The interval's ``train/...`` metrics: step means over every rank (one all-reduce, one
         host sync), the lr, samples (and tokens) per second, and TFLOP/s and MFU when known."""
         elapsed = self.elapsed()
@@ -83,8 +89,9 @@ class IntervalMetrics:
         steps = totals.pop("_steps")
         tokens = totals.pop("_tokens", None)
         names = list(totals)
-        values = (torch.stack([totals[k] for k in names]) / steps.clamp(min=1)).tolist() \
-            if names else []
+        values = (
+            (torch.stack([totals[k] for k in names]) / steps.clamp(min=1)).tolist() if names else []
+        )
         metrics = {f"train/{k}": v for k, v in zip(names, values)}
         metrics["train/lr"] = lr
         metrics["train/samples_per_sec"] = self.samples * strategy.world_size / elapsed
@@ -97,9 +104,12 @@ class IntervalMetrics:
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sums": {k: v.cpu() for k, v in self.sums().items()}, "steps": self.steps,
-                "samples": self.samples,
-                "tokens": None if self.tokens is None else self.tokens.cpu()}
+        return {
+            "sums": {k: v.cpu() for k, v in self.sums().items()},
+            "steps": self.steps,
+            "samples": self.samples,
+            "tokens": None if self.tokens is None else self.tokens.cpu(),
+        }
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         sums = {k: v.to(device) for k, v in state["sums"].items()}

@@ -1,5 +1,6 @@
 """Local folders named in a config: a path, or ``pkg:<package>/<sub/folder>`` inside an installed
 Python package (how a pretrained model or tokenizer ships without a download)."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -5,6 +5,7 @@ Each receives ``start(run_info, resume_step)`` once, ``log(metrics, step)`` with
 ``run_info`` is the run's provenance: the resolved config flattened, where each value came from
 (user, default, data, derived, environment), and the derived and environment facts.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,10 @@ class ConsoleLogger(Logger):
     def __init__(
         self,
         run_dir: Path,
-        total_steps: Annotated[Optional[int], Field(
-            description="steps shown after each step number (default: the run's)")] = None,
+        total_steps: Annotated[
+            Optional[int],
+            Field(description="steps shown after each step number (default: the run's)"),
+        ] = None,
     ):
         super().__init__(run_dir)
         self.total = total_steps
@@ -92,8 +95,9 @@ class JSONLLogger(Logger):
     def __init__(
         self,
         run_dir: Path,
-        filename: Annotated[str, Field(
-            description="file name inside the run folder")] = "metrics.jsonl",
+        filename: Annotated[
+            str, Field(description="file name inside the run folder")
+        ] = "metrics.jsonl",
     ):
         super().__init__(run_dir)
         self.path = self.run_dir / filename
@@ -102,8 +106,11 @@ class JSONLLogger(Logger):
     def start(self, run_info: dict[str, Any], resume_step: int = 0) -> None:
         if self.path.exists():
             if resume_step:
-                keep = [line for line in self.path.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                keep = [
+                    line
+                    for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step
+                ]
                 if keep:
                     self.t0 -= json.loads(keep[-1]).get("time", 0.0)
                 self.path.write_text("".join(line + "\n" for line in keep))
@@ -117,8 +124,16 @@ class JSONLLogger(Logger):
         self.sink.write(json.dumps(row) + "\n")
 
     def log_text(self, texts: dict[str, str], step: int) -> None:
-        self.sink.write(json.dumps({"step": step, "time": round(time.time() - self.t0, 3),
-                                    **{f"text/{k}": v for k, v in texts.items()}}) + "\n")
+        self.sink.write(
+            json.dumps(
+                {
+                    "step": step,
+                    "time": round(time.time() - self.t0, 3),
+                    **{f"text/{k}": v for k, v in texts.items()},
+                }
+            )
+            + "\n"
+        )
 
 
 @LOGGERS.register("tensorboard")
@@ -128,8 +143,9 @@ class TensorBoardLogger(Logger):
     def __init__(
         self,
         run_dir: Path,
-        subdir: Annotated[str, Field(
-            description="folder inside the run folder for the event files")] = "tensorboard",
+        subdir: Annotated[
+            str, Field(description="folder inside the run folder for the event files")
+        ] = "tensorboard",
     ):
         super().__init__(run_dir)
         self.dir = self.run_dir / subdir
@@ -137,9 +153,13 @@ class TensorBoardLogger(Logger):
     def start(self, run_info: dict[str, Any], resume_step: int = 0) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.sink = SummaryWriter(str(self.dir), purge_step=resume_step + 1 if resume_step else None)
-        rows = "\n".join(f"| {k} | {v} | {run_info['origin'].get(k, '')} |"
-                         for k, v in run_info["params"].items())
+        self.sink = SummaryWriter(
+            str(self.dir), purge_step=resume_step + 1 if resume_step else None
+        )
+        rows = "\n".join(
+            f"| {k} | {v} | {run_info['origin'].get(k, '')} |"
+            for k, v in run_info["params"].items()
+        )
         self.sink.add_text("config", "| key | value | origin |\n|---|---|---|\n" + rows, 0)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -158,11 +178,16 @@ class MLflowLogger(Logger):
     def __init__(
         self,
         run_dir: Path,
-        tracking_uri: Annotated[Optional[str], Field(
-            description="an MLflow tracking URI; default a local SQLite store in "
-                        "<run>/mlruns/mlflow.db with artifacts in <run>/mlruns/artifacts")] = None,
-        experiment: Annotated[Optional[str], Field(
-            description="MLflow experiment name (default: the run's name)")] = None,
+        tracking_uri: Annotated[
+            Optional[str],
+            Field(
+                description="an MLflow tracking URI; default a local SQLite store in "
+                "<run>/mlruns/mlflow.db with artifacts in <run>/mlruns/artifacts"
+            ),
+        ] = None,
+        experiment: Annotated[
+            Optional[str], Field(description="MLflow experiment name (default: the run's name)")
+        ] = None,
     ):
         super().__init__(run_dir)
         tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
@@ -187,17 +212,20 @@ class MLflowLogger(Logger):
             self.client.update_run(self.run_id, status="RUNNING")
             return
         exp = self.client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(
-            self.experiment, artifact_location=self._artifacts())
+        exp_id = (
+            exp.experiment_id
+            if exp
+            else self.client.create_experiment(self.experiment, artifact_location=self._artifacts())
+        )
         run = self.client.create_run(exp_id, run_name=self.run_dir.name)
         self.run_id = run.info.run_id
         id_file.write_text(self.run_id)
         params = [Param(k, str(v)[:6000]) for k, v in run_info["params"].items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
         tags = [RunTag(f"origin.{k}", v) for k, v in run_info["origin"].items()]
         for i in range(0, len(tags), 100):
-            self.client.log_batch(self.run_id, tags=tags[i:i + 100])
+            self.client.log_batch(self.run_id, tags=tags[i : i + 100])
         config = self.run_dir / "config.yaml"
         if config.exists():
             self.client.log_artifact(self.run_id, str(config))
@@ -208,7 +236,7 @@ class MLflowLogger(Logger):
         if self.store is not None:
             return (self.store / "artifacts").as_uri()
         if self.uri.startswith("sqlite:///"):
-            db = Path(self.uri[len("sqlite:///"):])
+            db = Path(self.uri[len("sqlite:///") :])
             return (db.resolve().parent / "artifacts" / self.experiment).as_uri()
         return None
 
@@ -220,8 +248,9 @@ class MLflowLogger(Logger):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step)
-                                                    for k, v in metrics.items()])
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.client and self.run_id:
@@ -239,8 +268,10 @@ class WandbLogger(Logger):
         self,
         run_dir: Path,
         project: Annotated[str, Field(description="W&B project")] = "tessera",
-        mode: Annotated[Literal["offline", "online", "disabled"], Field(
-            description="offline: files only, synced later; online: needs a login")] = "offline",
+        mode: Annotated[
+            Literal["offline", "online", "disabled"],
+            Field(description="offline: files only, synced later; online: needs a login"),
+        ] = "offline",
         entity: Annotated[Optional[str], Field(description="W&B team or user")] = None,
         group: Annotated[Optional[str], Field(description="groups runs (a sweep, ...)")] = None,
         tags: Annotated[list[str], Field(description="tags of the run")] = [],
@@ -251,10 +282,17 @@ class WandbLogger(Logger):
         if importlib.util.find_spec("wandb") is None:
             from src.core.errors import ConfigError
 
-            raise ConfigError("logging.loggers: wandb is not installed; pip install wandb (or "
-                              "the project's extra: pip install -e '.[wandb]')")
-        self.project, self.mode, self.entity, self.group, self.tags = \
-            project, mode, entity, group, list(tags)
+            raise ConfigError(
+                "logging.loggers: wandb is not installed; pip install wandb (or "
+                "the project's extra: pip install -e '.[wandb]')"
+            )
+        self.project, self.mode, self.entity, self.group, self.tags = (
+            project,
+            mode,
+            entity,
+            group,
+            list(tags),
+        )
         self.run = None
 
     def start(self, run_info: dict[str, Any], resume_step: int = 0) -> None:
@@ -265,10 +303,19 @@ class WandbLogger(Logger):
         run_id = run_id or uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         self.run = wandb.init(
-            project=self.project, entity=self.entity, group=self.group, tags=self.tags,
-            name=self.run_dir.name, id=run_id, resume="allow", dir=str(self.run_dir),
-            mode=self.mode, config=run_info.get("params", {}), reinit="create_new",
-            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+            project=self.project,
+            entity=self.entity,
+            group=self.group,
+            tags=self.tags,
+            name=self.run_dir.name,
+            id=run_id,
+            resume="allow",
+            dir=str(self.run_dir),
+            mode=self.mode,
+            config=run_info.get("params", {}),
+            reinit="create_new",
+            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+        )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(dict(metrics), step=step)
@@ -276,14 +323,14 @@ class WandbLogger(Logger):
     def log_text(self, texts: dict[str, str], step: int) -> None:
         import wandb
 
-        self.run.log({k: wandb.Html(f"<pre>{_escape(v)}</pre>") for k, v in texts.items()},
-                     step=step)
+        self.run.log(
+            {k: wandb.Html(f"<pre>{_escape(v)}</pre>") for k, v in texts.items()}, step=step
+        )
 
     def log_images(self, images: dict[str, Path], step: int) -> None:
         import wandb
 
-        self.run.log({f"figures/{k}": wandb.Image(str(p)) for k, p in images.items()},
-                     step=step)
+        self.run.log({f"figures/{k}": wandb.Image(str(p)) for k, p in images.items()}, step=step)
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.run is not None:

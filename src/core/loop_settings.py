@@ -1,5 +1,6 @@
 """What of a run a strategy may need to know: :class:`LoopSettings`, made from the validated
 config by :meth:`LoopSettings.of` (a strategy gets this, never the whole experiment config)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,13 +37,19 @@ class LoopSettings:
     adapter: Optional[str] = None
 
     @classmethod
-    def of(cls, cfg: Any) -> "LoopSettings":
+    def of(cls, cfg: Any) -> LoopSettings:
         """The settings of a validated :class:`~src.core.config.ExperimentConfig`."""
         t = cfg.trainer
         adapter = cfg.model.get("adapter")
-        return cls(batch_size=cfg.data.batch_size, grad_accum_steps=t.grad_accum_steps,
-                   grad_clip=t.grad_clip, precision=t.precision, compile=t.compile,
-                   async_save=cfg.checkpoint.async_save, optimizer=cfg.optimizer["type"],
-                   skip_loss_spikes=t.loss_spike_sigmas is not None,
-                   weights_dtype=cfg.model.get("dtype"),
-                   adapter=adapter.get("type") if isinstance(adapter, dict) else None)
+        return cls(
+            batch_size=cfg.data.batch_size,
+            grad_accum_steps=t.grad_accum_steps,
+            grad_clip=t.grad_clip,
+            precision=t.precision,
+            compile=t.compile,
+            async_save=cfg.checkpoint.async_save,
+            optimizer=cfg.optimizer["type"],
+            skip_loss_spikes=t.loss_spike_sigmas is not None,
+            weights_dtype=cfg.model.get("dtype"),
+            adapter=adapter.get("type") if isinstance(adapter, dict) else None,
+        )

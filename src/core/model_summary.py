@@ -4,6 +4,7 @@
 
 Printed by ``--dry-run``; kept in ``run_info.json`` (``model_summary``) of every run.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,13 +27,20 @@ def summarize(model: torch.nn.Module, depth: int = 3) -> tuple[list[dict[str, An
         params = list(module.parameters())
         if not params:
             continue
-        rows.append({"name": name, "type": type(module).__name__,
-                     "parameters": sum(p.numel() for p in params),
-                     "trainable": sum(p.numel() for p in params if p.requires_grad)})
+        rows.append(
+            {
+                "name": name,
+                "type": type(module).__name__,
+                "parameters": sum(p.numel() for p in params),
+                "trainable": sum(p.numel() for p in params if p.requires_grad),
+            }
+        )
     params = list(model.parameters())
-    totals = {"parameters": sum(p.numel() for p in params),
-              "trainable": sum(p.numel() for p in params if p.requires_grad),
-              "size_mb": round((_size(params) + _size(model.buffers())) / 2**20, 3)}
+    totals = {
+        "parameters": sum(p.numel() for p in params),
+        "trainable": sum(p.numel() for p in params if p.requires_grad),
+        "size_mb": round((_size(params) + _size(model.buffers())) / 2**20, 3),
+    }
     return rows, totals
 
 
@@ -41,11 +49,16 @@ def format_summary(rows: list[dict[str, Any]], totals: dict) -> list[str]:
     table = [("module (parameter names start with it)", "type", "parameters", "trainable")]
     for r in rows:
         indent = "  " * r["name"].count(".")
-        table.append((indent + r["name"], r["type"],
-                      f"{r['parameters']:,}", f"{r['trainable']:,}"))
+        table.append((indent + r["name"], r["type"], f"{r['parameters']:,}", f"{r['trainable']:,}"))
     widths = [max(len(t[i]) for t in table) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
-                       enumerate(zip(t, widths))).rstrip() for t in table]
-    lines.append(f"total: {totals['parameters']:,} parameters, {totals['trainable']:,} "
-                 f"trainable, {totals['size_mb']:.2f} MB (parameters and buffers)")
+    lines = [
+        "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(t, widths))
+        ).rstrip()
+        for t in table
+    ]
+    lines.append(
+        f"total: {totals['parameters']:,} parameters, {totals['trainable']:,} "
+        f"trainable, {totals['size_mb']:.2f} MB (parameters and buffers)"
+    )
     return lines

@@ -5,6 +5,7 @@ the object's qualified class (or function) name, so the run's ``config.yaml`` sa
 trained and a rerun of the same script resumes the same run folder. The objects themselves live
 in this process only.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,8 +16,11 @@ _OBJECTS: dict[str, Any] = {}
 
 
 def qualified_name(obj: Any) -> str:
-    kind = obj if isinstance(obj, type) or callable(obj) and hasattr(obj, "__qualname__") \
+    kind = (
+        obj
+        if isinstance(obj, type) or callable(obj) and hasattr(obj, "__qualname__")
         else type(obj)
+    )
     return f"{getattr(kind, '__module__', '?')}.{getattr(kind, '__qualname__', kind.__name__)}"
 
 
@@ -30,6 +34,8 @@ def put(obj: Any, suffix: str = "") -> str:
 def get(ref: str, path: str) -> Any:
     """The object behind ``ref``; a ConfigError naming ``path`` when this process has none."""
     if ref not in _OBJECTS:
-        raise ConfigError(f"{path}: {shown(ref)} is a Python object given to the Python API "
-                          "(Experiment.from_modules) in another process; run that script again")
+        raise ConfigError(
+            f"{path}: {shown(ref)} is a Python object given to the Python API "
+            "(Experiment.from_modules) in another process; run that script again"
+        )
     return _OBJECTS[ref]

@@ -5,6 +5,7 @@ Every ``torch.optim`` optimizer is registered by its lower-case class name (``ad
 ``step`` and ``onecycle``; warm-up is given in steps (``warmup_steps``) or as a fraction of the
 run (``warmup_ratio``).
 """
+
 from __future__ import annotations
 
 import math
@@ -17,23 +18,49 @@ from src.core.errors import ConfigError
 from src.core.registry import OPTIMIZERS, SCHEDULERS
 
 # Literal so that `--list` can read them without importing torch (see src/run/catalog.py).
-TORCH_OPTIMIZERS = ("adadelta", "adafactor", "adagrad", "adam", "adamax", "adamw", "asgd",
-                    "lbfgs", "muon", "nadam", "radam", "rmsprop", "rprop", "sgd", "sparseadam")
+TORCH_OPTIMIZERS = (
+    "adadelta",
+    "adafactor",
+    "adagrad",
+    "adam",
+    "adamax",
+    "adamw",
+    "asgd",
+    "lbfgs",
+    "muon",
+    "nadam",
+    "radam",
+    "rmsprop",
+    "rprop",
+    "sgd",
+    "sparseadam",
+)
 
 
 def torch_optimizer_classes() -> dict[str, type]:
     """Lower-case name -> optimizer class, for every optimizer this torch ships."""
-    return {name.lower(): cls for name, cls in vars(torch.optim).items()
-            if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)
-            and cls is not torch.optim.Optimizer}
+    return {
+        name.lower(): cls
+        for name, cls in vars(torch.optim).items()
+        if isinstance(cls, type)
+        and issubclass(cls, torch.optim.Optimizer)
+        and cls is not torch.optim.Optimizer
+    }
 
 
 # What torch checks when it builds an optimizer, checked at load time instead (with the config's
 # path in the message), for the hyper-parameters whose default says what they are.
-_SCALAR_RANGES = {"lr": confloat(gt=0), "eps": confloat(ge=0), "weight_decay": confloat(ge=0),
-                  "momentum": confloat(ge=0), "lr_decay": confloat(ge=0),
-                  "initial_accumulator_value": confloat(ge=0), "rho": confloat(ge=0, le=1),
-                  "alpha": confloat(ge=0), "dampening": confloat(ge=0, le=1)}
+_SCALAR_RANGES = {
+    "lr": confloat(gt=0),
+    "eps": confloat(ge=0),
+    "weight_decay": confloat(ge=0),
+    "momentum": confloat(ge=0),
+    "lr_decay": confloat(ge=0),
+    "initial_accumulator_value": confloat(ge=0),
+    "rho": confloat(ge=0, le=1),
+    "alpha": confloat(ge=0),
+    "dampening": confloat(ge=0, le=1),
+}
 _BETA = confloat(ge=0, lt=1)
 
 
@@ -43,8 +70,11 @@ def hyper_parameter_types(cls: type) -> dict[str, object]:
 
     out: dict[str, object] = {}
     for name, p in inspect.signature(cls.__init__).parameters.items():
-        if name in _SCALAR_RANGES and isinstance(p.default, (int, float)) \
-                and not isinstance(p.default, bool):
+        if (
+            name in _SCALAR_RANGES
+            and isinstance(p.default, (int, float))
+            and not isinstance(p.default, bool)
+        ):
             out[name] = _SCALAR_RANGES[name]
         elif name == "betas" and isinstance(p.default, tuple) and len(p.default) == 2:
             out[name] = tuple[_BETA, _BETA]
@@ -69,17 +99,28 @@ class LARS(torch.optim.Optimizer):
         params,
         lr: Annotated[float, Field(gt=0, description="learning rate")] = 0.1,
         momentum: Annotated[float, Field(ge=0, lt=1, description="SGD momentum")] = 0.9,
-        weight_decay: Annotated[float, Field(
-            ge=0,
-            description="L2 penalty on weights with ndim > 1 (biases and norms skip it and the "
-                        "scaling)")] = 1e-6,
-        trust_coefficient: Annotated[float, Field(
-            gt=0, description="scales the layer-wise rate ||w|| / ||g||")] = 0.001,
-        eps: Annotated[float, Field(
-            gt=0, description="added to the denominator of the trust ratio")] = 1e-8,
+        weight_decay: Annotated[
+            float,
+            Field(
+                ge=0,
+                description="L2 penalty on weights with ndim > 1 (biases and norms skip it and the "
+                "scaling)",
+            ),
+        ] = 1e-6,
+        trust_coefficient: Annotated[
+            float, Field(gt=0, description="scales the layer-wise rate ||w|| / ||g||")
+        ] = 0.001,
+        eps: Annotated[
+            float, Field(gt=0, description="added to the denominator of the trust ratio")
+        ] = 1e-8,
     ):
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        trust_coefficient=trust_coefficient, eps=eps)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+            eps=eps,
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -96,7 +137,8 @@ class LARS(torch.optim.Optimizer):
                     trust = torch.where(
                         (w_norm > 0) & (g_norm > 0),
                         group["trust_coefficient"] * w_norm / (g_norm + group["eps"]),
-                        torch.ones_like(w_norm))
+                        torch.ones_like(w_norm),
+                    )
                     g = g.mul(trust)
                 buf = self.state[p].get("momentum_buffer")
                 if buf is None:
@@ -119,10 +161,12 @@ def _lambda(optimizer, fn):
 
 # Parameters the schedulers share.
 WarmupSteps = Annotated[int, Field(ge=0, description="steps of linear warm-up from 0")]
-WarmupRatio = Annotated[float, Field(
-    ge=0, lt=1, description="warm-up as a fraction of the total steps")]
-MinLrRatio = Annotated[float, Field(
-    ge=0, le=1, description="the final lr as a fraction of the optimizer's lr")]
+WarmupRatio = Annotated[
+    float, Field(ge=0, lt=1, description="warm-up as a fraction of the total steps")
+]
+MinLrRatio = Annotated[
+    float, Field(ge=0, le=1, description="the final lr as a fraction of the optimizer's lr")
+]
 
 
 @SCHEDULERS.register("constant")
@@ -157,8 +201,12 @@ def warmup_cosine(
     min_lr_ratio: MinLrRatio = 0.0,
 ):
     """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at ``total_steps``."""
-    return _warmup_then(optimizer, total_steps, _warmup(total_steps, warmup_steps, warmup_ratio),
-                        lambda p: min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+    return _warmup_then(
+        optimizer,
+        total_steps,
+        _warmup(total_steps, warmup_steps, warmup_ratio),
+        lambda p: min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)),
+    )
 
 
 @SCHEDULERS.register("warmup_linear")
@@ -170,8 +218,12 @@ def warmup_linear(
     min_lr_ratio: MinLrRatio = 0.0,
 ):
     """Linear warm-up, then linear decay to ``min_lr_ratio * lr`` at ``total_steps``."""
-    return _warmup_then(optimizer, total_steps, _warmup(total_steps, warmup_steps, warmup_ratio),
-                        lambda p: 1 - (1 - min_lr_ratio) * p)
+    return _warmup_then(
+        optimizer,
+        total_steps,
+        _warmup(total_steps, warmup_steps, warmup_ratio),
+        lambda p: 1 - (1 - min_lr_ratio) * p,
+    )
 
 
 @SCHEDULERS.register("step")
@@ -192,19 +244,29 @@ def step(
 def onecycle(
     optimizer,
     total_steps: int,
-    pct_start: Annotated[float, Field(
-        gt=0, lt=1, description="fraction of the steps spent increasing the lr")] = 0.3,
-    div_factor: Annotated[float, Field(
-        gt=0, description="the start lr is the peak / div_factor")] = 25.0,
-    final_div_factor: Annotated[float, Field(
-        gt=0, description="the final lr is the start lr / final_div_factor")] = 1e4,
+    pct_start: Annotated[
+        float, Field(gt=0, lt=1, description="fraction of the steps spent increasing the lr")
+    ] = 0.3,
+    div_factor: Annotated[
+        float, Field(gt=0, description="the start lr is the peak / div_factor")
+    ] = 25.0,
+    final_div_factor: Annotated[
+        float, Field(gt=0, description="the final lr is the start lr / final_div_factor")
+    ] = 1e4,
     anneal_strategy: Annotated[str, Field(description="cos or linear")] = "cos",
-    max_lr: Annotated[Optional[float], Field(
-        description="the peak lr (default: the optimizer's lr)")] = None,
+    max_lr: Annotated[
+        Optional[float], Field(description="the peak lr (default: the optimizer's lr)")
+    ] = None,
 ):
     """torch's OneCycleLR; the peak is the optimizer's lr unless ``max_lr`` is given."""
     peak = max_lr if max_lr is not None else [g["lr"] for g in optimizer.param_groups]
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=peak, total_steps=max(total_steps, 2), pct_start=pct_start,
-        div_factor=div_factor, final_div_factor=final_div_factor, anneal_strategy=anneal_strategy,
-        cycle_momentum=False)
+        optimizer,
+        max_lr=peak,
+        total_steps=max(total_steps, 2),
+        pct_start=pct_start,
+        div_factor=div_factor,
+        final_div_factor=final_div_factor,
+        anneal_strategy=anneal_strategy,
+        cycle_momentum=False,
+    )

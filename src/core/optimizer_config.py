@@ -3,6 +3,7 @@ or several ``optimizers`` by ``match``, each with its own ``scheduler``. Checked
 anything is built (one line per problem, naming its dotted path); built by
 :mod:`src.core.param_groups`.
 """
+
 from __future__ import annotations
 
 import re
@@ -39,8 +40,7 @@ MULTI_SECTION_KEYS = ("match", "scheduler")
 
 def optimizer_sections(cfg_or_data: Any) -> list[tuple[str, Section]]:
     """(dotted path, section) of each optimizer: ``optimizer``, or each entry of ``optimizers``."""
-    get = cfg_or_data.get if isinstance(cfg_or_data, dict) else \
-        lambda k: getattr(cfg_or_data, k)
+    get = cfg_or_data.get if isinstance(cfg_or_data, dict) else lambda k: getattr(cfg_or_data, k)
     many = get("optimizers") or []
     if isinstance(many, list) and many:
         return [(f"optimizers.{i}", s) for i, s in enumerate(many)]
@@ -49,8 +49,7 @@ def optimizer_sections(cfg_or_data: Any) -> list[tuple[str, Section]]:
 
 def registry_section(section: Section) -> Section:
     """An optimizer section without the keys the platform reads (groups, match, scheduler)."""
-    return {k: v for k, v in section.items()
-            if k not in GROUP_SECTION_KEYS + MULTI_SECTION_KEYS}
+    return {k: v for k, v in section.items() if k not in GROUP_SECTION_KEYS + MULTI_SECTION_KEYS}
 
 
 def optimizer_structure_errors(path: str, section: Section) -> tuple[list[str], list[tuple]]:
@@ -62,14 +61,17 @@ def optimizer_structure_errors(path: str, section: Section) -> tuple[list[str], 
     kind = section.get("type")
     groups = section.get("groups", [])
     if not isinstance(groups, list):
-        lines.append(f"{path}.groups: a list of {{match: REGEX, lr_mult: ..., ...}} "
-                     f"(got {shown(groups)})")
+        lines.append(
+            f"{path}.groups: a list of {{match: REGEX, lr_mult: ..., ...}} (got {shown(groups)})"
+        )
         groups = []
     for i, g in enumerate(groups):
         at = f"{path}.groups.{i}"
         if not isinstance(g, dict):
-            lines.append(f"{at}: a mapping {{match: REGEX, lr_mult: ..., weight_decay: ...}} "
-                         f"(got {shown(g)})")
+            lines.append(
+                f"{at}: a mapping {{match: REGEX, lr_mult: ..., weight_decay: ...}} "
+                f"(got {shown(g)})"
+            )
             continue
         if "match" not in g:
             lines.append(f"{at}: needs 'match', a regular expression on parameter names")
@@ -79,14 +81,17 @@ def optimizer_structure_errors(path: str, section: Section) -> tuple[list[str], 
         if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not 0 <= mult < 1e6:
             lines.append(f"{at}.lr_mult: a number >= 0 (got {shown(mult)})")
         if len(g) == 1 and "match" in g:
-            lines.append(f"{at}: sets nothing (give lr_mult, lr, weight_decay or another "
-                         "hyper-parameter of the optimizer)")
+            lines.append(
+                f"{at}: sets nothing (give lr_mult, lr, weight_decay or another "
+                "hyper-parameter of the optimizer)"
+            )
         hyper = {k: v for k, v in g.items() if k not in ("match", "lr_mult")}
         if isinstance(kind, str) and hyper:
             checks.append(("optimizers", at, {"type": kind, **hyper}))
     decay = section.get("layer_decay")
-    if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float))
-                              or not 0 < decay <= 1):
+    if decay is not None and (
+        isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1
+    ):
         lines.append(f"{path}.layer_decay: a number in (0, 1] (got {shown(decay)})")
     if "match" in section:
         if not path.startswith("optimizers."):
@@ -98,8 +103,9 @@ def optimizer_structure_errors(path: str, section: Section) -> tuple[list[str], 
         if not path.startswith("optimizers."):
             lines.append(f"{path}.scheduler: the schedule is the top-level `scheduler` section")
         elif not isinstance(sched, dict) or not isinstance(sched.get("type"), str):
-            lines.append(f"{path}.scheduler: a SCHEDULERS section with a 'type' "
-                         f"(got {shown(sched)})")
+            lines.append(
+                f"{path}.scheduler: a SCHEDULERS section with a 'type' (got {shown(sched)})"
+            )
         else:
             checks.append(("schedulers", f"{path}.scheduler", sched))
     return lines, checks
@@ -112,13 +118,19 @@ def optimizers_errors(cfg: Any, defaults: Section) -> list[str]:
         return []
     lines = []
     if cfg.optimizer != defaults:
-        lines.append("optimizers: replaces `optimizer`, which this config sets too; remove "
-                     "`optimizer` (or, where a base file sets it, give optimizer: {type: adamw})")
+        lines.append(
+            "optimizers: replaces `optimizer`, which this config sets too; remove "
+            "`optimizer` (or, where a base file sets it, give optimizer: {type: adamw})"
+        )
     for i, s in enumerate(many[:-1]):
         if "match" not in s:
-            lines.append(f"optimizers.{i}: needs `match` (only the last entry may omit it and "
-                         "take every parameter the others do not)")
+            lines.append(
+                f"optimizers.{i}: needs `match` (only the last entry may omit it and "
+                "take every parameter the others do not)"
+            )
     if cfg.strategy.get("type") == "deepspeed" and len(many) > 1:
-        lines.append("optimizers: DeepSpeed steps one optimizer; use `optimizer` with `groups` "
-                     "under strategy.type deepspeed")
+        lines.append(
+            "optimizers: DeepSpeed steps one optimizer; use `optimizer` with `groups` "
+            "under strategy.type deepspeed"
+        )
     return lines

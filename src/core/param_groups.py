@@ -29,6 +29,7 @@ with the resolved table). The rules:
 Parameters with the same resolved values share one torch param group, in the order the task
 lists its parameters, so a rebuilt optimizer lines up with its checkpoint.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -38,13 +39,15 @@ from typing import Any
 import torch
 
 from src.core.config import ExperimentConfig
-from src.core.optimizer_config import optimizer_sections, registry_section
 from src.core.errors import ConfigError, shown
+from src.core.optimizer_config import optimizer_sections, registry_section
 from src.core.registry import OPTIMIZERS, SCHEDULERS
 
 _LAYER = re.compile(r"\.(?:blocks|layers|layer|h|block)\.(\d+)\.")
-_EMBED = re.compile(r"(?:^|\.)(?:patch_embed|pos_embed|cls_token|reg_token|dist_token|"
-                    r"mask_token|embeddings|embed_tokens|wte|wpe|embed)(?:\.|$)")
+_EMBED = re.compile(
+    r"(?:^|\.)(?:patch_embed|pos_embed|cls_token|reg_token|dist_token|"
+    r"mask_token|embeddings|embed_tokens|wte|wpe|embed)(?:\.|$)"
+)
 
 
 def _examples(names: list[str], n: int = 3) -> str:
@@ -61,8 +64,10 @@ def apply_freeze(task: torch.nn.Module, patterns: list[str]) -> int:
         rx = re.compile(pattern)
         hit = [p for n, p in named if rx.search(n)]
         if not hit:
-            raise ConfigError(f"freeze.{i}: {shown(pattern)} matches no parameter (names look "
-                              f"like {_examples([n for n, _ in named])})")
+            raise ConfigError(
+                f"freeze.{i}: {shown(pattern)} matches no parameter (names look "
+                f"like {_examples([n for n, _ in named])})"
+            )
         for p in hit:
             if p.requires_grad:
                 frozen += 1
@@ -124,8 +129,9 @@ class MultiOptimizer:
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("optimizers", [])
         if len(saved) != len(self.optimizers):
-            raise ValueError(f"the checkpoint holds {len(saved)} optimizers, the config "
-                             f"{len(self.optimizers)}")
+            raise ValueError(
+                f"the checkpoint holds {len(saved)} optimizers, the config {len(self.optimizers)}"
+            )
         for o, s in zip(self.optimizers, saved):
             o.load_state_dict(s)
 
@@ -142,8 +148,7 @@ class MultiScheduler:
                 s.step()
 
     def state_dict(self) -> dict:
-        return {"schedulers": [s.state_dict() if s is not None else None
-                               for s in self.schedulers]}
+        return {"schedulers": [s.state_dict() if s is not None else None for s in self.schedulers]}
 
     def load_state_dict(self, state: dict) -> None:
         for s, saved in zip(self.schedulers, state["schedulers"]):
@@ -166,19 +171,26 @@ def _entries(task: torch.nn.Module, cfg: ExperimentConfig) -> list[tuple[str, di
     sections = optimizer_sections(cfg)
     out = [(path, s, []) for path, s in sections]
     for name, p, extra in params:
-        for path, s, bucket in out:
+        for _, s, bucket in out:
             if "match" not in s or re.search(s["match"], name):
                 bucket.append((name, p, extra))
                 break
         else:
-            left = [n for n, _, _ in params if not any(
-                "match" not in s or re.search(s["match"], n) for _, s, _ in out)]
-            raise ConfigError(f"optimizers: no entry matches {_examples(left)}; add a last "
-                              "entry without `match` to train them, or freeze them")
+            left = [
+                n
+                for n, _, _ in params
+                if not any("match" not in s or re.search(s["match"], n) for _, s, _ in out)
+            ]
+            raise ConfigError(
+                f"optimizers: no entry matches {_examples(left)}; add a last "
+                "entry without `match` to train them, or freeze them"
+            )
     for path, s, bucket in out:
         if "match" in s and not bucket:
-            raise ConfigError(f"{path}.match: {shown(s['match'])} matches no trainable parameter "
-                              "that an earlier entry has not taken")
+            raise ConfigError(
+                f"{path}.match: {shown(s['match'])} matches no trainable parameter "
+                "that an earlier entry has not taken"
+            )
     return out
 
 
@@ -186,7 +198,7 @@ def build_optimizer(task: torch.nn.Module, cfg: ExperimentConfig) -> tuple[Any, 
     """The optimizer (a MultiOptimizer for ``optimizers:``) over ``task``'s trainable parameters,
     and the resolved table: one row per param group."""
     optimizers, table = [], []
-    for k, (path, section, bucket) in enumerate(_entries(task, cfg)):
+    for path, section, bucket in _entries(task, cfg):
         kind = section["type"]
         base_lr = _default_lr(kind, section)
         user_groups = section.get("groups") or []
@@ -195,8 +207,10 @@ def build_optimizer(task: torch.nn.Module, cfg: ExperimentConfig) -> tuple[Any, 
         decay = section.get("layer_decay")
         layer, depth = _layers([n for n, _, _ in bucket]) if decay is not None else ({}, 0)
         if decay is not None and depth == 0:
-            raise ConfigError(f"{path}.layer_decay: found no numbered blocks (blocks.N, "
-                              "layers.N, layer.N, h.N) among the parameter names")
+            raise ConfigError(
+                f"{path}.layer_decay: found no numbered blocks (blocks.N, "
+                "layers.N, layer.N, h.N) among the parameter names"
+            )
         merged: dict[tuple, dict] = {}
         for name, p, extra in bucket:
             values = dict(extra)
@@ -232,16 +246,25 @@ def build_optimizer(task: torch.nn.Module, cfg: ExperimentConfig) -> tuple[Any, 
             group["params"].append(p)
         for i, n in enumerate(hits):
             if n == 0:
-                raise ConfigError(f"{path}.groups.{i}.match: {shown(user_groups[i]['match'])} "
-                                  f"matches no trainable parameter of this optimizer (names "
-                                  f"look like {_examples([n for n, _, _ in bucket])})")
+                raise ConfigError(
+                    f"{path}.groups.{i}.match: {shown(user_groups[i]['match'])} "
+                    f"matches no trainable parameter of this optimizer (names "
+                    f"look like {_examples([n for n, _, _ in bucket])})"
+                )
         groups = list(merged.values())
         opt = OPTIMIZERS.build(registry_section(section), path, params=groups)
         for g in opt.param_groups:
-            table.append({"optimizer": path, "type": kind, "group": g.get("name", "default"),
-                          "tensors": len(g["params"]),
-                          "parameters": sum(p.numel() for p in g["params"]),
-                          "lr": g["lr"], "weight_decay": g.get("weight_decay")})
+            table.append(
+                {
+                    "optimizer": path,
+                    "type": kind,
+                    "group": g.get("name", "default"),
+                    "tensors": len(g["params"]),
+                    "parameters": sum(p.numel() for p in g["params"]),
+                    "lr": g["lr"],
+                    "weight_decay": g.get("weight_decay"),
+                }
+            )
         optimizers.append(opt)
     if len(optimizers) == 1:
         return optimizers[0], table
@@ -252,14 +275,20 @@ def build_scheduler(cfg: ExperimentConfig, optimizer, total_steps: int):
     """The schedule of each optimizer: its entry's ``scheduler`` or the top-level one."""
     opts = optimizers_of(optimizer)
     if len(opts) == 1 and not cfg.optimizers:
-        return SCHEDULERS.build(cfg.scheduler, "scheduler", optimizer=optimizer,
-                                total_steps=total_steps)
+        return SCHEDULERS.build(
+            cfg.scheduler, "scheduler", optimizer=optimizer, total_steps=total_steps
+        )
     scheds = []
     for (path, section), opt in zip(optimizer_sections(cfg), opts):
         own = section.get("scheduler")
-        scheds.append(SCHEDULERS.build(own or cfg.scheduler,
-                                       f"{path}.scheduler" if own else "scheduler",
-                                       optimizer=opt, total_steps=total_steps))
+        scheds.append(
+            SCHEDULERS.build(
+                own or cfg.scheduler,
+                f"{path}.scheduler" if own else "scheduler",
+                optimizer=opt,
+                total_steps=total_steps,
+            )
+        )
     if len(scheds) == 1:
         return scheds[0]
     return MultiScheduler(scheds) if any(s is not None for s in scheds) else None
@@ -270,9 +299,16 @@ def format_table(table: list[dict]) -> list[str]:
     rows = [("optimizer", "group", "tensors", "parameters", "lr", "weight_decay")]
     for r in table:
         wd = r["weight_decay"]
-        rows.append((f"{r['optimizer']} ({r['type']})", r["group"], str(r["tensors"]),
-                     f"{r['parameters']:,}", f"{r['lr']:.4g}",
-                     "-" if wd is None else f"{wd:g}"))
+        rows.append(
+            (
+                f"{r['optimizer']} ({r['type']})",
+                r["group"],
+                str(r["tensors"]),
+                f"{r['parameters']:,}",
+                f"{r['lr']:.4g}",
+                "-" if wd is None else f"{wd:g}",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
 
@@ -301,10 +337,23 @@ def write_param_groups(run_dir, table: list[dict]) -> None:
 
 def shapes_groups(cfg: ExperimentConfig) -> bool:
     """Whether the config shapes parameter groups (then the table is printed at start)."""
-    return bool(cfg.optimizers or cfg.freeze or cfg.optimizer.get("groups")
-                or cfg.optimizer.get("layer_decay") is not None)
+    return bool(
+        cfg.optimizers
+        or cfg.freeze
+        or cfg.optimizer.get("groups")
+        or cfg.optimizer.get("layer_decay") is not None
+    )
 
 
-__all__ = ["apply_freeze", "build_optimizer", "build_scheduler", "MultiOptimizer",
-           "MultiScheduler", "optimizers_of", "format_table", "shapes_groups", "write_param_groups",
-           "group_lr_metrics"]
+__all__ = [
+    "apply_freeze",
+    "build_optimizer",
+    "build_scheduler",
+    "MultiOptimizer",
+    "MultiScheduler",
+    "optimizers_of",
+    "format_table",
+    "shapes_groups",
+    "write_param_groups",
+    "group_lr_metrics",
+]

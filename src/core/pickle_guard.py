@@ -13,6 +13,7 @@ constructed while checking, so a malicious file cannot act before it is refused.
 ``checkpoint.trust_pickles: true`` (``--trust-pickles`` on the command line) skips the check,
 for checkpoints whose origin is known.
 """
+
 from __future__ import annotations
 
 import io
@@ -29,30 +30,75 @@ PLAIN_NAMES = {"COMMIT", "latest", "latest_universal"}
 DCP_METADATA = ".metadata"
 DCP_SHARD = ".distcp"
 
-ALLOWED = frozenset({
-    # containers and small values
-    "collections.OrderedDict", "builtins.set", "builtins.frozenset", "_codecs.encode",
-    "pathlib.PosixPath", "pathlib._local.PosixPath",  # DCP records where it was written
-    # tensors, as torch's own weights-only unpickler rebuilds them
-    "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter",
-    "torch._tensor._rebuild_from_type_v2", "torch.Tensor", "torch.Size",
-    "torch.serialization._get_layout", "torch.strided",
-    *(f"torch.{name}" for name in (
-        "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
-        "bool")),
-    *(f"torch.{name}Storage" for name in (
-        "Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool")),
-    # DCP's metadata records
-    *(f"torch.distributed.checkpoint.metadata.{name}" for name in (
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
-    "torch.distributed.checkpoint.filesystem._StorageInfo",
-    # DeepSpeed's checkpoint records
-    "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-})
+ALLOWED = frozenset(
+    {
+        # containers and small values
+        "collections.OrderedDict",
+        "builtins.set",
+        "builtins.frozenset",
+        "_codecs.encode",
+        "pathlib.PosixPath",
+        "pathlib._local.PosixPath",  # DCP records where it was written
+        # tensors, as torch's own weights-only unpickler rebuilds them
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_parameter",
+        "torch._tensor._rebuild_from_type_v2",
+        "torch.Tensor",
+        "torch.Size",
+        "torch.serialization._get_layout",
+        "torch.strided",
+        *(
+            f"torch.{name}"
+            for name in (
+                "float64",
+                "float32",
+                "float16",
+                "bfloat16",
+                "int64",
+                "int32",
+                "int16",
+                "int8",
+                "uint8",
+                "bool",
+            )
+        ),
+        *(
+            f"torch.{name}Storage"
+            for name in (
+                "Float",
+                "Double",
+                "Half",
+                "BFloat16",
+                "Long",
+                "Int",
+                "Short",
+                "Char",
+                "Byte",
+                "Bool",
+            )
+        ),
+        # DCP's metadata records
+        *(
+            f"torch.distributed.checkpoint.metadata.{name}"
+            for name in (
+                "Metadata",
+                "TensorStorageMetadata",
+                "BytesStorageMetadata",
+                "ChunkStorageMetadata",
+                "TensorProperties",
+                "MetadataIndex",
+                "StorageMeta",
+                "_MEM_FORMAT_ENCODING",
+            )
+        ),
+        "torch.distributed.checkpoint.filesystem._StorageInfo",
+        # DeepSpeed's checkpoint records
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+        "deepspeed.utils.tensor_fragment.fragment_address",
+    }
+)
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -111,10 +157,13 @@ def check_pickle(data: bytes, where: str) -> int:
     except _Refused as exc:
         raise UnsafeCheckpointError(
             f"{where}: refuses to load the pickled global {exc.name} (a checkpoint may not run "
-            "code); for a checkpoint you trust set checkpoint.trust_pickles=true") from None
+            "code); for a checkpoint you trust set checkpoint.trust_pickles=true"
+        ) from None
     except Exception as exc:  # not a pickle, truncated, or a structure no format of ours has
-        raise CheckpointError(f"{where}: unreadable checkpoint file ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise CheckpointError(
+            f"{where}: unreadable checkpoint file ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     return stream.tell()
 
 
@@ -125,7 +174,8 @@ def _check_zip(data_or_path, where: str) -> None:
         if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
             raise UnsafeCheckpointError(
                 f"{where}: holds TorchScript code, which a checkpoint may not; set "
-                "checkpoint.trust_pickles=true if you trust it")
+                "checkpoint.trust_pickles=true if you trust it"
+            )
         for n in names:
             if n.endswith(".pkl"):
                 check_pickle(z.read(n), f"{where}:{n}")
@@ -157,8 +207,10 @@ def check_file(path: Path) -> None:
     data = path.read_bytes()
     end = check_pickle(data, str(path))
     if end != len(data):  # e.g. torch's legacy format: more pickles follow, unchecked
-        raise UnsafeCheckpointError(f"{path}: not a format a checkpoint uses ({len(data) - end} "
-                                    "bytes after the first pickle)")
+        raise UnsafeCheckpointError(
+            f"{path}: not a format a checkpoint uses ({len(data) - end} "
+            "bytes after the first pickle)"
+        )
 
 
 def check_dcp_folder(folder: Path) -> None:
@@ -178,8 +230,10 @@ def check_dcp_folder(folder: Path) -> None:
         if not isinstance(entry, BytesStorageMetadata):
             continue  # tensors are read with weights_only=True
         if getattr(info, "transform_descriptors", None):
-            raise UnsafeCheckpointError(f"{folder / info.relative_path}: entry {index.fqn} is "
-                                        "stored transformed; it cannot be checked")
+            raise UnsafeCheckpointError(
+                f"{folder / info.relative_path}: entry {index.fqn} is "
+                "stored transformed; it cannot be checked"
+            )
         shard = folder / info.relative_path
         with open(shard, "rb") as f:
             f.seek(info.offset)

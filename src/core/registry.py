@@ -21,15 +21,23 @@ User code joins through ``imports:`` in YAML, ``--import`` or the ``src.plugins`
 
 This module imports nothing heavy, so ``--help`` and ``--list`` stay fast.
 """
+
 from __future__ import annotations
 
 import contextlib
 import difflib
 import inspect
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from src.core.errors import (TRACEBACK_HINT, ConfigError, UserError, is_program_error,
-                             library_message, shown)
+from src.core.errors import (
+    TRACEBACK_HINT,
+    ConfigError,
+    UserError,
+    is_program_error,
+    library_message,
+    shown,
+)
 
 
 class Registry:
@@ -50,8 +58,9 @@ class Registry:
         self._entries: dict[str, Callable[..., Any]] = {}
         self._field_types: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str, field_types: dict[str, Any] | None = None
-                 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def register(
+        self, name: str, field_types: dict[str, Any] | None = None
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator that registers a class or factory function under ``name``.
 
         ``field_types`` narrows the types of some parameters for validation (e.g. a learning
@@ -119,8 +128,9 @@ class Registry:
         path = path or self.name
         params = self.validate(section, path)
         entry = self._entries[section["type"]]
-        given = {k: v.get() if isinstance(v, Lazy) else v
-                 for k, v in _accepted(entry, injected).items()}
+        given = {
+            k: v.get() if isinstance(v, Lazy) else v for k, v in _accepted(entry, injected).items()
+        }
         with building(path):
             return entry(**params, **given)
 
@@ -171,8 +181,9 @@ def _accepted(entry: Callable[..., Any], offered: dict[str, Any]) -> dict[str, A
     return {k: v for k, v in offered.items() if k in params}
 
 
-def params_model(entry: Callable[..., Any], skip: Iterable[str] = (),
-                 field_types: dict[str, Any] | None = None):
+def params_model(
+    entry: Callable[..., Any], skip: Iterable[str] = (), field_types: dict[str, Any] | None = None
+):
     """The pydantic model that validates an entry's parameters.
 
     An entry may declare ``params_model`` (a pydantic model) itself; otherwise one is derived from
@@ -202,8 +213,9 @@ def params_model(entry: Callable[..., Any], skip: Iterable[str] = (),
         ann = Any if p.annotation is p.empty or isinstance(p.annotation, str) else p.annotation
         ann = (field_types or {}).get(pname, _config_type(ann))
         fields[pname] = (ann, ... if p.default is p.empty else p.default)
-    config = ConfigDict(extra=extra, arbitrary_types_allowed=True, protected_namespaces=(),
-                        allow_inf_nan=False)
+    config = ConfigDict(
+        extra=extra, arbitrary_types_allowed=True, protected_namespaces=(), allow_inf_nan=False
+    )
     return create_model(f"{getattr(entry, '__name__', 'Entry')}Params", __config__=config, **fields)
 
 
@@ -213,8 +225,11 @@ def _config_type(ann: Any) -> Any:
     import typing
 
     if typing.get_origin(ann) in (typing.Union, types.UnionType):
-        kept = [a for a in typing.get_args(ann)
-                if not (inspect.isclass(a) and a.__module__.split(".")[0] == "torch")]
+        kept = [
+            a
+            for a in typing.get_args(ann)
+            if not (inspect.isclass(a) and a.__module__.split(".")[0] == "torch")
+        ]
         if kept and len(kept) < len(typing.get_args(ann)):
             return typing.Union[tuple(kept)] if len(kept) > 1 else kept[0]
     return ann
@@ -264,13 +279,24 @@ SAMPLERS = Registry(
     "A training batch sampler (pk, class_balanced): resumable per (seed, epoch), sharded by rank.",
     injected=("labels", "lengths", "batch_size", "seed", "rank", "world_size"),
 )
-LOSSES = Registry("losses", "A loss module: (outputs, targets) -> scalar tensor.",
-                  singular="loss")
+LOSSES = Registry("losses", "A loss module: (outputs, targets) -> scalar tensor.", singular="loss")
 TRANSFORMS = Registry("transforms", "A tensor -> tensor transform (augmentations, views).")
 REWARDS = Registry("rewards", "A reward function for alignment: (prompts, completions) -> tensor.")
 
 ALL: dict[str, Registry] = {
     r.name: r
-    for r in (DATASETS, MODELS, TASKS, OPTIMIZERS, SCHEDULERS, STRATEGIES, CALLBACKS, LOGGERS,
-              SAMPLERS, LOSSES, TRANSFORMS, REWARDS)
+    for r in (
+        DATASETS,
+        MODELS,
+        TASKS,
+        OPTIMIZERS,
+        SCHEDULERS,
+        STRATEGIES,
+        CALLBACKS,
+        LOGGERS,
+        SAMPLERS,
+        LOSSES,
+        TRANSFORMS,
+        REWARDS,
+    )
 }

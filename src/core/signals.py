@@ -1,10 +1,11 @@
 """SIGTERM and SIGINT during training: note them, let the loop finish its step and checkpoint."""
+
 from __future__ import annotations
 
 import contextlib
 import signal
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -15,8 +16,10 @@ def deferred_signals(note: Callable[[int], None]) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = {s: signal.signal(s, lambda signum, frame: note(signum))
-           for s in (signal.SIGTERM, signal.SIGINT)}
+    old = {
+        s: signal.signal(s, lambda signum, frame: note(signum))
+        for s in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         yield
     finally:

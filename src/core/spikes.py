@@ -5,6 +5,7 @@ The loss judged is the mean over ranks, so every rank takes the same decision; t
 on the training device, so judging a step costs no host sync (the trainer folds the verdict into
 its one per-step sync). Steps are judged once the window is full.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -34,8 +35,10 @@ class SpikeGuard:
         """How far above the recent losses ``loss`` was (host values; asked on skipped steps)."""
         mean, std = self.history.mean().item(), self.history.std().item()
         value = loss.item()
-        return (f"loss {value:.4g} is {(value - mean) / max(std, 1e-12):.1f} standard deviations "
-                f"above the mean {mean:.4g} of the last {self.window} steps")
+        return (
+            f"loss {value:.4g} is {(value - mean) / max(std, 1e-12):.1f} standard deviations "
+            f"above the mean {mean:.4g} of the last {self.window} steps"
+        )
 
     def record(self, loss: torch.Tensor) -> None:
         """Add an applied step's loss (mean over ranks) to the history."""

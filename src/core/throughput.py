@@ -1,4 +1,5 @@
 """Model FLOPs utilisation: FLOPs of one measured training step against the device's peak."""
+
 from __future__ import annotations
 
 import re

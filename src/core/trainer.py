@@ -4,14 +4,16 @@ callbacks, loggers and checkpoints. ``train_step`` is the one override point.
 The hot path keeps metrics as device tensors and syncs with the host once per optimizer step (the
 non-finite guard must decide whether to apply the update) and once per log interval.
 """
+
 from __future__ import annotations
 
 import contextlib
 import signal
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -46,12 +48,26 @@ class Trainer:
         checkpoints: a CheckpointManager, or None for no checkpoints.
     """
 
-    def __init__(self, cfg: TrainerConfig, *, task, model, strategy, optimizer, scheduler,
-                 train_loader, val_loader, max_steps: int, callbacks: Iterable = (),
-                 loggers: Iterable = (), checkpoints=None,
-                 run_dir: Optional[Path] = None, run_info: Optional[dict] = None,
-                 on_start: Optional[Callable[[], None]] = None,
-                 group_lrs: Iterable[tuple[str, int]] = ()):
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        *,
+        task,
+        model,
+        strategy,
+        optimizer,
+        scheduler,
+        train_loader,
+        val_loader,
+        max_steps: int,
+        callbacks: Iterable = (),
+        loggers: Iterable = (),
+        checkpoints=None,
+        run_dir: Optional[Path] = None,
+        run_info: Optional[dict] = None,
+        on_start: Optional[Callable[[], None]] = None,
+        group_lrs: Iterable[tuple[str, int]] = (),
+    ):
         self.cfg, self.task, self.model, self.strategy = cfg, task, model, strategy
         self.group_lrs = list(group_lrs)  # (metric name, index in optimizer.param_groups)
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -73,15 +89,19 @@ class Trainer:
         device = strategy.device
         own = strategy.owns_precision
         self.dtype = None if own else DTYPES[cfg.precision]
-        self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" and not own \
-            else None
+        self.scaler = (
+            torch.amp.GradScaler(device.type) if cfg.precision == "fp16" and not own else None
+        )
         from src.core.throughput import peak_flops
 
         self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else peak_flops(device, cfg.precision)
         self.flops_per_micro: Optional[int] = None  # measured once, on the first micro-batch
         self.interval = IntervalMetrics()
-        self.spikes = SpikeGuard(cfg.loss_spike_sigmas, cfg.loss_spike_window, device) \
-            if cfg.loss_spike_sigmas else None
+        self.spikes = (
+            SpikeGuard(cfg.loss_spike_sigmas, cfg.loss_spike_window, device)
+            if cfg.loss_spike_sigmas
+            else None
+        )
         self._micro: dict[str, torch.Tensor] = {}  # this step's scalars: the mean of its micros
         self._extras: dict[str, Any] = {}  # this step's other outputs: the last micro's
 
@@ -116,8 +136,11 @@ class Trainer:
             if self.strategy.is_main:
                 latest = self.checkpoints.latest() if self.checkpoints is not None else None
                 saved = f"saved {latest}; " if latest is not None else ""
-                print(f"stopped by {signal.Signals(self._signal).name} at step {self.step}; "
-                      f"{saved}run the same command again to resume", flush=True)
+                print(
+                    f"stopped by {signal.Signals(self._signal).name} at step {self.step}; "
+                    f"{saved}run the same command again to resume",
+                    flush=True,
+                )
             raise SystemExit(128 + self._signal)
         return {**self.last_logged, **self.last_val}
 
@@ -195,8 +218,10 @@ class Trainer:
                 if isinstance(v, torch.Tensor) and v.ndim == 0:  # same keys on every rank
                     sums[k] = sums.get(k, 0) + (zero if padding else v.detach().float() * bs)
             if padding:  # callbacks see zero rows, so their own gathers stay in step too
-                out = {k: v[:0] if isinstance(v, torch.Tensor) and v.ndim else v
-                       for k, v in out.items()}
+                out = {
+                    k: v[:0] if isinstance(v, torch.Tensor) and v.ndim else v
+                    for k, v in out.items()
+                }
             for cb in self.callbacks:
                 cb.on_validation_batch_end(self, out)
             n += bs
@@ -204,8 +229,14 @@ class Trainer:
         sums["_n"] = torch.tensor(float(n), device=self.strategy.device)
         totals = self.strategy.reduce(sums)
         count = totals.pop("_n")
-        metrics = {f"val/{k}": v for k, v in
-                   zip(totals, (torch.stack(list(totals.values())) / count).tolist())} if totals else {}
+        metrics = (
+            {
+                f"val/{k}": v
+                for k, v in zip(totals, (torch.stack(list(totals.values())) / count).tolist())
+            }
+            if totals
+            else {}
+        )
         extra = self.task.validation_epoch_end(self.strategy.gather)
         metrics.update({f"val/{k}": float(v) for k, v in extra.items()})
         self.model.train()
@@ -230,17 +261,25 @@ class Trainer:
             return self._save()
 
     def _save(self) -> Path:
-        path = self.checkpoints.save(self.step, self.epoch, self.model, self.optimizer,
-                                     self.state_dict(), self.rank_state_dict(),
-                                     metrics=self.last_val,
-                                     extra_files=self.task.write_checkpoint_files)
+        path = self.checkpoints.save(
+            self.step,
+            self.epoch,
+            self.model,
+            self.optimizer,
+            self.state_dict(),
+            self.rank_state_dict(),
+            metrics=self.last_val,
+            extra_files=self.task.write_checkpoint_files,
+        )
         self._last_save = self.step
         return path
 
     def state_dict(self) -> dict[str, Any]:
         """Everything of the loop a resume needs, beside model and optimizer (same on all ranks)."""
         return {
-            STEP: self.step, EPOCH: self.epoch, BATCH_IN_EPOCH: self.batch_in_epoch,
+            STEP: self.step,
+            EPOCH: self.epoch,
+            BATCH_IN_EPOCH: self.batch_in_epoch,
             BATCH_USES: self.batch_uses,
             SCHEDULER: self.scheduler.state_dict() if self.scheduler else None,
             SCALER: self.scaler.state_dict() if self.scaler else None,
@@ -248,20 +287,26 @@ class Trainer:
             CALLBACK_TYPES: [type(cb).__name__ for cb in self.callbacks],
             TASK: self.task.extra_state(),
             INTERVAL: self.interval.state_dict(),
-            BAD_STEPS: self.bad_steps, TOTAL_BAD_STEPS: self.total_bad_steps,
+            BAD_STEPS: self.bad_steps,
+            TOTAL_BAD_STEPS: self.total_bad_steps,
             SPIKES: self.spikes.state_dict() if self.spikes is not None else None,
             LAST_VAL: self.last_val,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.epoch, self.batch_in_epoch = state[STEP], state[EPOCH], state[BATCH_IN_EPOCH]
+        self.step, self.epoch, self.batch_in_epoch = (
+            state[STEP],
+            state[EPOCH],
+            state[BATCH_IN_EPOCH],
+        )
         self.batch_uses = state.get(BATCH_USES, 0)
         if self.scheduler is not None and state[SCHEDULER] is not None:
             self.scheduler.load_state_dict(state[SCHEDULER])
         if self.scaler is not None and state[SCALER]:
             self.scaler.load_state_dict(state[SCALER])
-        saved = list(zip(state.get(CALLBACK_TYPES) or [None] * len(state[CALLBACKS]),
-                         state[CALLBACKS]))
+        saved = list(
+            zip(state.get(CALLBACK_TYPES) or [None] * len(state[CALLBACKS]), state[CALLBACKS])
+        )
         for cb in self.callbacks:  # by type: a resume may add or drop callbacks
             i = next((i for i, (t, _) in enumerate(saved) if t in (None, type(cb).__name__)), None)
             if i is not None:
@@ -323,7 +368,8 @@ class Trainer:
             from src.core.throughput import measure_flops
 
             out, self.flops_per_micro = measure_flops(
-                lambda: self.train_step(batch, final, n_micro))
+                lambda: self.train_step(batch, final, n_micro)
+            )
         else:
             out = self.train_step(batch, final, n_micro)
         for k, v in out.items():
@@ -369,9 +415,11 @@ class Trainer:
                 self.scaler.update()
             self.strategy.discard_step()
             self.spikes.skipped += 1
-            warnings.warn(f"step {self.step + 1}: {self.spikes.describe(mean_loss)}; update "
-                          f"skipped (trainer.loss_spike_sigmas = {self.spikes.sigmas:g})",
-                          stacklevel=2)
+            warnings.warn(
+                f"step {self.step + 1}: {self.spikes.describe(mean_loss)}; update "
+                f"skipped (trainer.loss_spike_sigmas = {self.spikes.sigmas:g})",
+                stacklevel=2,
+            )
         else:
             if bad:
                 if self.scaler is not None:
@@ -401,8 +449,9 @@ class Trainer:
         if epoch_end:
             self.epoch += 1
             self.batch_in_epoch = 0
-        if (cfg.eval_every_n_steps and self.step % cfg.eval_every_n_steps == 0) or \
-                (epoch_end and cfg.eval_every_n_epochs and self.epoch % cfg.eval_every_n_epochs == 0):
+        if (cfg.eval_every_n_steps and self.step % cfg.eval_every_n_steps == 0) or (
+            epoch_end and cfg.eval_every_n_epochs and self.epoch % cfg.eval_every_n_epochs == 0
+        ):
             self.evaluate()
         if epoch_end:
             for cb in self.callbacks:
@@ -412,9 +461,11 @@ class Trainer:
 
     def _save_due(self, epoch_end: bool) -> bool:
         ck = self.checkpoints.cfg
-        return bool((ck.every_n_steps and self.step % ck.every_n_steps == 0)
-                    or (epoch_end and ck.every_n_epochs and self.epoch % ck.every_n_epochs == 0)
-                    or (self.checkpoints.save_on_eval and self._last_eval == self.step))
+        return bool(
+            (ck.every_n_steps and self.step % ck.every_n_steps == 0)
+            or (epoch_end and ck.every_n_epochs and self.epoch % ck.every_n_epochs == 0)
+            or (self.checkpoints.save_on_eval and self._last_eval == self.step)
+        )
 
     def _scaler_overflow(self, loss: torch.Tensor, bad: bool) -> bool:
         """Was this skipped step a loss scaler's overflow (a finite loss on every rank, under our
@@ -423,19 +474,28 @@ class Trainer:
         return (self.scaler is not None or not bad) and self.strategy.all_finite(loss)
 
     def _on_bad_step(self) -> None:
-        warnings.warn(f"step {self.step}: non-finite loss or gradient, update skipped "
-                      f"({self.bad_steps} in a row)", stacklevel=2)
+        warnings.warn(
+            f"step {self.step}: non-finite loss or gradient, update skipped "
+            f"({self.bad_steps} in a row)",
+            stacklevel=2,
+        )
         if self.bad_steps >= self.cfg.max_bad_steps:
             path = self.save()
             where = f"; last good state saved to {path}" if path else ""
-            raise TrainingDiverged(f"training stopped at step {self.step}: {self.bad_steps} "
-                                   f"consecutive non-finite steps (trainer.max_bad_steps){where}")
+            raise TrainingDiverged(
+                f"training stopped at step {self.step}: {self.bad_steps} "
+                f"consecutive non-finite steps (trainer.max_bad_steps){where}"
+            )
 
     # ------------------------------------------------------------------ logging
 
     def _log_interval(self) -> None:
-        metrics = {"epoch": self.epoch, **self.interval.read(
-            self.strategy, self.optimizer.param_groups[0]["lr"], self.flops_per_micro, self.peak)}
+        metrics = {
+            "epoch": self.epoch,
+            **self.interval.read(
+                self.strategy, self.optimizer.param_groups[0]["lr"], self.flops_per_micro, self.peak
+            ),
+        }
         if self.group_lrs:
             groups = self.optimizer.param_groups
             metrics.update({name: groups[i]["lr"] for name, i in self.group_lrs})
@@ -489,6 +549,9 @@ class Trainer:
         if self.strategy.is_main and announce:
             print(f"resumed from {path} at step {self.step} (epoch {self.epoch})", flush=True)
             if self.step >= self.max_steps:
-                print(f"this run already finished at step {self.step} of {self.max_steps}; raise "
-                      "trainer.max_steps (or max_epochs) to train on", flush=True)
+                print(
+                    f"this run already finished at step {self.step} of {self.max_steps}; raise "
+                    "trainer.max_steps (or max_epochs) to train on",
+                    flush=True,
+                )
         return self.step

@@ -13,6 +13,7 @@ problems. Two formats:
 Without ``tokenizer`` the text is read character by character (``char_tokenizer``): a 17-symbol
 vocabulary, saved with the run and exported with the model like any tokenizer.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Literal, Optional
@@ -40,15 +41,21 @@ def char_tokenizer():
     tk = Tokenizer(models.WordLevel(vocab, unk_token=EOS))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tk.decoder = decoders.Fuse()  # characters back to text without spaces between them
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=EOS, bos_token=EOS,
-                                   pad_token=PAD, unk_token=EOS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token=EOS, bos_token=EOS, pad_token=PAD, unk_token=EOS
+    )
 
 
-def problems(max_operand: int, operations: list[str], split_seed: int, val_fraction: float
-             ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def problems(
+    max_operand: int, operations: list[str], split_seed: int, val_fraction: float
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(train, val) lists of (problem, answer), e.g. ("12+7=", "19")."""
-    every = [(f"{a}{op}{b}=", str(OPERATIONS[op](a, b))) for op in operations
-             for a in range(max_operand + 1) for b in range(max_operand + 1)]
+    every = [
+        (f"{a}{op}{b}=", str(OPERATIONS[op](a, b)))
+        for op in operations
+        for a in range(max_operand + 1)
+        for b in range(max_operand + 1)
+    ]
     order = np.random.default_rng(split_seed).permutation(len(every))
     n_val = int(round(val_fraction * len(every)))
     return [every[i] for i in order[n_val:]], [every[i] for i in order[:n_val]]
@@ -57,21 +64,32 @@ def problems(max_operand: int, operations: list[str], split_seed: int, val_fract
 @DATASETS.register("arithmetic")
 def arithmetic(
     seed: int,
-    format: Annotated[Literal["sft", "prompts"], Field(
-        description="sft: problem and answer, the answer learned; prompts: the problem alone "
-                    "with its answer for rewards")] = "sft",
-    max_operand: Annotated[int, Field(
-        ge=1, le=999, description="operands run from 0 to this")] = 99,
-    operations: Annotated[list[Literal["+", "-", "*"]], Field(
-        min_length=1, description="operators, each with every pair of operands")] = ["+"],
+    format: Annotated[
+        Literal["sft", "prompts"],
+        Field(
+            description="sft: problem and answer, the answer learned; prompts: the problem alone "
+            "with its answer for rewards"
+        ),
+    ] = "sft",
+    max_operand: Annotated[
+        int, Field(ge=1, le=999, description="operands run from 0 to this")
+    ] = 99,
+    operations: Annotated[
+        list[Literal["+", "-", "*"]],
+        Field(min_length=1, description="operators, each with every pair of operands"),
+    ] = ["+"],
     val_fraction: ValFraction = 0.1,
-    split_seed: Annotated[int, Field(
-        ge=0, description="seed of the held-out problems (the same for every config)")] = 0,
-    train_size: Annotated[Optional[conint(ge=1)], Field(
-        description="use only this many training problems (the held-out ones stay the "
-                    "same)")] = None,
-    tokenizer: Annotated[Optional[str], Field(
-        description="a local tokenizer folder (default: one token per character)")] = None,
+    split_seed: Annotated[
+        int, Field(ge=0, description="seed of the held-out problems (the same for every config)")
+    ] = 0,
+    train_size: Annotated[
+        Optional[conint(ge=1)],
+        Field(description="use only this many training problems (the held-out ones stay the same)"),
+    ] = None,
+    tokenizer: Annotated[
+        Optional[str],
+        Field(description="a local tokenizer folder (default: one token per character)"),
+    ] = None,
 ) -> DataModule:
     """``a+b=`` problems: answers to learn (``sft``) or to be rewarded for (``prompts``)."""
     tok = load_tokenizer(tokenizer) if tokenizer else char_tokenizer()
@@ -85,18 +103,24 @@ def arithmetic(
         return tok(text, add_special_tokens=False)["input_ids"]
 
     if format == "sft":
+
         def item(problem: str, answer: str) -> dict:
             p, a = encode(problem), encode(answer) + [tok.eos_token_id]
             return {"input_ids": torch.tensor(p + a), "labels": torch.tensor([-100] * len(p) + a)}
+
         collate = PadCollator(tok.pad_token_id)
     else:
+
         def item(problem: str, answer: str) -> dict:
             return {"input_ids": torch.tensor(encode(problem)), "answer": answer}
+
         collate = LeftPadCollator(tok.pad_token_id)
     sets = [Examples([item(*pa) for pa in part]) for part in (train, val)]
     for s in sets:
         s.collate_fn = collate
     longest = max(max(s.lengths) for s in sets)
-    return DataModule(sets[0], sets[1], DatasetInfo(num_samples=len(sets[0]),
-                                                    input_shape=(longest,),
-                                                    extra=token_info(tok)))
+    return DataModule(
+        sets[0],
+        sets[1],
+        DatasetInfo(num_samples=len(sets[0]), input_shape=(longest,), extra=token_info(tok)),
+    )

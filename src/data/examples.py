@@ -1,5 +1,6 @@
 """Tokenised examples of different lengths and the collators that pad them into batches, shared by
 the JSONL formats and the docstrings corpus."""
+
 from __future__ import annotations
 
 from typing import Annotated, Optional
@@ -9,10 +10,12 @@ from pydantic import Field
 
 # Parameters the JSONL and docstring datasets share.
 Tokenizer = Annotated[str, Field(description="tokenizer: a local folder or pkg:<package>/<folder>")]
-MaxLength = Annotated[int, Field(
-    ge=8, description="longest example in tokens; longer ones are cut")]
-ValFraction = Annotated[float, Field(
-    ge=0, lt=1, description="fraction of the samples held out for validation")]
+MaxLength = Annotated[
+    int, Field(ge=8, description="longest example in tokens; longer ones are cut")
+]
+ValFraction = Annotated[
+    float, Field(ge=0, lt=1, description="fraction of the samples held out for validation")
+]
 
 
 class Examples(torch.utils.data.Dataset):
@@ -20,8 +23,9 @@ class Examples(torch.utils.data.Dataset):
 
     def __init__(self, items: list[dict[str, torch.Tensor]], labels: Optional[list[int]] = None):
         self.items = items
-        self.lengths = [len(x["input_ids"]) if "input_ids" in x else
-                        len(x["chosen_input_ids"]) for x in items]
+        self.lengths = [
+            len(x["input_ids"]) if "input_ids" in x else len(x["chosen_input_ids"]) for x in items
+        ]
         if labels is not None:
             self.labels = torch.tensor(labels)
 
@@ -51,7 +55,8 @@ class PadCollator:
             if key.endswith("input_ids"):
                 mask = [torch.ones(len(v), dtype=torch.long) for v in values]
                 out[key.replace("input_ids", "attention_mask")] = torch.nn.utils.rnn.pad_sequence(
-                    mask, batch_first=True, padding_value=0)
+                    mask, batch_first=True, padding_value=0
+                )
         return out
 
 
@@ -68,7 +73,7 @@ class LeftPadCollator:
         mask = torch.zeros((len(rows), longest), dtype=torch.long)
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
-            ids[i, longest - n:] = r["input_ids"]
-            mask[i, longest - n:] = 1
+            ids[i, longest - n :] = r["input_ids"]
+            mask[i, longest - n :] = 1
         others = {k: [r[k] for r in rows] for k in rows[0] if k != "input_ids"}
         return {"input_ids": ids, "attention_mask": mask, **others}

@@ -1,4 +1,5 @@
 """Images on disk in the ImageFolder layout: ``root/<class_name>/<image>``."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,12 +17,14 @@ from src.data.digits import stratified_split
 def _image_transform(size: int, channels: int):
     from torchvision.transforms import v2
 
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Grayscale(num_output_channels=1) if channels == 1 else v2.RGB(),
-        v2.Resize((size, size), antialias=True),
-        v2.ToDtype(torch.float32, scale=True),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Grayscale(num_output_channels=1) if channels == 1 else v2.RGB(),
+            v2.Resize((size, size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
 
 
 # Parameters of every dataset that reads image files.
@@ -33,18 +36,31 @@ ImageChannels = Annotated[int, Field(ge=1, le=3, description="1 (grey) or 3 (RGB
 def image_folder(
     seed: int,
     root: Annotated[str, Field(description="training folder (one sub-folder per class)")],
-    val_root: Annotated[Optional[str], Field(
-        description="validation folder with the same classes; if absent, val_fraction of root is "
-                    "held out, stratified by class with seed")] = None,
-    val_fraction: Annotated[float, Field(
-        ge=0.0, lt=1.0,
-        description="fraction of the samples held out for validation when there is no val_root")] = 0.2,
+    val_root: Annotated[
+        Optional[str],
+        Field(
+            description="validation folder with the same classes; if absent, val_fraction of root is "
+            "held out, stratified by class with seed"
+        ),
+    ] = None,
+    val_fraction: Annotated[
+        float,
+        Field(
+            ge=0.0,
+            lt=1.0,
+            description="fraction of the samples held out for validation when there is no val_root",
+        ),
+    ] = 0.2,
     image_size: ImageSize = 32,
     channels: ImageChannels = 3,
-    bad_files: Annotated[Literal["error", "skip"], Field(
-        description="every image is checked before training (its header and structure, not its "
-                    "pixels); error stops at the first unreadable one with its path, skip leaves "
-                    "them out and says how many")] = "error",
+    bad_files: Annotated[
+        Literal["error", "skip"],
+        Field(
+            description="every image is checked before training (its header and structure, not its "
+            "pixels); error stops at the first unreadable one with its path, skip leaves "
+            "them out and says how many"
+        ),
+    ] = "error",
 ) -> DataModule:
     """Class-per-folder images, resized to ``image_size`` and scaled to [0, 1]."""
     from torch.utils.data import Subset
@@ -67,7 +83,9 @@ def image_folder(
     if val_root is not None:
         train, val = full, load(val_root, "val_root")
         if val.classes != full.classes:
-            raise ConfigError(f"data.val_root: classes {val.classes} differ from root's {full.classes}")
+            raise ConfigError(
+                f"data.val_root: classes {val.classes} differ from root's {full.classes}"
+            )
         train_targets = targets
     else:
         train_idx, val_idx = stratified_split(targets, val_fraction, seed)
@@ -103,13 +121,16 @@ def _drop_unreadable(folder, key: str, bad_files: str) -> None:
     if bad_files == "error":
         path, exc = bad[0]
         more = f" ({len(bad)} unreadable files in all)" if len(bad) > 1 else ""
-        raise ConfigError(f"data.{key}: {path}: not a readable image ({library_message(exc, 80)})"
-                          f"{more}; fix or remove it, or set data.bad_files=skip")
+        raise ConfigError(
+            f"data.{key}: {path}: not a readable image ({library_message(exc, 80)})"
+            f"{more}; fix or remove it, or set data.bad_files=skip"
+        )
     dropped = {p for p, _ in bad}
     folder.samples = [s for s in folder.samples if s[0] not in dropped]
     folder.imgs, folder.targets = folder.samples, [t for _, t in folder.samples]
-    warnings.warn(f"data.{key}: skipped {len(bad)} unreadable images (data.bad_files=skip)",
-                  stacklevel=2)
+    warnings.warn(
+        f"data.{key}: skipped {len(bad)} unreadable images (data.bad_files=skip)", stacklevel=2
+    )
 
 
 class _Dicts(torch.utils.data.Dataset):
@@ -126,8 +147,9 @@ class _Dicts(torch.utils.data.Dataset):
         try:
             x, y = self.ds[i]
         except (OSError, SyntaxError, ValueError) as exc:  # damage the header check missed
-            raise DataError(f"{sample_path(self.ds, i)}: unreadable image "
-                            f"({library_message(exc, 80)})") from None
+            raise DataError(
+                f"{sample_path(self.ds, i)}: unreadable image ({library_message(exc, 80)})"
+            ) from None
         sample = {"inputs": x, "labels": y}
         if self.view_transform is not None:
             sample["views"] = self.view_transform(x)

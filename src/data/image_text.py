@@ -17,11 +17,13 @@ Training batches of captions hold ``inputs`` (B, C, H, W) and ``caption`` (B str
 image's captions is one sample); validation batches hold every caption of each image
 (``captions``, B lists), its ``index`` in the split and, where the data has them, ``labels``.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Sequence
+from typing import Annotated, Any, Literal, Optional
 
 import numpy as np
 import torch
@@ -36,11 +38,22 @@ from src.data.image_folder import ImageChannels, ImageSize
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # "{}" is the digit's name, "{digit}" its numeral.
-TRAIN_TEMPLATES = ("a handwritten {}", "the digit {digit}", "a photo of the number {}",
-                   "a drawing of a {}", "the number {}", "an image of the digit {digit}",
-                   "a scan of a handwritten {}", "a {} written by hand")
-HELD_OUT_TEMPLATES = ("a picture of a {}", "this digit is a {}", "a blurry photo of the number {}",
-                      "the handwritten digit {digit}")
+TRAIN_TEMPLATES = (
+    "a handwritten {}",
+    "the digit {digit}",
+    "a photo of the number {}",
+    "a drawing of a {}",
+    "the number {}",
+    "an image of the digit {digit}",
+    "a scan of a handwritten {}",
+    "a {} written by hand",
+)
+HELD_OUT_TEMPLATES = (
+    "a picture of a {}",
+    "this digit is a {}",
+    "a blurry photo of the number {}",
+    "the handwritten digit {digit}",
+)
 
 
 def fill(template: str, name: str, index: Optional[int] = None, key: str = "template") -> str:
@@ -48,15 +61,22 @@ def fill(template: str, name: str, index: Optional[int] = None, key: str = "temp
     try:
         return template.format(name, digit=index if index is not None else name)
     except (IndexError, KeyError, ValueError) as exc:
-        raise ConfigError(f"{key}: {template!r}: only {{}} (the class name) and {{digit}} may "
-                          f"be filled (not {exc})") from None
+        raise ConfigError(
+            f"{key}: {template!r}: only {{}} (the class name) and {{digit}} may "
+            f"be filled (not {exc})"
+        ) from None
 
 
 class Images:
     """Images by index: a (N, C, H, W) tensor in memory, or files read when asked."""
 
-    def __init__(self, tensor: Optional[torch.Tensor] = None, files: Sequence[Path] = (),
-                 size: int = 32, channels: int = 3):
+    def __init__(
+        self,
+        tensor: Optional[torch.Tensor] = None,
+        files: Sequence[Path] = (),
+        size: int = 32,
+        channels: int = 3,
+    ):
         self.tensor, self.files = tensor, list(files)
         self.transform = None
         if tensor is None:
@@ -79,8 +99,9 @@ class Images:
             with Image.open(self.files[i]) as im:
                 return self.transform(im.convert("RGB"))
         except (OSError, SyntaxError, ValueError) as exc:  # damage the header check missed
-            raise DataError(f"{self.files[i]}: unreadable image ({library_message(exc, 80)})"
-                            ) from None
+            raise DataError(
+                f"{self.files[i]}: unreadable image ({library_message(exc, 80)})"
+            ) from None
 
 
 class CaptionPairs(torch.utils.data.Dataset):
@@ -89,8 +110,9 @@ class CaptionPairs(torch.utils.data.Dataset):
 
     batched = True  # __getitems__ makes the whole batch; the loader does not collate
 
-    def __init__(self, images: Images, pairs: list[tuple[int, str]],
-                 labels: Optional[torch.Tensor] = None):
+    def __init__(
+        self, images: Images, pairs: list[tuple[int, str]], labels: Optional[torch.Tensor] = None
+    ):
         self.images, self.pairs = images, pairs
         self.image_labels = labels
         if labels is not None:
@@ -104,8 +126,7 @@ class CaptionPairs(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, Any]:
         rows = [self.pairs[i] for i in indices]
-        batch = {"inputs": self.images.take([r[0] for r in rows]),
-                 "caption": [r[1] for r in rows]}
+        batch = {"inputs": self.images.take([r[0] for r in rows]), "caption": [r[1] for r in rows]}
         if self.image_labels is not None:
             batch["labels"] = self.labels[torch.as_tensor(indices, dtype=torch.long)]
         return batch
@@ -116,8 +137,9 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     batched = True
 
-    def __init__(self, images: Images, captions: list[list[str]],
-                 labels: Optional[torch.Tensor] = None):
+    def __init__(
+        self, images: Images, captions: list[list[str]], labels: Optional[torch.Tensor] = None
+    ):
         self.images, self.captions = images, captions
         if labels is not None:
             self.labels = labels
@@ -129,9 +151,11 @@ class CaptionedImages(torch.utils.data.Dataset):
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
 
     def __getitems__(self, indices: list[int]) -> dict[str, Any]:
-        batch = {"inputs": self.images.take(indices),
-                 "captions": [self.captions[i] for i in indices],
-                 "index": torch.as_tensor(indices, dtype=torch.long)}
+        batch = {
+            "inputs": self.images.take(indices),
+            "captions": [self.captions[i] for i in indices],
+            "index": torch.as_tensor(indices, dtype=torch.long),
+        }
         if hasattr(self, "labels"):
             batch["labels"] = self.labels[torch.as_tensor(indices, dtype=torch.long)]
         return batch
@@ -144,30 +168,44 @@ def digit_images(resize: Optional[int], channels: int) -> tuple[torch.Tensor, to
     raw = load_digits()
     x = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
     if resize is not None and resize != 8:
-        x = torch.nn.functional.interpolate(x, size=(resize, resize), mode="bilinear",
-                                            align_corners=False)
+        x = torch.nn.functional.interpolate(
+            x, size=(resize, resize), mode="bilinear", align_corners=False
+        )
     if channels != 1:
         x = x.expand(-1, channels, -1, -1).contiguous()
     return x, torch.tensor(raw.target, dtype=torch.long)
 
 
-Resize = Annotated[Optional[conint(gt=0)], Field(
-    description="bilinear resize of the 8x8 images, done once up front")]
+Resize = Annotated[
+    Optional[conint(gt=0)],
+    Field(description="bilinear resize of the 8x8 images, done once up front"),
+]
 Channels = Annotated[int, Field(gt=0, description="repeat the grey channel (3 for RGB towers)")]
 
 
 @DATASETS.register("digits_captions")
 def digits_captions(
     seed: int,
-    val_fraction: Annotated[float, Field(
-        gt=0.0, lt=1.0, description="held-out images, stratified by class")] = 0.2,
-    templates: Annotated[Optional[list[str]], Field(
-        min_length=1, description="training caption templates ({} the name, {digit} the "
-                                  "numeral); default: TRAIN_TEMPLATES")] = None,
-    held_out_templates: Annotated[Optional[list[str]], Field(
-        min_length=1, description="templates of the validation captions and of zero-shot "
-                                  "classification, none of them a training one; default: "
-                                  "HELD_OUT_TEMPLATES")] = None,
+    val_fraction: Annotated[
+        float, Field(gt=0.0, lt=1.0, description="held-out images, stratified by class")
+    ] = 0.2,
+    templates: Annotated[
+        Optional[list[str]],
+        Field(
+            min_length=1,
+            description="training caption templates ({} the name, {digit} the "
+            "numeral); default: TRAIN_TEMPLATES",
+        ),
+    ] = None,
+    held_out_templates: Annotated[
+        Optional[list[str]],
+        Field(
+            min_length=1,
+            description="templates of the validation captions and of zero-shot "
+            "classification, none of them a training one; default: "
+            "HELD_OUT_TEMPLATES",
+        ),
+    ] = None,
     resize: Resize = None,
     channels: Channels = 1,
 ) -> DataModule:
@@ -190,12 +228,20 @@ def digits_captions(
         return [fill(t, DIGIT_NAMES[c], c) for t in temps]
 
     pairs = [(int(i), cap) for i in train_idx for cap in captions(i, train_t)]
-    val = CaptionedImages(Images(x[torch.as_tensor(val_idx)]),
-                          [captions(i, held_t) for i in val_idx], y[torch.as_tensor(val_idx)])
+    val = CaptionedImages(
+        Images(x[torch.as_tensor(val_idx)]),
+        [captions(i, held_t) for i in val_idx],
+        y[torch.as_tensor(val_idx)],
+    )
     counts = torch.bincount(y[torch.as_tensor(train_idx)], minlength=10)
-    info = DatasetInfo(num_samples=len(pairs), num_classes=10, class_names=DIGIT_NAMES,
-                       class_counts=tuple(int(c) for c in counts), input_shape=tuple(x.shape[1:]),
-                       extra={"templates": held_t, "captions": True})
+    info = DatasetInfo(
+        num_samples=len(pairs),
+        num_classes=10,
+        class_names=DIGIT_NAMES,
+        class_counts=tuple(int(c) for c in counts),
+        input_shape=tuple(x.shape[1:]),
+        extra={"templates": held_t, "captions": True},
+    )
     return DataModule(CaptionPairs(images, pairs, y), val, info)
 
 
@@ -219,30 +265,41 @@ def _caption_rows(root: Path, captions: str) -> list[tuple[str, str, str]]:
     try:
         coco = json.loads(path.read_text(encoding="utf-8"))
         files = {im["id"]: im["file_name"] for im in coco["images"]}
-        return [(files[a["image_id"]], a["caption"], f"{path}: annotations[{n}]")
-                for n, a in enumerate(coco["annotations"])]
+        return [
+            (files[a["image_id"]], a["caption"], f"{path}: annotations[{n}]")
+            for n, a in enumerate(coco["annotations"])
+        ]
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"data.captions: {path}: not COCO captions JSON ({exc})") from None
     except (KeyError, TypeError) as exc:
-        raise ConfigError(f"data.captions: {path}: not COCO captions JSON (missing {exc}: "
-                          "needs images[].id/file_name and annotations[].image_id/caption)"
-                          ) from None
+        raise ConfigError(
+            f"data.captions: {path}: not COCO captions JSON (missing {exc}: "
+            "needs images[].id/file_name and annotations[].image_id/caption)"
+        ) from None
 
 
 @DATASETS.register("image_text")
 def image_text(
     seed: int,
     root: Annotated[str, Field(description="folder the image paths are relative to")],
-    captions: Annotated[str, Field(
-        description="captions file: .jsonl ({image, caption} per line) or COCO captions .json; "
-                    "relative to root unless it exists as given")] = "captions.jsonl",
+    captions: Annotated[
+        str,
+        Field(
+            description="captions file: .jsonl ({image, caption} per line) or COCO captions .json; "
+            "relative to root unless it exists as given"
+        ),
+    ] = "captions.jsonl",
     val_fraction: ValFraction = 0.1,
     image_size: ImageSize = 32,
     channels: ImageChannels = 3,
-    bad_files: Annotated[Literal["error", "skip"], Field(
-        description="every image is checked first (header and structure); error stops at the "
-                    "first unreadable or missing one, skip leaves it out and says how "
-                    "many")] = "error",
+    bad_files: Annotated[
+        Literal["error", "skip"],
+        Field(
+            description="every image is checked first (header and structure); error stops at the "
+            "first unreadable or missing one, skip leaves it out and says how "
+            "many"
+        ),
+    ] = "error",
 ) -> DataModule:
     """Images with captions from a folder; split by image."""
     import warnings
@@ -266,28 +323,39 @@ def image_text(
         except FileNotFoundError:
             bad.append(f"{first_seen[rel]}: image not found: {base / rel}")
         except Exception as exc:  # PIL raises many types for broken files
-            bad.append(f"{first_seen[rel]}: {base / rel}: not a readable image "
-                       f"({library_message(exc, 80)})")
+            bad.append(
+                f"{first_seen[rel]}: {base / rel}: not a readable image "
+                f"({library_message(exc, 80)})"
+            )
     if bad and bad_files == "error":
         more = f" ({len(bad)} bad images in all)" if len(bad) > 1 else ""
         raise ConfigError(f"data.captions: {bad[0]}{more}; fix it, or set data.bad_files=skip")
     if bad:
-        warnings.warn(f"data.captions: skipped {len(bad)} unreadable or missing images "
-                      "(data.bad_files=skip)", stacklevel=2)
+        warnings.warn(
+            f"data.captions: skipped {len(bad)} unreadable or missing images (data.bad_files=skip)",
+            stacklevel=2,
+        )
     if len(names) < 2:
         raise ConfigError(f"data.captions: {len(names)} readable image(s); at least 2 are needed")
     order = np.random.default_rng(seed).permutation(len(names))
     n_val = max(1, int(round(val_fraction * len(names)))) if val_fraction > 0 else 0
     val_names = [names[i] for i in order[:n_val]]
     train_names = [names[i] for i in order[n_val:]]
-    train_images = Images(files=[base / n for n in train_names], size=image_size,
-                          channels=channels)
+    train_images = Images(files=[base / n for n in train_names], size=image_size, channels=channels)
     pairs = [(i, c) for i, n in enumerate(train_names) for c in by_image[n]]
-    val = CaptionedImages(Images(files=[base / n for n in val_names], size=image_size,
-                                 channels=channels),
-                          [by_image[n] for n in val_names]) if val_names else None
-    info = DatasetInfo(num_samples=len(pairs), input_shape=(channels, image_size, image_size),
-                       extra={"captions": True})
+    val = (
+        CaptionedImages(
+            Images(files=[base / n for n in val_names], size=image_size, channels=channels),
+            [by_image[n] for n in val_names],
+        )
+        if val_names
+        else None
+    )
+    info = DatasetInfo(
+        num_samples=len(pairs),
+        input_shape=(channels, image_size, image_size),
+        extra={"captions": True},
+    )
     return DataModule(CaptionPairs(train_images, pairs), val, info)
 
 
@@ -296,8 +364,7 @@ def image_text(
 QUESTIONS = {
     "digit": ("What digit is this?", lambda c: DIGIT_NAMES[c]),
     "even": ("Is this digit even?", lambda c: "yes" if c % 2 == 0 else "no"),
-    "plus_one": ("What is this digit plus one?",
-                 lambda c: DIGIT_NAMES[c + 1] if c < 9 else "ten"),
+    "plus_one": ("What is this digit plus one?", lambda c: DIGIT_NAMES[c + 1] if c < 9 else "ten"),
 }
 PROMPT = "Question: {question}\nAnswer:"
 
@@ -309,8 +376,9 @@ class ImageQuestions(torch.utils.data.Dataset):
 
     batched = True
 
-    def __init__(self, images: Images, rows: list[tuple[int, list[int], list[int], str, str]],
-                 pad_id: int):
+    def __init__(
+        self, images: Images, rows: list[tuple[int, list[int], list[int], str, str]], pad_id: int
+    ):
         self.images, self.rows, self.pad_id = images, rows, pad_id
         self.lengths = [len(p) + len(a) for _, p, a, _, _ in rows]
 
@@ -331,13 +399,19 @@ class ImageQuestions(torch.utils.data.Dataset):
         prompt_mask = torch.zeros((n, longest_p), dtype=torch.long)
         for j, (_, p, a, _, _) in enumerate(rows):
             seq = torch.tensor(p + a)
-            ids[j, :len(seq)], mask[j, :len(seq)] = seq, 1
-            labels[j, len(p):len(seq)] = seq[len(p):]
-            prompt[j, longest_p - len(p):], prompt_mask[j, longest_p - len(p):] = seq[:len(p)], 1
-        return {"inputs": self.images.take([r[0] for r in rows]), "input_ids": ids,
-                "attention_mask": mask, "labels": labels, "prompt_ids": prompt,
-                "prompt_mask": prompt_mask, "answer": [r[3] for r in rows],
-                "kind": [r[4] for r in rows]}
+            ids[j, : len(seq)], mask[j, : len(seq)] = seq, 1
+            labels[j, len(p) : len(seq)] = seq[len(p) :]
+            prompt[j, longest_p - len(p) :], prompt_mask[j, longest_p - len(p) :] = seq[: len(p)], 1
+        return {
+            "inputs": self.images.take([r[0] for r in rows]),
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "prompt_ids": prompt,
+            "prompt_mask": prompt_mask,
+            "answer": [r[3] for r in rows],
+            "kind": [r[4] for r in rows],
+        }
 
 
 def _lm_tokenizer(path: str):
@@ -345,8 +419,10 @@ def _lm_tokenizer(path: str):
 
     tok = load_tokenizer(path)
     if tok.eos_token_id is None:
-        raise ConfigError(f"data.tokenizer: {path}: has no EOS token to end answers with "
-                          "(a causal LM's tokenizer is needed)")
+        raise ConfigError(
+            f"data.tokenizer: {path}: has no EOS token to end answers with "
+            "(a causal LM's tokenizer is needed)"
+        )
     return tok
 
 
@@ -359,14 +435,24 @@ def _encode(tok, question: str, answer: str) -> tuple[list[int], list[int]]:
 @DATASETS.register("digits_vqa")
 def digits_vqa(
     seed: int,
-    tokenizer: Annotated[str, Field(
-        description="the causal LM's tokenizer: a local folder (an exported run's hf folder, "
-                    "pkg:... too)")],
-    questions: Annotated[list[Literal[tuple(QUESTIONS)]], Field(
-        min_length=1, description="question kinds asked of every image: digit ('What digit is "
-                                  "this?'), even, plus_one")] = list(QUESTIONS),
-    val_fraction: Annotated[float, Field(
-        gt=0.0, lt=1.0, description="held-out images, stratified by class")] = 0.2,
+    tokenizer: Annotated[
+        str,
+        Field(
+            description="the causal LM's tokenizer: a local folder (an exported run's hf folder, "
+            "pkg:... too)"
+        ),
+    ],
+    questions: Annotated[
+        list[Literal[tuple(QUESTIONS)]],
+        Field(
+            min_length=1,
+            description="question kinds asked of every image: digit ('What digit is "
+            "this?'), even, plus_one",
+        ),
+    ] = list(QUESTIONS),
+    val_fraction: Annotated[
+        float, Field(gt=0.0, lt=1.0, description="held-out images, stratified by class")
+    ] = 0.2,
     resize: Resize = None,
     channels: Channels = 1,
 ) -> DataModule:
@@ -384,14 +470,19 @@ def digits_vqa(
             encoded[kind, c] = (*_encode(tok, question, answer_of(c)), answer_of(c))
 
     def split(idx) -> ImageQuestions:
-        rows = [(j, *encoded[k, int(y[i])][:2], encoded[k, int(y[i])][2], k)
-                for j, i in enumerate(idx) for k in kinds]
+        rows = [
+            (j, *encoded[k, int(y[i])][:2], encoded[k, int(y[i])][2], k)
+            for j, i in enumerate(idx)
+            for k in kinds
+        ]
         return ImageQuestions(Images(x[torch.as_tensor(idx)]), rows, tok.pad_token_id)
 
     train, val = split(train_idx), split(val_idx)
-    info = DatasetInfo(num_samples=len(train), input_shape=tuple(x.shape[1:]),
-                       extra={**token_info(tok), "question_kinds": kinds,
-                              "image_questions": True})
+    info = DatasetInfo(
+        num_samples=len(train),
+        input_shape=tuple(x.shape[1:]),
+        extra={**token_info(tok), "question_kinds": kinds, "image_questions": True},
+    )
     return DataModule(train, val, info)
 
 
@@ -399,12 +490,17 @@ def digits_vqa(
 def image_questions(
     seed: int,
     root: Annotated[str, Field(description="folder the image paths are relative to")],
-    tokenizer: Annotated[str, Field(
-        description="the causal LM's tokenizer: a local folder (pkg:... too)")],
-    path: Annotated[str, Field(
-        description="JSONL: {image, question, answer, kind (optional: the question's type, "
-                    "for per-kind accuracy)} per line; relative to root unless it exists as "
-                    "given")] = "questions.jsonl",
+    tokenizer: Annotated[
+        str, Field(description="the causal LM's tokenizer: a local folder (pkg:... too)")
+    ],
+    path: Annotated[
+        str,
+        Field(
+            description="JSONL: {image, question, answer, kind (optional: the question's type, "
+            "for per-kind accuracy)} per line; relative to root unless it exists as "
+            "given"
+        ),
+    ] = "questions.jsonl",
     val_fraction: ValFraction = 0.2,
     image_size: ImageSize = 32,
     channels: ImageChannels = 3,
@@ -435,8 +531,10 @@ def image_questions(
             except FileNotFoundError:
                 raise ConfigError(f"{where}: image not found: {base / r['image']}") from None
             except Exception as exc:  # PIL raises many types for broken files
-                raise ConfigError(f"{where}: {base / r['image']}: not a readable image "
-                                  f"({library_message(exc, 80)})") from None
+                raise ConfigError(
+                    f"{where}: {base / r['image']}: not a readable image "
+                    f"({library_message(exc, 80)})"
+                ) from None
         by_image.setdefault(r["image"], []).append(tuple(values[1:]))
     names = list(by_image)
     order = np.random.default_rng(seed).permutation(len(names))
@@ -444,8 +542,9 @@ def image_questions(
     kinds = sorted({k for qs in by_image.values() for _, _, k in qs})
 
     def split(chosen: list[str]) -> ImageQuestions:
-        rows = [(j, *_encode(tok, q, a), a, k) for j, n in enumerate(chosen)
-                for q, a, k in by_image[n]]
+        rows = [
+            (j, *_encode(tok, q, a), a, k) for j, n in enumerate(chosen) for q, a, k in by_image[n]
+        ]
         images = Images(files=[base / n for n in chosen], size=image_size, channels=channels)
         return ImageQuestions(images, rows, tok.pad_token_id)
 
@@ -453,7 +552,9 @@ def image_questions(
     val = split([names[i] for i in order[:n_val]]) if n_val else None
     if len(train) == 0:
         raise ConfigError("data.val_fraction: leaves no training image")
-    info = DatasetInfo(num_samples=len(train), input_shape=(channels, image_size, image_size),
-                       extra={**token_info(tok), "question_kinds": kinds,
-                              "image_questions": True})
+    info = DatasetInfo(
+        num_samples=len(train),
+        input_shape=(channels, image_size, image_size),
+        extra={**token_info(tok), "question_kinds": kinds, "image_questions": True},
+    )
     return DataModule(train, val, info)

@@ -8,6 +8,7 @@ Formats (one JSON object per line):
     labelled:    {"text": ..., "label": ...}
     preference:  {"prompt": ..., "chosen": ..., "rejected": ...}
 """
+
 from __future__ import annotations
 
 import json
@@ -22,14 +23,22 @@ from src.core.dataset_info import DataModule, DatasetInfo
 from src.core.errors import ConfigError
 from src.core.registry import DATASETS
 from src.data.docstrings import function_prompts
-from src.data.examples import Examples, LeftPadCollator, MaxLength, PadCollator, Tokenizer, ValFraction
+from src.data.examples import (
+    Examples,
+    LeftPadCollator,
+    MaxLength,
+    PadCollator,
+    Tokenizer,
+    ValFraction,
+)
 from src.data.text import load_tokenizer, token_info
 
 ALPACA = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
-def read_jsonl(path: str, need: tuple[str, ...] = (), key: str = "data.path"
-               ) -> list[tuple[str, dict[str, Any]]]:
+def read_jsonl(
+    path: str, need: tuple[str, ...] = (), key: str = "data.path"
+) -> list[tuple[str, dict[str, Any]]]:
     """The JSON objects of a JSONL file, each with its ``path:line`` for error messages; blank
     lines are skipped, and a line without every key of ``need`` is an error that names it."""
     p = Path(path).expanduser()
@@ -39,7 +48,7 @@ def read_jsonl(path: str, need: tuple[str, ...] = (), key: str = "data.path"
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        line_no = p.read_bytes()[:exc.start].count(b"\n") + 1
+        line_no = p.read_bytes()[: exc.start].count(b"\n") + 1
         raise ConfigError(f"{key}: {path}:{line_no}: not UTF-8 text") from None
     except OSError as exc:
         raise ConfigError(f"{key}: {path}: cannot read ({exc.strerror or exc})") from None
@@ -80,8 +89,9 @@ def prompt_and_answer(row: dict, fmt: str, tok, where: str) -> tuple[str, str]:
     return prompt, msgs[-1]["content"]
 
 
-def encode_pair(tok, prompt: str, answer: str, max_length: int, mask_prompt: bool
-                ) -> dict[str, torch.Tensor]:
+def encode_pair(
+    tok, prompt: str, answer: str, max_length: int, mask_prompt: bool
+) -> dict[str, torch.Tensor]:
     """input_ids = prompt + answer + EOS; labels = -100 over the prompt (when masked)."""
     p = tok(prompt, add_special_tokens=False)["input_ids"]
     a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -107,34 +117,41 @@ def _module(items, labels, val_fraction, seed, tok, extra_info=None) -> DataModu
         val.collate_fn = collate
     extra = {**token_info(tok), **(extra_info or {})}
     longest = max(train.lengths)
-    return DataModule(train, val, DatasetInfo(num_samples=len(train), input_shape=(longest,),
-                                              extra=extra))
+    return DataModule(
+        train, val, DatasetInfo(num_samples=len(train), input_shape=(longest,), extra=extra)
+    )
 
 
 @DATASETS.register("instructions")
 def instructions(
     seed: int,
-    path: Annotated[str, Field(
-        description="JSONL file. tokenizer: local tokenizer folder (pkg:... too)")],
+    path: Annotated[
+        str, Field(description="JSONL file. tokenizer: local tokenizer folder (pkg:... too)")
+    ],
     tokenizer: Tokenizer,
-    format: Annotated[Literal["alpaca", "messages"], Field(
-        description="alpaca or messages (rendered with the tokenizer's chat template)")] = "alpaca",
+    format: Annotated[
+        Literal["alpaca", "messages"],
+        Field(description="alpaca or messages (rendered with the tokenizer's chat template)"),
+    ] = "alpaca",
     max_length: MaxLength = 512,
-    mask_prompt: Annotated[bool, Field(
-        description="leave the prompt out of the loss (only the answer is learned)")] = True,
+    mask_prompt: Annotated[
+        bool, Field(description="leave the prompt out of the loss (only the answer is learned)")
+    ] = True,
     val_fraction: ValFraction = 0.1,
 ) -> DataModule:
     """Instruction or chat data for supervised fine-tuning; the prompt is masked out of the loss."""
     tok = load_tokenizer(tokenizer)
-    items = [encode_pair(tok, *prompt_and_answer(r, format, tok, where), max_length, mask_prompt)
-             for where, r in read_jsonl(path)]
+    items = [
+        encode_pair(tok, *prompt_and_answer(r, format, tok, where), max_length, mask_prompt)
+        for where, r in read_jsonl(path)
+    ]
     return _module(items, None, val_fraction, seed, tok)
 
 
 @DATASETS.register("labelled_text")
 def labelled_text(
     seed: int,
-    path: Annotated[str, Field(description="JSONL file of {\"text\", \"label\"} lines")],
+    path: Annotated[str, Field(description='JSONL file of {"text", "label"} lines')],
     tokenizer: Tokenizer,
     max_length: MaxLength = 256,
     val_fraction: ValFraction = 0.2,
@@ -150,19 +167,24 @@ def labelled_text(
         ids = tok(r["text"], truncation=True, max_length=max_length)["input_ids"]
         items.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(y)})
     dm = _module(items, labels, val_fraction, seed, tok)
-    counts = np.bincount([labels[i] for i in _split(len(items), val_fraction, seed)[0]],
-                         minlength=len(names))
-    dm.info = DatasetInfo(num_samples=dm.info.num_samples, num_classes=len(names),
-                          class_names=tuple(names), class_counts=tuple(int(c) for c in counts),
-                          input_shape=dm.info.input_shape, extra=dm.info.extra)
+    counts = np.bincount(
+        [labels[i] for i in _split(len(items), val_fraction, seed)[0]], minlength=len(names)
+    )
+    dm.info = DatasetInfo(
+        num_samples=dm.info.num_samples,
+        num_classes=len(names),
+        class_names=tuple(names),
+        class_counts=tuple(int(c) for c in counts),
+        input_shape=dm.info.input_shape,
+        extra=dm.info.extra,
+    )
     return dm
 
 
 @DATASETS.register("preference")
 def preference(
     seed: int,
-    path: Annotated[str, Field(
-        description="JSONL file of {\"prompt\", \"chosen\", \"rejected\"} lines")],
+    path: Annotated[str, Field(description='JSONL file of {"prompt", "chosen", "rejected"} lines')],
     tokenizer: Tokenizer,
     max_length: MaxLength = 256,
     val_fraction: ValFraction = 0.1,
@@ -173,15 +195,21 @@ def preference(
     for _, r in read_jsonl(path, need=("prompt", "chosen", "rejected")):
         c = encode_pair(tok, r["prompt"], r["chosen"], max_length, True)
         j = encode_pair(tok, r["prompt"], r["rejected"], max_length, True)
-        items.append({"chosen_input_ids": c["input_ids"], "chosen_labels": c["labels"],
-                      "rejected_input_ids": j["input_ids"], "rejected_labels": j["labels"]})
+        items.append(
+            {
+                "chosen_input_ids": c["input_ids"],
+                "chosen_labels": c["labels"],
+                "rejected_input_ids": j["input_ids"],
+                "rejected_labels": j["labels"],
+            }
+        )
     return _module(items, None, val_fraction, seed, tok)
 
 
 @DATASETS.register("pairs")
 def pairs(
     seed: int,
-    path: Annotated[str, Field(description="JSONL file of {\"source\", \"target\"} lines")],
+    path: Annotated[str, Field(description='JSONL file of {"source", "target"} lines')],
     tokenizer: Tokenizer,
     max_length: MaxLength = 256,
     val_fraction: ValFraction = 0.1,
@@ -190,10 +218,14 @@ def pairs(
     tok = load_tokenizer(tokenizer)
     items = []
     for _, r in read_jsonl(path, need=("source", "target")):
-        src = tok(r["source"], add_special_tokens=False)["input_ids"][:max_length - 1]
-        tgt = tok(r["target"], add_special_tokens=False)["input_ids"][:max_length - 1]
-        items.append({"input_ids": torch.tensor(src + [tok.eos_token_id]),
-                      "labels": torch.tensor(tgt + [tok.eos_token_id])})
+        src = tok(r["source"], add_special_tokens=False)["input_ids"][: max_length - 1]
+        tgt = tok(r["target"], add_special_tokens=False)["input_ids"][: max_length - 1]
+        items.append(
+            {
+                "input_ids": torch.tensor(src + [tok.eos_token_id]),
+                "labels": torch.tensor(tgt + [tok.eos_token_id]),
+            }
+        )
     return _module(items, None, val_fraction, seed, tok)
 
 
@@ -201,16 +233,23 @@ def pairs(
 def prompts(
     seed: int,
     tokenizer: Tokenizer,
-    path: Annotated[Optional[str], Field(
-        description="JSONL file of {\"prompt\"} lines (and \"answer\" for rewards that check "
-                    "it)")] = None,
-    stdlib_functions: Annotated[bool, Field(
-        description="use standard-library function headers as prompts instead of a file")] = False,
-    max_length: Annotated[int, Field(
-        ge=2, description="longest prompt in tokens; longer ones keep their end")] = 64,
+    path: Annotated[
+        Optional[str],
+        Field(
+            description='JSONL file of {"prompt"} lines (and "answer" for rewards that check it)'
+        ),
+    ] = None,
+    stdlib_functions: Annotated[
+        bool,
+        Field(description="use standard-library function headers as prompts instead of a file"),
+    ] = False,
+    max_length: Annotated[
+        int, Field(ge=2, description="longest prompt in tokens; longer ones keep their end")
+    ] = 64,
     val_fraction: ValFraction = 0.1,
-    limit: Annotated[Optional[conint(ge=2)], Field(
-        description="use only the first N prompts")] = None,
+    limit: Annotated[
+        Optional[conint(ge=2)], Field(description="use only the first N prompts")
+    ] = None,
 ) -> DataModule:
     """Prompts for PPO: ``{"prompt"}`` JSONL lines, or (``stdlib_functions``) the signature and
     docstring opening of standard-library functions."""
@@ -227,8 +266,10 @@ def prompts(
         raise ConfigError("data: give 'path' (JSONL of prompts) or stdlib_functions: true")
     if limit:
         texts = texts[:limit]
-    items = [{"input_ids": torch.tensor(tok(t, add_special_tokens=False)["input_ids"][-max_length:])}
-             for t in texts]
+    items = [
+        {"input_ids": torch.tensor(tok(t, add_special_tokens=False)["input_ids"][-max_length:])}
+        for t in texts
+    ]
     if answers is not None:
         for item, answer in zip(items, answers):
             item["answer"] = answer

@@ -3,10 +3,12 @@
 Sample order depends only on (seed, epoch, rank, world size), never on global RNG state, so a run
 stopped at any batch and resumed sees the same batches in the same order.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -22,8 +24,15 @@ class ResumableSampler(Sampler[int]):
         drop_last: drop the tail that does not divide evenly among ranks (else pad by repeating).
     """
 
-    def __init__(self, size: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False):
+    def __init__(
+        self,
+        size: int,
+        shuffle: bool,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ):
         self.size, self.shuffle, self.seed = size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch, self.start = 0, 0
@@ -45,10 +54,10 @@ class ResumableSampler(Sampler[int]):
         total = self.per_rank * self.world_size
         if total > len(order):
             order += order[: total - len(order)]  # pad, as DistributedSampler does
-        return order[:total][self.rank::self.world_size]
+        return order[:total][self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.indices()[self.start:])
+        return iter(self.indices()[self.start :])
 
     def __len__(self) -> int:
         return self.per_rank - self.start
@@ -64,9 +73,12 @@ def useful_workers(dataset, num_workers: int) -> int:
     could take over, and each batch would be pickled through a pipe instead (measured: 16k
     samples/s with 2 workers against 2.9M with none). Per-sample views (self-supervised tasks)
     are real work: they keep the workers."""
-    if num_workers and getattr(dataset, "batched", False) and isinstance(
-            getattr(dataset, "inputs", None), torch.Tensor) and \
-            getattr(dataset, "view_transform", None) is None:
+    if (
+        num_workers
+        and getattr(dataset, "batched", False)
+        and isinstance(getattr(dataset, "inputs", None), torch.Tensor)
+        and getattr(dataset, "view_transform", None) is None
+    ):
         return 0
     return num_workers
 
@@ -86,14 +98,20 @@ class TrainLoader:
             ``batches_per_epoch()`` (see src/data/samplers.py).
     """
 
-    def __init__(self, dataset, batch_sampler, seed: int, num_workers: int = 0,
-                 pin_memory: bool = False):
+    def __init__(
+        self, dataset, batch_sampler, seed: int, num_workers: int = 0, pin_memory: bool = False
+    ):
         self.batch_sampler, self.seed = batch_sampler, seed
         self.generator = torch.Generator()
         self.num_workers = useful_workers(dataset, num_workers)
         self.loader = DataLoader(
-            dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
-            pin_memory=pin_memory, generator=self.generator, collate_fn=collate_fn(dataset))
+            dataset,
+            batch_sampler=batch_sampler,
+            num_workers=self.num_workers,
+            pin_memory=pin_memory,
+            generator=self.generator,
+            collate_fn=collate_fn(dataset),
+        )
 
     def batches_per_epoch(self) -> int:
         return self.batch_sampler.batches_per_epoch()
@@ -136,11 +154,15 @@ def sample_labels(dataset, sampler: str = "") -> torch.Tensor:
         for i in range(len(dataset)):
             sample = dataset[i]
             y = sample.get("labels") if isinstance(sample, dict) else None
-            if not (isinstance(y, int) or (torch.is_tensor(y) and y.ndim == 0
-                                           and not y.is_floating_point())):
-                raise ConfigError(f"data.sampler: sampler '{sampler}' balances classes, but "
-                                  f"sample {i} of the training data has no class label "
-                                  f"(its 'labels' is {_kind(y)})")
+            if not (
+                isinstance(y, int)
+                or (torch.is_tensor(y) and y.ndim == 0 and not y.is_floating_point())
+            ):
+                raise ConfigError(
+                    f"data.sampler: sampler '{sampler}' balances classes, but "
+                    f"sample {i} of the training data has no class label "
+                    f"(its 'labels' is {_kind(y)})"
+                )
             labels.append(int(y))
     return torch.as_tensor(labels)
 
@@ -162,20 +184,32 @@ class EvalLoader:
     nothing of a padding batch: iterate to get ``(batch, is_padding)``.
     """
 
-    def __init__(self, dataset, batch_size: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, pin_memory: bool = False):
+    def __init__(
+        self,
+        dataset,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ):
         shard = list(range(rank, len(dataset), world_size))
         self.real_batches = math.ceil(len(shard) / batch_size)
         self.num_batches = math.ceil(math.ceil(len(dataset) / world_size) / batch_size)
         pad = (shard or [0])[:batch_size]
-        batches = [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)]
+        batches = [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)]
         batches += [pad] * (self.num_batches - self.real_batches)
         # Evaluation has no randomness: its workers live across evaluations (each would otherwise
         # start its processes again, which dominates a short validation split).
         workers = useful_workers(dataset, num_workers)
-        self.loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                 pin_memory=pin_memory, collate_fn=collate_fn(dataset),
-                                 persistent_workers=workers > 0)
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            collate_fn=collate_fn(dataset),
+            persistent_workers=workers > 0,
+        )
 
     def __len__(self) -> int:
         return self.num_batches
@@ -185,8 +219,14 @@ class EvalLoader:
             yield batch, i >= self.real_batches
 
 
-def eval_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                pin_memory: bool = False) -> Optional[EvalLoader]:
+def eval_loader(
+    dataset,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> Optional[EvalLoader]:
     """An :class:`EvalLoader` over ``dataset`` (None when there is nothing to evaluate)."""
     if dataset is None or len(dataset) == 0:
         return None

@@ -5,6 +5,7 @@ Any map-style dataset (``__getitem__`` and ``__len__``) or a DataLoader over one
 and ranks split the data). A sample ``(inputs, target)`` becomes ``{"inputs", "labels"}``; a
 dict sample is kept as it is.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Optional
@@ -47,11 +48,17 @@ def _unwrap(obj: Any, path: str) -> Samples:
     from torch.utils.data import DataLoader
 
     if isinstance(obj, DataLoader):
-        return Samples(obj.dataset, obj.collate_fn if obj.collate_fn.__module__ !=
-                       "torch.utils.data._utils.collate" else None)
+        return Samples(
+            obj.dataset,
+            obj.collate_fn
+            if obj.collate_fn.__module__ != "torch.utils.data._utils.collate"
+            else None,
+        )
     if not (hasattr(obj, "__getitem__") and hasattr(obj, "__len__")):
-        raise ConfigError(f"{path}: a map-style dataset (__getitem__ and __len__) or a "
-                          f"DataLoader over one is needed (got {type(obj).__name__})")
+        raise ConfigError(
+            f"{path}: a map-style dataset (__getitem__ and __len__) or a "
+            f"DataLoader over one is needed (got {type(obj).__name__})"
+        )
     return Samples(obj)
 
 
@@ -59,8 +66,9 @@ def _unwrap(obj: Any, path: str) -> Samples:
 def python_objects(
     train: Annotated[str, Field(description="the training dataset's reference (Python API)")],
     val: Annotated[Optional[str], Field(description="the validation dataset's reference")] = None,
-    num_classes: Annotated[Optional[int], Field(
-        gt=0, description="classes, for tasks and metrics that need them")] = None,
+    num_classes: Annotated[
+        Optional[int], Field(gt=0, description="classes, for tasks and metrics that need them")
+    ] = None,
 ) -> DataModule:
     """Datasets passed to ``Experiment.from_modules`` (samples ``(inputs, target)`` or dicts)."""
     import torch
@@ -72,7 +80,10 @@ def python_objects(
     first = tr[0]
     inputs = first.get("inputs") if isinstance(first, dict) else None
     shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else ()
-    info = DatasetInfo(num_samples=len(tr), num_classes=num_classes,
-                       class_names=tuple(str(i) for i in range(num_classes or 0)),
-                       input_shape=shape)
+    info = DatasetInfo(
+        num_samples=len(tr),
+        num_classes=num_classes,
+        class_names=tuple(str(i) for i in range(num_classes or 0)),
+        input_shape=shape,
+    )
     return DataModule(tr, va, info)

@@ -1,5 +1,6 @@
 """Prompts to continue, for ``predict`` with a causal language model: a text file (one prompt per
 line) or a JSONL file (a ``prompt`` field per line)."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ class PromptDataset:
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as exc:
-            raise DataError(f"--prompts: {path}: not UTF-8 text ({exc.reason} at byte "
-                            f"{exc.start})") from None
+            raise DataError(
+                f"--prompts: {path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+            ) from None
         self.prompts: list[str] = []
         for n, line in enumerate(lines, 1):
             if not line.strip():

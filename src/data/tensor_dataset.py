@@ -1,7 +1,9 @@
 """In-memory datasets whose batches are gathered with one indexing op instead of per-sample calls."""
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -22,8 +24,12 @@ class InMemoryDataset(Dataset):
 
     batched = True  # the loader must not collate again
 
-    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor,
-                 transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ):
         assert len(inputs) == len(labels)
         self.inputs, self.labels, self.transform = inputs, labels, transform
         self.view_transform: Optional[Callable[[torch.Tensor], list[torch.Tensor]]] = None

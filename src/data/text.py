@@ -6,10 +6,11 @@ The tokenizer comes from a local folder, or is a byte-level BPE trained with the
 library on the training files and kept in the run folder (``<run>/tokenizer``), so a resumed run
 reuses the same vocabulary.
 """
+
 from __future__ import annotations
 
-import sysconfig
 import glob
+import sysconfig
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,8 +24,10 @@ from src.core.registry import DATASETS
 
 EOS, PAD, MASK = "<|endoftext|>", "<|pad|>", "<|mask|>"
 SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "__pycache__", "turtledemo"}
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 def resolve_files(paths: list[str], key: str = "data.paths") -> list[Path]:
@@ -33,15 +36,19 @@ def resolve_files(paths: list[str], key: str = "data.paths") -> list[Path]:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for i, spec in enumerate(paths):
         if spec.startswith("stdlib:"):
-            root = stdlib / spec[len("stdlib:"):].replace(".", "/")
+            root = stdlib / spec[len("stdlib:") :].replace(".", "/")
             if root.with_suffix(".py").is_file() and not root.is_dir():
                 found = [root.with_suffix(".py")]
             elif not root.is_dir():
                 raise ConfigError(f"{key}.{i}: no standard-library package '{spec[7:]}'")
             elif root == stdlib:
-                found = [f for f in root.rglob("*.py") if not SKIP_DIRS & set(f.relative_to(root).parts)]
+                found = [
+                    f for f in root.rglob("*.py") if not SKIP_DIRS & set(f.relative_to(root).parts)
+                ]
             else:
-                found = [f for f in root.rglob("*.py") if not SKIP_DIRS & set(f.relative_to(root).parts)]
+                found = [
+                    f for f in root.rglob("*.py") if not SKIP_DIRS & set(f.relative_to(root).parts)
+                ]
         else:
             p = Path(spec).expanduser()
             if p.is_dir():
@@ -59,7 +66,9 @@ def resolve_files(paths: list[str], key: str = "data.paths") -> list[Path]:
     return sorted(set(out))
 
 
-def split_by_file(files: list[Path], val_fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+def split_by_file(
+    files: list[Path], val_fraction: float, seed: int
+) -> tuple[list[Path], list[Path]]:
     order = np.random.default_rng(seed).permutation(len(files))
     n_val = max(1, int(round(val_fraction * len(files)))) if val_fraction else 0
     val = sorted(files[i] for i in order[:n_val])
@@ -81,10 +90,21 @@ def train_tokenizer(files: list[Path], vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train([str(f) for f in files], vocab_size=vocab_size, min_frequency=2,
-              special_tokens=[EOS, PAD, MASK], show_progress=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS,
-                                  pad_token=PAD, mask_token=MASK, unk_token=EOS)
+    bpe.train(
+        [str(f) for f in files],
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOS, PAD, MASK],
+        show_progress=False,
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        eos_token=EOS,
+        bos_token=EOS,
+        pad_token=PAD,
+        mask_token=MASK,
+        unk_token=EOS,
+    )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -98,8 +118,9 @@ def load_tokenizer(path: str, key: str = "data.tokenizer"):
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{key}: {path}: not a tokenizer folder "
-                          f"({str(exc).strip().splitlines()[0][:120]})") from None
+        raise ConfigError(
+            f"{key}: {path}: not a tokenizer folder ({str(exc).strip().splitlines()[0][:120]})"
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.chat_template is None:
@@ -107,8 +128,9 @@ def load_tokenizer(path: str, key: str = "data.tokenizer"):
     return tok
 
 
-def get_tokenizer(tokenizer: Optional[str], files: list[Path], vocab_size: int,
-                  run_dir: Optional[Path]):
+def get_tokenizer(
+    tokenizer: Optional[str], files: list[Path], vocab_size: int, run_dir: Optional[Path]
+):
     """The named tokenizer; else the run's saved one (a resume); else a new BPE on ``files``."""
     if tokenizer:
         return load_tokenizer(tokenizer)
@@ -120,9 +142,14 @@ def get_tokenizer(tokenizer: Optional[str], files: list[Path], vocab_size: int,
 
 def token_info(tok) -> dict:
     """What models built from a config need to know of the tokenizer."""
-    info = {"tokenizer": tok, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id,
-            "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id or tok.eos_token_id,
-            "decoder_start_token_id": tok.pad_token_id}
+    info = {
+        "tokenizer": tok,
+        "vocab_size": len(tok),
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "bos_token_id": tok.bos_token_id or tok.eos_token_id,
+        "decoder_start_token_id": tok.pad_token_id,
+    }
     if tok.mask_token_id is not None:
         info["mask_token_id"] = tok.mask_token_id
     return info
@@ -158,27 +185,45 @@ def pack(tok, files: list[Path], block_size: int) -> tuple[torch.Tensor, int, in
         n_bytes += len(text.encode("utf-8"))
     n = len(ids) // block_size
     if n == 0:
-        raise ConfigError(f"data.block_size: {block_size} is longer than the corpus "
-                          f"({len(ids)} tokens)")
-    return torch.tensor(ids[:n * block_size], dtype=torch.long).view(n, block_size), n_bytes, len(ids)
+        raise ConfigError(
+            f"data.block_size: {block_size} is longer than the corpus ({len(ids)} tokens)"
+        )
+    return (
+        torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size),
+        n_bytes,
+        len(ids),
+    )
 
 
 @DATASETS.register("text")
 def text(
     seed: int,
-    paths: Annotated[list[str], Field(
-        description="files, folders, globs, or stdlib: / stdlib:<package> (Python's own source)")],
+    paths: Annotated[
+        list[str],
+        Field(
+            description="files, folders, globs, or stdlib: / stdlib:<package> (Python's own source)"
+        ),
+    ],
     run_dir: Optional[Path] = None,
-    tokenizer: Annotated[Optional[str], Field(
-        description="local tokenizer folder (pkg:... too); else a BPE of vocab_size")] = None,
-    vocab_size: Annotated[int, Field(
-        ge=300,
-        description="size of the BPE trained on the training files when no tokenizer is given")] = 4096,
+    tokenizer: Annotated[
+        Optional[str],
+        Field(description="local tokenizer folder (pkg:... too); else a BPE of vocab_size"),
+    ] = None,
+    vocab_size: Annotated[
+        int,
+        Field(
+            ge=300,
+            description="size of the BPE trained on the training files when no tokenizer is given",
+        ),
+    ] = 4096,
     block_size: Annotated[int, Field(ge=8, description="tokens per training example")] = 256,
-    val_fraction: Annotated[float, Field(
-        ge=0, lt=1, description="fraction of files held out (chosen with the seed)")] = 0.1,
-    max_files: Annotated[Optional[conint(ge=2)], Field(
-        description="keep this many files (chosen with the seed) to bound a run")] = None,
+    val_fraction: Annotated[
+        float, Field(ge=0, lt=1, description="fraction of files held out (chosen with the seed)")
+    ] = 0.1,
+    max_files: Annotated[
+        Optional[conint(ge=2)],
+        Field(description="keep this many files (chosen with the seed) to bound a run"),
+    ] = None,
 ) -> DataModule:
     """Packed token blocks from text files, split by file."""
     files = resolve_files(paths)

@@ -3,6 +3,7 @@
 A view transform maps one (C, H, W) tensor to a list of augmented views; the dataset stacks them
 into ``batch["views"]`` = [view_0 (B, C, h0, w0), view_1, ...] beside the clean ``inputs``.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Optional
@@ -13,8 +14,15 @@ from pydantic import Field, confloat, conint
 from src.core.registry import TRANSFORMS
 
 
-def augmentation(size: int, scale: tuple[float, float], degrees: float, translate: float,
-                 jitter: float, blur: float, flip: bool):
+def augmentation(
+    size: int,
+    scale: tuple[float, float],
+    degrees: float,
+    translate: float,
+    jitter: float,
+    blur: float,
+    flip: bool,
+):
     """Random resized crop, affine, brightness/contrast jitter, optional blur and flip."""
     from torchvision.transforms import v2
 
@@ -37,28 +45,42 @@ class MultiView:
 
     def __init__(
         self,
-        n_views: Annotated[int, Field(
-            ge=1, le=64, description="augmented copies of each image")] = 2,
-        size: Annotated[Optional[conint(gt=0)], Field(
-            description="output side (default: the input's)")] = None,
-        scale: Annotated[tuple[confloat(gt=0, le=1), confloat(gt=0, le=1)], Field(
-            description="RandomResizedCrop area range")] = (0.5, 1.0),
-        degrees: Annotated[float, Field(
-            ge=0, description="RandomAffine rotation range in degrees")] = 10.0,
-        translate: Annotated[float, Field(
-            ge=0, lt=1,
-            description="RandomAffine translation as a fraction of the size")] = 0.1,
-        jitter: Annotated[float, Field(
-            ge=0,
-            description="brightness/contrast strength (applied with p=0.8)")] = 0.4,
-        blur: Annotated[float, Field(
-            ge=0, description="max Gaussian blur sigma, applied with p=0.5 (0 = off)")] = 0.0,
-        flip: Annotated[bool, Field(
-            description="random horizontal flips (off for digits: a flipped 2 is no 2)")] = False,
+        n_views: Annotated[
+            int, Field(ge=1, le=64, description="augmented copies of each image")
+        ] = 2,
+        size: Annotated[
+            Optional[conint(gt=0)], Field(description="output side (default: the input's)")
+        ] = None,
+        scale: Annotated[
+            tuple[confloat(gt=0, le=1), confloat(gt=0, le=1)],
+            Field(description="RandomResizedCrop area range"),
+        ] = (0.5, 1.0),
+        degrees: Annotated[
+            float, Field(ge=0, description="RandomAffine rotation range in degrees")
+        ] = 10.0,
+        translate: Annotated[
+            float,
+            Field(ge=0, lt=1, description="RandomAffine translation as a fraction of the size"),
+        ] = 0.1,
+        jitter: Annotated[
+            float, Field(ge=0, description="brightness/contrast strength (applied with p=0.8)")
+        ] = 0.4,
+        blur: Annotated[
+            float, Field(ge=0, description="max Gaussian blur sigma, applied with p=0.5 (0 = off)")
+        ] = 0.0,
+        flip: Annotated[
+            bool, Field(description="random horizontal flips (off for digits: a flipped 2 is no 2)")
+        ] = False,
     ):
         self.n, self.size = n_views, size
-        self.kw = dict(scale=tuple(scale), degrees=degrees, translate=translate, jitter=jitter,
-                       blur=blur, flip=flip)
+        self.kw = dict(
+            scale=tuple(scale),
+            degrees=degrees,
+            translate=translate,
+            jitter=jitter,
+            blur=blur,
+            flip=flip,
+        )
         self._aug = None
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -73,20 +95,28 @@ class MultiCrop:
 
     def __init__(
         self,
-        global_views: Annotated[int, Field(
-            ge=1, description="large crops (the teacher sees these)")] = 2,
+        global_views: Annotated[
+            int, Field(ge=1, description="large crops (the teacher sees these)")
+        ] = 2,
         local_views: Annotated[int, Field(ge=0, description="small crops (student only)")] = 4,
-        global_size: Annotated[Optional[conint(gt=0)], Field(
-            description="output sides (default: input side and half of it)")] = None,
-        local_size: Annotated[Optional[conint(gt=0)], Field(
-            description="output sides (default: input side and half of it)")] = None,
-        global_scale: Annotated[tuple[float, float], Field(
-            description="area range of the large crops")] = (0.5, 1.0),
-        local_scale: Annotated[tuple[float, float], Field(
-            description="area range of the small crops")] = (0.2, 0.5),
+        global_size: Annotated[
+            Optional[conint(gt=0)],
+            Field(description="output sides (default: input side and half of it)"),
+        ] = None,
+        local_size: Annotated[
+            Optional[conint(gt=0)],
+            Field(description="output sides (default: input side and half of it)"),
+        ] = None,
+        global_scale: Annotated[
+            tuple[float, float], Field(description="area range of the large crops")
+        ] = (0.5, 1.0),
+        local_scale: Annotated[
+            tuple[float, float], Field(description="area range of the small crops")
+        ] = (0.2, 0.5),
         jitter: Annotated[float, Field(ge=0, description="colour-jitter strength")] = 0.4,
-        blur: Annotated[float, Field(
-            ge=0, description="max Gaussian blur sigma, applied with p=0.5 (0 = off)")] = 0.0,
+        blur: Annotated[
+            float, Field(ge=0, description="max Gaussian blur sigma, applied with p=0.5 (0 = off)")
+        ] = 0.0,
     ):
         self.n_global, self.n_local = global_views, local_views
         self.sizes = (global_size, local_size)
@@ -98,7 +128,10 @@ class MultiCrop:
         if self._augs is None:
             side = x.shape[-1]
             gs, ls = self.sizes[0] or side, self.sizes[1] or max(2, side // 2)
-            self._augs = tuple(augmentation(size, scale, 10.0, 0.1, self.jitter, self.blur, False)
-                               for size, scale in zip((gs, ls), self.scales))
-        return [self._augs[0](x) for _ in range(self.n_global)] + \
-            [self._augs[1](x) for _ in range(self.n_local)]
+            self._augs = tuple(
+                augmentation(size, scale, 10.0, 0.1, self.jitter, self.blur, False)
+                for size, scale in zip((gs, ls), self.scales)
+            )
+        return [self._augs[0](x) for _ in range(self.n_global)] + [
+            self._augs[1](x) for _ in range(self.n_local)
+        ]

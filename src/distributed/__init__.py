@@ -1,3 +1,4 @@
 """Strategies decide how the task is spread over processes and devices. Each registers itself in
 STRATEGIES; this package imports every built-in one."""
-from src.distributed import ddp, deepspeed, fsdp, single  # noqa: F401
+
+from src.distributed import ddp, deepspeed, fsdp, single

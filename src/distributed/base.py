@@ -3,23 +3,24 @@ to run, and the helpers every strategy shares (device choice, batch placement, s
 
 The trainer only talks to a strategy; tasks never know which one runs them.
 """
+
 from __future__ import annotations
 
 import abc
 import contextlib
 import os
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from src.core.checkpoint import MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE, rank_file
 from src.core.collectives import Collectives
-from src.core.loop_settings import LoopSettings
 from src.core.errors import CheckpointError, CheckpointMismatchError
+from src.core.loop_settings import LoopSettings
 
 
 def pick_device(device: str = "auto", path: str = "strategy.device") -> torch.device:
@@ -30,14 +31,17 @@ def pick_device(device: str = "auto", path: str = "strategy.device") -> torch.de
         try:
             dev = torch.device(device)
         except (RuntimeError, TypeError, ValueError):
-            raise ConfigError(f"{path}: {shown(device)} is not a device (auto, cpu, cuda, "
-                              "cuda:N, mps)") from None
-        if dev.type == "cuda" and (not torch.cuda.is_available()
-                                   or (dev.index or 0) >= torch.cuda.device_count()):
+            raise ConfigError(
+                f"{path}: {shown(device)} is not a device (auto, cpu, cuda, cuda:N, mps)"
+            ) from None
+        if dev.type == "cuda" and (
+            not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()
+        ):
             have = torch.cuda.device_count() if torch.cuda.is_available() else 0
             raise ConfigError(f"{path}: {device} does not exist here ({have} CUDA devices)")
-        if dev.type == "mps" and not (getattr(torch.backends, "mps", None)
-                                      and torch.backends.mps.is_available()):
+        if dev.type == "mps" and not (
+            getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+        ):
             raise ConfigError(f"{path}: mps is not available here")
         if dev.type not in ("cpu", "cuda", "mps"):
             raise ConfigError(f"{path}: {device}: training runs on cpu, cuda or mps")
@@ -53,8 +57,11 @@ def move_batch(batch: Any, device: torch.device, float_dtype: Optional[torch.dty
     """Tensors of a (nested) batch moved to ``device``; floating ones cast to ``float_dtype``."""
     if isinstance(batch, torch.Tensor):
         batch = batch.to(device, non_blocking=True)
-        return batch.to(float_dtype) if float_dtype is not None and batch.is_floating_point() \
+        return (
+            batch.to(float_dtype)
+            if float_dtype is not None and batch.is_floating_point()
             else batch
+        )
     if isinstance(batch, dict):
         return {k: move_batch(v, device, float_dtype) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
@@ -71,8 +78,10 @@ def safe_load(path: Path) -> Any:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle, disallowed global ...
-        raise CheckpointError(f"{path}: unreadable checkpoint file ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint file ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
 
 
 def fill_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -89,19 +98,28 @@ def fill_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 def check_shapes(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
     """Raise a CheckpointError that lists every key whose shape or presence does not match."""
     own = model.state_dict()
-    bad = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-           for k, v in own.items() if k in state and state[k].shape != v.shape]
+    bad = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if bad or missing or unexpected:
         parts = []
         if bad:
-            parts.append("shape mismatch: " + ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
+            parts.append(
+                "shape mismatch: " + ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else "")
+            )
         if missing:
-            parts.append("missing: " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+            parts.append(
+                "missing: " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            )
         if unexpected:
             parts.append("unexpected: " + ", ".join(unexpected[:10]))
-        raise CheckpointMismatchError(f"{where}: checkpoint does not fit the model; " + "; ".join(parts))
+        raise CheckpointMismatchError(
+            f"{where}: checkpoint does not fit the model; " + "; ".join(parts)
+        )
 
 
 class Strategy(abc.ABC):
@@ -140,7 +158,9 @@ class Strategy(abc.ABC):
     The defaults below are those of one process owning the whole model.
     """
 
-    owns_precision = False  # True: the strategy casts and scales itself (no autocast, no GradScaler)
+    owns_precision = (
+        False  # True: the strategy casts and scales itself (no autocast, no GradScaler)
+    )
     input_dtype: Optional[torch.dtype] = None  # floating inputs cast to it (DeepSpeed's fp16/bf16)
     rank = 0
     local_rank = 0
@@ -161,11 +181,16 @@ class Strategy(abc.ABC):
         """What this strategy cannot run, known from the config alone (its own ``section`` and
         the run's ``settings``): one line per problem, naming the config key. Checked with the
         rest of the config, before anything is built; subclasses add their own rules."""
-        if settings.weights_dtype == "fp16" and settings.precision == "fp16" and \
-                not cls.owns_precision:
-            return ["model.dtype: fp16 weights with trainer.precision: fp16 cannot train (the "
-                    "loss scaler refuses fp16 gradients); keep fp32 weights for fp16 autocast, "
-                    "or use bf16"]
+        if (
+            settings.weights_dtype == "fp16"
+            and settings.precision == "fp16"
+            and not cls.owns_precision
+        ):
+            return [
+                "model.dtype: fp16 weights with trainer.precision: fp16 cannot train (the "
+                "loss scaler refuses fp16 gradients); keep fp32 weights for fp16 autocast, "
+                "or use bf16"
+            ]
         return []
 
     def configure(self, settings: LoopSettings) -> None:
@@ -234,7 +259,7 @@ class Strategy(abc.ABC):
         """Free the gradients after an optimizer step (taken or skipped)."""
         optimizer.zero_grad(set_to_none=True)
 
-    def discard_step(self) -> None:
+    def discard_step(self) -> None:  # noqa: B027 (an optional hook: by default nothing to drop)
         """Drop a skipped step's gradients held outside the parameters (the trainer zeroes those)."""
 
     def grad_norm_after_step(self, norm: torch.Tensor) -> torch.Tensor:
@@ -253,8 +278,9 @@ class Strategy(abc.ABC):
         """Whether ``value`` is finite on every rank (a host sync; collective across ranks)."""
         return bool(torch.isfinite(value).all())
 
-    def step_decision(self, loss: torch.Tensor, grad_norm: Optional[torch.Tensor],
-                      signal: int) -> tuple[bool, int]:
+    def step_decision(
+        self, loss: torch.Tensor, grad_norm: Optional[torch.Tensor], signal: int
+    ) -> tuple[bool, int]:
         """(skip this update?, stop signal), decided alike on every rank; one host sync.
 
         NaN and inf survive the sum of loss and gradient norm, so one check covers both.
@@ -270,7 +296,8 @@ class Strategy(abc.ABC):
     def barrier(self) -> None:
         """Return once every rank has called it."""
 
-    def teardown(self, in_step: bool = True, keep_group: bool = False) -> None:
+    # an optional hook (B027): one process has no group to leave
+    def teardown(self, in_step: bool = True, keep_group: bool = False) -> None:  # noqa: B027
         """Leave the process group; ``in_step=False`` after an error another rank may not share
         (no rank may then be waited for). ``keep_group``: finish this run's collectives but keep
         the group for the next run of the same processes (a sweep's trials)."""
@@ -281,8 +308,15 @@ class Strategy(abc.ABC):
 
     # ------------------------------------------------------------ checkpoints
 
-    def save(self, directory: Path, model: nn.Module, optimizer, trainer_state: dict,
-             rank_state: dict, async_save: bool = False):
+    def save(
+        self,
+        directory: Path,
+        model: nn.Module,
+        optimizer,
+        trainer_state: dict,
+        rank_state: dict,
+        async_save: bool = False,
+    ):
         """Write one checkpoint's files into ``directory`` (which exists).
 
         With ``async_save``, a thread copies model and optimizer state and writes it through DCP;
@@ -344,4 +378,3 @@ class Strategy(abc.ABC):
         """This rank's RNG state; a rank that did not exist when saving starts from its seed."""
         path = directory / rank_file(self.rank)
         return safe_load(path) if path.exists() else {}
-

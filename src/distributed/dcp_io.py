@@ -3,6 +3,7 @@
 Every rank writes its own shards under ``<step dir>/dcp/``; the keys are fully qualified
 parameter names, so a checkpoint written by N ranks loads into M ranks (or one process).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,9 @@ def _read_errors() -> tuple[type[BaseException], ...]:
 
 def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return CheckpointError(f"{path}: unreadable sharded checkpoint ({type(exc).__name__}: "
-                           f"{first[:200]})")
+    return CheckpointError(
+        f"{path}: unreadable sharded checkpoint ({type(exc).__name__}: {first[:200]})"
+    )
 
 
 def has_dcp(directory: Path) -> bool:
@@ -55,8 +57,14 @@ def _copy(t):
     if hasattr(t, "device_mesh"):  # a DTensor shard: copy the local part, keep the layout
         from torch.distributed.tensor import DTensor
 
-        return DTensor.from_local(_copy(t.to_local()), t.device_mesh, t.placements,
-                                  run_check=False, shape=t.shape, stride=t.stride())
+        return DTensor.from_local(
+            _copy(t.to_local()),
+            t.device_mesh,
+            t.placements,
+            run_check=False,
+            shape=t.shape,
+            stride=t.stride(),
+        )
     if t.is_cuda:
         out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, pin_memory=True)
         return out.copy_(t.detach(), non_blocking=True)
@@ -142,8 +150,12 @@ def load_dcp(directory: Path, model, optimizer) -> None:
         dcp.load(state, checkpoint_id=str(path))
     except _read_errors() as exc:  # a missing or truncated shard surfaces here
         raise _unreadable(path, exc) from None
-    set_state_dict(model, _optimizers(optimizer),
-                   model_state_dict=state["model"], optim_state_dict=state.get("optimizer", {}))
+    set_state_dict(
+        model,
+        _optimizers(optimizer),
+        model_state_dict=state["model"],
+        optim_state_dict=state.get("optimizer", {}),
+    )
 
 
 def _check_keys(model_sd: dict, saved: dict, path: Path) -> None:
@@ -155,9 +167,12 @@ def _check_keys(model_sd: dict, saved: dict, path: Path) -> None:
         elif hasattr(meta, "size") and tuple(meta.size) != tuple(v.shape):
             bad.append(f"{k} {tuple(meta.size)} vs model {tuple(v.shape)}")
     if bad or missing:
-        parts = ([f"shape mismatch: {', '.join(bad[:10])}"] if bad else []) + \
-                ([f"missing: {', '.join(missing[:10])}"] if missing else [])
-        raise CheckpointMismatchError(f"{path}: checkpoint does not fit the model; " + "; ".join(parts))
+        parts = ([f"shape mismatch: {', '.join(bad[:10])}"] if bad else []) + (
+            [f"missing: {', '.join(missing[:10])}"] if missing else []
+        )
+        raise CheckpointMismatchError(
+            f"{path}: checkpoint does not fit the model; " + "; ".join(parts)
+        )
 
 
 def consolidated_model_state(directory: Path) -> dict[str, torch.Tensor]:

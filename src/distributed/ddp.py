@@ -1,8 +1,10 @@
 """DistributedDataParallel: every rank holds the whole model; gradients are all-reduced."""
+
 from __future__ import annotations
 
 import contextlib
-from typing import Annotated, Iterator, Optional
+from collections.abc import Iterator
+from typing import Annotated, Optional
 
 from pydantic import Field, conint
 from typing_extensions import override
@@ -21,20 +23,34 @@ class DDPStrategy(ProcessGroupStrategy):
         self,
         backend: Backend = "auto",
         timeout_s: Timeout = 1800,
-        find_unused_parameters: Annotated[bool, Field(
-            description="for models whose forward skips parameters")] = False,
-        static_graph: Annotated[bool, Field(
-            description="the same parameters are used every step (enables DDP's optimisations)")] = False,
-        bucket_cap_mb: Annotated[Optional[conint(gt=0)], Field(
-            description="gradient bucket size in MiB (default: torch's)")] = None,
-        sync_batchnorm: Annotated[bool, Field(
-            description="BatchNorm statistics over the global batch (as one process would see), "
-                        "instead of each rank's share")] = False,
+        find_unused_parameters: Annotated[
+            bool, Field(description="for models whose forward skips parameters")
+        ] = False,
+        static_graph: Annotated[
+            bool,
+            Field(
+                description="the same parameters are used every step (enables DDP's optimisations)"
+            ),
+        ] = False,
+        bucket_cap_mb: Annotated[
+            Optional[conint(gt=0)],
+            Field(description="gradient bucket size in MiB (default: torch's)"),
+        ] = None,
+        sync_batchnorm: Annotated[
+            bool,
+            Field(
+                description="BatchNorm statistics over the global batch (as one process would see), "
+                "instead of each rank's share"
+            ),
+        ] = False,
     ):
         super().__init__(backend, timeout_s)
         self.sync_batchnorm = sync_batchnorm
-        self.ddp_kwargs = {"find_unused_parameters": find_unused_parameters,
-                           "static_graph": static_graph, "gradient_as_bucket_view": True}
+        self.ddp_kwargs = {
+            "find_unused_parameters": find_unused_parameters,
+            "static_graph": static_graph,
+            "gradient_as_bucket_view": True,
+        }
         if bucket_cap_mb:
             self.ddp_kwargs["bucket_cap_mb"] = bucket_cap_mb
 

@@ -6,14 +6,16 @@ schedule are ours (built from their sections and handed to DeepSpeed). Everythin
 ``strategy.config`` (``zero_optimization``, offload, communication knobs ...) passes through to
 DeepSpeed untouched; a pass-through value that contradicts our sections is an error naming both.
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Iterator
+from typing import Annotated, Any
 
 import torch
 from pydantic import Field
@@ -54,11 +56,18 @@ def cpu_adam(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     d = optimizer.defaults
-    groups = [{"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"]}
-              for g in optimizer.param_groups]
-    return DeepSpeedCPUAdam(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"],
-                            weight_decay=d["weight_decay"],
-                            adamw_mode=isinstance(optimizer, torch.optim.AdamW))
+    groups = [
+        {"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"]}
+        for g in optimizer.param_groups
+    ]
+    return DeepSpeedCPUAdam(
+        groups,
+        lr=d["lr"],
+        betas=d["betas"],
+        eps=d["eps"],
+        weight_decay=d["weight_decay"],
+        adamw_mode=isinstance(optimizer, torch.optim.AdamW),
+    )
 
 
 def _norm_statistics_to(module: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -81,9 +90,13 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
         self,
         backend: Backend = "auto",
         timeout_s: Timeout = 1800,
-        config: Annotated[dict[str, Any], Field(
-            description="DeepSpeed config entries passed through (zero_optimization: {stage: 2} "
-                        "...)")] = {},
+        config: Annotated[
+            dict[str, Any],
+            Field(
+                description="DeepSpeed config entries passed through (zero_optimization: {stage: 2} "
+                "...)"
+            ),
+        ] = {},
     ):
         super().__init__(backend, timeout_s)
         self.user_config = dict(config)
@@ -107,7 +120,9 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
         per rank and run, so repeated CPU runs fill ``/dev/shm`` until the machine runs out of
         memory, and a stale one on a reused port hangs the next run's start."""
         addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-        return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{self.rank}"
+        return (
+            Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{self.rank}"
+        )
 
     def _remove_shm_buffer(self) -> None:
         with contextlib.suppress(OSError):
@@ -127,8 +142,10 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
         lines = super().config_errors(section, settings)
         stage = ((section.get("config") or {}).get("zero_optimization") or {}).get("stage")
         if settings.adapter == "qlora" and stage == 3:
-            lines.append("model.adapter.type: qlora's 4-bit weights cannot be sharded by ZeRO "
-                         "stage 3; use ddp or ZeRO stage 1-2, or lora")
+            lines.append(
+                "model.adapter.type: qlora's 4-bit weights cannot be sharded by ZeRO "
+                "stage 3; use ddp or ZeRO stage 1-2, or lora"
+            )
         return lines
 
     @override
@@ -146,29 +163,40 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
         }
         user = self.user_config
         if s.async_save:
-            raise ConfigError("checkpoint.async_save: not available with deepspeed; configure "
-                              "DeepSpeed's own checkpoint engine in strategy.config instead")
+            raise ConfigError(
+                "checkpoint.async_save: not available with deepspeed; configure "
+                "DeepSpeed's own checkpoint engine in strategy.config instead"
+            )
         for key in ("optimizer", "scheduler"):
             if key in user:
-                raise ConfigError(f"strategy.config.{key}: set by the '{key}' section, not in the "
-                                  "DeepSpeed pass-through")
+                raise ConfigError(
+                    f"strategy.config.{key}: set by the '{key}' section, not in the "
+                    "DeepSpeed pass-through"
+                )
         for key, ours_path in OWNED.items():
             if key in user and user[key] != ours[key]:
-                raise ConfigError(f"strategy.config.{key}: {user[key]} conflicts with {ours_path} "
-                                  f"= {ours[key]}; set it in one place")
+                raise ConfigError(
+                    f"strategy.config.{key}: {user[key]} conflicts with {ours_path} "
+                    f"= {ours[key]}; set it in one place"
+                )
         for key in ("bf16", "fp16"):
             if key in user and bool(user[key].get("enabled")) != ours[key]["enabled"]:
-                raise ConfigError(f"strategy.config.{key}.enabled: {user[key].get('enabled')} "
-                                  f"conflicts with trainer.precision = {s.precision}")
+                raise ConfigError(
+                    f"strategy.config.{key}.enabled: {user[key].get('enabled')} "
+                    f"conflicts with trainer.precision = {s.precision}"
+                )
         offload = (user.get("zero_optimization") or {}).get("offload_optimizer") or {}
         # ZeRO-Offload steps DeepSpeed's own CPU Adam unless the user forces another optimizer
-        self.cpu_adam = offload.get("device", "none") in ("cpu", "nvme") \
+        self.cpu_adam = (
+            offload.get("device", "none") in ("cpu", "nvme")
             and "zero_force_ds_cpu_optimizer" not in user
+        )
         if self.cpu_adam and s.optimizer not in ("adam", "adamw"):
             raise ConfigError(
                 f"strategy.config.zero_optimization.offload_optimizer: DeepSpeed offloads only its "
                 f"own CPU Adam (optimizer.type adam or adamw, not '{s.optimizer}'); or "
-                "set strategy.config.zero_force_ds_cpu_optimizer: false to step ours on the CPU")
+                "set strategy.config.zero_force_ds_cpu_optimizer: false to step ours on the CPU"
+            )
         merged = {**ours, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
         for key, value in user.items():
             merged[key] = {**merged[key], **value} if isinstance(merged.get(key), dict) else value
@@ -181,26 +209,38 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
         optimizer = make_optimizer(task)
         if self.cpu_adam:
             optimizer = cpu_adam(optimizer)
-        engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer,
-                                               config=self.ds_config)
+        engine, _, _, _ = deepspeed.initialize(
+            model=task, optimizer=optimizer, config=self.ds_config
+        )
         self.engine = engine
-        self.device = engine.device if isinstance(engine.device, torch.device) \
+        self.device = (
+            engine.device
+            if isinstance(engine.device, torch.device)
             else torch.device(engine.device)
+        )
         # DeepSpeed casts the parameters to fp16/bf16 but not the inputs, and autocast is off
         # (the engine owns precision): floating-point batch tensors take the engine's dtype.
-        self.input_dtype = torch.bfloat16 if engine.bfloat16_enabled() else \
-            torch.float16 if engine.fp16_enabled() else None
+        self.input_dtype = (
+            torch.bfloat16
+            if engine.bfloat16_enabled()
+            else torch.float16
+            if engine.fp16_enabled()
+            else None
+        )
         if self.input_dtype is not None:
             _norm_statistics_to(engine.module, self.input_dtype)
         # ZeRO's optimizers and DeepSpeed's fp16/bf16 ones compute the global gradient norm and
         # skip a non-finite update themselves, clearing their own (partitioned) gradient buffers;
         # only ZeRO stage 0 in fp32 steps a plain torch optimizer on ``p.grad``.
-        self.engine_checks_gradients = engine.zero_optimization_stage() > 0 or \
-            self.input_dtype is not None
+        self.engine_checks_gradients = (
+            engine.zero_optimization_stage() > 0 or self.input_dtype is not None
+        )
         if self.engine_checks_gradients and self.settings.skip_loss_spikes:
-            raise ConfigError("trainer.loss_spike_sigmas: not available with DeepSpeed ZeRO "
-                              "stages 1-3 or fp16/bf16, whose engine steps (and clears) its own "
-                              "gradient buffers every step; use ZeRO stage 0 in fp32, or ddp/fsdp")
+            raise ConfigError(
+                "trainer.loss_spike_sigmas: not available with DeepSpeed ZeRO "
+                "stages 1-3 or fp16/bf16, whose engine steps (and clears) its own "
+                "gradient buffers every step; use ZeRO stage 0 in fp32, or ddp/fsdp"
+            )
         return engine, optimizer
 
     @override
@@ -260,13 +300,23 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
         float32 tensor on the training device, so it stacks with the other metrics."""
         value = self.engine.get_global_grad_norm()
         if value is None:
-            return norm.float() if not self.engine_checks_gradients else \
-                torch.full((), float("nan"), device=self.device)
+            return (
+                norm.float()
+                if not self.engine_checks_gradients
+                else torch.full((), float("nan"), device=self.device)
+            )
         return torch.as_tensor(value, dtype=torch.float32).to(self.device)
 
     @override
-    def save(self, directory: Path, model, optimizer, trainer_state: dict, rank_state: dict,
-             async_save: bool = False):
+    def save(
+        self,
+        directory: Path,
+        model,
+        optimizer,
+        trainer_state: dict,
+        rank_state: dict,
+        async_save: bool = False,
+    ):
         self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
         self._save_small(directory, trainer_state, rank_state)
         return None
@@ -283,25 +333,40 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
             tmp = directory / (UNIVERSAL_TAG + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             out = subprocess.run(
-                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                 "--input_folder", str(directory / TAG), "--output_folder", str(tmp),
-                 "--inject_missing_state", "--num_extract_workers", "1",
-                 "--num_merge_workers", "1"], capture_output=True, text=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "deepspeed.checkpoint.ds_to_universal",
+                    "--input_folder",
+                    str(directory / TAG),
+                    "--output_folder",
+                    str(tmp),
+                    "--inject_missing_state",
+                    "--num_extract_workers",
+                    "1",
+                    "--num_merge_workers",
+                    "1",
+                ],
+                capture_output=True,
+                text=True,
+            )
             if out.returncode != 0 or not (tmp / "zero").is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
                 last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
                 raise CheckpointError(
                     f"{directory / TAG}: written by {saved_world} DeepSpeed ranks; converting it "
                     f"for {self.world_size} with ds_to_universal failed ({last[:200]}); "
-                    f"relaunch with {saved_world} ranks")
+                    f"relaunch with {saved_world} ranks"
+                )
             shutil.rmtree(universal, ignore_errors=True)
             os.replace(tmp, universal)
         torch.distributed.barrier()
         config = self.engine._config
         config.load_universal_checkpoint = True
         try:
-            path, _ = self.engine.load_checkpoint(str(directory), tag=UNIVERSAL_TAG,
-                                                  load_lr_scheduler_states=False)
+            path, _ = self.engine.load_checkpoint(
+                str(directory), tag=UNIVERSAL_TAG, load_lr_scheduler_states=False
+            )
         finally:
             config.load_universal_checkpoint = False
         if path is None:
@@ -310,20 +375,28 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
     @override
     def load(self, directory: Path, model, optimizer):
         meta_path = directory / META
-        saved_world = json.loads(meta_path.read_text()).get("world_size") if meta_path.exists() else None
+        saved_world = (
+            json.loads(meta_path.read_text()).get("world_size") if meta_path.exists() else None
+        )
         if not is_deepspeed_checkpoint(directory):
-            raise CheckpointError(f"{directory}: not a DeepSpeed checkpoint; resume it with the "
-                                  "strategy that wrote it, or export its weights")
+            raise CheckpointError(
+                f"{directory}: not a DeepSpeed checkpoint; resume it with the "
+                "strategy that wrote it, or export its weights"
+            )
         if saved_world is not None and saved_world != self.world_size:
             if self.engine.zero_optimization_stage() == 3:  # its universal load loses state
                 raise CheckpointError(
                     f"{directory}: written by {saved_world} DeepSpeed ZeRO-3 ranks, resumed with "
                     f"{self.world_size}; ZeRO-3 shards resume only at the world size that wrote "
-                    f"them (stages 1 and 2 convert): relaunch with {saved_world} ranks")
+                    f"them (stages 1 and 2 convert): relaunch with {saved_world} ranks"
+                )
             self._load_universal(directory, saved_world)
         else:
-            path, _ = self.engine.load_checkpoint(str(directory), tag=TAG,
-                                                  load_lr_scheduler_states=False)
+            path, _ = self.engine.load_checkpoint(
+                str(directory), tag=TAG, load_lr_scheduler_states=False
+            )
             if path is None:
-                raise CheckpointError(f"{directory / TAG}: DeepSpeed could not load this checkpoint")
+                raise CheckpointError(
+                    f"{directory / TAG}: DeepSpeed could not load this checkpoint"
+                )
         return safe_load(directory / TRAINER_FILE), self._rank_state(directory)

@@ -1,5 +1,6 @@
 """What every multi-process strategy shares: the process group, its collectives, and the
 agreement on skipped steps and stop signals."""
+
 from __future__ import annotations
 
 import datetime
@@ -18,10 +19,13 @@ from src.distributed.base import Strategy
 from src.distributed.launch import launch_env
 
 # Parameters every multi-process strategy takes.
-Backend = Annotated[str, Field(
-    description="auto (nccl on CUDA, gloo on CPU) or a torch.distributed backend")]
-Timeout = Annotated[int, Field(
-    gt=0, description="a collective waiting longer than this fails the run with one line")]
+Backend = Annotated[
+    str, Field(description="auto (nccl on CUDA, gloo on CPU) or a torch.distributed backend")
+]
+Timeout = Annotated[
+    int,
+    Field(gt=0, description="a collective waiting longer than this fails the run with one line"),
+]
 
 
 class GroupCollectives(Collectives):
@@ -53,9 +57,15 @@ class GroupCollectives(Collectives):
 
 
 # What gloo and NCCL say when a peer never answers (timeout) or has gone away.
-LOST_PEER = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
-             "Application timeout caused pair closure",  # gloo, when the wait ran out mid-pair
-             "NCCL communicator was aborted", "Watchdog caught collective operation timeout")
+LOST_PEER = (
+    "Timed out",
+    "timed out",
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Application timeout caused pair closure",  # gloo, when the wait ran out mid-pair
+    "NCCL communicator was aborted",
+    "Watchdog caught collective operation timeout",
+)
 
 
 class ProcessGroupStrategy(Strategy):
@@ -77,9 +87,12 @@ class ProcessGroupStrategy(Strategy):
         if not dist.is_initialized():
             backend = self.backend_name if self.backend_name != "auto" else self.auto_backend(cuda)
             timeout = datetime.timedelta(seconds=self.timeout_s)
-            dist.init_process_group(backend, timeout=timeout,
-                                    device_id=self.device if cuda else None,
-                                    **self._restart_store(env, timeout))
+            dist.init_process_group(
+                backend,
+                timeout=timeout,
+                device_id=self.device if cuda else None,
+                **self._restart_store(env, timeout),
+            )
         self.rank, self.local_rank = dist.get_rank(), env.local_rank
         self.world_size = dist.get_world_size()
 
@@ -93,11 +106,19 @@ class ProcessGroupStrategy(Strategy):
         if not restart:
             return {}
         agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                              env.world_size, is_master=env.rank == 0 and not agent,
-                              timeout=timeout, multi_tenant=True)
-        return {"store": dist.PrefixStore(f"restart_{restart}/", store), "rank": env.rank,
-                "world_size": env.world_size}
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            env.world_size,
+            is_master=env.rank == 0 and not agent,
+            timeout=timeout,
+            multi_tenant=True,
+        )
+        return {
+            "store": dist.PrefixStore(f"restart_{restart}/", store),
+            "rank": env.rank,
+            "world_size": env.world_size,
+        }
 
     def auto_backend(self, cuda: bool) -> str:
         return "nccl" if cuda else "gloo"
@@ -112,8 +133,9 @@ class ProcessGroupStrategy(Strategy):
         if not values:
             return values
         keys = list(values)
-        flat = torch.stack([torch.as_tensor(values[k], device=self.device).float().reshape(())
-                            for k in keys])
+        flat = torch.stack(
+            [torch.as_tensor(values[k], device=self.device).float().reshape(()) for k in keys]
+        )
         dist.all_reduce(flat, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
         return dict(zip(keys, flat.unbind()))
 
@@ -156,18 +178,19 @@ class ProcessGroupStrategy(Strategy):
         dist.all_gather(sizes, n)
         longest = int(max(s.item() for s in sizes))
         padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-        padded[:tensor.shape[0]] = tensor
+        padded[: tensor.shape[0]] = tensor
         out = [torch.zeros_like(padded) for _ in range(self.world_size)]
         dist.all_gather(out, padded)
-        return torch.cat([o[:int(s.item())] for o, s in zip(out, sizes)])
+        return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
 
     @override
     def checkpoint_group(self):
         """A gloo group of its own, so background checkpoint writes never interleave with the
         training collectives on the default group."""
         if getattr(self, "_ckpt_group", None) is None:
-            self._ckpt_group = dist.new_group(backend="gloo",
-                                              timeout=datetime.timedelta(seconds=self.timeout_s))
+            self._ckpt_group = dist.new_group(
+                backend="gloo", timeout=datetime.timedelta(seconds=self.timeout_s)
+            )
         return self._ckpt_group
 
     @override
@@ -181,9 +204,11 @@ class ProcessGroupStrategy(Strategy):
         if isinstance(exc, dist.DistError) or any(s in text for s in LOST_PEER):
             first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
             first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]  # no source path
-            return (f"rank {self.rank}: a collective failed ({first}); another rank stopped "
-                    f"or fell out of step (waits are bounded by strategy.timeout_s = "
-                    f"{self.timeout_s})")
+            return (
+                f"rank {self.rank}: a collective failed ({first}); another rank stopped "
+                f"or fell out of step (waits are bounded by strategy.timeout_s = "
+                f"{self.timeout_s})"
+            )
         return None
 
     @override

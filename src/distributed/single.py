@@ -1,11 +1,12 @@
 """One process, one device."""
+
 from __future__ import annotations
 
 from typing import Annotated
-import torch
-from typing_extensions import override
 
+import torch
 from pydantic import Field
+from typing_extensions import override
 
 from src.core.registry import STRATEGIES
 from src.distributed.base import Strategy, pick_device

@@ -6,6 +6,7 @@ as one process would on the whole batch.
 only on accelerators). Both all-reduce per-channel sums in the forward pass and the gradients
 through them in the backward pass.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,12 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1):
+        if not (
+            self.training
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        ):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
@@ -37,7 +42,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         stats = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
         total = stats[-1]
         mean = stats[:c] / total
-        var = (stats[c:2 * c] / total - mean * mean).clamp_min(0)
+        var = (stats[c : 2 * c] / total - mean * mean).clamp_min(0)
         shape = [1, c] + [1] * (x.dim() - 2)
         y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
@@ -45,8 +50,11 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None \
+                m = (
+                    self.momentum
+                    if self.momentum is not None
                     else 1.0 / float(self.num_batches_tracked)
+                )
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
                 unbiased = var.detach() * total / (total - 1).clamp_min(1)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
@@ -62,10 +70,16 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
 
 def _convert(module: nn.Module) -> nn.Module:
     out = module
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and \
-            not isinstance(module, (GlobalBatchNorm, nn.SyncBatchNorm)):
-        out = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                              module.track_running_stats)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+        module, (GlobalBatchNorm, nn.SyncBatchNorm)
+    ):
+        out = GlobalBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+        )
         if module.affine:
             with torch.no_grad():
                 out.weight, out.bias = module.weight, module.bias

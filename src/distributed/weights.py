@@ -1,5 +1,6 @@
 """A checkpoint's weights in one process, whichever strategy wrote them (one safetensors file,
 DCP shards, a DeepSpeed checkpoint): what predict, export and a later stage's ``init`` read."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,5 +29,6 @@ def load_consolidated(directory: Path, trust_pickles: bool = False) -> dict[str,
 
     if is_deepspeed_checkpoint(directory):
         return consolidated_deepspeed_state(directory)
-    raise CheckpointError(f"{directory}: no model weights found (model.safetensors, dcp/ or a "
-                          "DeepSpeed checkpoint)")
+    raise CheckpointError(
+        f"{directory}: no model weights found (model.safetensors, dcp/ or a DeepSpeed checkpoint)"
+    )

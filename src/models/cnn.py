@@ -1,4 +1,5 @@
 """A small convolutional network for small images (digits, CIFAR-sized folders)."""
+
 from __future__ import annotations
 
 from typing import Annotated, Optional
@@ -34,13 +35,19 @@ class SmallCNN(nn.Module):
             if i:
                 stages.append(nn.MaxPool2d(2, ceil_mode=True))
             for _ in range(2):
-                stages += [nn.Conv2d(width, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
-                           nn.ReLU(inplace=True)]
+                stages += [
+                    nn.Conv2d(width, c, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(c),
+                    nn.ReLU(inplace=True),
+                ]
                 width = c
         self.features = nn.Sequential(*stages, GlobalAvgPool())
         self.num_features = width
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, num_classes)) \
-            if num_classes else nn.Identity()
+        self.head = (
+            nn.Sequential(nn.Dropout(dropout), nn.Linear(width, num_classes))
+            if num_classes
+            else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -49,12 +56,22 @@ class SmallCNN(nn.Module):
 @MODELS.register("cnn")
 def cnn(
     info: DatasetInfo,
-    channels: Annotated[list[conint(gt=0)], Field(
-        description="output channels of each conv block (each block halves the resolution)")] = [32, 64, 128],
+    channels: Annotated[
+        list[conint(gt=0)],
+        Field(description="output channels of each conv block (each block halves the resolution)"),
+    ] = [32, 64, 128],
     dropout: Annotated[float, Field(ge=0, lt=1, description="dropout before the classifier")] = 0.1,
-    num_classes: Annotated[Optional[conint(ge=0)], Field(
-        description="classifier outputs; 0 for a feature backbone, default: the data's classes")] = None,
+    num_classes: Annotated[
+        Optional[conint(ge=0)],
+        Field(
+            description="classifier outputs; 0 for a feature backbone, default: the data's classes"
+        ),
+    ] = None,
 ) -> SmallCNN:
     """SmallCNN with input channels and classes taken from the data."""
-    return SmallCNN(info.input_shape[0], info.num_classes or 0 if num_classes is None else num_classes,
-                    list(channels), dropout)
+    return SmallCNN(
+        info.input_shape[0],
+        info.num_classes or 0 if num_classes is None else num_classes,
+        list(channels),
+        dropout,
+    )

@@ -1,4 +1,5 @@
 """Heads and poolers: margin classifiers for metric learning, projection heads for SSL, GeM."""
+
 from __future__ import annotations
 
 import math
@@ -23,9 +24,15 @@ class MarginHead(nn.Module):
         scale: s. margin: m. subcenters: k.
     """
 
-    def __init__(self, embedding_dim: int, num_classes: int,
-                 kind: Literal["arcface", "cosface"] = "arcface", scale: float = 30.0,
-                 margin: float = 0.5, subcenters: int = 1):
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        kind: Literal["arcface", "cosface"] = "arcface",
+        scale: float = 30.0,
+        margin: float = 0.5,
+        subcenters: int = 1,
+    ):
         super().__init__()
         self.kind, self.scale, self.margin, self.k = kind, scale, margin, subcenters
         self.weight = nn.Parameter(torch.empty(num_classes * subcenters, embedding_dim))
@@ -44,8 +51,11 @@ class MarginHead(nn.Module):
         if self.kind == "arcface":
             theta = torch.acos(target.clamp(-1 + 1e-7, 1 - 1e-7))
             # past pi - m the margin would make the logit grow again: fall back to a linear penalty
-            marked = torch.where(theta + self.margin < math.pi, torch.cos(theta + self.margin),
-                                 target - self.margin * math.sin(self.margin))
+            marked = torch.where(
+                theta + self.margin < math.pi,
+                torch.cos(theta + self.margin),
+                target - self.margin * math.sin(self.margin),
+            )
         else:
             marked = target - self.margin
         logits = cos.scatter(1, labels[:, None], marked)
@@ -64,8 +74,9 @@ class GeM(nn.Module):
         return x.clamp(min=self.eps).pow(self.p).mean(dim=(-2, -1)).pow(1.0 / self.p)
 
 
-def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2, bn_last: bool = False,
-        bn: bool = True) -> nn.Sequential:
+def mlp(
+    in_dim: int, hidden: int, out_dim: int, layers: int = 2, bn_last: bool = False, bn: bool = True
+) -> nn.Sequential:
     """Projector/predictor MLP: [Linear, BN, ReLU] x (layers - 1), Linear (+ BN)."""
     mods: list[nn.Module] = []
     width = in_dim
@@ -85,15 +96,22 @@ class DINOHead(nn.Module):
     """MLP (with BatchNorm after its hidden layers if ``use_bn``) -> L2-normalised bottleneck ->
     weight-normalised linear layer to K prototypes."""
 
-    def __init__(self, in_dim: int, out_dim: int = 256, hidden: int = 256, bottleneck: int = 64,
-                 use_bn: bool = False):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 256,
+        hidden: int = 256,
+        bottleneck: int = 64,
+        use_bn: bool = False,
+    ):
         super().__init__()
 
         def block(i: int, o: int) -> list[nn.Module]:
             return [nn.Linear(i, o), *([nn.BatchNorm1d(o)] if use_bn else []), nn.GELU()]
 
-        self.mlp = nn.Sequential(*block(in_dim, hidden), *block(hidden, hidden),
-                                 nn.Linear(hidden, bottleneck))
+        self.mlp = nn.Sequential(
+            *block(in_dim, hidden), *block(hidden, hidden), nn.Linear(hidden, bottleneck)
+        )
         last = nn.Linear(bottleneck, out_dim, bias=False)
         self.last = nn.utils.parametrizations.weight_norm(last)
         self.last.parametrizations.weight.original0.data.fill_(1.0)

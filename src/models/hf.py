@@ -4,6 +4,7 @@ Nothing is downloaded: ``path`` is a local folder (or ``pkg:<package>/<sub/folde
 inside an installed Python package), loaded with ``local_files_only``. An optional ``adapter``
 section wraps the model with PEFT (LoRA, QLoRA, prefix tuning), see src/models/adapters.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,20 +29,35 @@ AUTO_CLASSES = {
 @MODELS.register("hf")
 def hf_model(
     info: DatasetInfo,
-    kind: Annotated[Literal[tuple(AUTO_CLASSES)], Field(
-        description="which Auto class (causal_lm, seq2seq, masked_lm, sequence_classification, "
-                    "base)")] = "causal_lm",
-    path: Annotated[Optional[str], Field(
-        description="local folder with config and weights (pkg:... for a packaged model)")] = None,
-    config: Annotated[Optional[dict[str, Any]], Field(
-        description="build from scratch instead: {model_type: gpt2, n_layer: 4, ...}; the "
-                    "vocabulary size and (for classification) number of labels come from "
-                    "the data")] = None,
-    adapter: Annotated[Optional[dict[str, Any]], Field(
-        description="PEFT section: {type: lora, r: 8, ...}, {type: qlora, ...}, {type: "
-                    "prefix_tuning, num_virtual_tokens: 16}")] = None,
-    dtype: Annotated[Optional[Literal["fp32", "bf16", "fp16"]], Field(
-        description="weights dtype when loading")] = None,
+    kind: Annotated[
+        Literal[tuple(AUTO_CLASSES)],
+        Field(
+            description="which Auto class (causal_lm, seq2seq, masked_lm, sequence_classification, "
+            "base)"
+        ),
+    ] = "causal_lm",
+    path: Annotated[
+        Optional[str],
+        Field(description="local folder with config and weights (pkg:... for a packaged model)"),
+    ] = None,
+    config: Annotated[
+        Optional[dict[str, Any]],
+        Field(
+            description="build from scratch instead: {model_type: gpt2, n_layer: 4, ...}; the "
+            "vocabulary size and (for classification) number of labels come from "
+            "the data"
+        ),
+    ] = None,
+    adapter: Annotated[
+        Optional[dict[str, Any]],
+        Field(
+            description="PEFT section: {type: lora, r: 8, ...}, {type: qlora, ...}, {type: "
+            "prefix_tuning, num_virtual_tokens: 16}"
+        ),
+    ] = None,
+    dtype: Annotated[
+        Optional[Literal["fp32", "bf16", "fp16"]], Field(description="weights dtype when loading")
+    ] = None,
 ):
     """A transformers ``Auto*`` model."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

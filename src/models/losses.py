@@ -1,4 +1,5 @@
 """Self-supervised losses, vectorised. Shapes: N samples, D dims."""
+
 from __future__ import annotations
 
 import torch
@@ -18,7 +19,9 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> tor
     return F.cross_entropy(sim, targets)
 
 
-def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+def info_nce(
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """MoCo: logits [q.k+, q.queue] / T with the positive at index 0. q, k: (N, D); queue: (K, D)."""
     q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     pos = (q * k).sum(-1, keepdim=True)  # (N, 1)
@@ -32,9 +35,14 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1)).mean()
 
 
-def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_weight: float = 25.0,
-                var_weight: float = 25.0, cov_weight: float = 1.0, eps: float = 1e-4
-                ) -> dict[str, torch.Tensor]:
+def vicreg_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    sim_weight: float = 25.0,
+    var_weight: float = 25.0,
+    cov_weight: float = 1.0,
+    eps: float = 1e-4,
+) -> dict[str, torch.Tensor]:
     """Invariance (MSE) + variance (hinge on each dimension's std at 1) + covariance (off-diagonal
     squares / D), per Bardes et al. 2022."""
     n, d = z1.shape
@@ -49,12 +57,21 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_weight: float = 25.0,
         off = cov - torch.diag(torch.diag(cov))
         covariance = covariance + off.pow(2).sum() / d
     loss = sim_weight * invariance + var_weight * variance + cov_weight * covariance
-    return {"loss": loss, "invariance": invariance.detach(), "variance": variance.detach(),
-            "covariance": covariance.detach()}
+    return {
+        "loss": loss,
+        "invariance": invariance.detach(),
+        "variance": variance.detach(),
+        "covariance": covariance.detach(),
+    }
 
 
-def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor,
-              student_temp: float, teacher_temp: float) -> torch.Tensor:
+def dino_loss(
+    student: list[torch.Tensor],
+    teacher: list[torch.Tensor],
+    center: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+) -> torch.Tensor:
     """Cross-entropy between centred, sharpened teacher distributions (global views only) and
     student distributions of every other view. student: V tensors (N, K); teacher: G tensors."""
     t_probs = [F.softmax((t - center) / teacher_temp, dim=-1).detach() for t in teacher]
@@ -69,9 +86,13 @@ def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: 
     return total / terms
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
-             ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Direct Preference Optimisation (Rafailov et al., 2023) from sequence log-probabilities (N,).
 
     Returns (loss, logits) with logits = beta * ((pi_c - pi_r) - (ref_c - ref_r)) and

@@ -1,4 +1,5 @@
 """A multi-layer perceptron that flattens its input."""
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,14 @@ class MLP(nn.Module):
     ``num_classes=0`` drops the last Linear: the model returns features of size ``hidden[-1]``.
     """
 
-    def __init__(self, in_features: int, hidden: list[int], num_classes: int,
-                 activation: str = "relu", dropout: float = 0.0):
+    def __init__(
+        self,
+        in_features: int,
+        hidden: list[int],
+        num_classes: int,
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
@@ -42,15 +49,26 @@ class MLP(nn.Module):
 @MODELS.register("mlp")
 def mlp(
     info: DatasetInfo,
-    hidden: Annotated[list[conint(gt=0)], Field(
-        description="width of each hidden layer")] = [256, 256],
-    activation: Annotated[Literal["relu", "gelu", "silu", "tanh"], Field(
-        description="activation between layers")] = "relu",
-    dropout: Annotated[float, Field(
-        ge=0, lt=1, description="dropout after each hidden layer")] = 0.0,
-    num_classes: Annotated[Optional[conint(ge=0)], Field(
-        description="outputs; 0 for a feature backbone, default: the data's classes")] = None,
+    hidden: Annotated[list[conint(gt=0)], Field(description="width of each hidden layer")] = [
+        256,
+        256,
+    ],
+    activation: Annotated[
+        Literal["relu", "gelu", "silu", "tanh"], Field(description="activation between layers")
+    ] = "relu",
+    dropout: Annotated[
+        float, Field(ge=0, lt=1, description="dropout after each hidden layer")
+    ] = 0.0,
+    num_classes: Annotated[
+        Optional[conint(ge=0)],
+        Field(description="outputs; 0 for a feature backbone, default: the data's classes"),
+    ] = None,
 ) -> MLP:
     """MLP sized from the data: inputs = prod(info.input_shape), outputs = info.num_classes."""
-    return MLP(math.prod(info.input_shape), list(hidden),
-               info.num_classes or 0 if num_classes is None else num_classes, activation, dropout)
+    return MLP(
+        math.prod(info.input_shape),
+        list(hidden),
+        info.num_classes or 0 if num_classes is None else num_classes,
+        activation,
+        dropout,
+    )

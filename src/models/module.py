@@ -1,4 +1,5 @@
 """A model given as a Python object (``Experiment.from_modules(model=...)``)."""
+
 from __future__ import annotations
 
 from typing import Annotated

@@ -1,4 +1,5 @@
 """Any timm architecture by name. Pretrained weights only from a local file: nothing downloads."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,12 +37,16 @@ def load_local_weights(model, path: str, strict: bool = False) -> None:
 @MODELS.register("timm")
 def timm_model(
     info: DatasetInfo,
-    name: Annotated[str, Field(
-        description="a timm architecture (resnet18, vit_tiny_patch16_224, ...)")],
-    pretrained_path: Annotated[Optional[str], Field(
-        description="local .safetensors/.pth weights; never fetched from a hub")] = None,
-    num_classes: Annotated[Optional[int], Field(
-        description="override the data's class count (0 = feature extractor)")] = None,
+    name: Annotated[
+        str, Field(description="a timm architecture (resnet18, vit_tiny_patch16_224, ...)")
+    ],
+    pretrained_path: Annotated[
+        Optional[str],
+        Field(description="local .safetensors/.pth weights; never fetched from a hub"),
+    ] = None,
+    num_classes: Annotated[
+        Optional[int], Field(description="override the data's class count (0 = feature extractor)")
+    ] = None,
     **kwargs: Any,
 ):
     """``timm.create_model(name, num_classes=info.num_classes, in_chans=C, **kwargs)``."""
@@ -55,8 +60,9 @@ def timm_model(
         raise ConfigError(f"model.name: unknown timm architecture '{name}'{hint}")
     classes = info.num_classes or 0 if num_classes is None else num_classes
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=classes,
-                                  in_chans=info.input_shape[0], **kwargs)
+        model = timm.create_model(
+            name, pretrained=False, num_classes=classes, in_chans=info.input_shape[0], **kwargs
+        )
     except TypeError as exc:
         raise ConfigError(f"model: timm '{name}' rejected its arguments: {exc}") from None
     if pretrained_path:

@@ -12,6 +12,7 @@ An :class:`Experiment` wraps the built components (:class:`src.run.experiment.Ex
 the command line does. Errors are :class:`src.core.errors.UserError` with the command line's
 one-line messages.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import Any, Optional
 
 from src.core.errors import ConfigError, UserError
 from src.core.registry import CALLBACKS
-from src.run.experiment import Experiment as Built, build, prepare
+from src.run.experiment import Experiment as Built
+from src.run.experiment import build, prepare
 
 
 class Experiment:
@@ -34,25 +36,36 @@ class Experiment:
         return getattr(self.built, name)
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] = (), imports: list[str] = ()
-                  ) -> "Experiment":
+    def from_yaml(
+        cls, path: str | Path, overrides: list[str] = (), imports: list[str] = ()
+    ) -> Experiment:
         """Build the experiment of a config file, as ``python -m src.main --config PATH``
         would (``overrides``: ``["trainer.max_steps=50", ...]``)."""
         cfg, origins = prepare(str(path), list(overrides), list(imports))
         return cls(build(cfg, origins))
 
     @classmethod
-    def from_dict(cls, config: dict, overrides: list[str] = (), imports: list[str] = ()
-                  ) -> "Experiment":
+    def from_dict(
+        cls, config: dict, overrides: list[str] = (), imports: list[str] = ()
+    ) -> Experiment:
         """Build the experiment of a config given as a dict of its sections (``base:`` paths
         are relative to the current folder); validated exactly like a file."""
         cfg, origins = prepare(config, list(overrides), list(imports))
         return cls(build(cfg, origins))
 
     @classmethod
-    def from_modules(cls, model, train, val=None, loss_fn="cross_entropy", *,
-                     name: Optional[str] = None, num_classes: Optional[int] = None,
-                     config: Optional[dict] = None, overrides: list[str] = ()) -> "Experiment":
+    def from_modules(
+        cls,
+        model,
+        train,
+        val=None,
+        loss_fn="cross_entropy",
+        *,
+        name: Optional[str] = None,
+        num_classes: Optional[int] = None,
+        config: Optional[dict] = None,
+        overrides: list[str] = (),
+    ) -> Experiment:
         """Train your own ``nn.Module`` on your own datasets (or DataLoaders) with your own loss
         function (or a ``torch.nn.functional`` loss name), with the platform's strategies,
         checkpoints, callbacks and loggers. ``config`` holds any other section (``optimizer``,
@@ -63,10 +76,17 @@ class Experiment:
         loader = _loader_options(train)
         d = {"name": name or type(model).__name__.lower(), **(config or {})}
         d["model"] = {"type": "module", "ref": objects.put(model)}
-        d["task"] = {"type": "supervised", **d.get("task", {}),
-                     "loss": loss_fn if isinstance(loss_fn, str) else objects.put(loss_fn)}
-        data = {**loader, **d.get("data", {}), "type": "objects",
-                "train": objects.put(train, f"[{_length(train)}]")}
+        d["task"] = {
+            "type": "supervised",
+            **d.get("task", {}),
+            "loss": loss_fn if isinstance(loss_fn, str) else objects.put(loss_fn),
+        }
+        data = {
+            **loader,
+            **d.get("data", {}),
+            "type": "objects",
+            "train": objects.put(train, f"[{_length(train)}]"),
+        }
         if val is not None:
             data["val"] = objects.put(val, f"[{_length(val)}]:val")
         if num_classes is not None:
@@ -92,8 +112,9 @@ class Experiment:
         finally:
             self.trainer.loggers = loggers
 
-    def predict(self, data=None, split: str = "val", batch_size: Optional[int] = None,
-                **options) -> dict[str, Any]:
+    def predict(
+        self, data=None, split: str = "val", batch_size: Optional[int] = None, **options
+    ) -> dict[str, Any]:
         """Predictions of the weights in memory for every sample of ``data`` (a dataset) or of
         the run's ``split``: ``{"id": ..., output: array (N, ...)}`` as ``predict`` writes them
         (``probs`` for classification, ``outputs`` for a plain module, ...)."""
@@ -115,9 +136,14 @@ class Experiment:
         was_training = self.task.training
         self.task.eval()
         try:
-            return predict(run, data, batch_size or self.cfg.data.eval_batch_size
-                           or self.cfg.data.batch_size, options=options, progress=False,
-                           device=self.strategy.device)
+            return predict(
+                run,
+                data,
+                batch_size or self.cfg.data.eval_batch_size or self.cfg.data.batch_size,
+                options=options,
+                progress=False,
+                device=self.strategy.device,
+            )
         finally:
             self.task.train(was_training)
 
@@ -125,14 +151,24 @@ class Experiment:
         from src.core.checkpoint import CheckpointManager
         from src.core.trainer import Trainer
 
-        ckpt = CheckpointManager(self.cfg.checkpoint, self.run_dir / "checkpoints", self.strategy,
-                                 "")
+        ckpt = CheckpointManager(
+            self.cfg.checkpoint, self.run_dir / "checkpoints", self.strategy, ""
+        )
         callbacks = [CALLBACKS.build(s, f"callbacks.{i}") for i, s in enumerate(self.cfg.callbacks)]
         self.built.trainer = Trainer(
-            self.cfg.trainer, task=self.task, model=self.model, strategy=self.strategy,
-            optimizer=self.optimizer, scheduler=self.scheduler, train_loader=self.train_loader,
-            val_loader=self.val_loader, max_steps=self.derived["total_steps"], checkpoints=ckpt,
-            run_dir=self.run_dir, callbacks=callbacks + self.callbacks)
+            self.cfg.trainer,
+            task=self.task,
+            model=self.model,
+            strategy=self.strategy,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            train_loader=self.train_loader,
+            val_loader=self.val_loader,
+            max_steps=self.derived["total_steps"],
+            checkpoints=ckpt,
+            run_dir=self.run_dir,
+            callbacks=callbacks + self.callbacks,
+        )
         return self.built.trainer
 
 

@@ -7,6 +7,7 @@ decorator, plus its name in that package's ``__init__`` (``from src.models impor
 ``ast`` (the package ``__init__`` names which) and finds each ``REGISTRY.register("name")``, so
 ``--list`` answers without importing torch.
 """
+
 from __future__ import annotations
 
 import ast
@@ -37,7 +38,7 @@ def summary(doc: str) -> str:
         para.append(line.strip())
     text = " ".join(para)
     m = re.search(r"(?<=[.!?])\s(?=[A-Z(`])", text)
-    return text[:m.start()] if m else text
+    return text[: m.start()] if m else text
 
 
 _BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
@@ -47,8 +48,12 @@ def type_name(ann) -> str:
     """A parameter's type as a person reads it: ``int >0``, ``list[int >0]``, ``str | None``."""
     origin, args = typing.get_origin(ann), typing.get_args(ann)
     if origin is typing.Annotated:
-        bounds = [f"{sym}{getattr(m, attr)}" for m in args[1:] for attr, sym in _BOUNDS
-                  if getattr(m, attr, None) is not None]
+        bounds = [
+            f"{sym}{getattr(m, attr)}"
+            for m in args[1:]
+            for attr, sym in _BOUNDS
+            if getattr(m, attr, None) is not None
+        ]
         return " ".join([type_name(args[0]), *bounds])
     if origin is typing.Literal:
         return " | ".join(repr(a) for a in args)
@@ -142,11 +147,18 @@ def _registrations(tree: ast.Module) -> list[tuple[str, str, str]]:
         if isinstance(node, ast.For) and isinstance(node.target, ast.Tuple):
             # `for a, b in f().items(): if a in CONST:` -> CONST's names
             for inner in ast.walk(node):
-                if isinstance(inner, ast.Compare) and isinstance(inner.left, ast.Name) and \
-                        any(isinstance(c, ast.Name) and c.id in consts for c in inner.comparators):
+                if (
+                    isinstance(inner, ast.Compare)
+                    and isinstance(inner.left, ast.Name)
+                    and any(isinstance(c, ast.Name) and c.id in consts for c in inner.comparators)
+                ):
                     loops[inner.left.id] = consts[inner.comparators[0].id]
-        elif isinstance(node, ast.For) and isinstance(node.target, ast.Name) and \
-                isinstance(node.iter, ast.Name) and node.iter.id in consts:
+        elif (
+            isinstance(node, ast.For)
+            and isinstance(node.target, ast.Name)
+            and isinstance(node.iter, ast.Name)
+            and node.iter.id in consts
+        ):
             loops[node.target.id] = consts[node.iter.id]
     found = []
     for node in ast.walk(tree):
@@ -154,13 +166,20 @@ def _registrations(tree: ast.Module) -> list[tuple[str, str, str]]:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             doc = summary(ast.get_docstring(node) or "")
             targets = [(d, doc) for d in node.decorator_list]
-        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and \
-                isinstance(node.value.func, ast.Call):
+        elif (
+            isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Call)
+            and isinstance(node.value.func, ast.Call)
+        ):
             targets = [(node.value.func, "")]
         for call, doc in targets:
-            if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
-                    and call.func.attr == "register" and isinstance(call.func.value, ast.Name)
-                    and call.args):
+            if not (
+                isinstance(call, ast.Call)
+                and isinstance(call.func, ast.Attribute)
+                and call.func.attr == "register"
+                and isinstance(call.func.value, ast.Name)
+                and call.args
+            ):
                 continue
             arg = call.args[0]
             if isinstance(arg, ast.Constant) and isinstance(arg.value, str):

@@ -6,6 +6,7 @@
 
 Nothing is written to disk before ``run()``: a config, data or model error leaves no run folder.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,15 +22,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from src.core.config import (
+    DICT_SOURCE,
+    ExperimentConfig,
+    dump_config,
+    flatten,
+    load_config,
+    missing_needs,
+    raw_component_errors,
+    validate_components,
+)
 from src.core.console import attach_log, banner, summary
-from src.run.catalog import load_builtins
-from src.core.config import (DICT_SOURCE, ExperimentConfig, dump_config, flatten, load_config, missing_needs,
-                             raw_component_errors, validate_components)
 from src.core.errors import ConfigError, UserError, library_files, library_message, shown
-from src.core.param_groups import (apply_freeze, build_optimizer, build_scheduler, format_table,
-                                   group_lr_metrics, shapes_groups, write_param_groups)
-from src.core.registry import (CALLBACKS, DATASETS, LOGGERS, MODELS, SAMPLERS, STRATEGIES, TASKS,
-                               TRANSFORMS, Lazy, building)
+from src.core.param_groups import (
+    apply_freeze,
+    build_optimizer,
+    build_scheduler,
+    format_table,
+    group_lr_metrics,
+    shapes_groups,
+    write_param_groups,
+)
+from src.core.registry import (
+    CALLBACKS,
+    DATASETS,
+    LOGGERS,
+    MODELS,
+    SAMPLERS,
+    STRATEGIES,
+    TASKS,
+    TRANSFORMS,
+    Lazy,
+    building,
+)
+from src.run.catalog import load_builtins
 
 PLUGIN_GROUP = "src.plugins"
 
@@ -55,25 +81,30 @@ def import_user_modules(modules: list[str], where: str = "imports") -> None:
             if name.endswith(".py") or "/" in name or os.sep in name:
                 _import_file(Path(name), at)
             elif not _MODULE_NAME.fullmatch(name):
-                raise ConfigError(f"{at}: {shown(name)} is not a module name (pkg.module) "
-                                  "or a .py file")
+                raise ConfigError(
+                    f"{at}: {shown(name)} is not a module name (pkg.module) or a .py file"
+                )
             else:
                 importlib.import_module(name)
         except UserError:
             raise
         except ModuleNotFoundError as exc:
             if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
-                raise ConfigError(f"{at}: no module {shown(name)} in the current folder ({cwd}) "
-                                  "or on PYTHONPATH") from None
-            raise ConfigError(f"{at}: importing {shown(name)} failed: {_where_raised(exc)}"
-                              f"{library_message(exc)}") from exc
+                raise ConfigError(
+                    f"{at}: no module {shown(name)} in the current folder ({cwd}) or on PYTHONPATH"
+                ) from None
+            raise ConfigError(
+                f"{at}: importing {shown(name)} failed: {_where_raised(exc)}{library_message(exc)}"
+            ) from exc
         except SyntaxError as exc:
             file = _short_path(exc.filename or name)
-            raise ConfigError(f"{at}: {file}:{exc.lineno}: SyntaxError: {exc.msg} (importing "
-                              f"{shown(name)})") from None
+            raise ConfigError(
+                f"{at}: {file}:{exc.lineno}: SyntaxError: {exc.msg} (importing {shown(name)})"
+            ) from None
         except Exception as exc:  # the module raised while importing
-            raise ConfigError(f"{at}: importing {shown(name)} failed: {_where_raised(exc)}"
-                              f"{library_message(exc)}") from exc
+            raise ConfigError(
+                f"{at}: importing {shown(name)} failed: {_where_raised(exc)}{library_message(exc)}"
+            ) from exc
 
 
 def plugin_module_name(path: Path) -> str:
@@ -133,8 +164,9 @@ def load_plugins() -> None:
             raise ConfigError(f"plugin '{ep.name}' ({ep.value}): cannot import: {exc}") from None
 
 
-def prepare(path: str | dict, overrides: list[str] = (), extra_imports: list[str] = ()
-            ) -> tuple[ExperimentConfig, dict[str, str]]:
+def prepare(
+    path: str | dict, overrides: list[str] = (), extra_imports: list[str] = ()
+) -> tuple[ExperimentConfig, dict[str, str]]:
     """Load and fully validate a config (a file, or a dict of its sections), component
     parameters included; builds nothing."""
     source = DICT_SOURCE if isinstance(path, dict) else str(path)
@@ -184,10 +216,13 @@ class Experiment:
     def summary(self) -> dict[str, Any]:
         params = sum(p.numel() for p in self.task.parameters())
         trainable = sum(p.numel() for p in self.task.parameters() if p.requires_grad)
-        return {"model_parameters": params, "trainable_parameters": trainable,
-                "train_samples": len(self.data.train),
-                "val_samples": len(self.data.val) if self.data.val is not None else 0,
-                **self.derived}
+        return {
+            "model_parameters": params,
+            "trainable_parameters": trainable,
+            "train_samples": len(self.data.train),
+            "val_samples": len(self.data.val) if self.data.val is not None else 0,
+            **self.derived,
+        }
 
     def run_info(self) -> dict[str, Any]:
         """Provenance: each value with where it came from: ``file`` (the config), ``base`` (a file
@@ -198,28 +233,50 @@ class Experiment:
         for k, v in flatten(self.cfg.model_dump(mode="json")).items():
             params[k] = v
             src = _source(k, self.origins)
-            origin[k] = ("default" if src is None else "cli" if src.startswith("override")
-                         else "file" if src == main_file else "base")
+            origin[k] = (
+                "default"
+                if src is None
+                else "cli"
+                if src.startswith("override")
+                else "file"
+                if src == main_file
+                else "base"
+            )
         info = self.data.info
-        facts = {"data.num_classes": info.num_classes, "data.input_shape": list(info.input_shape),
-                 "data.num_train": len(self.data.train),
-                 "data.num_val": len(self.data.val) if self.data.val is not None else 0}
+        facts = {
+            "data.num_classes": info.num_classes,
+            "data.input_shape": list(info.input_shape),
+            "data.num_train": len(self.data.train),
+            "data.num_val": len(self.data.val) if self.data.val is not None else 0,
+        }
         import torch
 
-        env = {"env.python": platform.python_version(), "env.torch": torch.__version__,
-               "env.platform": platform.platform(), "env.device": str(self.strategy.device),
-               "env.world_size": self.strategy.world_size}
+        env = {
+            "env.python": platform.python_version(),
+            "env.torch": torch.__version__,
+            "env.platform": platform.platform(),
+            "env.device": str(self.strategy.device),
+            "env.world_size": self.strategy.world_size,
+        }
         if self.strategy.device.type == "cuda":
             env["env.gpu"] = torch.cuda.get_device_name(self.strategy.device)
-        for group, kind in ((facts, "data"), ({f"derived.{k}": v for k, v in self.derived.items()},
-                                              "derived"), (env, "environment")):
+        for group, kind in (
+            (facts, "data"),
+            ({f"derived.{k}": v for k, v in self.derived.items()}, "derived"),
+            (env, "environment"),
+        ):
             params.update(group)
             origin.update({k: kind for k in group})
         from src.core.model_summary import summarize
 
         rows, totals = summarize(self.task)
-        return {"params": params, "origin": origin, "derived": self.derived,
-                "model_summary": {"layers": rows, **totals}, "param_groups": self.param_groups}
+        return {
+            "params": params,
+            "origin": origin,
+            "derived": self.derived,
+            "model_summary": {"layers": rows, **totals},
+            "param_groups": self.param_groups,
+        }
 
     def run(self) -> dict[str, float]:
         """Decide new / resume / extend for the run folder, then train.
@@ -242,11 +299,17 @@ class Experiment:
 
         cfg, run_dir, strategy = self.cfg, self.run_dir, self.strategy
         resolved = dump_config(cfg)
-        ckpt = CheckpointManager(cfg.checkpoint, run_dir / "checkpoints", strategy,
-                                 hashlib.sha256(resolved.encode()).hexdigest()[:16])
+        ckpt = CheckpointManager(
+            cfg.checkpoint,
+            run_dir / "checkpoints",
+            strategy,
+            hashlib.sha256(resolved.encode()).hexdigest()[:16],
+        )
         if cfg.checkpoint.resume == "never" and ckpt.committed():
-            raise ConfigError(f"checkpoint.resume: never, but {ckpt.dir} holds checkpoints of an "
-                              "earlier run; choose another name (or --new-run) or resume it")
+            raise ConfigError(
+                f"checkpoint.resume: never, but {ckpt.dir} holds checkpoints of an "
+                "earlier run; choose another name (or --new-run) or resume it"
+            )
         ckpt.candidates()  # an explicit resume path is checked before anything is written
         defaults = frozenset(k for k, o in self.run_info()["origin"].items() if o == "default")
         decision = decide(run_dir, yaml.safe_load(resolved), bool(ckpt.committed()), defaults)
@@ -275,22 +338,35 @@ class Experiment:
         callbacks += self.callbacks
         from src.core.callbacks.progress import RichProgressBar
 
-        if strategy.is_main and sys.stdout.isatty() and \
-                not any(isinstance(cb, RichProgressBar) for cb in callbacks):
+        if (
+            strategy.is_main
+            and sys.stdout.isatty()
+            and not any(isinstance(cb, RichProgressBar) for cb in callbacks)
+        ):
             callbacks.append(RichProgressBar(transient=True))  # a live bar on a terminal
         loggers = []
         if strategy.is_main:  # loggers write nothing before start(), which follows record()
             for i, s in enumerate(cfg.logging.loggers):
                 section = {"type": s} if isinstance(s, str) else s
                 loggers.append(LOGGERS.build(section, f"logging.loggers.{i}", run_dir=run_dir))
-        trainer = Trainer(cfg.trainer, task=self.task, model=self.model, strategy=strategy,
-                          optimizer=self.optimizer, scheduler=self.scheduler,
-                          train_loader=self.train_loader, val_loader=self.val_loader,
-                          max_steps=self.derived["total_steps"], callbacks=callbacks,
-                          loggers=loggers, checkpoints=ckpt,
-                          run_dir=run_dir, run_info=info, on_start=record,
-                          group_lrs=group_lr_metrics(self.param_groups) if shapes_groups(cfg)
-                          else ())
+        trainer = Trainer(
+            cfg.trainer,
+            task=self.task,
+            model=self.model,
+            strategy=strategy,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            train_loader=self.train_loader,
+            val_loader=self.val_loader,
+            max_steps=self.derived["total_steps"],
+            callbacks=callbacks,
+            loggers=loggers,
+            checkpoints=ckpt,
+            run_dir=run_dir,
+            run_info=info,
+            on_start=record,
+            group_lrs=group_lr_metrics(self.param_groups) if shapes_groups(cfg) else (),
+        )
         self.trainer = trainer
         t0 = time.perf_counter()
         metrics = trainer.fit()
@@ -302,10 +378,10 @@ class Experiment:
 def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Experiment:
     """Build every component of ``cfg`` (already validated by :func:`prepare`)."""
     load_builtins()  # a config validated elsewhere names built-in components too
+    from src.core.loop_settings import LoopSettings
     from src.core.seeding import seed_everything, set_deterministic
     from src.data.loader import TrainLoader, eval_loader, sample_labels, sample_lengths
     from src.data.samplers import ShardedBatchSampler
-    from src.core.loop_settings import LoopSettings
 
     strategy = STRATEGIES.build(cfg.strategy, "strategy")
     with building("strategy"):
@@ -325,7 +401,9 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
     d = cfg.data
     world = strategy.world_size
     if d.batch_size % world:
-        raise ConfigError(f"data.batch_size: {d.batch_size} does not divide among {world} processes")
+        raise ConfigError(
+            f"data.batch_size: {d.batch_size} does not divide among {world} processes"
+        )
     data, model, task = build_task(cfg)
     with building("trainer.gradient_checkpointing"):
         _apply_model_switches(model, cfg)
@@ -336,39 +414,60 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
         task.device_views = transform
     elif transform is not None:  # self-supervised tasks train on per-sample augmented views
         if not hasattr(data.train, "view_transform"):
-            raise ConfigError(f"data: dataset '{d.type}' cannot produce the views task "
-                              f"'{cfg.task['type']}' trains on")
+            raise ConfigError(
+                f"data: dataset '{d.type}' cannot produce the views task "
+                f"'{cfg.task['type']}' trains on"
+            )
         data.train.view_transform = transform
 
     per_rank = d.batch_size // world
     if d.sampler is None:
-        batches = ShardedBatchSampler(len(data.train), per_rank, cfg.seed, d.shuffle,
-                                      strategy.rank, world, d.drop_last)
+        batches = ShardedBatchSampler(
+            len(data.train), per_rank, cfg.seed, d.shuffle, strategy.rank, world, d.drop_last
+        )
     else:
-        batches = SAMPLERS.build(d.sampler, "data.sampler",
-                                 labels=Lazy(lambda: sample_labels(data.train, d.sampler["type"])),
-                                 lengths=Lazy(lambda: sample_lengths(data.train)),
-                                 batch_size=per_rank,
-                                 seed=cfg.seed, rank=strategy.rank, world_size=world)
+        batches = SAMPLERS.build(
+            d.sampler,
+            "data.sampler",
+            labels=Lazy(lambda: sample_labels(data.train, d.sampler["type"])),
+            lengths=Lazy(lambda: sample_lengths(data.train)),
+            batch_size=per_rank,
+            seed=cfg.seed,
+            rank=strategy.rank,
+            world_size=world,
+        )
     train_loader = TrainLoader(data.train, batches, cfg.seed, d.num_workers, d.pin_memory)
     if train_loader.num_workers != d.num_workers and strategy.is_main:
         import warnings
 
-        warnings.warn(f"data.num_workers: {d.num_workers} -> 0: dataset '{d.type}' is held in "
-                      "memory and gathers each batch in one operation; worker processes would "
-                      "only copy it through a pipe (slower)", stacklevel=2)
-    val_loader = eval_loader(data.val, (d.eval_batch_size or d.batch_size) // world or 1,
-                             strategy.rank, world, d.num_workers, d.pin_memory)
+        warnings.warn(
+            f"data.num_workers: {d.num_workers} -> 0: dataset '{d.type}' is held in "
+            "memory and gathers each batch in one operation; worker processes would "
+            "only copy it through a pipe (slower)",
+            stacklevel=2,
+        )
+    val_loader = eval_loader(
+        data.val,
+        (d.eval_batch_size or d.batch_size) // world or 1,
+        strategy.rank,
+        world,
+        d.num_workers,
+        d.pin_memory,
+    )
     batches = train_loader.batches_per_epoch()
     if batches == 0:
-        raise ConfigError(f"data.batch_size: {d.batch_size} is larger than the training set "
-                          f"({len(data.train)} samples over {world} processes)")
+        raise ConfigError(
+            f"data.batch_size: {d.batch_size} is larger than the training set "
+            f"({len(data.train)} samples over {world} processes)"
+        )
     t = cfg.trainer
     reuse = task.steps_per_batch  # a rollout's optimizer steps all train on its batch
     if reuse > 1 and t.grad_accum_steps > 1:
-        raise ConfigError(f"trainer.grad_accum_steps: {t.grad_accum_steps} with task "
-                          f"'{cfg.task['type']}', whose rollouts serve {reuse} steps each: keep 1 "
-                          "(GRPO's micro_batch bounds memory instead)")
+        raise ConfigError(
+            f"trainer.grad_accum_steps: {t.grad_accum_steps} with task "
+            f"'{cfg.task['type']}', whose rollouts serve {reuse} steps each: keep 1 "
+            "(GRPO's micro_batch bounds memory instead)"
+        )
     steps_per_epoch = math.ceil(batches / t.grad_accum_steps) * reuse
     limits = [s for s in (t.max_steps, t.max_epochs and t.max_epochs * steps_per_epoch) if s]
     if not limits:
@@ -391,13 +490,29 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
             strategy.compile(model_w)
     scheduler = build_scheduler(cfg, optimizer, total)
     seed_everything(cfg.seed, strategy.rank)  # from here on, each rank draws its own randomness
-    derived = {"steps_per_epoch": steps_per_epoch, "total_steps": total,
-               "model_parameters": sum(p.numel() for p in task.parameters()),
-               "trainable_parameters": sum(p.numel() for p in task.parameters() if p.requires_grad),
-               "batches_per_epoch": batches, "per_rank_batch_size": per_rank,
-               "effective_batch_size": d.batch_size * t.grad_accum_steps, "world_size": world}
-    exp = Experiment(cfg, origins or {}, strategy, data, task, model_w, optimizer, scheduler,
-                     train_loader, val_loader, derived)
+    derived = {
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total,
+        "model_parameters": sum(p.numel() for p in task.parameters()),
+        "trainable_parameters": sum(p.numel() for p in task.parameters() if p.requires_grad),
+        "batches_per_epoch": batches,
+        "per_rank_batch_size": per_rank,
+        "effective_batch_size": d.batch_size * t.grad_accum_steps,
+        "world_size": world,
+    }
+    exp = Experiment(
+        cfg,
+        origins or {},
+        strategy,
+        data,
+        task,
+        model_w,
+        optimizer,
+        scheduler,
+        train_loader,
+        val_loader,
+        derived,
+    )
     exp.param_groups = table
     return exp
 
@@ -406,8 +521,12 @@ def build_task(cfg: ExperimentConfig, run_dir: Optional[Path] = None) -> tuple[A
     """The data, the model and the task of ``cfg``, configured from the data; no strategy, no
     optimizer (what predict and export need, and the first half of :func:`build`)."""
     run_dir = run_dir if run_dir is not None else Path(cfg.logging.root) / cfg.name
-    data = DATASETS.build({"type": cfg.data.type, **(cfg.data.model_extra or {})}, "data",
-                          seed=cfg.seed, run_dir=run_dir)
+    data = DATASETS.build(
+        {"type": cfg.data.type, **(cfg.data.model_extra or {})},
+        "data",
+        seed=cfg.seed,
+        run_dir=run_dir,
+    )
     model = MODELS.build(cfg.model, "model", info=data.info)
     task = TASKS.build(cfg.task, "task", model=model)
     with building("task"):
@@ -430,13 +549,17 @@ def _materialize_lazy(task, data, cfg: ExperimentConfig) -> None:
 
     if not lazy():
         return
-    what = f"model '{cfg.model['type']}' has lazy layers (nn.LazyLinear ...), which take their " \
-           "shapes from a forward pass"
+    what = (
+        f"model '{cfg.model['type']}' has lazy layers (nn.LazyLinear ...), which take their "
+        "shapes from a forward pass"
+    )
     try:
         inf = task.inference()
     except UserError:
-        raise ConfigError(f"model: {what}; task '{cfg.task['type']}' has no inference model to "
-                          "run one on a sample batch: give those layers their input sizes") from None
+        raise ConfigError(
+            f"model: {what}; task '{cfg.task['type']}' has no inference model to "
+            "run one on a sample batch: give those layers their input sizes"
+        ) from None
     was_training = task.training
     task.eval()
     try:
@@ -446,9 +569,11 @@ def _materialize_lazy(task, data, cfg: ExperimentConfig) -> None:
         task.train(was_training)
     left = lazy()
     if left:
-        raise ConfigError(f"model: {what}; a forward pass of the inference model left "
-                          f"{', '.join(left[:3])}{' ...' if len(left) > 3 else ''} without one: "
-                          "give those layers their input sizes")
+        raise ConfigError(
+            f"model: {what}; a forward pass of the inference model left "
+            f"{', '.join(left[:3])}{' ...' if len(left) > 3 else ''} without one: "
+            "give those layers their input sizes"
+        )
 
 
 def _apply_model_switches(model, cfg: ExperimentConfig) -> None:
@@ -459,8 +584,10 @@ def _apply_model_switches(model, cfg: ExperimentConfig) -> None:
         elif hasattr(model, "set_grad_checkpointing"):  # timm
             model.set_grad_checkpointing(True)
         else:
-            raise ConfigError(f"trainer.gradient_checkpointing: model '{cfg.model['type']}' "
-                              "supports it only for transformers and timm models")
+            raise ConfigError(
+                f"trainer.gradient_checkpointing: model '{cfg.model['type']}' "
+                "supports it only for transformers and timm models"
+            )
 
 
 def _source(path: str, origins: dict[str, str]) -> Optional[str]:

@@ -7,18 +7,19 @@
 The checkpoint may come from any strategy (one file, DCP shards, DeepSpeed): its weights are
 consolidated into one process's model. Its pickles are checked before anything reads them.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
-
+from typing import Any, Optional
 
 from src.core.errors import CheckpointError, UserError
-from src.distributed.weights import load_consolidated  # noqa: F401 (part of this API)
+from src.distributed.weights import load_consolidated
 
 CONFIG_FILE = "config.yaml"
 
@@ -36,9 +37,14 @@ class LoadedRun:
 
     def provenance(self) -> dict[str, Any]:
         """What an exported file or a predictions file says it came from."""
-        return {"run": str(self.run_dir) if self.run_dir else None,
-                "checkpoint": str(self.checkpoint), "step": self.step, "name": self.cfg.name,
-                "task": self.cfg.task["type"], "model": self.cfg.model}
+        return {
+            "run": str(self.run_dir) if self.run_dir else None,
+            "checkpoint": str(self.checkpoint),
+            "step": self.step,
+            "name": self.cfg.name,
+            "task": self.cfg.task["type"],
+            "model": self.cfg.model,
+        }
 
 
 @contextlib.contextmanager
@@ -55,7 +61,7 @@ def atomic_path(out: Path) -> Iterator[Path]:
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
-        for p in ([tmp] + list(tmp.rglob("*")) if tmp.is_dir() else [tmp]):
+        for p in [tmp] + list(tmp.rglob("*")) if tmp.is_dir() else [tmp]:
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
         if tmp.is_dir() and out.exists():
             old = out.with_name(f".{out.name}.old{os.getpid()}")
@@ -75,8 +81,10 @@ def positional_run(args, prog: str) -> Optional[str]:
     """``RUN`` given as the first positional argument (not an override) stands for ``--run``."""
     if args.overrides and "=" not in args.overrides[0]:
         if args.run is not None:
-            raise UserError(f"{prog}: {args.overrides[0]!r}: the run is given twice (--run "
-                            f"{args.run}); overrides are key.path=value")
+            raise UserError(
+                f"{prog}: {args.overrides[0]!r}: the run is given twice (--run "
+                f"{args.run}); overrides are key.path=value"
+            )
         return args.overrides.pop(0)
     return args.run
 
@@ -87,8 +95,9 @@ def run_folder_of(checkpoint: Path) -> Optional[Path]:
     return run if (run / CONFIG_FILE).is_file() else None
 
 
-def locate(run: Optional[str], checkpoint: Optional[str],
-           config: Optional[str] = None) -> tuple[Path, Optional[Path], Optional[Path]]:
+def locate(
+    run: Optional[str], checkpoint: Optional[str], config: Optional[str] = None
+) -> tuple[Path, Optional[Path], Optional[Path]]:
     """(checkpoint step folder, run folder, config file) from what the user named: ``--run``,
     ``--checkpoint`` (a step folder, ``checkpoints/``, ``checkpoints/latest``) or both."""
     from src.core.checkpoint import find_checkpoint
@@ -100,14 +109,22 @@ def locate(run: Optional[str], checkpoint: Optional[str],
             import difflib
 
             parent = run_dir.parent if run_dir.parent.is_dir() else None
-            near = difflib.get_close_matches(run_dir.name, [p.name for p in parent.iterdir()
-                                                            if (p / CONFIG_FILE).is_file()],
-                                             n=1) if parent else []
+            near = (
+                difflib.get_close_matches(
+                    run_dir.name,
+                    [p.name for p in parent.iterdir() if (p / CONFIG_FILE).is_file()],
+                    n=1,
+                )
+                if parent
+                else []
+            )
             hint = f"; did you mean {parent / near[0]}?" if near else ""
             raise UserError(f"--run: {run_dir}: no such run folder{hint}")
         if not (run_dir / CONFIG_FILE).is_file():
-            raise UserError(f"--run: {run_dir}: not a run folder (no {CONFIG_FILE}); give the "
-                            "folder training wrote, experiments/<name>")
+            raise UserError(
+                f"--run: {run_dir}: not a run folder (no {CONFIG_FILE}); give the "
+                "folder training wrote, experiments/<name>"
+            )
     if run is None and checkpoint is None:
         raise UserError("give --run RUN_FOLDER (or --checkpoint STEP_FOLDER)")
     try:
@@ -123,9 +140,13 @@ def locate(run: Optional[str], checkpoint: Optional[str],
     return step_dir, run_dir, config_file
 
 
-def load_run(run: Optional[str] = None, checkpoint: Optional[str] = None,
-             config: Optional[str] = None, overrides: list[str] = (),
-             trust_pickles: bool = False) -> LoadedRun:
+def load_run(
+    run: Optional[str] = None,
+    checkpoint: Optional[str] = None,
+    config: Optional[str] = None,
+    overrides: list[str] = (),
+    trust_pickles: bool = False,
+) -> LoadedRun:
     """Build the run's task from its config (``overrides`` applied, e.g. another data section)
     and load the checkpoint's weights into it."""
     from src.core.checkpoint import step_of
@@ -136,8 +157,10 @@ def load_run(run: Optional[str] = None, checkpoint: Optional[str] = None,
 
     step_dir, run_dir, config_file = locate(run, checkpoint, config)
     if config_file is None:
-        raise UserError(f"--checkpoint: {step_dir} is not inside a run folder with a "
-                        f"{CONFIG_FILE}; give the run's config with --config")
+        raise UserError(
+            f"--checkpoint: {step_dir} is not inside a run folder with a "
+            f"{CONFIG_FILE}; give the run's config with --config"
+        )
     held = held_output()  # what libraries print while building: kept only with a traceback
     outcome = "drop"
     try:

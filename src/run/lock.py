@@ -10,6 +10,7 @@ On a filesystem shared by several hosts the lock holds where the filesystem supp
 across clients (NFSv4, Lustre with ``flock`` mounted, GPFS); where it does not, two hosts can
 still write one run folder: give each job its own ``name``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,9 @@ import os
 import socket
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from src.core.errors import ConfigError
 
@@ -55,8 +57,11 @@ class RunLock:
         f.seek(0)
         previous = f.read().strip()
         if previous:  # the lock was free: its last owner stopped without releasing it
-            warnings.warn(f"{self.path.parent}: the run that held this folder ({previous}) is no "
-                          "longer running; taking it over", stacklevel=2)
+            warnings.warn(
+                f"{self.path.parent}: the run that held this folder ({previous}) is no "
+                "longer running; taking it over",
+                stacklevel=2,
+            )
         f.seek(0)
         f.truncate()
         f.write(_owner() + "\n")
@@ -93,9 +98,11 @@ def run_folder_lock(run_dir: Path, strategy) -> Iterator[None]:
         flag = torch.tensor(float(owner is not None), device=strategy.device)
         owner = owner or ("another run" if float(strategy.reduce({"busy": flag})["busy"]) else None)
     if owner is not None:
-        raise ConfigError(f"{run_dir}: in use by {owner}; a second run would interleave its "
-                          "checkpoints and metrics with it. Wait for it to finish, or start a "
-                          "separate run with --new-run or another name")
+        raise ConfigError(
+            f"{run_dir}: in use by {owner}; a second run would interleave its "
+            "checkpoints and metrics with it. Wait for it to finish, or start a "
+            "separate run with --new-run or another name"
+        )
     try:
         yield
     finally:

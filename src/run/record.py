@@ -18,6 +18,7 @@ Rules when the folder holds committed checkpoints (``resume: auto``, or a path g
 Nothing here writes until :func:`write_record`, which the trainer calls once the checkpoint has
 loaded: a refused or failed resume leaves the folder as it was, byte for byte.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,12 +36,28 @@ RUN_INFO = "run_info.json"
 
 # Keys whose change continues the same run (dotted prefixes).
 EXTEND_KEYS = (
-    "trainer.max_steps", "trainer.max_epochs", "trainer.log_every", "trainer.eval_every_n_steps",
-    "trainer.eval_every_n_epochs", "trainer.max_bad_steps", "trainer.peak_tflops",
-    "checkpoint.every_n_steps", "checkpoint.every_n_epochs", "checkpoint.keep_last",
-    "checkpoint.keep_every", "checkpoint.top_k", "checkpoint.save_last",
-    "checkpoint.save_on_eval", "checkpoint.async_save", "checkpoint.resume", "logging.loggers",
-    "logging.root", "data.num_workers", "data.pin_memory", "data.eval_batch_size", "callbacks",
+    "trainer.max_steps",
+    "trainer.max_epochs",
+    "trainer.log_every",
+    "trainer.eval_every_n_steps",
+    "trainer.eval_every_n_epochs",
+    "trainer.max_bad_steps",
+    "trainer.peak_tflops",
+    "checkpoint.every_n_steps",
+    "checkpoint.every_n_epochs",
+    "checkpoint.keep_last",
+    "checkpoint.keep_every",
+    "checkpoint.top_k",
+    "checkpoint.save_last",
+    "checkpoint.save_on_eval",
+    "checkpoint.async_save",
+    "checkpoint.resume",
+    "logging.loggers",
+    "logging.root",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.eval_batch_size",
+    "callbacks",
 )
 RESHARDING = {"single", "ddp", "fsdp"}  # strategies whose checkpoints load in one another
 
@@ -67,8 +84,9 @@ class Decision:
         return ", ".join(f"{k} {shown(a, 40)} -> {shown(b, 40)}" for k, a, b in self.changes)
 
 
-def decide(run_dir: Path, new: dict, has_checkpoints: bool,
-           defaults: frozenset[str] = frozenset()) -> Decision:
+def decide(
+    run_dir: Path, new: dict, has_checkpoints: bool, defaults: frozenset[str] = frozenset()
+) -> Decision:
     """The decision for ``new`` (the resolved config as a dict) in ``run_dir``; reads only.
 
     ``defaults``: dotted keys whose new value is the platform's default; a run recorded before
@@ -96,7 +114,8 @@ def decide(run_dir: Path, new: dict, has_checkpoints: bool,
         raise ConfigError(
             f"{run_dir}: holds checkpoints of a run with another config: {listed}{more}; "
             f"to train this config, give it its own folder with name=<new name> or --new-run "
-            f"(or delete {run_dir})")
+            f"(or delete {run_dir})"
+        )
     return Decision("extend", changes, horizon)
 
 
@@ -141,8 +160,10 @@ def write_record(run_dir: Path, resolved: str, run_info: dict, decision: Decisio
     _atomic(history / f"{n:03d}.yaml", resolved)
     _atomic(run_dir / CONFIG, resolved)
     if decision.changes:
-        run_info = {**run_info, "changes": [
-            {"key": k, "old": a, "new": b} for k, a, b in decision.changes]}
+        run_info = {
+            **run_info,
+            "changes": [{"key": k, "old": a, "new": b} for k, a, b in decision.changes],
+        }
     _atomic(run_dir / RUN_INFO, json.dumps(run_info, indent=1, default=str))
 
 

@@ -16,6 +16,7 @@ process was stopped (SIGTERM/SIGINT: it saved a checkpoint first) or killed (a d
 this host, or no heartbeat for ``grace_s`` from another host) is not counted: the next ask
 retries it with the same parameters in the same folder, so it resumes from its checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,26 +35,55 @@ from typing import Optional
 
 from src.core.errors import ArgumentParser, ConfigError, UserError
 from src.run.sweep_config import SweepConfig, as_override, budget, check_space, load_sweep
-from src.run.sweep_study import (check_sampler_and_pruner, grid_points, open_study, point_key,
-                                 sqlite_file, storage_url, suggest)
-from src.run.sweep_trials import (ERROR, HOST, INTERRUPTED, PID, RETRY_OF, RUN, STEPS, SURPLUS,
-                                  THREADS, counted, interrupted)
+from src.run.sweep_study import (
+    check_sampler_and_pruner,
+    grid_points,
+    open_study,
+    point_key,
+    sqlite_file,
+    storage_url,
+    suggest,
+)
+from src.run.sweep_trials import (
+    ERROR,
+    HOST,
+    INTERRUPTED,
+    PID,
+    RETRY_OF,
+    RUN,
+    STEPS,
+    SURPLUS,
+    THREADS,
+    counted,
+    interrupted,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m src.main sweep",
-                       description="Search hyper-parameters: run the trials a sweep file asks for.",
-                       epilog="Overrides: a sweep field (trials=8, method=random, "
-                              "pruner.type=median, storage=URL) changes the sweep; any other "
-                              "key.path=value applies to every trial's experiment.")
+    p = ArgumentParser(
+        prog="python -m src.main sweep",
+        description="Search hyper-parameters: run the trials a sweep file asks for.",
+        epilog="Overrides: a sweep field (trials=8, method=random, "
+        "pruner.type=median, storage=URL) changes the sweep; any other "
+        "key.path=value applies to every trial's experiment.",
+    )
     p.add_argument("--config", "-c", required=True, help="sweep YAML file")
     p.add_argument("overrides", nargs="*", metavar="key.path=value")
     p.add_argument("--workers", type=int, help="trials run in parallel processes on this machine")
     p.add_argument("--status", action="store_true", help="print the table of the study and exit")
-    p.add_argument("--verbose", action="store_true",
-                   help="show each trial's own output (else kept in trial_<k>/console.txt)")
-    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="import a module that registers components (repeatable)")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show each trial's own output (else kept in trial_<k>/console.txt)",
+    )
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a module that registers components (repeatable)",
+    )
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set for spawned workers
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return p
@@ -69,8 +99,10 @@ def main(argv: list[str]) -> int:
         workers = args.workers or sweep.workers
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and workers > 1:
-            raise UserError("--workers: a sweep under a launcher runs each trial on all its "
-                            "ranks, one trial at a time; use one or the other")
+            raise UserError(
+                "--workers: a sweep under a launcher runs each trial on all its "
+                "ranks, one trial at a time; use one or the other"
+            )
         from src.run.experiment import prepare
 
         base, _ = _quietly(lambda: prepare(str(experiment), overrides, args.imports))
@@ -82,12 +114,16 @@ def main(argv: list[str]) -> int:
             print_table(study, sweep, sweep_dir)
             return 0
         if args.worker is None:  # workers were checked by the command that started them
-            _quietly(lambda: check_space(sweep, Path(args.config), experiment, overrides,
-                                         args.imports))
+            _quietly(
+                lambda: check_space(sweep, Path(args.config), experiment, overrides, args.imports)
+            )
         check_sampler_and_pruner(sweep)
         # under a launcher, rank 0 alone talks to the study and tells the others
-        study = open_study(sweep, sweep_dir, create=True, worker=args.worker or 0) \
-            if rank == 0 else None
+        study = (
+            open_study(sweep, sweep_dir, create=True, worker=args.worker or 0)
+            if rank == 0
+            else None
+        )
     except UserError as exc:
         exc.quiet = rank != 0
         raise
@@ -98,8 +134,16 @@ def main(argv: list[str]) -> int:
 
         if "OMP_NUM_THREADS" not in os.environ:  # share the cores, do not oversubscribe them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    driver = Sweep(sweep, study, experiment, overrides, sweep_dir, args.imports,
-                   verbose=args.verbose, worker=args.worker)
+    driver = Sweep(
+        sweep,
+        study,
+        experiment,
+        overrides,
+        sweep_dir,
+        args.imports,
+        verbose=args.verbose,
+        worker=args.worker,
+    )
     code = driver.run()
     if args.worker is None and driver.is_main:
         from src.run.sweep_report import print_table, write_outputs
@@ -125,6 +169,7 @@ def _quietly(fn):
 
 # ---------------------------------------------------------------- one process's part
 
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -138,9 +183,17 @@ def _alive(pid: int) -> bool:
 class Sweep:
     """One process's part of a sweep: ask, run, tell, until the study has its trials."""
 
-    def __init__(self, sweep: SweepConfig, study, experiment: Path, overrides: list[str],
-                 sweep_dir: Path, imports: list[str], verbose: bool = False,
-                 worker: Optional[int] = None):
+    def __init__(
+        self,
+        sweep: SweepConfig,
+        study,
+        experiment: Path,
+        overrides: list[str],
+        sweep_dir: Path,
+        imports: list[str],
+        verbose: bool = False,
+        worker: Optional[int] = None,
+    ):
         self.sweep, self.study, self.experiment = sweep, study, experiment
         self.overrides, self.sweep_dir, self.imports = overrides, sweep_dir, imports
         self.verbose, self.worker = verbose, worker
@@ -185,8 +238,10 @@ class Sweep:
 
         cfg, _ = _quietly(lambda: prepare(str(self.experiment), self.overrides, self.imports))
         if cfg.strategy["type"] == "single":
-            raise ConfigError(f"strategy: a sweep under a launcher ({self.world} processes) "
-                              "needs a multi-process strategy (ddp, fsdp, deepspeed); got single")
+            raise ConfigError(
+                f"strategy: a sweep under a launcher ({self.world} processes) "
+                "needs a multi-process strategy (ddp, fsdp, deepspeed); got single"
+            )
         self.group = STRATEGIES.build(cfg.strategy, "strategy")
         self.group.setup()
 
@@ -228,8 +283,14 @@ class Sweep:
                 return None
             if self.sweep.method == "grid" and not waiting:  # the next point no trial holds
                 taken = {point_key(t.params, self.sweep.space) for t in trials if counted(t)}
-                point = next((p for p in grid_points(self.sweep)
-                              if point_key(p, self.sweep.space) not in taken), None)
+                point = next(
+                    (
+                        p
+                        for p in grid_points(self.sweep)
+                        if point_key(p, self.sweep.space) not in taken
+                    ),
+                    None,
+                )
                 if point is None:
                     return None
                 self.study.enqueue_trial(point)
@@ -246,13 +307,21 @@ class Sweep:
                 return None
             params = {k: suggest(trial, k, d) for k, d in self.sweep.space.items()}
             origin = self._origin(trial, trials)
-            run = origin.user_attrs.get(RUN, f"trial_{origin.number}") if origin is not None \
+            run = (
+                origin.user_attrs.get(RUN, f"trial_{origin.number}")
+                if origin is not None
                 else f"trial_{trial.number}"
+            )
             if origin is not None:
                 trial.set_user_attr(RETRY_OF, origin.number)
             trial.set_user_attr(RUN, run)
-        return {"trial": trial, "number": trial.number, "params": params, "run": run,
-                "resumes": origin.number if origin is not None else None}
+        return {
+            "trial": trial,
+            "number": trial.number,
+            "params": params,
+            "run": run,
+            "resumes": origin.number if origin is not None else None,
+        }
 
     @staticmethod
     def _origin(trial, trials):
@@ -274,8 +343,11 @@ class Sweep:
             optuna.storages.fail_stale_trials(self.study)  # no heartbeat for grace_s: any host
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             pid = t.user_attrs.get(PID)
-            if t.user_attrs.get(HOST) == self.host and pid not in (None, self.pid) and \
-                    not _alive(pid):
+            if (
+                t.user_attrs.get(HOST) == self.host
+                and pid not in (None, self.pid)
+                and not _alive(pid)
+            ):
                 with contextlib.suppress(UpdateFinishedTrialError):
                     storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
         trials = self.study.get_trials(deepcopy=False)
@@ -284,10 +356,18 @@ class Sweep:
         for t in trials:
             attempts[t.user_attrs.get(RUN)] = attempts.get(t.user_attrs.get(RUN), 0) + 1
         for t in trials:
-            if interrupted(t) and t.number not in claimed and \
-                    attempts.get(t.user_attrs.get(RUN), 0) <= self.sweep.max_retries:
-                self.study.enqueue_trial(t.params, user_attrs={
-                    RETRY_OF: t.number, RUN: t.user_attrs.get(RUN, f"trial_{t.number}")})
+            if (
+                interrupted(t)
+                and t.number not in claimed
+                and attempts.get(t.user_attrs.get(RUN), 0) <= self.sweep.max_retries
+            ):
+                self.study.enqueue_trial(
+                    t.params,
+                    user_attrs={
+                        RETRY_OF: t.number,
+                        RUN: t.user_attrs.get(RUN, f"trial_{t.number}"),
+                    },
+                )
 
     # ------------------------------------------------------------ one trial
 
@@ -298,8 +378,12 @@ class Sweep:
 
         number, params, run = job["number"], job["params"], job["run"]
         trial = job.get("trial")
-        overrides = [*self.overrides, *(as_override(k, v) for k, v in params.items()),
-                     f"name={run}", f"logging.root={self.sweep_dir}"]
+        overrides = [
+            *self.overrides,
+            *(as_override(k, v) for k, v in params.items()),
+            f"name={run}",
+            f"logging.root={self.sweep_dir}",
+        ]
         if self.sweep.keep_last is not None:
             overrides.append(f"checkpoint.keep_last={self.sweep.keep_last}")
         from src.run.sweep_pruning import Report
@@ -309,8 +393,7 @@ class Sweep:
         t0 = time.time()
         outcome, value, error, exp, strategy, in_step = "FAIL", None, None, None, None, False
         try:
-            cfg, origins = _quietly(lambda: prepare(str(self.experiment), overrides,
-                                                    self.imports))
+            cfg, origins = _quietly(lambda: prepare(str(self.experiment), overrides, self.imports))
             if self.world > 1 or not self.is_main:  # every rank says what it trains with
                 from src.core.config import flatten
 
@@ -329,8 +412,10 @@ class Sweep:
                 outcome = "PRUNED"
             elif self.sweep.metric not in metrics:
                 logged = ", ".join(sorted(metrics)) or "none"
-                raise ConfigError(f"metric: {self.sweep.metric!r} is not among the metrics of "
-                                  f"{self.sweep_dir / run} ({logged})")
+                raise ConfigError(
+                    f"metric: {self.sweep.metric!r} is not among the metrics of "
+                    f"{self.sweep_dir / run} ({logged})"
+                )
             else:
                 value = float(metrics[self.sweep.metric])
                 if math.isfinite(value):
@@ -348,8 +433,9 @@ class Sweep:
             self._tell(trial, "INTERRUPTED", None, None, report.step, t0, heartbeat)
             raise
         except BaseException:
-            self._tell(trial, "FAIL", None, "crashed (see the traceback)", report.step, t0,
-                       heartbeat)
+            self._tell(
+                trial, "FAIL", None, "crashed (see the traceback)", report.step, t0, heartbeat
+            )
             raise
         finally:
             from src.core.console import detach_log
@@ -372,12 +458,22 @@ class Sweep:
             return
         folder = self.sweep_dir / run
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "console.txt", "a", encoding="utf-8") as f, \
-                contextlib.redirect_stdout(f):
+        with (
+            open(folder / "console.txt", "a", encoding="utf-8") as f,
+            contextlib.redirect_stdout(f),
+        ):
             yield
 
-    def _tell(self, trial, outcome: str, value: Optional[float], error: Optional[str],
-              steps: int, t0: float, heartbeat) -> None:
+    def _tell(
+        self,
+        trial,
+        outcome: str,
+        value: Optional[float],
+        error: Optional[str],
+        steps: int,
+        t0: float,
+        heartbeat,
+    ) -> None:
         if heartbeat is not None:
             heartbeat.stop()
         if trial is None:  # not rank 0
@@ -426,6 +522,7 @@ class _Heartbeat:
 
 # ---------------------------------------------------------------- workers
 
+
 def _spawn(argv: list[str], workers: int, study, sweep: SweepConfig, sweep_dir: Path) -> int:
     """Run ``workers`` processes of this sweep and show the table while they work."""
     import subprocess
@@ -433,9 +530,22 @@ def _spawn(argv: list[str], workers: int, study, sweep: SweepConfig, sweep_dir: 
     from src.run.sweep_report import Rows, print_table, write_outputs
 
     args = [a for a in argv]
-    procs = [subprocess.Popen([sys.executable, "-m", "src.main", "sweep", *args,
-                               "--worker", str(i), "--workers", str(workers)])
-             for i in range(workers)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "src.main",
+                "sweep",
+                *args,
+                "--worker",
+                str(i),
+                "--workers",
+                str(workers),
+            ]
+        )
+        for i in range(workers)
+    ]
 
     def forward(signum, frame):
         for p in procs:

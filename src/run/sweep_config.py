@@ -22,6 +22,7 @@ The space is checked before any trial runs: each bound and each choice is applie
 experiment config and validated exactly as a run validates its config, so an unknown key or a
 value a component refuses is one line naming the space entry.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError,
-                      field_validator)
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from src.core.errors import ConfigError, shown
 
@@ -61,8 +61,9 @@ class Dist(BaseModel):
         at = f"space.{key}"
         given = [k for k in KINDS if self.values(k) is not None]
         if len(given) != 1:
-            raise ConfigError(f"{at}: give exactly one of {', '.join(KINDS)} (got "
-                              f"{', '.join(given) or 'none'})")
+            raise ConfigError(
+                f"{at}: give exactly one of {', '.join(KINDS)} (got {', '.join(given) or 'none'})"
+            )
         kind = given[0]
         values = self.values(kind)
         if kind == "choice":
@@ -110,14 +111,17 @@ class Dist(BaseModel):
             low, high = self.uniform
             n = int(math.floor((high - low) / self.step + 1e-9))
             return [round(low + i * self.step, 12) for i in range(n + 1)]
-        raise ConfigError(f"space.{key}: method grid needs finite axes: a choice, an int range "
-                          f"or a uniform range with a step (got {self.kind})")
+        raise ConfigError(
+            f"space.{key}: method grid needs finite axes: a choice, an int range "
+            f"or a uniform range with a step (got {self.kind})"
+        )
 
 
 class PrunerConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: Literal["none", "median", "percentile", "hyperband", "successive_halving",
-                  "threshold"] = "none"
+    type: Literal[
+        "none", "median", "percentile", "hyperband", "successive_halving", "threshold"
+    ] = "none"
 
 
 class SweepConfig(BaseModel):
@@ -125,8 +129,12 @@ class SweepConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
     name: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_][\w.\-]*$")
-    experiment: str = Field(..., min_length=1, validation_alias=AliasChoices("experiment", "base"),
-                            description="The experiment config each trial starts from.")
+    experiment: str = Field(
+        ...,
+        min_length=1,
+        validation_alias=AliasChoices("experiment", "base"),
+        description="The experiment config each trial starts from.",
+    )
     metric: str = Field(..., min_length=1, description="The value to optimise, e.g. val/accuracy.")
     direction: Literal["maximize", "minimize"] = "maximize"
     method: Literal["grid", "random", "tpe", "cmaes"] = "tpe"
@@ -136,13 +144,19 @@ class SweepConfig(BaseModel):
     seed: int = Field(0, ge=0, lt=2**32, description="Seed of the sampler.")
     space: dict[str, Dist] = Field(..., min_length=1)
     overrides: list[str] = Field([], description="Overrides every trial gets.")
-    storage: Optional[str] = Field(None, description=(
-        "An Optuna storage URL; default sqlite:///<root>/<name>/study.db"))
+    storage: Optional[str] = Field(
+        None, description=("An Optuna storage URL; default sqlite:///<root>/<name>/study.db")
+    )
     keep_last: Optional[int] = Field(1, gt=0, description="checkpoint.keep_last of every trial.")
     workers: int = Field(1, gt=0, le=256)
     heartbeat_s: int = Field(10, gt=0, description="A running trial writes a heartbeat so often.")
-    grace_s: int = Field(60, gt=0, description=(
-        "A trial without a heartbeat this long (on another host) is taken as killed and retried."))
+    grace_s: int = Field(
+        60,
+        gt=0,
+        description=(
+            "A trial without a heartbeat this long (on another host) is taken as killed and retried."
+        ),
+    )
     max_retries: int = Field(3, ge=0, description="How often one interrupted trial is retried.")
 
     @field_validator("space", mode="before")
@@ -177,17 +191,20 @@ def load_sweep(path: str | Path, cli: list[str] = ()) -> tuple[SweepConfig, Path
         keys, value = parse_override(text)
         if keys[0] in SweepConfig.model_fields or keys[0] == "base":
             if keys[0] == "space" and len(keys) > 1:  # space.<dotted key>.<option>
-                raise ConfigError(f"override {shown(text, 60)}: the space is edited in the "
-                                  "sweep file")
+                raise ConfigError(
+                    f"override {shown(text, 60)}: the space is edited in the sweep file"
+                )
             _apply_override(data, keys, value, text)
         else:
             trial_overrides.append(text)
     if "experiment" in data and "base" in data:
         raise ConfigError(f"{path}: give experiment or base, not both")
     if "space" not in data and "model" in data:
-        raise ConfigError(f"{path}: is an experiment config, not a sweep file; a sweep file names "
-                          "it (experiment: ...) with a metric and a space, as "
-                          "configs/sweep_exp001.yaml does")
+        raise ConfigError(
+            f"{path}: is an experiment config, not a sweep file; a sweep file names "
+            "it (experiment: ...) with a metric and a space, as "
+            "configs/sweep_exp001.yaml does"
+        )
     try:
         sweep = SweepConfig.model_validate(data)
     except ValidationError as exc:
@@ -202,8 +219,10 @@ def load_sweep(path: str | Path, cli: list[str] = ()) -> tuple[SweepConfig, Path
                 if size > MAX_GRID:
                     raise ConfigError(f"space: the grid has more than {MAX_GRID:,} points")
         elif sweep.trials is None:
-            raise ConfigError(f"trials: required for method {sweep.method} (a grid defaults "
-                              "to the product of its axes)")
+            raise ConfigError(
+                f"trials: required for method {sweep.method} (a grid defaults "
+                "to the product of its axes)"
+            )
     except ConfigError as exc:
         raise _at_file(exc, path) from None
     experiment = path.parent / sweep.experiment
@@ -220,8 +239,13 @@ def looks_like_sweep(path: str | Path) -> bool:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except Exception:
         return False
-    return isinstance(data, dict) and "space" in data and "metric" in data and \
-        ("experiment" in data or "base" in data) and "model" not in data
+    return (
+        isinstance(data, dict)
+        and "space" in data
+        and "metric" in data
+        and ("experiment" in data or "base" in data)
+        and "model" not in data
+    )
 
 
 def grid_size(sweep: SweepConfig) -> int:
@@ -240,8 +264,13 @@ def as_override(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value)}"
 
 
-def check_space(sweep: SweepConfig, sweep_path: Path, experiment: Path,
-                overrides: list[str], imports: list[str] = ()) -> None:
+def check_space(
+    sweep: SweepConfig,
+    sweep_path: Path,
+    experiment: Path,
+    overrides: list[str],
+    imports: list[str] = (),
+) -> None:
     """Validate every bound and choice of the space on the experiment config, exactly as a run
     validates its config; raises one line per problem naming the space entry."""
     from src.core.errors import UserError
@@ -256,8 +285,9 @@ def check_space(sweep: SweepConfig, sweep_path: Path, experiment: Path,
             except UserError as exc:
                 # the experiment alone passed, so the line is about this value
                 first = exc.lines[0] if exc.lines else "refused"
-                problems.append(f"{sweep_path}: space.{key} = {json.dumps(value)}: "
-                                f"{_without_source(first)}")
+                problems.append(
+                    f"{sweep_path}: space.{key} = {json.dumps(value)}: {_without_source(first)}"
+                )
                 break
     if not problems:  # every end of every axis at once (checks across sections)
         for pick in (0, -1):
@@ -265,9 +295,11 @@ def check_space(sweep: SweepConfig, sweep_path: Path, experiment: Path,
             try:
                 prepare(str(experiment), [*overrides, *values], list(imports))
             except UserError as exc:
-                problems.append(f"{sweep_path}: space with every axis at its "
-                                f"{'low' if pick == 0 else 'high'} end: "
-                                f"{_without_source(exc.lines[0])}")
+                problems.append(
+                    f"{sweep_path}: space with every axis at its "
+                    f"{'low' if pick == 0 else 'high'} end: "
+                    f"{_without_source(exc.lines[0])}"
+                )
     if problems:
         raise ConfigError(*problems)
 
@@ -277,5 +309,5 @@ def _without_source(line: str) -> str:
     if line.startswith("override '"):
         end = line.find("': ")
         if end > 0:
-            return line[end + 3:]
+            return line[end + 3 :]
     return line

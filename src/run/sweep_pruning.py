@@ -1,5 +1,6 @@
 """The callback that connects a trial to its study: each evaluation's metric is reported, and the
 pruner's decision stops the run (on every rank at the same step)."""
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,10 @@ class Report(Callback):
     def on_validation_end(self, trainer, metrics: dict[str, float]) -> None:
         self.step = trainer.step
         if self.metric not in metrics:
-            raise ConfigError(f"metric: {self.metric!r} is not among the evaluation's metrics "
-                              f"({', '.join(sorted(metrics)) or 'none'})")
+            raise ConfigError(
+                f"metric: {self.metric!r} is not among the evaluation's metrics "
+                f"({', '.join(sorted(metrics)) or 'none'})"
+            )
         value = float(metrics[self.metric])
         prune = False
         if self.trial is not None:

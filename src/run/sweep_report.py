@@ -8,6 +8,7 @@
         best.yaml        python -m src.main --config <root>/<sweep>/best.yaml trains the best trial
         plot_history.png, plot_importances.png, plot_parallel.png, plot_intermediate.png
 """
+
 from __future__ import annotations
 
 import csv
@@ -18,14 +19,17 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from src.run.sweep_trials import (ERROR, RETRY_OF, RUN, STEPS, SURPLUS, THREADS, decoded,
-                                  interrupted)
 from src.run.sweep_config import SweepConfig, budget
+from src.run.sweep_trials import ERROR, RETRY_OF, RUN, STEPS, SURPLUS, THREADS, decoded, interrupted
 
 BEST = "best.yaml"
 TRIALS = "trials.csv"
-PLOTS = {"history": "plot_optimization_history", "importances": "plot_param_importances",
-         "parallel": "plot_parallel_coordinate", "intermediate": "plot_intermediate_values"}
+PLOTS = {
+    "history": "plot_optimization_history",
+    "importances": "plot_param_importances",
+    "parallel": "plot_parallel_coordinate",
+    "intermediate": "plot_intermediate_values",
+}
 
 
 def state_of(t) -> str:
@@ -40,8 +44,11 @@ def trial_rows(study) -> list:
     """The sweep's trials, one each: no surplus ask, no interrupted trial a retry took over."""
     trials = study.get_trials(deepcopy=False)
     claimed = {t.user_attrs.get(RETRY_OF) for t in trials}
-    return [t for t in trials if SURPLUS not in t.user_attrs
-            and not (interrupted(t) and t.number in claimed)]
+    return [
+        t
+        for t in trials
+        if SURPLUS not in t.user_attrs and not (interrupted(t) and t.number in claimed)
+    ]
 
 
 def _fmt(v: Any) -> str:
@@ -55,8 +62,9 @@ def _best(study, rows: list):
     if not complete:
         return None
     pick = max if study.direction.name == "MAXIMIZE" else min
-    return pick(complete, key=lambda t: (t.value, -t.number) if pick is max
-                else (t.value, t.number))
+    return pick(
+        complete, key=lambda t: (t.value, -t.number) if pick is max else (t.value, t.number)
+    )
 
 
 def _seconds(t) -> Optional[float]:
@@ -73,16 +81,29 @@ def write_trials_csv(study, sweep: SweepConfig, sweep_dir: Path) -> Path:
     keys = list(sweep.space)
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["number", "state", "run", sweep.metric, "steps", "seconds", "retry_of",
-                *keys, "error"])
+    w.writerow(
+        ["number", "state", "run", sweep.metric, "steps", "seconds", "retry_of", *keys, "error"]
+    )
     for t in trial_rows(study):
         params = decoded(t.params, sweep.space)
-        w.writerow([t.number, state_of(t), t.user_attrs.get(RUN, ""),
-                    "" if t.value is None else repr(t.value), t.user_attrs.get(STEPS, ""),
-                    _seconds(t) or "", t.user_attrs.get(RETRY_OF, ""),
-                    *[json.dumps(params[k]) if k in params and not isinstance(params[k], str)
-                      else params.get(k, "") for k in keys],
-                    t.user_attrs.get(ERROR, "")])
+        w.writerow(
+            [
+                t.number,
+                state_of(t),
+                t.user_attrs.get(RUN, ""),
+                "" if t.value is None else repr(t.value),
+                t.user_attrs.get(STEPS, ""),
+                _seconds(t) or "",
+                t.user_attrs.get(RETRY_OF, ""),
+                *[
+                    json.dumps(params[k])
+                    if k in params and not isinstance(params[k], str)
+                    else params.get(k, "")
+                    for k in keys
+                ],
+                t.user_attrs.get(ERROR, ""),
+            ]
+        )
     path = sweep_dir / TRIALS
     with atomic_path(path) as tmp:
         Path(tmp).write_text(buf.getvalue(), encoding="utf-8")
@@ -107,10 +128,12 @@ def write_best(study, sweep: SweepConfig, sweep_dir: Path) -> Optional[Path]:
     cfg["name"] = f"{sweep.name}-best"
     cfg.setdefault("logging", {})["root"] = str(sweep_dir.parent)
     params = ", ".join(f"{k}={_fmt(v)}" for k, v in decoded(best.params, sweep.space).items())
-    header = (f"# The best trial of sweep {sweep.name}: trial {best.number} ({run}),\n"
-              f"# {sweep.metric} {best.value:.6g} with {params}.\n"
-              f"# Train it again: {reproduce_command(best, sweep_dir)}\n"
-              "# (On a CPU the metrics depend on the thread count: this uses the trial's.)\n")
+    header = (
+        f"# The best trial of sweep {sweep.name}: trial {best.number} ({run}),\n"
+        f"# {sweep.metric} {best.value:.6g} with {params}.\n"
+        f"# Train it again: {reproduce_command(best, sweep_dir)}\n"
+        "# (On a CPU the metrics depend on the thread count: this uses the trial's.)\n"
+    )
     path = sweep_dir / BEST
     with atomic_path(path) as tmp:
         Path(tmp).write_text(header + yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
@@ -123,8 +146,7 @@ def reproduce_command(best, sweep_dir: Path) -> str:
     import torch
 
     threads = best.user_attrs.get(THREADS)
-    prefix = f"OMP_NUM_THREADS={threads} " if threads and threads != torch.get_num_threads() \
-        else ""
+    prefix = f"OMP_NUM_THREADS={threads} " if threads and threads != torch.get_num_threads() else ""
     return f"{prefix}python -m src.main --config {sweep_dir / BEST}"
 
 
@@ -175,17 +197,24 @@ def table(study, sweep: SweepConfig):
     rows = trial_rows(study)
     best = _best(study, rows)
     done = sum(t.state.name in ("COMPLETE", "PRUNED") or ERROR in t.user_attrs for t in rows)
-    t = Table(title=f"sweep {sweep.name}: {done} of {budget(sweep)} trials, "
-                    f"{sweep.direction} {sweep.metric}", title_justify="left")
+    t = Table(
+        title=f"sweep {sweep.name}: {done} of {budget(sweep)} trials, "
+        f"{sweep.direction} {sweep.metric}",
+        title_justify="left",
+    )
     for col in ("trial", "state", sweep.metric, "steps", "seconds", *sweep.space):
         t.add_column(col, justify="right" if col != "state" else "left")
     for tr in rows:
         params = decoded(tr.params, sweep.space)
         mark = " *" if best is not None and tr.number == best.number else ""
-        t.add_row(f"{tr.number}{mark}", state_of(tr),
-                  "" if tr.value is None else f"{tr.value:.4f}",
-                  str(tr.user_attrs.get(STEPS, "")), str(_seconds(tr) or ""),
-                  *[_fmt(params[k]) if k in params else "" for k in sweep.space])
+        t.add_row(
+            f"{tr.number}{mark}",
+            state_of(tr),
+            "" if tr.value is None else f"{tr.value:.4f}",
+            str(tr.user_attrs.get(STEPS, "")),
+            str(_seconds(tr) or ""),
+            *[_fmt(params[k]) if k in params else "" for k in sweep.space],
+        )
     return t
 
 
@@ -256,11 +285,17 @@ class Rows:
     def _line(self, study, t) -> None:
         self.seen.add(t.number)
         best = _best(study, trial_rows(study))
-        value = f"{self.sweep.metric} {t.value:.4f}" if t.value is not None else \
-            t.user_attrs.get(ERROR, "")
+        value = (
+            f"{self.sweep.metric} {t.value:.4f}"
+            if t.value is not None
+            else t.user_attrs.get(ERROR, "")
+        )
         lead = f" | best {best.value:.4f} (trial {best.number})" if best is not None else ""
-        print(f"trial {t.number} {state_of(t)}: {value}, {t.user_attrs.get(STEPS, 0)} steps, "
-              f"{_seconds(t) or 0:.1f} s{lead}", flush=True)
+        print(
+            f"trial {t.number} {state_of(t)}: {value}, {t.user_attrs.get(STEPS, 0)} steps, "
+            f"{_seconds(t) or 0:.1f} s{lead}",
+            flush=True,
+        )
 
     def close(self) -> None:
         if self.live is not None:

@@ -1,5 +1,6 @@
 """A sweep's Optuna side: its study in its storage, the sampler and pruner its file names, the
 grid's points, and one axis's value for a trial."""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ def storage_url(sweep: SweepConfig, sweep_dir: Path) -> str:
 
 
 def sqlite_file(url: str) -> Optional[Path]:
-    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+    return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
 
 
 def open_study(sweep: SweepConfig, sweep_dir: Path, create: bool, worker: int = 0):
@@ -35,32 +36,44 @@ def open_study(sweep: SweepConfig, sweep_dir: Path, create: bool, worker: int = 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # heartbeat_interval is marked experimental
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs,
-                                                 heartbeat_interval=sweep.heartbeat_s,
-                                                 grace_period=sweep.grace_s)
+            storage = optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=kwargs,
+                heartbeat_interval=sweep.heartbeat_s,
+                grace_period=sweep.grace_s,
+            )
     except ImportError as exc:
-        raise ConfigError(f"storage: {shown(url)} needs a database driver that is not "
-                          f"installed ({library_message(exc, 120)})") from None
+        raise ConfigError(
+            f"storage: {shown(url)} needs a database driver that is not "
+            f"installed ({library_message(exc, 120)})"
+        ) from None
     except Exception as exc:  # sqlalchemy: a malformed URL, a refused connection
-        raise ConfigError(f"storage: cannot open {shown(url)}: {library_message(exc, 160)}") \
-            from None
+        raise ConfigError(
+            f"storage: cannot open {shown(url)}: {library_message(exc, 160)}"
+        ) from None
     if not create:
         try:
             study = optuna.load_study(study_name=sweep.name, storage=storage)
         except KeyError:
             raise UserError(f"storage {shown(url)} holds no study named {sweep.name!r}") from None
     else:
-        study = optuna.create_study(study_name=sweep.name, storage=storage,
-                                    sampler=make_sampler(sweep, worker),
-                                    pruner=make_pruner(sweep), direction=sweep.direction,
-                                    load_if_exists=True)
+        study = optuna.create_study(
+            study_name=sweep.name,
+            storage=storage,
+            sampler=make_sampler(sweep, worker),
+            pruner=make_pruner(sweep),
+            direction=sweep.direction,
+            load_if_exists=True,
+        )
     asked = len(study.get_trials(deepcopy=False))
     if create and asked:
         study.sampler = make_sampler(sweep, worker, asked)
     if study.direction.name.lower() != sweep.direction:
-        raise ConfigError(f"direction: the study {sweep.name!r} in {url} was created to "
-                          f"{study.direction.name.lower()}; name a new sweep (name=...) to "
-                          f"{sweep.direction}")
+        raise ConfigError(
+            f"direction: the study {sweep.name!r} in {url} was created to "
+            f"{study.direction.name.lower()}; name a new sweep (name=...) to "
+            f"{sweep.direction}"
+        )
     return study
 
 
@@ -71,8 +84,9 @@ def _options(cls, options: dict, where: str) -> dict:
     unknown = [k for k in options if k not in sig.parameters or k in ("seed", "search_space")]
     if unknown:
         known = [k for k in sig.parameters if k not in ("seed", "search_space", "kwargs")]
-        raise ConfigError(f"{where}.{unknown[0]}: not an option of {cls.__name__} "
-                          f"(options: {', '.join(known)})")
+        raise ConfigError(
+            f"{where}.{unknown[0]}: not an option of {cls.__name__} (options: {', '.join(known)})"
+        )
     return options
 
 
@@ -83,12 +97,16 @@ def make_sampler(sweep: SweepConfig, worker: int = 0, asked: int = 0):
     import optuna
 
     seed = (sweep.seed + 7919 * worker + 104729 * asked) % 2**32
-    cls = {"grid": optuna.samplers.RandomSampler,  # a grid's points are queued: see grid_points
-           "random": optuna.samplers.RandomSampler, "tpe": optuna.samplers.TPESampler,
-           "cmaes": optuna.samplers.CmaEsSampler}[sweep.method]
+    cls = {
+        "grid": optuna.samplers.RandomSampler,  # a grid's points are queued: see grid_points
+        "random": optuna.samplers.RandomSampler,
+        "tpe": optuna.samplers.TPESampler,
+        "cmaes": optuna.samplers.CmaEsSampler,
+    }[sweep.method]
     if sweep.method == "grid" and sweep.sampler:
-        raise ConfigError("sampler: a grid takes no sampler options (its points are the "
-                          "product of the axes)")
+        raise ConfigError(
+            "sampler: a grid takes no sampler options (its points are the product of the axes)"
+        )
     options = _options(cls, sweep.sampler, "sampler") if sweep.method != "grid" else {}
     try:
         with warnings.catch_warnings():
@@ -105,8 +123,9 @@ def grid_points(sweep: SweepConfig) -> list[dict[str, Any]]:
     import itertools
 
     keys = list(sweep.space)
-    axes = [stored_choices(d) if d.choice is not None else d.grid(k)
-            for k, d in sweep.space.items()]
+    axes = [
+        stored_choices(d) if d.choice is not None else d.grid(k) for k, d in sweep.space.items()
+    ]
     return [dict(zip(keys, values)) for values in itertools.product(*axes)]
 
 
@@ -118,10 +137,14 @@ def make_pruner(sweep: SweepConfig):
     import optuna
 
     p = optuna.pruners
-    cls = {"none": p.NopPruner, "median": p.MedianPruner, "percentile": p.PercentilePruner,
-           "hyperband": p.HyperbandPruner,
-           "successive_halving": p.SuccessiveHalvingPruner,
-           "threshold": p.ThresholdPruner}[sweep.pruner.type]
+    cls = {
+        "none": p.NopPruner,
+        "median": p.MedianPruner,
+        "percentile": p.PercentilePruner,
+        "hyperband": p.HyperbandPruner,
+        "successive_halving": p.SuccessiveHalvingPruner,
+        "threshold": p.ThresholdPruner,
+    }[sweep.pruner.type]
     options = _options(cls, dict(sweep.pruner.model_extra or {}), "pruner")
     try:
         return cls(**options)
@@ -136,8 +159,10 @@ def check_sampler_and_pruner(sweep: SweepConfig) -> None:
         except ImportError:
             raise ConfigError("method: cmaes needs the cmaes package (pip install cmaes)") from None
         if any(d.choice is not None for d in sweep.space.values()):
-            warnings.warn("method cmaes samples choice axes at random (CMA-ES searches "
-                          "continuous axes only)", stacklevel=2)
+            warnings.warn(
+                "method cmaes samples choice axes at random (CMA-ES searches continuous axes only)",
+                stacklevel=2,
+            )
     make_sampler(sweep)
     make_pruner(sweep)
 

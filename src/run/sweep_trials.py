@@ -1,5 +1,6 @@
 """How a sweep keeps its trials in the Optuna study: the attributes it sets on each trial, the
 values of a choice axis as stored, and which trials count toward the budget."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,16 @@ from typing import Any
 
 # user attributes of a trial
 RUN, HOST, PID, RETRY_OF, ERROR, SURPLUS, STEPS, INTERRUPTED, THREADS = (
-    "run", "host", "pid", "retry_of", "error", "surplus", "steps", "interrupted", "threads")
+    "run",
+    "host",
+    "pid",
+    "retry_of",
+    "error",
+    "surplus",
+    "steps",
+    "interrupted",
+    "threads",
+)
 
 
 def _primitive(value: Any) -> bool:
@@ -27,8 +37,11 @@ def decoded(params: dict[str, Any], space: dict) -> dict[str, Any]:
     out = {}
     for k, v in params.items():
         dist = space.get(k)
-        json_axis = dist is not None and dist.choice is not None and \
-            not all(_primitive(c) for c in dist.choice)
+        json_axis = (
+            dist is not None
+            and dist.choice is not None
+            and not all(_primitive(c) for c in dist.choice)
+        )
         out[k] = json.loads(v) if json_axis and isinstance(v, str) else v
     return out
 
@@ -37,8 +50,7 @@ def interrupted(t) -> bool:
     """A failed trial that did not fail on its own parameters: stopped, or its process died."""
     from optuna.trial import TrialState
 
-    return t.state == TrialState.FAIL and ERROR not in t.user_attrs and \
-        SURPLUS not in t.user_attrs
+    return t.state == TrialState.FAIL and ERROR not in t.user_attrs and SURPLUS not in t.user_attrs
 
 
 def counted(t) -> bool:

@@ -1,18 +1,30 @@
 """Causal language modelling from scratch: bits per byte and samples."""
+
 import math
 
 import pytest
-
-from helpers import GPT
-from helpers import metrics, run
+from helpers import GPT, metrics, run
 
 
 def test_causal_lm_from_scratch_reports_bpb_and_samples(write_config, tmp_path):
-    run(write_config({"data": {"type": "text", "paths": ["stdlib:json"], "vocab_size": 400,
-                               "block_size": 32, "val_fraction": 0.3, "batch_size": 8},
-                      "model": GPT, "task": {"type": "causal_lm", "samples": 1,
-                                             "max_new_tokens": 5},
-                      "trainer.max_steps": 4, "trainer.eval_every_n_steps": 4}))
+    run(
+        write_config(
+            {
+                "data": {
+                    "type": "text",
+                    "paths": ["stdlib:json"],
+                    "vocab_size": 400,
+                    "block_size": 32,
+                    "val_fraction": 0.3,
+                    "batch_size": 8,
+                },
+                "model": GPT,
+                "task": {"type": "causal_lm", "samples": 1, "max_new_tokens": 5},
+                "trainer.max_steps": 4,
+                "trainer.eval_every_n_steps": 4,
+            }
+        )
+    )
     rows = metrics(tmp_path / "runs/tiny", drop=())
     val = [r for r in rows if "val/bpb" in r][-1]
     assert val["val/perplexity"] == pytest.approx(math.exp(val["val/loss"]), rel=1e-6)
@@ -28,20 +40,44 @@ def test_compiling_the_gpt_keeps_its_loss_curve(write_config, tmp_path, dropout)
     """lm_stdlib compiles its GPT for speed: the compiled model's losses are the eager model's,
     dropout included (on the CPU a compiled model draws its dropout masks with ATen's random
     numbers, in the eager model's order)."""
-    gpt = {**GPT, "config": {**GPT["config"], "activation_function": "gelu_pytorch_tanh",
-                             "resid_pdrop": dropout, "embd_pdrop": dropout,
-                             "attn_pdrop": dropout}}
+    gpt = {
+        **GPT,
+        "config": {
+            **GPT["config"],
+            "activation_function": "gelu_pytorch_tanh",
+            "resid_pdrop": dropout,
+            "embd_pdrop": dropout,
+            "attn_pdrop": dropout,
+        },
+    }
     curves = {}
     for name, compiled in (("eager", False), ("compiled", True)):
-        run(write_config({"name": name, "data": {"type": "text", "paths": ["stdlib:json"],
-                                                 "vocab_size": 400, "block_size": 32,
-                                                 "val_fraction": 0.3, "batch_size": 8},
-                          "model": gpt, "task": {"type": "causal_lm", "samples": 0},
-                          "trainer.max_steps": 8, "trainer.log_every": 1,
-                          "trainer.eval_every_n_steps": 4, "trainer.compile": compiled,
-                          "trainer.grad_clip": 1.0}))
-        curves[name] = [(r["step"], r.get("train/loss"), r.get("val/loss"))
-                        for r in metrics(tmp_path / f"runs/{name}")]
+        run(
+            write_config(
+                {
+                    "name": name,
+                    "data": {
+                        "type": "text",
+                        "paths": ["stdlib:json"],
+                        "vocab_size": 400,
+                        "block_size": 32,
+                        "val_fraction": 0.3,
+                        "batch_size": 8,
+                    },
+                    "model": gpt,
+                    "task": {"type": "causal_lm", "samples": 0},
+                    "trainer.max_steps": 8,
+                    "trainer.log_every": 1,
+                    "trainer.eval_every_n_steps": 4,
+                    "trainer.compile": compiled,
+                    "trainer.grad_clip": 1.0,
+                }
+            )
+        )
+        curves[name] = [
+            (r["step"], r.get("train/loss"), r.get("val/loss"))
+            for r in metrics(tmp_path / f"runs/{name}")
+        ]
     assert len(curves["eager"]) == len(curves["compiled"]) >= 10
     for (step, *eager), (step_c, *comp) in zip(curves["eager"], curves["compiled"]):
         assert step == step_c

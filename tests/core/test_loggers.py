@@ -1,13 +1,18 @@
 import json
 
 import yaml
-
 from helpers import run
 
 
 def test_tensorboard_and_mlflow_are_readable_by_their_own_tools(write_config, tmp_path):
-    run(write_config({"logging.loggers": ["console", "jsonl", "tensorboard", "mlflow"],
-                      "trainer.eval_every_n_steps": 10}))
+    run(
+        write_config(
+            {
+                "logging.loggers": ["console", "jsonl", "tensorboard", "mlflow"],
+                "trainer.eval_every_n_steps": 10,
+            }
+        )
+    )
     run_dir = tmp_path / "runs/tiny"
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -64,10 +69,10 @@ def read_wandb(path):
         if 32768 - pos % 32768 < 7:
             pos += 32768 - pos % 32768
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:
             break
-        chunk += data[pos + 7:pos + 7 + length]
+        chunk += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST
             record = pb.Record()
@@ -78,8 +83,14 @@ def read_wandb(path):
 
 
 def test_wandb_offline_run_holds_config_metrics_and_figures(write_config, tmp_path):
-    run(write_config({"logging.loggers": ["jsonl", {"type": "wandb", "tags": ["t"]}],
-                      "trainer.eval_every_n_steps": 10}))
+    run(
+        write_config(
+            {
+                "logging.loggers": ["jsonl", {"type": "wandb", "tags": ["t"]}],
+                "trainer.eval_every_n_steps": 10,
+            }
+        )
+    )
     run_dir = tmp_path / "runs/tiny"
     files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
@@ -89,8 +100,11 @@ def test_wandb_offline_run_holds_config_metrics_and_figures(write_config, tmp_pa
     run_record = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     config = {i.key: json.loads(i.value_json) for i in run_record.config.update}
     assert config["optimizer.lr"] == 1e-3 and run_record.display_name == "tiny"
-    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
-               for r in records if r.WhichOneof("record_type") == "history"]
+    history = [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = {(r["step"], k): v for r in rows for k, v in r.items()}
     val = [(h["_step"], h["val/accuracy"]) for h in history if "val/accuracy" in h]
@@ -104,14 +118,24 @@ def test_mlflow_shared_store_holds_every_run(write_config, tmp_path, monkeypatch
     uri = f"sqlite:///{tmp_path / 'shared.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for name in ("first", "second"):
-        run(write_config({"name": name, "logging.loggers": ["jsonl", "mlflow"], "optimizer.lr": 2e-3
-                          if name == "first" else 1e-3}, f"{name}.yaml"))
+        run(
+            write_config(
+                {
+                    "name": name,
+                    "logging.loggers": ["jsonl", "mlflow"],
+                    "optimizer.lr": 2e-3 if name == "first" else 1e-3,
+                },
+                f"{name}.yaml",
+            )
+        )
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("tessera")
     runs = client.search_runs([exp.experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["first", "second"]
-    assert {r.info.run_name: r.data.params["optimizer.lr"] for r in runs} == \
-        {"first": "0.002", "second": "0.001"}
+    assert {r.info.run_name: r.data.params["optimizer.lr"] for r in runs} == {
+        "first": "0.002",
+        "second": "0.001",
+    }
     assert all(r.data.metrics["train/loss"] > 0 for r in runs)
     assert not (tmp_path / "runs/first/mlruns").exists()  # nothing in the run's own store
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}

@@ -1,5 +1,6 @@
 """A checkpoint never runs code: a pickle that would create a file, put into each file of a
 checkpoint of every strategy, is refused by resume and export before any library reads it."""
+
 from __future__ import annotations
 
 import io
@@ -9,19 +10,25 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_config
 from helpers import launch, run
 
-BASE = {"trainer.max_steps": 4, "trainer.log_every": 2, "trainer.eval_every_n_epochs": None,
-        "checkpoint.every_n_steps": 4, "data.batch_size": 64,
-        "model": {"type": "mlp", "hidden": [32]}}
+BASE = {
+    "trainer.max_steps": 4,
+    "trainer.log_every": 2,
+    "trainer.eval_every_n_epochs": None,
+    "checkpoint.every_n_steps": 4,
+    "data.batch_size": 64,
+    "model": {"type": "mlp", "hidden": [32]},
+}
 STRATEGIES = {
     "single": ({}, None),
     "ddp": ({"strategy": {"type": "ddp"}}, "torchrun"),
     "fsdp": ({"strategy": {"type": "fsdp"}}, "torchrun"),
-    "deepspeed": ({"strategy": {"type": "deepspeed",
-                                "config": {"zero_optimization": {"stage": 2}}}}, "deepspeed"),
+    "deepspeed": (
+        {"strategy": {"type": "deepspeed", "config": {"zero_optimization": {"stage": 2}}}},
+        "deepspeed",
+    ),
 }
 
 
@@ -52,8 +59,11 @@ def checkpoints(tmp_path_factory):
 
 def poisoned_files(step: Path) -> list[str]:
     """Every file of the step folder a reader unpickles, and DCP's non-tensor entries."""
-    names = [str(p.relative_to(step)) for p in sorted(step.rglob("*"))
-             if p.suffix in (".pt", ".metadata") or p.name == ".metadata"]
+    names = [
+        str(p.relative_to(step))
+        for p in sorted(step.rglob("*"))
+        if p.suffix in (".pt", ".metadata") or p.name == ".metadata"
+    ]
     if (step / "dcp").is_dir():
         names.append("dcp/<bytes entry>")
     return names
@@ -70,8 +80,11 @@ def poison(step: Path, name: str, dest: Path, marker: Path) -> Path:
 
         meta_path = copy / "dcp" / ".metadata"
         meta = pickle.loads(meta_path.read_bytes())
-        index = next(i for i in meta.storage_data
-                     if isinstance(meta.state_dict_metadata[i.fqn], BytesStorageMetadata))
+        index = next(
+            i
+            for i in meta.storage_data
+            if isinstance(meta.state_dict_metadata[i.fqn], BytesStorageMetadata)
+        )
         info = meta.storage_data[index]
         blob = io.BytesIO()
         torch.save(Payload(marker), blob)
@@ -88,16 +101,29 @@ def poison(step: Path, name: str, dest: Path, marker: Path) -> Path:
     return copy
 
 
-CASES = [(s, f) for s, files in {
-    "single": ["optimizer.pt", "trainer.pt", "rank_00000.pt"],
-    "ddp": ["optimizer.pt", "trainer.pt", "rank_00000.pt", "rank_00001.pt"],
-    "fsdp": ["dcp/.metadata", "dcp/<bytes entry>", "trainer.pt", "rank_00000.pt",
-             "rank_00001.pt"],
-    "deepspeed": ["deepspeed/mp_rank_00_model_states.pt",
-                  "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                  "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt", "trainer.pt",
-                  "rank_00000.pt", "rank_00001.pt"],
-}.items() for f in files]
+CASES = [
+    (s, f)
+    for s, files in {
+        "single": ["optimizer.pt", "trainer.pt", "rank_00000.pt"],
+        "ddp": ["optimizer.pt", "trainer.pt", "rank_00000.pt", "rank_00001.pt"],
+        "fsdp": [
+            "dcp/.metadata",
+            "dcp/<bytes entry>",
+            "trainer.pt",
+            "rank_00000.pt",
+            "rank_00001.pt",
+        ],
+        "deepspeed": [
+            "deepspeed/mp_rank_00_model_states.pt",
+            "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            "trainer.pt",
+            "rank_00000.pt",
+            "rank_00001.pt",
+        ],
+    }.items()
+    for f in files
+]
 
 
 def test_the_cases_cover_every_file_a_reader_unpickles(checkpoints):
@@ -121,15 +147,18 @@ def test_export_refuses_a_pickle_that_runs_code(checkpoints, strategy, name, tmp
 
 @pytest.mark.parametrize("strategy,name", CASES)
 def test_predict_and_onnx_export_refuse_a_pickle_that_runs_code(
-        checkpoints, strategy, name, tmp_path, capsys):
+    checkpoints, strategy, name, tmp_path, capsys
+):
     """The config builds the model; the poisoned step folder is read for its weights."""
     from src.main import main
 
     marker = tmp_path / "code_ran"
     step = poison(checkpoints[strategy], name, tmp_path, marker)
     config = str(checkpoints[strategy].parents[3] / f"{strategy}.yaml")
-    for command in (["predict", "--out", str(tmp_path / "p.jsonl")],
-                    ["export", "--out", str(tmp_path / "m.onnx")]):
+    for command in (
+        ["predict", "--out", str(tmp_path / "p.jsonl")],
+        ["export", "--out", str(tmp_path / "m.onnx")],
+    ):
         assert main([*command, "--checkpoint", str(step), "--config", config]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "refuses to load the pickled global" in err[0], err
@@ -180,10 +209,21 @@ def test_resume_auto_stops_at_a_poisoned_checkpoint_of_its_own_run(tmp_path, cap
 @pytest.mark.distributed
 def test_deepspeed_resume_on_two_ranks_refuses_a_poisoned_shard(checkpoints, tmp_path):
     marker = tmp_path / "code_ran"
-    step = poison(checkpoints["deepspeed"], "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt",
-                  tmp_path, marker)
-    cfg = make_config(tmp_path, {**BASE, **STRATEGIES["deepspeed"][0], "trainer.max_steps": 6,
-                                 "checkpoint.resume": str(step)})
+    step = poison(
+        checkpoints["deepspeed"],
+        "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        tmp_path,
+        marker,
+    )
+    cfg = make_config(
+        tmp_path,
+        {
+            **BASE,
+            **STRATEGIES["deepspeed"][0],
+            "trainer.max_steps": 6,
+            "checkpoint.resume": str(step),
+        },
+    )
     out = launch(2, cfg, launcher="deepspeed", expect=2)
     assert "refuses to load the pickled global" in out.stderr and not marker.exists()
 
@@ -196,8 +236,19 @@ def test_trust_pickles_is_the_documented_opt_out(checkpoints, tmp_path):
     marker = tmp_path / "code_ran"
     step = poison(checkpoints["fsdp"], "dcp/.metadata", tmp_path, marker)
     # the payload is not a real metadata record: once it ran, the read fails with one line
-    assert main(["export", "--checkpoint", str(step), "--out", str(tmp_path / "o.safetensors"),
-                 "--trust-pickles"]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(step),
+                "--out",
+                str(tmp_path / "o.safetensors"),
+                "--trust-pickles",
+            ]
+        )
+        == 2
+    )
     assert marker.exists()
 
 
@@ -208,11 +259,14 @@ def test_every_checkpoint_format_passes_the_check(checkpoints):
         verify_checkpoint(step)
 
 
-@pytest.mark.parametrize("data,expected", [
-    (pickle.dumps(Payload("/nonexistent/x")), "refuses to load the pickled global"),
-    (pickle.dumps(1) + b"\x80\x02more", "bytes after the first pickle"),
-    (b"\x80\x04not a pickle", "unreadable checkpoint file"),
-])
+@pytest.mark.parametrize(
+    "data,expected",
+    [
+        (pickle.dumps(Payload("/nonexistent/x")), "refuses to load the pickled global"),
+        (pickle.dumps(1) + b"\x80\x02more", "bytes after the first pickle"),
+        (b"\x80\x04not a pickle", "unreadable checkpoint file"),
+    ],
+)
 def test_a_single_file_is_checked_without_running_anything(tmp_path, data, expected):
     from src.core.errors import CheckpointError
     from src.core.pickle_guard import check_file

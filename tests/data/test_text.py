@@ -1,4 +1,5 @@
 """Plain-text corpora: packing into blocks, the split by file."""
+
 from src.data.text import EOS, pack, resolve_files, split_by_file, train_tokenizer
 
 
@@ -12,7 +13,7 @@ def test_packing_puts_eos_between_documents_and_cuts_full_blocks(tmp_path):
     stream = ids[0] + [tok.eos_token_id] + ids[1] + [tok.eos_token_id]
     assert n_tokens == len(stream) and n_bytes == len("alpha beta gamma") + len("delta epsilon")
     assert blocks.shape == (len(stream) // 4, 4)
-    assert blocks.flatten().tolist() == stream[:blocks.numel()]
+    assert blocks.flatten().tolist() == stream[: blocks.numel()]
     assert tok.convert_ids_to_tokens(tok.eos_token_id) == EOS
 
 

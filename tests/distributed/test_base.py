@@ -1,4 +1,5 @@
 """The strategy base in one process: gradient clipping measured on the gradients themselves."""
+
 from __future__ import annotations
 
 import pytest
@@ -63,9 +64,10 @@ def test_a_strategy_missing_a_contract_method_cannot_be_built():
 def test_a_strategy_written_from_the_base_docstring_alone_trains_and_resumes(write_config):
     """The contract is enough: the five abstract members, nothing else, run a whole experiment
     with a checkpoint and an exact resume, and the strategy sees only its LoopSettings."""
+    from helpers import metrics, run
+
     from src.core.registry import STRATEGIES
     from src.distributed.base import LoopSettings, Strategy
-    from helpers import metrics, run
 
     seen = []
 
@@ -99,11 +101,14 @@ def test_a_strategy_written_from_the_base_docstring_alone_trains_and_resumes(wri
     assert metrics(one.run_dir)[-1] == metrics(two.run_dir)[-1]
 
 
-@pytest.mark.parametrize("message", [
-    "[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:41234",
-    "[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms for recv operation",
-    "Application timeout caused pair closure",
-])
+@pytest.mark.parametrize(
+    "message",
+    [
+        "[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:41234",
+        "[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms for recv operation",
+        "Application timeout caused pair closure",
+    ],
+)
 def test_what_gloo_says_when_a_peer_is_gone_is_one_line_naming_the_timeout(message):
     from src.distributed.ddp import DDPStrategy
 

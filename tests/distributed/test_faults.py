@@ -1,6 +1,7 @@
 """Lost and hung ranks under the real launcher: torchrun --max-restarts brings a run whose rank
 was killed back from its latest checkpoint with the uninterrupted run's metrics; a stopped rank
 fails the others within strategy.timeout_s; two "nodes" on one machine rendezvous over c10d."""
+
 from __future__ import annotations
 
 import os
@@ -11,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, port
 from helpers import launch, metrics
 
@@ -31,10 +31,18 @@ class Pace(Callback):
         time.sleep(self.seconds)
 '''
 
-BASE = {"trainer.max_steps": 30, "trainer.log_every": 1, "trainer.eval_every_n_epochs": None,
-        "trainer.eval_every_n_steps": 10, "checkpoint.every_n_steps": 5, "checkpoint.keep_last": 2,
-        "data.batch_size": 64, "model": {"type": "mlp", "hidden": [64, 32]},
-        "imports": ["pace_plugin"], "callbacks": [{"type": "pace", "seconds": 0.15}]}
+BASE = {
+    "trainer.max_steps": 30,
+    "trainer.log_every": 1,
+    "trainer.eval_every_n_epochs": None,
+    "trainer.eval_every_n_steps": 10,
+    "checkpoint.every_n_steps": 5,
+    "checkpoint.keep_last": 2,
+    "data.batch_size": 64,
+    "model": {"type": "mlp", "hidden": [64, 32]},
+    "imports": ["pace_plugin"],
+    "callbacks": [{"type": "pace", "seconds": 0.15}],
+}
 
 
 @pytest.fixture
@@ -43,8 +51,15 @@ def started():
     procs = []
 
     def start(cmd, config):
-        proc = subprocess.Popen(cmd, env=env_for(config), cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            env=env_for(config),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         procs.append(proc)
         return proc
 
@@ -69,8 +84,9 @@ def workers(agent: int) -> dict[int, int]:
             ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             if ppid != agent:
                 continue
-            env = dict(kv.split("=", 1) for kv in (entry / "environ").read_text().split("\0")
-                       if "=" in kv)
+            env = dict(
+                kv.split("=", 1) for kv in (entry / "environ").read_text().split("\0") if "=" in kv
+            )
         except (OSError, IndexError, ValueError):
             continue
         if "LOCAL_RANK" in env:
@@ -96,14 +112,25 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 200) -> None:
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_nothing_happened(
-        write_config, tmp_path, strategy, started):
+    write_config, tmp_path, strategy, started
+):
     (tmp_path / "pace_plugin.py").write_text(SLOW_PLUGIN)
     common = {**BASE, "strategy": {"type": strategy}}
     launch(2, write_config({**common, "name": "straight"}, "a.yaml"))
 
     cfg = write_config({**common, "name": "killed"}, "b.yaml")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--max-restarts=1", f"--master_port={port()}", "-m", "src.main", "--config", str(cfg)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        f"--master_port={port()}",
+        "-m",
+        "src.main",
+        "--config",
+        str(cfg),
+    ]
     proc = started(cmd, cfg)
     wait_for(tmp_path / "runs/killed/checkpoints/step_00000010/COMMIT", proc)
     time.sleep(0.5)  # mid-way between two checkpoints
@@ -119,8 +146,17 @@ def test_a_stopped_rank_fails_the_others_within_the_timeout(write_config, tmp_pa
     instead of waiting for the default half hour; nothing past the last commit is kept."""
     (tmp_path / "pace_plugin.py").write_text(SLOW_PLUGIN)
     cfg = write_config({**BASE, "strategy": {"type": "ddp", "timeout_s": 5}})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={port()}", "-m", "src.main", "--config", str(cfg)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port()}",
+        "-m",
+        "src.main",
+        "--config",
+        str(cfg),
+    ]
     proc = started(cmd, cfg)
     wait_for(tmp_path / "runs/tiny/checkpoints/step_00000005/COMMIT", proc)
     pids = workers(proc.pid)
@@ -147,9 +183,20 @@ def test_two_nodes_rendezvous_over_c10d_and_match_one_node(write_config, tmp_pat
     launch(2, write_config({**common, "name": "one_node"}, "a.yaml"))
     cfg = write_config({**common, "name": "two_nodes"}, "b.yaml")
     endpoint = f"127.0.0.1:{port()}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=two_nodes",
-           "-m", "src.main", "--config", str(cfg)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}",
+        "--rdzv-id=two_nodes",
+        "-m",
+        "src.main",
+        "--config",
+        str(cfg),
+    ]
     nodes = [started(cmd, cfg) for _ in range(2)]
     for node in nodes:
         out, err = node.communicate(timeout=300)

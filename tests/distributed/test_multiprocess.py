@@ -1,5 +1,6 @@
 """Layers 2 and 3: a single-rank gloo group in-process, and real 2-process runs on CPU through the
 real launchers (torchrun, deepspeed), with kill-and-resume, resharding and export."""
+
 from __future__ import annotations
 
 import math
@@ -10,17 +11,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, port
 from helpers import STOP_PLUGIN, launch, metrics, run
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed
 
-BASE = {"trainer.max_steps": 20, "trainer.log_every": 1, "trainer.eval_every_n_epochs": None,
-        "trainer.eval_every_n_steps": 10, "checkpoint.every_n_steps": 5, "checkpoint.keep_last": 2,
-        "data.batch_size": 64, "model": {"type": "mlp", "hidden": [64, 32]},
-        "optimizer": {"type": "adamw", "lr": 3e-3}}
+BASE = {
+    "trainer.max_steps": 20,
+    "trainer.log_every": 1,
+    "trainer.eval_every_n_epochs": None,
+    "trainer.eval_every_n_steps": 10,
+    "checkpoint.every_n_steps": 5,
+    "checkpoint.keep_last": 2,
+    "data.batch_size": 64,
+    "model": {"type": "mlp", "hidden": [64, 32]},
+    "optimizer": {"type": "adamw", "lr": 3e-3},
+}
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -43,8 +50,13 @@ def single_losses(tmp_path_factory):
 
 
 def test_single_rank_gloo_group_in_process(write_config, tmp_path, free_port, monkeypatch):
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(free_port)}.items():
+    for k, v in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port),
+    }.items():
         monkeypatch.setenv(k, v)
     exp = run(write_config({**BASE, "strategy": {"type": "ddp"}, "trainer.max_steps": 6}))
     assert exp.strategy.world_size == 1 and torch.distributed.is_initialized()
@@ -68,9 +80,16 @@ def test_ddp_matches_single_and_resumes_after_a_kill(write_config, tmp_path, sin
     a = losses(tmp_path / "runs/straight")
     close(single_losses, a, range(1, 21))
 
-    killed = write_config({**BASE, "name": "killed", "strategy": {"type": "ddp"},
-                           "imports": ["stop_plugin"],
-                           "callbacks": [{"type": "stop_at", "step": 12}]}, "b.yaml")
+    killed = write_config(
+        {
+            **BASE,
+            "name": "killed",
+            "strategy": {"type": "ddp"},
+            "imports": ["stop_plugin"],
+            "callbacks": [{"type": "stop_at", "step": 12}],
+        },
+        "b.yaml",
+    )
     launch(2, killed, expect=1)  # torchrun reports the workers' exit 143 as a failure
     ck = tmp_path / "runs/killed/checkpoints"
     # ranks agree on a stop signal asynchronously: they all stop one step after it arrives
@@ -85,7 +104,7 @@ def test_ddp_matches_single_and_resumes_after_a_kill(write_config, tmp_path, sin
     from src.run.export import export
 
     exported = export(ck / "step_00000020", tmp_path / "ddp.safetensors")
-    assert set(exported) == {k[len("model."):] for k in wa}
+    assert set(exported) == {k[len("model.") :] for k in wa}
 
 
 def test_fsdp_matches_single_and_reshards_both_ways(write_config, tmp_path, single_losses):
@@ -130,8 +149,15 @@ def test_deepspeed_zero2_resumes_after_a_kill_and_exports(write_config, tmp_path
     a = losses(tmp_path / "runs/straight")
     close(single_losses, a, range(1, 21), rel=1e-3)
 
-    killed = write_config({**ds, "name": "killed", "imports": ["stop_plugin"],
-                           "callbacks": [{"type": "stop_at", "step": 12}]}, "b.yaml")
+    killed = write_config(
+        {
+            **ds,
+            "name": "killed",
+            "imports": ["stop_plugin"],
+            "callbacks": [{"type": "stop_at", "step": 12}],
+        },
+        "b.yaml",
+    )
     launch(2, killed, launcher="deepspeed", expect=143)
     launch(2, killed, "callbacks=[]", launcher="deepspeed")
     close(a, losses(tmp_path / "runs/killed"), range(13, 21), rel=1e-5)
@@ -140,9 +166,20 @@ def test_deepspeed_zero2_resumes_after_a_kill_and_exports(write_config, tmp_path
     from src.run.export import export
 
     ours = export(step, tmp_path / "ds.safetensors")
-    script = subprocess.run([sys.executable, str(step / "zero_to_fp32.py"), str(step),
-                             str(tmp_path / "z2f"), "--tag", "deepspeed", "--safe_serialization"],
-                            capture_output=True, text=True, cwd=tmp_path)
+    script = subprocess.run(
+        [
+            sys.executable,
+            str(step / "zero_to_fp32.py"),
+            str(step),
+            str(tmp_path / "z2f"),
+            "--tag",
+            "deepspeed",
+            "--safe_serialization",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert script.returncode == 0, script.stderr[-2000:]
     theirs = {}
     for f in (tmp_path / "z2f").glob("*.safetensors"):
@@ -150,15 +187,20 @@ def test_deepspeed_zero2_resumes_after_a_kill_and_exports(write_config, tmp_path
     assert all(torch.equal(ours[k], theirs["model." + k]) for k in ours)
 
 
-
 @pytest.mark.parametrize("stage", [1, 2])
-def test_deepspeed_resumes_at_another_world_size_and_back(write_config, tmp_path, single_losses,
-                                                          stage):
+def test_deepspeed_resumes_at_another_world_size_and_back(
+    write_config, tmp_path, single_losses, stage
+):
     """2 ranks -> 1 -> 2: each change of world size converts the ZeRO shards to DeepSpeed's
     universal format once (kept beside them) and loads them with the optimizer state, so the
     losses go on as in one uninterrupted process and the step count continues."""
-    cfg = write_config({**BASE, "strategy": {"type": "deepspeed", "config": {
-        "zero_optimization": {"stage": stage}}}, "checkpoint.keep_last": 5})
+    cfg = write_config(
+        {
+            **BASE,
+            "strategy": {"type": "deepspeed", "config": {"zero_optimization": {"stage": stage}}},
+            "checkpoint.keep_last": 5,
+        }
+    )
     launch(2, cfg, "trainer.max_steps=8", launcher="deepspeed")
     launch(1, cfg, "trainer.max_steps=14", launcher="deepspeed")
     launch(2, cfg, launcher="deepspeed")
@@ -171,29 +213,60 @@ def test_deepspeed_resumes_at_another_world_size_and_back(write_config, tmp_path
 
 
 def test_deepspeed_zero3_trains(write_config, tmp_path, single_losses):
-    ds = {**BASE, "trainer.max_steps": 6,
-          "strategy": {"type": "deepspeed", "config": {"zero_optimization": {"stage": 3}}}}
+    ds = {
+        **BASE,
+        "trainer.max_steps": 6,
+        "strategy": {"type": "deepspeed", "config": {"zero_optimization": {"stage": 3}}},
+    }
     launch(2, write_config({**ds, "name": "z3"}, "a.yaml"), launcher="deepspeed")
     close(single_losses, losses(tmp_path / "runs/z3"), range(1, 7), rel=1e-3)
     # ZeRO-3 does not convert (DeepSpeed's universal load loses state going 1 -> 2): one line
-    out = launch(1, write_config({**ds, "name": "z3"}, "a.yaml"), "trainer.max_steps=8",
-                 launcher="deepspeed", expect=2)
+    out = launch(
+        1,
+        write_config({**ds, "name": "z3"}, "a.yaml"),
+        "trainer.max_steps=8",
+        launcher="deepspeed",
+        expect=2,
+    )
     assert "ZeRO-3 shards resume only at the world size that wrote them" in out.stderr
 
 
-@pytest.mark.parametrize("changes,expected", [
-    ({"data.batch_size": 63}, "data.batch_size: 63 does not divide among 2 processes"),
-    ({"strategy": {"type": "fsdp", "cpu_offload": True}}, "strategy.cpu_offload: offloads a GPU"),
-    ({"strategy": {"type": "deepspeed", "config": {"zero_optimization": {
-        "stage": 2, "offload_optimizer": {"device": "cpu"}}}}, "optimizer.type": "sgd"},
-     "DeepSpeed offloads only its own CPU Adam"),
-    ({"strategy": {"type": "deepspeed", "config": {"gradient_clipping": 0.5}},
-      "trainer.grad_clip": 1.0},
-     "strategy.config.gradient_clipping: 0.5 conflicts with trainer.grad_clip = 1.0"),
-    ({"strategy": {"type": "deepspeed", "config": {"zero_optimization": {"stage": 2}}},
-      "trainer.loss_spike_sigmas": 6.0},
-     "trainer.loss_spike_sigmas: not available with DeepSpeed ZeRO"),
-])
+@pytest.mark.parametrize(
+    "changes,expected",
+    [
+        ({"data.batch_size": 63}, "data.batch_size: 63 does not divide among 2 processes"),
+        (
+            {"strategy": {"type": "fsdp", "cpu_offload": True}},
+            "strategy.cpu_offload: offloads a GPU",
+        ),
+        (
+            {
+                "strategy": {
+                    "type": "deepspeed",
+                    "config": {
+                        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}
+                    },
+                },
+                "optimizer.type": "sgd",
+            },
+            "DeepSpeed offloads only its own CPU Adam",
+        ),
+        (
+            {
+                "strategy": {"type": "deepspeed", "config": {"gradient_clipping": 0.5}},
+                "trainer.grad_clip": 1.0,
+            },
+            "strategy.config.gradient_clipping: 0.5 conflicts with trainer.grad_clip = 1.0",
+        ),
+        (
+            {
+                "strategy": {"type": "deepspeed", "config": {"zero_optimization": {"stage": 2}}},
+                "trainer.loss_spike_sigmas": 6.0,
+            },
+            "trainer.loss_spike_sigmas: not available with DeepSpeed ZeRO",
+        ),
+    ],
+)
 def test_bad_distributed_input_is_exit_2(write_config, changes, expected):
     """Each worker exits 2 with one line; torchrun itself then exits 1 and names the code."""
     import re
@@ -209,32 +282,48 @@ def test_bad_distributed_input_is_exit_2(write_config, changes, expected):
 def test_ssl_method_on_two_ranks(write_config, tmp_path):
     """BYOL (momentum teacher) with the online callbacks under DDP: features gathered for RankMe,
     probe and k-NN counts reduced across ranks."""
-    cfg = write_config({**BASE, "name": "ssl", "trainer.max_steps": 6,
-                        "trainer.eval_every_n_steps": 6, "strategy": {"type": "ddp"},
-                        "model": {"type": "cnn", "channels": [8, 16], "num_classes": 0},
-                        "task": {"type": "byol", "proj_dim": 16, "hidden": 32},
-                        "callbacks": [{"type": "online_linear_probe"},
-                                      {"type": "online_knn", "k": 5}, {"type": "rankme"}]},
-                       "a.yaml")
+    cfg = write_config(
+        {
+            **BASE,
+            "name": "ssl",
+            "trainer.max_steps": 6,
+            "trainer.eval_every_n_steps": 6,
+            "strategy": {"type": "ddp"},
+            "model": {"type": "cnn", "channels": [8, 16], "num_classes": 0},
+            "task": {"type": "byol", "proj_dim": 16, "hidden": 32},
+            "callbacks": [
+                {"type": "online_linear_probe"},
+                {"type": "online_knn", "k": 5},
+                {"type": "rankme"},
+            ],
+        },
+        "a.yaml",
+    )
     launch(2, cfg)
     val = [r for r in metrics(tmp_path / "runs/ssl") if "val/rankme" in r][-1]
     assert 0 <= val["val/knn_accuracy"] <= 1 and val["val/rankme"] >= 1
 
 
-CLIP_AND_EVAL = {**BASE, "trainer.max_steps": 3, "trainer.eval_every_n_steps": 3,
-                 "trainer.grad_clip": 1e-3, "checkpoint.every_n_steps": None,
-                 "optimizer": {"type": "sgd", "lr": 1.0, "weight_decay": 0.0},
-                 # 359 validation samples, one per rank and step: 180 steps on rank 0, 179 on
-                 # rank 1 before padding, so a sharded forward would wait for its peer forever
-                 "data.eval_batch_size": 2}
+CLIP_AND_EVAL = {
+    **BASE,
+    "trainer.max_steps": 3,
+    "trainer.eval_every_n_steps": 3,
+    "trainer.grad_clip": 1e-3,
+    "checkpoint.every_n_steps": None,
+    "optimizer": {"type": "sgd", "lr": 1.0, "weight_decay": 0.0},
+    # 359 validation samples, one per rank and step: 180 steps on rank 0, 179 on
+    # rank 1 before padding, so a sharded forward would wait for its peer forever
+    "data.eval_batch_size": 2,
+}
 
 
 @pytest.fixture(scope="module")
 def clipped_single(tmp_path_factory):
     """One process: weights before and after 3 clipped SGD steps, and the validation metrics."""
     from conftest import make_config
-    from src.run.experiment import build, prepare
     from helpers import params
+
+    from src.run.experiment import build, prepare
 
     tmp = tmp_path_factory.mktemp("clip_single")
     cfg, origins = prepare(str(make_config(tmp, CLIP_AND_EVAL)))
@@ -244,14 +333,20 @@ def clipped_single(tmp_path_factory):
     return before, params(exp), metrics(tmp / "runs/tiny")[-1]
 
 
-@pytest.mark.parametrize("strategy,launcher", [
-    ({"type": "ddp", "timeout_s": 120}, "torchrun"),
-    ({"type": "fsdp", "timeout_s": 120}, "torchrun"),
-    ({"type": "deepspeed", "timeout_s": 120, "config": {"zero_optimization": {"stage": 3}}},
-     "deepspeed"),
-])
-def test_clipping_and_uneven_evaluation_on_two_ranks(write_config, tmp_path, clipped_single,
-                                                     strategy, launcher):
+@pytest.mark.parametrize(
+    "strategy,launcher",
+    [
+        ({"type": "ddp", "timeout_s": 120}, "torchrun"),
+        ({"type": "fsdp", "timeout_s": 120}, "torchrun"),
+        (
+            {"type": "deepspeed", "timeout_s": 120, "config": {"zero_optimization": {"stage": 3}}},
+            "deepspeed",
+        ),
+    ],
+)
+def test_clipping_and_uneven_evaluation_on_two_ranks(
+    write_config, tmp_path, clipped_single, strategy, launcher
+):
     """Each update is at most lr x max_norm under every strategy, and evaluation with one rank a
     batch short neither hangs nor counts a padded sample: the metrics are one process's."""
     before, single_after, single_val = clipped_single
@@ -298,8 +393,12 @@ def test_deepspeed_on_cpu_leaves_no_shared_memory_and_survives_a_stale_buffer(wr
     stale = shm / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{p}_1"
     stale.write_bytes(b"\0" * 4096)  # a killed run's buffer of rank 1, on this run's port
     ds = {"type": "deepspeed", "config": {"zero_optimization": {"stage": 1}}}
-    launch(2, write_config({**BASE, "trainer.max_steps": 2, "strategy": ds}), launcher="deepspeed",
-           master_port=p)
+    launch(
+        2,
+        write_config({**BASE, "trainer.max_steps": 2, "strategy": ds}),
+        launcher="deepspeed",
+        master_port=p,
+    )
     assert not [f.name for f in shm.glob(f"deepspeed_allreduce_buffer_*_{p}_*")]
 
 
@@ -309,14 +408,21 @@ def test_deepspeed_skips_a_nan_step_cleanly_and_logs_the_norm(write_config, tmp_
     ZeRO's buffers: the run continues exactly as one process does, and the logged gradient norm
     is a number (ZeRO stage 0 computes none of its own)."""
     (tmp_path / "nan_plugin.py").write_text(NAN_PLUGIN)
-    common = {**BASE, "trainer.max_steps": 8, "imports": ["nan_plugin"],
-              "task": {"type": "nan_loss_at", "call": 3}}
+    common = {
+        **BASE,
+        "trainer.max_steps": 8,
+        "imports": ["nan_plugin"],
+        "task": {"type": "nan_loss_at", "call": 3},
+    }
     launch(1, write_config({**common, "name": "one"}, "a.yaml"))
     ds = {"type": "deepspeed", "config": {"zero_optimization": {"stage": stage}}}
-    launch(2, write_config({**common, "name": "two", "strategy": ds}, "b.yaml"),
-           launcher="deepspeed")
-    one, two = ({r["step"]: r for r in metrics(tmp_path / f"runs/{n}") if "train/lr" in r}
-                for n in ("one", "two"))
+    launch(
+        2, write_config({**common, "name": "two", "strategy": ds}, "b.yaml"), launcher="deepspeed"
+    )
+    one, two = (
+        {r["step"]: r for r in metrics(tmp_path / f"runs/{n}") if "train/lr" in r}
+        for n in ("one", "two")
+    )
     assert sorted(one) == sorted(two) == list(range(1, 9))
     for step in range(1, 9):
         a, b = one[step], two[step]
@@ -329,10 +435,20 @@ def test_deepspeed_skips_a_nan_step_cleanly_and_logs_the_norm(write_config, tmp_
 def test_deepspeed_bf16_trains_a_batchnorm_cnn_and_offloads_adam(write_config, tmp_path):
     """bf16 under DeepSpeed: the inputs take the engine's dtype and BatchNorm's statistics follow
     the parameters; ZeRO-Offload steps DeepSpeed's CPU Adam built from the AdamW section."""
-    cfg = write_config({**BASE, "trainer.max_steps": 4, "trainer.precision": "bf16",
-                        "model": {"type": "cnn", "channels": [8, 16]},
-                        "strategy": {"type": "deepspeed", "config": {"zero_optimization": {
-                            "stage": 2, "offload_optimizer": {"device": "cpu"}}}}})
+    cfg = write_config(
+        {
+            **BASE,
+            "trainer.max_steps": 4,
+            "trainer.precision": "bf16",
+            "model": {"type": "cnn", "channels": [8, 16]},
+            "strategy": {
+                "type": "deepspeed",
+                "config": {
+                    "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}
+                },
+            },
+        }
+    )
     launch(2, cfg, launcher="deepspeed")
     rows = [r for r in metrics(tmp_path / "runs/tiny") if "train/loss" in r]
     assert len(rows) == 4 and all(math.isfinite(r["train/grad_norm"]) for r in rows)
@@ -347,8 +463,9 @@ def test_fsdp_ema_resumes_from_whole_tensors(write_config, tmp_path):
     cfg = write_config({**ema, "name": "two", "strategy": {"type": "fsdp"}}, "b.yaml")
     launch(2, cfg, "trainer.max_steps=10")
     launch(2, cfg)
-    one, two = ([r for r in metrics(tmp_path / f"runs/{n}") if "val/loss" in r]
-                for n in ("one", "two"))
+    one, two = (
+        [r for r in metrics(tmp_path / f"runs/{n}") if "val/loss" in r] for n in ("one", "two")
+    )
     assert [r["step"] for r in two] == [10, 20]
     assert two[-1]["val/loss"] == pytest.approx(one[-1]["val/loss"], rel=1e-4)
 
@@ -373,9 +490,14 @@ def test_a_rank_that_stops_answering_fails_the_run_in_one_line(write_config, tmp
     """strategy.timeout_s bounds every wait for another rank: the run ends with one line per
     rank instead of hanging for the default half hour."""
     (tmp_path / "stall_plugin.py").write_text(STALL_PLUGIN)
-    cfg = write_config({**BASE, "imports": ["stall_plugin"],
-                        "strategy": {"type": "ddp", "timeout_s": 3},
-                        "callbacks": [{"type": "stall_rank0", "seconds": 20}]})
+    cfg = write_config(
+        {
+            **BASE,
+            "imports": ["stall_plugin"],
+            "strategy": {"type": "ddp", "timeout_s": 3},
+            "callbacks": [{"type": "stall_rank0", "seconds": 20}],
+        }
+    )
     out = launch(2, cfg, expect=1)
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: rank")]
     assert errors and all("strategy.timeout_s = 3" in e for e in errors), out.stderr[-3000:]
@@ -385,23 +507,47 @@ def test_a_rank_that_stops_answering_fails_the_run_in_one_line(write_config, tmp
 def test_fsdp_language_model_samples_after_evaluation(write_config, tmp_path):
     """Sampling after an evaluation runs outside any step: under FSDP the task's generate is a
     registered forward (the root's sharded weights are gathered) and ranks stay in lockstep."""
-    cfg = write_config({"name": "lm", "trainer.max_steps": 2, "trainer.eval_every_n_steps": 2,
-                        "trainer.eval_every_n_epochs": None,
-                        "data": {"type": "text", "paths": ["stdlib:json"], "vocab_size": 512,
-                                 "block_size": 64, "val_fraction": 0.3, "batch_size": 8},
-                        "model": {"type": "hf", "kind": "causal_lm", "config": {
-                            "model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32,
-                            "n_positions": 64}},
-                        "task": {"type": "causal_lm", "samples": 2, "max_new_tokens": 8},
-                        "strategy": {"type": "fsdp", "timeout_s": 120}})
+    cfg = write_config(
+        {
+            "name": "lm",
+            "trainer.max_steps": 2,
+            "trainer.eval_every_n_steps": 2,
+            "trainer.eval_every_n_epochs": None,
+            "data": {
+                "type": "text",
+                "paths": ["stdlib:json"],
+                "vocab_size": 512,
+                "block_size": 64,
+                "val_fraction": 0.3,
+                "batch_size": 8,
+            },
+            "model": {
+                "type": "hf",
+                "kind": "causal_lm",
+                "config": {
+                    "model_type": "gpt2",
+                    "n_layer": 2,
+                    "n_head": 2,
+                    "n_embd": 32,
+                    "n_positions": 64,
+                },
+            },
+            "task": {"type": "causal_lm", "samples": 2, "max_new_tokens": 8},
+            "strategy": {"type": "fsdp", "timeout_s": 120},
+        }
+    )
     launch(2, cfg)
     rows = metrics(tmp_path / "runs/lm", drop=())
     texts = [r for r in rows if "text/sample_0" in r]
     assert texts and texts[-1]["step"] == 2 and any("val/bpb" in r for r in rows)
 
 
-CNN = {**BASE, "model": {"type": "cnn", "channels": [8, 16], "dropout": 0.0},
-       "trainer.max_steps": 12, "trainer.eval_every_n_steps": 12}
+CNN = {
+    **BASE,
+    "model": {"type": "cnn", "channels": [8, 16], "dropout": 0.0},
+    "trainer.max_steps": 12,
+    "trainer.eval_every_n_steps": 12,
+}
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -430,14 +576,30 @@ def test_sync_batchnorm_makes_a_cnn_match_one_process(strategy, write_config, tm
 
 def test_a_config_error_under_torchrun_is_printed_once(write_config, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={port()}", "-m", "src.main", "--config",
-                          str(write_config()), "optimizer.lr=-1", "strategy.type=ddp"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={port()}",
+            "-m",
+            "src.main",
+            "--config",
+            str(write_config()),
+            "optimizer.lr=-1",
+            "strategy.type=ddp",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode != 0
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: override 'optimizer.lr=-1': optimizer.lr: Input should be "
-                      "greater than 0 (got -1)"], out.stderr
+    assert errors == [
+        "error: override 'optimizer.lr=-1': optimizer.lr: Input should be greater than 0 (got -1)"
+    ], out.stderr
     assert not (tmp_path / "runs").exists()
 
 
@@ -462,8 +624,14 @@ def test_a_save_failing_on_one_rank_stops_every_rank_alike(write_config, tmp_pat
     """Rank 0 wrote its part, rank 1 could not: both ranks stop with one line (no rank waits for
     the other), the partial folder is gone and latest stays on step 10; the run then finishes."""
     (tmp_path / "full_disk.py").write_text(FULL_DISK_PLUGIN)
-    cfg = write_config({**BASE, "strategy": {"type": strategy}, "imports": ["full_disk"],
-                        "checkpoint.keep_last": 3})
+    cfg = write_config(
+        {
+            **BASE,
+            "strategy": {"type": strategy},
+            "imports": ["full_disk"],
+            "checkpoint.keep_last": 3,
+        }
+    )
     out = launch(2, cfg, expect=1)
     errors = [ln for ln in out.stderr.splitlines() if "checkpoint not saved" in ln]
     assert len(errors) == 2, out.stderr[-3000:]
@@ -500,15 +668,34 @@ def test_a_loss_spike_on_one_rank_is_skipped_by_every_rank(write_config, tmp_pat
     """The spike is judged on the loss averaged over ranks: both ranks skip step 30 alike, and
     the weights end where a run whose rank 0 saw a NaN at step 30 (skipped by both) ends."""
     (tmp_path / "spike_plugin.py").write_text(SPIKE_PLUGIN)
-    common = {**BASE, "trainer.max_steps": 40, "checkpoint.every_n_steps": 40,
-              "strategy": {"type": "ddp"}, "imports": ["spike_plugin"],
-              "trainer.loss_spike_window": 20}
-    launch(2, write_config({**common, "name": "spike", "trainer.loss_spike_sigmas": 6.0,
-                            "task": {"type": "rank0_loss_at_step"}}, "a.yaml"))
+    common = {
+        **BASE,
+        "trainer.max_steps": 40,
+        "checkpoint.every_n_steps": 40,
+        "strategy": {"type": "ddp"},
+        "imports": ["spike_plugin"],
+        "trainer.loss_spike_window": 20,
+    }
+    launch(
+        2,
+        write_config(
+            {
+                **common,
+                "name": "spike",
+                "trainer.loss_spike_sigmas": 6.0,
+                "task": {"type": "rank0_loss_at_step"},
+            },
+            "a.yaml",
+        ),
+    )
     rows = [r for r in metrics(tmp_path / "runs/spike") if "train/loss" in r]
     assert rows[-1]["train/spikes_skipped"] == 1 and "train/bad_steps" not in rows[-1]
-    launch(2, write_config({**common, "name": "nan", "task": {
-        "type": "rank0_loss_at_step", "nan": True}}, "b.yaml"))
+    launch(
+        2,
+        write_config(
+            {**common, "name": "nan", "task": {"type": "rank0_loss_at_step", "nan": True}}, "b.yaml"
+        ),
+    )
     a = load_file(str(tmp_path / "runs/spike/checkpoints/step_00000040/model.safetensors"))
     b = load_file(str(tmp_path / "runs/nan/checkpoints/step_00000040/model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,9 +1,8 @@
 """PEFT adapters on transformers models: LoRA round trip, prefix tuning, QLoRA."""
+
 import pytest
 import torch
-
-from helpers import GPT, LM_DATA
-from helpers import run
+from helpers import GPT, LM_DATA, run
 
 
 def test_lora_adapter_round_trip_through_peft(write_config, tmp_path):
@@ -26,16 +25,20 @@ def test_lora_adapter_round_trip_through_peft(write_config, tmp_path):
     ids = torch.randint(0, 300, (2, 16))
     trained.task.model.eval()
     loaded.eval()
-    torch.testing.assert_close(loaded(input_ids=ids).logits, trained.task.model(input_ids=ids).logits)
+    torch.testing.assert_close(
+        loaded(input_ids=ids).logits, trained.task.model(input_ids=ids).logits
+    )
+
+    from transformers import AutoModelForCausalLM
 
     from src.run.export import export_hf
-    from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged"
     export_hf(str(write_config(changes)), [], adapter.parent, out)
     merged = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
-    torch.testing.assert_close(merged(input_ids=ids).logits, trained.task.model(input_ids=ids).logits,
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        merged(input_ids=ids).logits, trained.task.model(input_ids=ids).logits, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_prefix_tuning_and_qlora_forward_backward(tmp_path):
@@ -46,12 +49,15 @@ def test_prefix_tuning_and_qlora_forward_backward(tmp_path):
     from src.models.hf import hf_model
 
     folder = tmp_path / "gpt"
-    GPT2LMHeadModel(GPT2Config(vocab_size=100, n_layer=1, n_head=2, n_embd=64,
-                               n_positions=32)).save_pretrained(str(folder))
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=100, n_layer=1, n_head=2, n_embd=64, n_positions=32)
+    ).save_pretrained(str(folder))
     info = DatasetInfo(num_samples=1)
     ids = torch.randint(0, 100, (2, 12))
-    for adapter in ({"type": "qlora", "r": 4, "target_modules": ["c_attn"]},
-                    {"type": "prefix_tuning", "num_virtual_tokens": 4}):
+    for adapter in (
+        {"type": "qlora", "r": 4, "target_modules": ["c_attn"]},
+        {"type": "prefix_tuning", "num_virtual_tokens": 4},
+    ):
         model = hf_model(info, kind="causal_lm", path=str(folder), adapter=adapter)
         if adapter["type"] == "qlora":
             import bitsandbytes as bnb

@@ -1,4 +1,5 @@
 """Losses and heads against small cases worked out by hand."""
+
 import math
 
 import pytest

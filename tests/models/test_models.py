@@ -23,7 +23,9 @@ def test_timm_by_name_with_local_weights(tmp_path):
 
     m = timm_model(INFO, name="resnet10t")
     assert m(torch.randn(2, 3, 16, 16)).shape == (2, 7)
-    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "w.safetensors")
+    )
     other = DatasetInfo(num_samples=10, num_classes=3, input_shape=(3, 16, 16))
     m2 = timm_model(other, name="resnet10t", pretrained_path=str(tmp_path / "w.safetensors"))
     assert torch.equal(m2.conv1[0].weight, m.conv1[0].weight)  # backbone loaded, head resized

@@ -1,4 +1,5 @@
 """The Python API: from a file, a dict or plain PyTorch objects; fit, evaluate, predict."""
+
 import re
 import shutil
 import signal
@@ -8,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT
 from helpers import metrics
 
@@ -18,9 +18,19 @@ README = (ROOT / "README.md").read_text()
 
 
 def fresh(script: str, cwd, timeout: int = 300) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True,
-                         timeout=timeout, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(cwd),
-                                               "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={
+            "PYTHONPATH": str(ROOT),
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(cwd),
+            "OMP_NUM_THREADS": "1",
+        },
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return out
 
@@ -40,26 +50,43 @@ def test_the_readme_example_runs_in_a_fresh_interpreter_and_resumes(tmp_path):
 
 
 def test_from_dict_needs_no_other_import_and_matches_the_command_line(tmp_path, cli):
-    d = {"name": "d", "model": {"type": "mlp", "hidden": [32]}, "task": {"type": "classification"},
-         "trainer": {"max_steps": 20}, "logging": {"root": str(tmp_path / "api"),
-                                                   "loggers": ["jsonl"]}}
-    fresh(f"from src import Experiment\nExperiment.from_dict({d!r}).fit()\n"
-          "from src.core.config import ExperimentConfig\nfrom src.run.experiment import build\n"
-          f"build(ExperimentConfig.model_validate({{**{d!r}, 'name': 'v'}}))\n", tmp_path)
+    d = {
+        "name": "d",
+        "model": {"type": "mlp", "hidden": [32]},
+        "task": {"type": "classification"},
+        "trainer": {"max_steps": 20},
+        "logging": {"root": str(tmp_path / "api"), "loggers": ["jsonl"]},
+    }
+    fresh(
+        f"from src import Experiment\nExperiment.from_dict({d!r}).fit()\n"
+        "from src.core.config import ExperimentConfig\nfrom src.run.experiment import build\n"
+        f"build(ExperimentConfig.model_validate({{**{d!r}, 'name': 'v'}}))\n",
+        tmp_path,
+    )
     cfg = tmp_path / "d.yaml"
     import yaml
 
-    cfg.write_text(yaml.safe_dump({**d, "logging": {**d["logging"],
-                                                    "root": str(tmp_path / "cli")}}))
+    cfg.write_text(
+        yaml.safe_dump({**d, "logging": {**d["logging"], "root": str(tmp_path / "cli")}})
+    )
     assert cli("--config", str(cfg)).returncode == 0
     assert metrics(tmp_path / "api/d") == metrics(tmp_path / "cli/d")
 
 
 def test_bad_input_raises_the_one_line_error(tmp_path):
-    with pytest.raises(UserError, match=r"<dict>: trainer.max_step: unknown key; did you mean "
-                                        r"'max_steps'"):
-        Experiment.from_dict({"name": "x", "model": {"type": "mlp"},
-                              "task": {"type": "classification"}, "trainer": {"max_step": 3}})
+    with pytest.raises(
+        UserError,
+        match=r"<dict>: trainer.max_step: unknown key; did you mean "
+        r"'max_steps'",
+    ):
+        Experiment.from_dict(
+            {
+                "name": "x",
+                "model": {"type": "mlp"},
+                "task": {"type": "classification"},
+                "trainer": {"max_step": 3},
+            }
+        )
 
 
 class Net(torch.nn.Module):
@@ -81,19 +108,27 @@ def digits():
 
     d = load_digits()
     x, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
-    return torch.utils.data.TensorDataset(x[:1400], y[:1400]), \
-        torch.utils.data.TensorDataset(x[1400:], y[1400:])
+    return torch.utils.data.TensorDataset(x[:1400], y[:1400]), torch.utils.data.TensorDataset(
+        x[1400:], y[1400:]
+    )
 
 
 def plain(tmp_path, name: str, **config):
     torch.manual_seed(0)
     train, val = digits()
     loader = torch.utils.data.DataLoader(train, batch_size=50, shuffle=True)
-    cfg = {"trainer": {"max_steps": 40, "log_every": 5, "eval_every_n_steps": 20},
-           "checkpoint": {"every_n_steps": 10}, "callbacks": [{"type": "ema", "decay": 0.9}],
-           "logging": {"root": str(tmp_path), "loggers": ["jsonl"]},
-           "optimizer": {"type": "adamw", "lr": 3e-3,
-                         "groups": [{"match": r"^model\.out\.", "lr_mult": 2.0}]}, **config}
+    cfg = {
+        "trainer": {"max_steps": 40, "log_every": 5, "eval_every_n_steps": 20},
+        "checkpoint": {"every_n_steps": 10},
+        "callbacks": [{"type": "ema", "decay": 0.9}],
+        "logging": {"root": str(tmp_path), "loggers": ["jsonl"]},
+        "optimizer": {
+            "type": "adamw",
+            "lr": 3e-3,
+            "groups": [{"match": r"^model\.out\.", "lr_mult": 2.0}],
+        },
+        **config,
+    }
     return Experiment.from_modules(Net(), loader, val, smoothed_loss, name=name, config=cfg)
 
 
@@ -105,15 +140,21 @@ def test_a_plain_module_trains_with_callbacks_checkpoints_and_resumes_exactly(tm
     assert whole.cfg.task["loss"] == f"{__name__}.smoothed_loss"
     assert (tmp_path / "whole/checkpoints/step_00000040/COMMIT").exists()
 
-    stopped = plain(tmp_path, "stopped", callbacks=[
-        {"type": "ema", "decay": 0.9}, {"type": "signal_at_step", "step": 25,
-                                        "signum": int(signal.SIGINT)}])
+    stopped = plain(
+        tmp_path,
+        "stopped",
+        callbacks=[
+            {"type": "ema", "decay": 0.9},
+            {"type": "signal_at_step", "step": 25, "signum": int(signal.SIGINT)},
+        ],
+    )
     with pytest.raises(SystemExit):
         stopped.fit()
     resumed = plain(tmp_path, "stopped")
     timing = {"train/samples_per_sec"}
-    assert {k: v for k, v in resumed.fit().items() if k not in timing} == \
-        {k: v for k, v in final.items() if k not in timing}
+    assert {k: v for k, v in resumed.fit().items() if k not in timing} == {
+        k: v for k, v in final.items() if k not in timing
+    }
     for k, v in whole.task.state_dict().items():
         assert torch.equal(resumed.task.state_dict()[k], v), k
 

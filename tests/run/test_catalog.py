@@ -1,4 +1,5 @@
 """The catalog: built-ins found without importing them, and every parameter described."""
+
 import inspect
 
 import pytest
@@ -7,8 +8,12 @@ from src.core.registry import ALL, params_model
 from src.run.catalog import builtin_names, load_builtins, parameters
 
 load_builtins()
-OWN = [(r, n) for r, reg in ALL.items() for n in reg.names()
-       if getattr(reg.get(n), "__module__", "").startswith("src.")]
+OWN = [
+    (r, n)
+    for r, reg in ALL.items()
+    for n in reg.names()
+    if getattr(reg.get(n), "__module__", "").startswith("src.")
+]
 
 
 @pytest.mark.parametrize("registry, name", OWN, ids=[f"{r}.{n}" for r, n in OWN])

@@ -1,13 +1,14 @@
 """The composition root: what build() does to a model before the strategy gets it."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from helpers import run
 from torch import nn
 
-from helpers import run
 from src.core.errors import ConfigError
 from src.core.registry import MODELS
 from src.main import main
@@ -16,13 +17,20 @@ from src.main import main
 @MODELS.register("test_lazy_mlp")
 def lazy_mlp(info, hidden: int = 32):
     """A user's model that does not type its input width: nn.LazyLinear takes it from data."""
-    return nn.Sequential(nn.Flatten(), nn.LazyLinear(hidden), nn.ReLU(),
-                         nn.LazyLinear(info.num_classes))
+    return nn.Sequential(
+        nn.Flatten(), nn.LazyLinear(hidden), nn.ReLU(), nn.LazyLinear(info.num_classes)
+    )
 
 
 def test_a_model_with_lazy_layers_trains_resumes_and_exports(write_config, tmp_path):
-    cfg = write_config({"model": {"type": "test_lazy_mlp"}, "trainer.max_steps": 40,
-                        "optimizer.lr": 1e-2, "trainer.eval_every_n_steps": 40})
+    cfg = write_config(
+        {
+            "model": {"type": "test_lazy_mlp"},
+            "trainer.max_steps": 40,
+            "optimizer.lr": 1e-2,
+            "trainer.eval_every_n_steps": 40,
+        }
+    )
     exp = run(cfg, "trainer.max_steps=20")
     first = exp.task.model[1].weight
     assert first.shape == (32, 64) and not isinstance(first, nn.parameter.UninitializedParameter)
@@ -40,16 +48,19 @@ def test_lazy_layers_with_no_forward_to_run_are_one_line(write_config, monkeypat
 
     monkeypatch.setattr(Classification, "inference", Task.inference)
     cfg, origins = prepare(str(write_config({"model": {"type": "test_lazy_mlp"}})))
-    with pytest.raises(ConfigError, match=r"^model: model 'test_lazy_mlp' has lazy layers .*"
-                                          r"task 'classification' has no inference model"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^model: model 'test_lazy_mlp' has lazy layers .*"
+        r"task 'classification' has no inference model",
+    ):
         build(cfg, origins)
 
 
 def test_lazy_layers_are_materialised_alike_for_every_seed_and_rank(write_config):
     """Built from the seed: every rank of a run (all build with cfg.seed) gets the same
     initial weights, as for any other model."""
-    from src.run.experiment import build_task, prepare
     from src.core.seeding import seed_everything
+    from src.run.experiment import build_task, prepare
 
     cfg, _ = prepare(str(write_config({"model": {"type": "test_lazy_mlp"}})))
     weights = []

@@ -1,6 +1,7 @@
 """export: every format is re-scored outside the platform (onnxruntime, torch.jit.load,
 torch.export.load, transformers) against the trained PyTorch model at batch 1 and 7; files say
 what they hold; bad input is one line, exit 2, nothing written."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, make_config
 from helpers import run
+
 from src.main import main
 from src.run.export import sample_batch
 from src.run.inference import load_run
@@ -28,22 +29,56 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("export")
     specs = {
         "cnn": {"model": {"type": "cnn", "channels": [8, 16]}, "trainer.max_steps": 30},
-        "vit": {"model": {"type": "timm", "name": "vit_tiny_patch16_224", "img_size": 8,
-                          "patch_size": 2, "embed_dim": 48, "depth": 2, "num_heads": 3},
-                "trainer.max_steps": 4},
-        "minilm": {"data": {"type": "stdlib_docstrings", "tokenizer": MINILM,
-                            "packages": ["json", "email"], "max_length": 48, "batch_size": 16},
-                   "model": {"type": "hf", "kind": "sequence_classification", "path": MINILM,
-                             "adapter": {"type": "lora", "r": 4, "alpha": 8,
-                                         "target_modules": ["query", "value"],
-                                         "modules_to_save": ["classifier"]}},
-                   "task": {"type": "sequence_classification"}, "trainer.max_steps": 4},
+        "vit": {
+            "model": {
+                "type": "timm",
+                "name": "vit_tiny_patch16_224",
+                "img_size": 8,
+                "patch_size": 2,
+                "embed_dim": 48,
+                "depth": 2,
+                "num_heads": 3,
+            },
+            "trainer.max_steps": 4,
+        },
+        "minilm": {
+            "data": {
+                "type": "stdlib_docstrings",
+                "tokenizer": MINILM,
+                "packages": ["json", "email"],
+                "max_length": 48,
+                "batch_size": 16,
+            },
+            "model": {
+                "type": "hf",
+                "kind": "sequence_classification",
+                "path": MINILM,
+                "adapter": {
+                    "type": "lora",
+                    "r": 4,
+                    "alpha": 8,
+                    "target_modules": ["query", "value"],
+                    "modules_to_save": ["classifier"],
+                },
+            },
+            "task": {"type": "sequence_classification"},
+            "trainer.max_steps": 4,
+        },
     }
     for name, changes in specs.items():
         steps = changes["trainer.max_steps"]
-        run(make_config(tmp, {"name": name, **changes, "checkpoint.every_n_steps": steps,
-                              "trainer.eval_every_n_steps": steps},
-                        f"{name}.yaml"))
+        run(
+            make_config(
+                tmp,
+                {
+                    "name": name,
+                    **changes,
+                    "checkpoint.every_n_steps": steps,
+                    "trainer.eval_every_n_steps": steps,
+                },
+                f"{name}.yaml",
+            )
+        )
     return {name: tmp / "runs" / name for name in specs}
 
 
@@ -103,8 +138,9 @@ def test_onnx_of_the_digits_cnn_scores_the_runs_accuracy(runs, tmp_path):
     logits = session.run(None, {"inputs": val["inputs"].numpy()})[0]
     accuracy = float((logits.argmax(1) == val["labels"].numpy()).mean())
     rows = [json.loads(x) for x in (runs["cnn"] / "metrics.jsonl").read_text().splitlines()]
-    assert accuracy == pytest.approx([r["val/accuracy"] for r in rows if "val/accuracy" in r][-1],
-                                     abs=1e-6)
+    assert accuracy == pytest.approx(
+        [r["val/accuracy"] for r in rows if "val/accuracy" in r][-1], abs=1e-6
+    )
 
 
 @pytest.mark.parametrize("name", ["cnn", "minilm"])
@@ -113,8 +149,10 @@ def test_torchscript_and_torch_export_round_trip(runs, name, tmp_path):
     assert main(["export", "--run", str(runs[name]), "--out", str(ts)]) == 0
     upper = tmp_path / "M.PT2"  # an extension in capitals is the same extension
     assert main(["export", str(runs[name]), "--out", str(upper)]) == 0 and upper.is_file()
-    assert main(["export", "--run", str(runs[name]), "--format", "torch_export", "--out",
-                 str(pt2)]) == 0
+    assert (
+        main(["export", "--run", str(runs[name]), "--format", "torch_export", "--out", str(pt2)])
+        == 0
+    )
     extra = {"tessera.json": ""}
     scripted = torch.jit.load(str(ts), _extra_files=extra)
     assert json.loads(extra["tessera.json"])["format"] == "torchscript"
@@ -132,8 +170,18 @@ def test_safetensors_and_hf_folder_load_without_the_platform(runs, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     st = tmp_path / "cnn.safetensors"
-    assert main(["export", "--checkpoint", str(runs["cnn"] / "checkpoints" / "latest"),
-                 "--out", str(st)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(runs["cnn"] / "checkpoints" / "latest"),
+                "--out",
+                str(st),
+            ]
+        )
+        == 0
+    )
     loaded = load_run(run=str(runs["cnn"]))
     fresh = load_run(run=str(runs["cnn"])).task.model
     for p in fresh.parameters():
@@ -155,14 +203,21 @@ def test_safetensors_and_hf_folder_load_without_the_platform(runs, tmp_path):
     assert (hf / "tokenizer.json").is_file() or (hf / "vocab.txt").is_file()
 
 
-INFERENCE_CONFIGS = ["exp001", "arcface_digits", "ssl_simclr_digits", "ssl_byol_digits",
-                     "ssl_moco_digits", "ssl_dino_digits", "ssl_vicreg_digits", "ssl_mae_digits",
-                     "clip_digits"]
+INFERENCE_CONFIGS = [
+    "exp001",
+    "arcface_digits",
+    "ssl_simclr_digits",
+    "ssl_byol_digits",
+    "ssl_moco_digits",
+    "ssl_dino_digits",
+    "ssl_vicreg_digits",
+    "ssl_mae_digits",
+    "clip_digits",
+]
 
 
 @pytest.mark.parametrize("config", INFERENCE_CONFIGS)
-def test_safetensors_round_trip_for_every_task_with_an_inference_model(config, tmp_path,
-                                                                      capsys):
+def test_safetensors_round_trip_for_every_task_with_an_inference_model(config, tmp_path, capsys):
     """The shipped config trained a few steps (batch norm statistics moved, weights updated),
     exported through the checked path: the file loads into a freshly built model (and, with
     --task, task) that gives the trained one's outputs on real batches."""
@@ -171,17 +226,26 @@ def test_safetensors_round_trip_for_every_task_with_an_inference_model(config, t
     from src.core.seeding import seed_everything
     from src.run.experiment import build_task, prepare
 
-    run(ROOT / "configs" / f"{config}.yaml", "name=r", f"logging.root={tmp_path}",
-        "trainer.max_steps=3", "trainer.eval_every_n_steps=null",
-        "trainer.eval_every_n_epochs=null", "data.batch_size=40", "data.sampler=null")
+    run(
+        ROOT / "configs" / f"{config}.yaml",
+        "name=r",
+        f"logging.root={tmp_path}",
+        "trainer.max_steps=3",
+        "trainer.eval_every_n_steps=null",
+        "trainer.eval_every_n_epochs=null",
+        "data.batch_size=40",
+        "data.sampler=null",
+    )
     run_dir = tmp_path / "r"
     trained = load_run(run=str(run_dir))
     x = sample_batch(trained.data.val, 7)["inputs"]
     cfg, _ = prepare(str(run_dir / "config.yaml"))
     for whole_task in (False, True):
         out = tmp_path / f"w{int(whole_task)}.safetensors"
-        assert main(["export", str(run_dir), "--out", str(out),
-                     *(["--task"] if whole_task else [])]) == 0
+        assert (
+            main(["export", str(run_dir), "--out", str(out), *(["--task"] if whole_task else [])])
+            == 0
+        )
         # the embedding layer (metric learning) and projection (CLIP) lie outside model:
         said = "--task keeps every task weight" in capsys.readouterr().out
         assert said == (not whole_task and config in ("arcface_digits", "clip_digits"))
@@ -195,8 +259,10 @@ def test_safetensors_round_trip_for_every_task_with_an_inference_model(config, t
             fresh.model.load_state_dict(load_file(str(out)))
             ours, ref = fresh.model, trained.task.model
         with torch.no_grad():
-            assert not torch.allclose(build_task(cfg, run_dir)[2].eval().model(x),
-                                      ref(x) if not whole_task else trained.task.model(x))
+            assert not torch.allclose(
+                build_task(cfg, run_dir)[2].eval().model(x),
+                ref(x) if not whole_task else trained.task.model(x),
+            )
             torch.testing.assert_close(ours(x), ref(x), rtol=RTOL, atol=ATOL)
 
 
@@ -211,15 +277,18 @@ def test_a_failed_check_is_an_error_and_leaves_nothing(runs, tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--run", "/nonexistent/run", "--out", "m.onnx"], "no such run folder"),
-    (["--run", "{uncommitted}", "--out", "{tmp}/m.onnx"], "holds no committed checkpoint"),
-    (["--run", "{cnn}", "--format", "onnx", "--out", "{tmp}/m.pt"], "writes .onnx"),
-    (["--run", "{cnn}", "--out", "{tmp}/m.zip"], "unknown extension"),
-    (["--run", "{cnn}", "--format", "hf", "--out", "{tmp}/hf"], "not a transformers model"),
-    (["--run", "{cnn}", "--format", "onnx", "--task"], "only with --format safetensors"),
-    (["--checkpoint", "{cnn}/checkpoints/latest", "--run", "/nope"], "no such run folder"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--run", "/nonexistent/run", "--out", "m.onnx"], "no such run folder"),
+        (["--run", "{uncommitted}", "--out", "{tmp}/m.onnx"], "holds no committed checkpoint"),
+        (["--run", "{cnn}", "--format", "onnx", "--out", "{tmp}/m.pt"], "writes .onnx"),
+        (["--run", "{cnn}", "--out", "{tmp}/m.zip"], "unknown extension"),
+        (["--run", "{cnn}", "--format", "hf", "--out", "{tmp}/hf"], "not a transformers model"),
+        (["--run", "{cnn}", "--format", "onnx", "--task"], "only with --format safetensors"),
+        (["--checkpoint", "{cnn}/checkpoints/latest", "--run", "/nope"], "no such run folder"),
+    ],
+)
 def test_bad_export_input_is_one_line_exit_2(runs, tmp_path, capsys, args, message):
     unc = tmp_path / "uncommitted"
     (unc / "checkpoints" / "step_00000005").mkdir(parents=True)
@@ -232,7 +301,8 @@ def test_bad_export_input_is_one_line_exit_2(runs, tmp_path, capsys, args, messa
 
 
 def test_a_task_without_an_inference_model_exports_its_weights_only(
-        runs, tmp_path, monkeypatch, capsys):
+    runs, tmp_path, monkeypatch, capsys
+):
     """DPO, PPO, masked LM: safetensors (unchecked, and says so); the graph formats refuse."""
     from safetensors.torch import load_file
 

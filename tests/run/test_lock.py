@@ -1,4 +1,5 @@
 """One writer per run folder: a second run on a busy folder is refused; a dead owner's is taken."""
+
 import json
 import os
 import subprocess
@@ -6,8 +7,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT
+
 from src.run.lock import LOCK_FILE, RunLock
 
 
@@ -60,28 +61,40 @@ def test_the_same_command_twice_is_refused_while_the_first_trains(write_config, 
     (tmp_path / "hold_plugin.py").write_text(HOLD_PLUGIN)
     hold = tmp_path / "hold"
     hold.touch()
-    cfg = write_config({"imports": ["hold_plugin"], "callbacks": [{"type": "hold"}],
-                        "trainer.max_steps": 40, "trainer.log_every": 1,
-                        "checkpoint.every_n_steps": 2})
+    cfg = write_config(
+        {
+            "imports": ["hold_plugin"],
+            "callbacks": [{"type": "hold"}],
+            "trainer.max_steps": 40,
+            "trainer.log_every": 1,
+            "checkpoint.every_n_steps": 2,
+        }
+    )
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{tmp_path}", "HOLD": str(hold)}
     cmd = [sys.executable, "-m", "src.main", "--config", str(cfg)]
-    first = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     metrics = tmp_path / "runs/tiny/metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
         assert first.poll() is None and time.time() < deadline, "the first run ended too soon"
         time.sleep(0.05)
-    second = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120)
+    second = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert first.poll() is None, "the first run should still be training"
     assert second.returncode == 2, second.stderr
     lines = second.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and \
-        f"in use by pid {first.pid} on" in lines[0], second.stderr
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("error: ")
+        and f"in use by pid {first.pid} on" in lines[0]
+    ), second.stderr
     hold.unlink()
     assert first.wait(timeout=300) == 0, first.stderr.read()
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
-             if "train/loss" in line]
+    steps = [
+        json.loads(line)["step"]
+        for line in metrics.read_text().splitlines()
+        if "train/loss" in line
+    ]
     assert steps == list(range(1, 41))
     assert not (tmp_path / "runs/tiny" / LOCK_FILE).exists()

@@ -1,5 +1,6 @@
 """predict: one row per sample, in dataset order, whatever the number of processes; the rows are
 the model's own predictions (their accuracy is the run's validation accuracy)."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import make_config
 from helpers import GPT, run, torchrun
+
 from src.main import main
 
 DIGITS_VAL = 359  # scikit-learn's digits: 1797 samples, val_fraction 0.2
@@ -20,9 +21,16 @@ DIGITS_VAL = 359  # scikit-learn's digits: 1797 samples, val_fraction 0.2
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("predict")
-    cfg = make_config(tmp, {"name": "cnn", "model": {"type": "cnn", "channels": [8, 16]},
-                            "trainer.max_steps": 40, "trainer.eval_every_n_steps": 40,
-                            "checkpoint.every_n_steps": 40})
+    cfg = make_config(
+        tmp,
+        {
+            "name": "cnn",
+            "model": {"type": "cnn", "channels": [8, 16]},
+            "trainer.max_steps": 40,
+            "trainer.eval_every_n_steps": 40,
+            "checkpoint.every_n_steps": 40,
+        },
+    )
     run(cfg)
     return tmp / "runs" / "cnn"
 
@@ -36,8 +44,7 @@ def last_val_accuracy(run_dir: Path) -> float:
     return [r["val/accuracy"] for r in rows if "val/accuracy" in r][-1]
 
 
-def test_predict_writes_every_validation_sample_in_order_with_the_runs_accuracy(
-        digits_run, capsys):
+def test_predict_writes_every_validation_sample_in_order_with_the_runs_accuracy(digits_run, capsys):
     assert main(["predict", "--run", str(digits_run)]) == 0
     out = digits_run / "predictions" / "val-step_00000040.jsonl"
     rows = read(out)
@@ -77,8 +84,9 @@ def test_predict_csv_npy_train_split_and_latest_pointer(digits_run, tmp_path):
     assert main(["predict", "--checkpoint", str(latest), "--out", str(csv_out)]) == 0
     lines = csv_out.read_text().splitlines()
     assert lines[0] == "id,label,name,prob,target,target_name" and len(lines) == DIGITS_VAL + 1
-    assert main(["predict", "--run", str(digits_run), "--split", "train", "--out",
-                 str(npy_out)]) == 0
+    assert (
+        main(["predict", "--run", str(digits_run), "--split", "train", "--out", str(npy_out)]) == 0
+    )
     probs = np.load(npy_out)
     assert probs.shape == (1797 - DIGITS_VAL, 10)
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
@@ -87,14 +95,28 @@ def test_predict_csv_npy_train_split_and_latest_pointer(digits_run, tmp_path):
 def test_predict_embeddings_and_features(tmp_path):
     """Metric learning: L2-normalised embeddings; SSL: backbone features, one row per sample."""
     for name, changes, key in (
-            ("arc", {"task": {"type": "metric_learning", "embedding_dim": 16},
-                     "model": {"type": "cnn", "channels": [8, 16], "num_classes": 0}},
-             "embedding"),
-            ("ssl", {"task": {"type": "simclr", "proj_dim": 8},
-                     "model": {"type": "cnn", "channels": [8, 16], "num_classes": 0}},
-             "features")):
-        cfg = make_config(tmp_path, {"name": name, **changes, "trainer.max_steps": 2,
-                                     "checkpoint.every_n_steps": 2}, f"{name}.yaml")
+        (
+            "arc",
+            {
+                "task": {"type": "metric_learning", "embedding_dim": 16},
+                "model": {"type": "cnn", "channels": [8, 16], "num_classes": 0},
+            },
+            "embedding",
+        ),
+        (
+            "ssl",
+            {
+                "task": {"type": "simclr", "proj_dim": 8},
+                "model": {"type": "cnn", "channels": [8, 16], "num_classes": 0},
+            },
+            "features",
+        ),
+    ):
+        cfg = make_config(
+            tmp_path,
+            {"name": name, **changes, "trainer.max_steps": 2, "checkpoint.every_n_steps": 2},
+            f"{name}.yaml",
+        )
         run(cfg)
         out = tmp_path / f"{name}.npy"
         assert main(["predict", "--run", str(tmp_path / "runs" / name), "--out", str(out)]) == 0
@@ -113,15 +135,29 @@ def _jsonl(tmp_path: Path, name: str) -> Path:
 
 
 def test_predict_generates_for_prompts_the_same_in_any_process_count(tmp_path):
-    cfg = make_config(tmp_path, {
-        "name": "lm", "model": GPT, "task": {"type": "causal_lm", "samples": 0},
-        "data": {"type": "text", "paths": ["stdlib:json"], "vocab_size": 400, "block_size": 32,
-                 "val_fraction": 0.3, "batch_size": 8},
-        "trainer.max_steps": 2, "checkpoint.every_n_steps": 2})
+    cfg = make_config(
+        tmp_path,
+        {
+            "name": "lm",
+            "model": GPT,
+            "task": {"type": "causal_lm", "samples": 0},
+            "data": {
+                "type": "text",
+                "paths": ["stdlib:json"],
+                "vocab_size": 400,
+                "block_size": 32,
+                "val_fraction": 0.3,
+                "batch_size": 8,
+            },
+            "trainer.max_steps": 2,
+            "checkpoint.every_n_steps": 2,
+        },
+    )
     run(cfg)
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in
-                                 ("def main(", "import os", "class A:")) + "\n")
+    prompts.write_text(
+        "\n".join(json.dumps({"prompt": p}) for p in ("def main(", "import os", "class A:")) + "\n"
+    )
     run_dir = str(tmp_path / "runs" / "lm")
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     args = ["--prompts", str(prompts), "--max-new-tokens", "6", "--temperature", "0.9"]
@@ -134,19 +170,22 @@ def test_predict_generates_for_prompts_the_same_in_any_process_count(tmp_path):
     assert read(one) == a  # seeded: the same text again
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--run", "/nonexistent/run"], "no such run folder"),
-    (["--run", "{run}x"], "no such run folder; did you mean {run}?"),
-    (["--run", "{empty}"], "not a run folder"),
-    (["--run", "{uncommitted}"], "holds no committed checkpoint"),
-    (["--run", "{run}", "--out", "p.txt"], "write .jsonl, .csv or .npy"),
-    (["--run", "{run}", "--data", "type=nope"], "data.type"),
-    (["--run", "{run}", "--data", "nokey"], "is not KEY=VALUE"),
-    (["--run", "{run}", "--batch-size", "0"], "below 1"),
-    (["--run", "{run}", "--device", "cuda:9"], "--device: cuda:9 does not exist here"),
-    (["--run", "{run}", "--prompts", "/nonexistent.txt"], "no such file"),
-    (["--checkpoint", "{run}/checkpoints/step_00000007"], "no such checkpoint"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--run", "/nonexistent/run"], "no such run folder"),
+        (["--run", "{run}x"], "no such run folder; did you mean {run}?"),
+        (["--run", "{empty}"], "not a run folder"),
+        (["--run", "{uncommitted}"], "holds no committed checkpoint"),
+        (["--run", "{run}", "--out", "p.txt"], "write .jsonl, .csv or .npy"),
+        (["--run", "{run}", "--data", "type=nope"], "data.type"),
+        (["--run", "{run}", "--data", "nokey"], "is not KEY=VALUE"),
+        (["--run", "{run}", "--batch-size", "0"], "below 1"),
+        (["--run", "{run}", "--device", "cuda:9"], "--device: cuda:9 does not exist here"),
+        (["--run", "{run}", "--prompts", "/nonexistent.txt"], "no such file"),
+        (["--checkpoint", "{run}/checkpoints/step_00000007"], "no such checkpoint"),
+    ],
+)
 def test_bad_predict_input_is_one_line_exit_2(digits_run, tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()
     unc = tmp_path / "uncommitted"

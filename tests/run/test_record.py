@@ -1,4 +1,5 @@
 """A rerun never lies and never rewrites history: resume, extend, refuse, and a new folder."""
+
 from __future__ import annotations
 
 import hashlib
@@ -7,19 +8,26 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import metrics
+
 from src.core.errors import ConfigError
 from src.main import main
 from src.run.record import decide, differences
 
-BASE = ["trainer.max_steps=20", "trainer.log_every=5", "checkpoint.every_n_steps=10",
-        "scheduler={type: warmup_cosine, warmup_steps: 2}"]
+BASE = [
+    "trainer.max_steps=20",
+    "trainer.log_every=5",
+    "checkpoint.every_n_steps=10",
+    "scheduler={type: warmup_cosine, warmup_steps: 2}",
+]
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -79,8 +87,19 @@ def test_a_failed_resume_leaves_the_folder_byte_identical(trained, capsys):
 def test_a_checkpoint_of_another_model_creates_no_folder(trained, tmp_path, capsys):
     cfg, run_dir = trained
     ckpt = run_dir / "checkpoints/step_00000020"
-    assert main(["--config", str(cfg), *BASE, "name=other", "model.hidden=[7]",
-                 f"checkpoint.resume={ckpt}"]) == 2
+    assert (
+        main(
+            [
+                "--config",
+                str(cfg),
+                *BASE,
+                "name=other",
+                "model.hidden=[7]",
+                f"checkpoint.resume={ckpt}",
+            ]
+        )
+        == 2
+    )
     assert "error:" in capsys.readouterr().err
     assert not (tmp_path / "runs/other").exists()
 
@@ -98,8 +117,11 @@ def test_new_run_trains_in_the_next_free_folder(trained, tmp_path, capsys):
 def test_decisions_for_strategies_and_extend_keys(tmp_path):
     run_dir = tmp_path / "r"
     run_dir.mkdir()
-    old = {"strategy": {"type": "single"}, "optimizer": {"type": "adamw", "lr": 0.1},
-           "trainer": {"max_steps": 10, "log_every": 5}}
+    old = {
+        "strategy": {"type": "single"},
+        "optimizer": {"type": "adamw", "lr": 0.1},
+        "trainer": {"max_steps": 10, "log_every": 5},
+    }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
     (run_dir / "run_info.json").write_text(json.dumps({"derived": {"total_steps": 10}}))
 

@@ -1,6 +1,7 @@
 """sweep: the space is checked before any trial; a grid runs its product; trials are ordinary runs;
 a killed sweep continues to its budget; processes and ranks share one study; best.yaml retrains
 the best trial to the same metric."""
+
 from __future__ import annotations
 
 import csv
@@ -14,21 +15,29 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, make_config
 from helpers import metrics, torchrun
+
 from src.main import main
 
 
-def sweep_file(tmp: Path, changes: dict | None = None, experiment: dict | None = None,
-               name: str = "s") -> Path:
+def sweep_file(
+    tmp: Path, changes: dict | None = None, experiment: dict | None = None, name: str = "s"
+) -> Path:
     """A sweep over the tiny MLP config (20 steps, evaluated every 10); a change to None
     removes that key."""
     exp = make_config(tmp, {"trainer.eval_every_n_steps": 10, **(experiment or {})})
-    data = {"name": name, "experiment": exp.name, "metric": "val/accuracy",
-            "method": "random", "trials": 3,
-            "space": {"optimizer.lr": {"loguniform": [1e-3, 3e-2]},
-                      "model.hidden": {"choice": [[16], [32, 16]]}}}
+    data = {
+        "name": name,
+        "experiment": exp.name,
+        "metric": "val/accuracy",
+        "method": "random",
+        "trials": 3,
+        "space": {
+            "optimizer.lr": {"loguniform": [1e-3, 3e-2]},
+            "model.hidden": {"choice": [[16], [32, 16]]},
+        },
+    }
     data.update(changes or {})
     data = {k: v for k, v in data.items() if v is not None}
     path = tmp / f"{name}.yaml"
@@ -43,35 +52,56 @@ def rows(tmp: Path, name: str = "s") -> list[dict]:
 
 def sweep_cli(*args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "src.main", "sweep", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "src.main", "sweep", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 # ------------------------------------------------------------------ the space, before any trial
 
 BAD = [
-    ({"space": {"optimizer.lrr": {"loguniform": [1e-3, 1e-2]}}},
-     "space.optimizer.lrr = 0.001: optimizer.lrr: unknown key; did you mean 'lr'?"),
-    ({"space": {"data.batch_size": {"choice": [16, 0]}}},
-     "space.data.batch_size = 0: data.batch_size: Input should be greater than 0"),
-    ({"space": {"optimizer.lr": {"uniform": [0.1, 0.01]}}},
-     "space.optimizer.lr: uniform: low 0.1 must be below high 0.01"),
-    ({"space": {"optimizer.lr": {"uniform": [0.1, 0.2], "choice": [1]}}},
-     "space.optimizer.lr: give exactly one of uniform, loguniform, int, choice"),
-    ({"space": {"optimizer.lr": {"loguniform": [0.0, 0.1]}}},
-     "space.optimizer.lr: loguniform: a log scale needs low > 0"),
+    (
+        {"space": {"optimizer.lrr": {"loguniform": [1e-3, 1e-2]}}},
+        "space.optimizer.lrr = 0.001: optimizer.lrr: unknown key; did you mean 'lr'?",
+    ),
+    (
+        {"space": {"data.batch_size": {"choice": [16, 0]}}},
+        "space.data.batch_size = 0: data.batch_size: Input should be greater than 0",
+    ),
+    (
+        {"space": {"optimizer.lr": {"uniform": [0.1, 0.01]}}},
+        "space.optimizer.lr: uniform: low 0.1 must be below high 0.01",
+    ),
+    (
+        {"space": {"optimizer.lr": {"uniform": [0.1, 0.2], "choice": [1]}}},
+        "space.optimizer.lr: give exactly one of uniform, loguniform, int, choice",
+    ),
+    (
+        {"space": {"optimizer.lr": {"loguniform": [0.0, 0.1]}}},
+        "space.optimizer.lr: loguniform: a log scale needs low > 0",
+    ),
     ({"space": {"optimizer.lr": {"normal": [0, 1]}}}, "space.optimizer.lr.normal: unknown key"),
     ({"space": {"model.hidden": {"choice": []}}}, "space.model.hidden: choice: the list is empty"),
     ({"space": {"model.hidden": {"choice": [[16], [16]]}}}, "repeats a value"),
     ({"method": "grid"}, "space.optimizer.lr: method grid needs finite axes"),
     ({"trials": None}, "trials: required for method random"),
-    ({"pruner": {"type": "median", "warmup": 3}},
-     "pruner.warmup: not an option of MedianPruner (options: n_startup_trials, n_warmup_steps"),
+    (
+        {"pruner": {"type": "median", "warmup": 3}},
+        "pruner.warmup: not an option of MedianPruner (options: n_startup_trials, n_warmup_steps",
+    ),
     ({"pruner": {"type": "hyperbnd"}}, "pruner.type: Input should be 'none', 'median'"),
     ({"sampler": {"n_startup": 3}, "method": "tpe"}, "sampler.n_startup: not an option of TPE"),
     ({"direction": "up"}, "direction: Input should be 'maximize' or 'minimize'"),
-    ({"method": "grid", "sampler": {"seed": 1},
-      "space": {"optimizer.lr": {"choice": [0.01]}}}, "sampler: a grid takes no sampler options"),
+    (
+        {"method": "grid", "sampler": {"seed": 1}, "space": {"optimizer.lr": {"choice": [0.01]}}},
+        "sampler: a grid takes no sampler options",
+    ),
     ({"storage": "nosuchdb://x/y"}, "storage: cannot open 'nosuchdb://x/y'"),
     ({"experiment": "nothere.yaml"}, "nothere.yaml: config file not found"),
 ]
@@ -87,9 +117,16 @@ def test_a_bad_sweep_is_one_line_exit_2_and_writes_nothing(changes, line, tmp_pa
 
 
 def test_every_problem_of_the_space_at_once(tmp_path, capsys):
-    path = sweep_file(tmp_path, {"space": {"optimizer.lrr": {"uniform": [0.1, 0.2]},
-                                           "model.dropout": {"uniform": [0.0, 1.5]},
-                                           "model.hidden": {"choice": [[16], "wide"]}}})
+    path = sweep_file(
+        tmp_path,
+        {
+            "space": {
+                "optimizer.lrr": {"uniform": [0.1, 0.2]},
+                "model.dropout": {"uniform": [0.0, 1.5]},
+                "model.hidden": {"choice": [[16], "wide"]},
+            }
+        },
+    )
     assert main(["sweep", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "space.optimizer.lrr = 0.1" in err and "space.model.dropout = 1.5" in err
@@ -99,8 +136,10 @@ def test_every_problem_of_the_space_at_once(tmp_path, capsys):
 def test_a_sweep_file_given_to_the_training_command_says_how_to_run_it(tmp_path, capsys):
     path = sweep_file(tmp_path)
     assert main(["--config", str(path)]) == 2
-    assert f"is a sweep file; run it with python -m src.main sweep --config {path}" in \
-        capsys.readouterr().err
+    assert (
+        f"is a sweep file; run it with python -m src.main sweep --config {path}"
+        in capsys.readouterr().err
+    )
 
 
 def test_status_of_a_sweep_that_never_ran(tmp_path, capsys):
@@ -117,10 +156,20 @@ def test_a_metric_the_run_does_not_log_stops_the_sweep_naming_those_it_does(tmp_
 
 # ------------------------------------------------------------------ trials
 
+
 def test_a_grid_runs_exactly_the_product_of_its_axes(tmp_path, capsys):
-    path = sweep_file(tmp_path, {"method": "grid", "trials": 50, "space": {
-        "optimizer.lr": {"choice": [0.001, 0.01, 0.03]},
-        "model.hidden": {"choice": [[16], [32, 16]]}}}, {"trainer.max_steps": 4})
+    path = sweep_file(
+        tmp_path,
+        {
+            "method": "grid",
+            "trials": 50,
+            "space": {
+                "optimizer.lr": {"choice": [0.001, 0.01, 0.03]},
+                "model.hidden": {"choice": [[16], [32, 16]]},
+            },
+        },
+        {"trainer.max_steps": 4},
+    )
     assert main(["sweep", "--config", str(path)]) == 0
     got = rows(tmp_path)
     assert [r["state"] for r in got] == ["complete"] * 6
@@ -174,12 +223,20 @@ def test_cli_overrides_go_to_the_sweep_or_to_every_trial(tmp_path):
 
 # ------------------------------------------------------------------ interrupted sweeps
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT],
-                         ids=["kill-9", "sigterm", "sigint"])
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["kill-9", "sigterm", "sigint"]
+)
 def test_a_killed_sweep_run_again_reaches_its_budget_without_duplicates(sig, tmp_path):
-    path = sweep_file(tmp_path, {"trials": 3}, {"trainer.max_steps": 400,
-                                                "trainer.eval_every_n_steps": 100,
-                                                "checkpoint.every_n_steps": 20})
+    path = sweep_file(
+        tmp_path,
+        {"trials": 3},
+        {
+            "trainer.max_steps": 400,
+            "trainer.eval_every_n_steps": 100,
+            "checkpoint.every_n_steps": 20,
+        },
+    )
     proc = sweep_cli("--config", str(path))
     second = tmp_path / "runs" / "s" / "trial_1" / "checkpoints"
     deadline = time.time() + 120
@@ -204,6 +261,7 @@ def test_a_killed_sweep_run_again_reaches_its_budget_without_duplicates(sig, tmp
 
 # ------------------------------------------------------------------ many processes
 
+
 def test_two_sweep_commands_share_one_sqlite_study(tmp_path):
     path = sweep_file(tmp_path, {"trials": 6}, {"trainer.max_steps": 300})
     first = sweep_cli("--config", str(path))
@@ -220,8 +278,9 @@ def test_two_sweep_commands_share_one_sqlite_study(tmp_path):
     assert len({r["run"] for r in got}) == 6
     import optuna
 
-    study = optuna.load_study(study_name="s",
-                              storage=f"sqlite:///{tmp_path / 'runs' / 's' / 'study.db'}")
+    study = optuna.load_study(
+        study_name="s", storage=f"sqlite:///{tmp_path / 'runs' / 's' / 'study.db'}"
+    )
     pids = {t.user_attrs["pid"] for t in study.trials if t.state.name == "COMPLETE"}
     assert pids == {first.pid, second.pid}, outs  # both commands ran trials
     assert sum(t.state.name != "FAIL" for t in study.trials) == 6
@@ -238,8 +297,11 @@ def test_workers_run_trials_in_parallel_processes(tmp_path):
 
 
 def test_distributed_trials_use_the_same_parameters_on_every_rank(tmp_path):
-    path = sweep_file(tmp_path, {"trials": 3, "pruner": {"type": "threshold", "lower": 2.0}},
-                      {"strategy": {"type": "ddp"}})
+    path = sweep_file(
+        tmp_path,
+        {"trials": 3, "pruner": {"type": "threshold", "lower": 2.0}},
+        {"strategy": {"type": "ddp"}},
+    )
     out = torchrun(2, "sweep", "--config", str(path)).stdout
     seen: dict[str, dict[int, str]] = {}
     for line in out.splitlines():
@@ -258,22 +320,24 @@ def test_an_experiment_config_given_to_sweep_says_what_a_sweep_file_is(tmp_path,
     assert main(["sweep", "--config", str(exp)]) == 2
     assert capsys.readouterr().err.strip() == (
         f"error: {exp}: is an experiment config, not a sweep file; a sweep file names it "
-        "(experiment: ...) with a metric and a space, as configs/sweep_exp001.yaml does")
+        "(experiment: ...) with a metric and a space, as configs/sweep_exp001.yaml does"
+    )
     path = sweep_file(tmp_path, {"experiment": None})
     assert main(["sweep", "--config", str(path)]) == 2
     assert capsys.readouterr().err.strip() == f"error: {path}: experiment: required but not given"
 
 
 def test_the_budget_counts_running_trials_and_a_dead_owners_trial_is_retried_in_its_folder(
-        tmp_path):
+    tmp_path,
+):
     """What another process left in the study: a trial running in a live process counts toward
     the budget; one whose process is gone is failed and asked again, with its parameters and its
     run folder."""
     import socket
 
     from src.run.sweep import Sweep
-    from src.run.sweep_study import open_study
     from src.run.sweep_config import load_sweep
+    from src.run.sweep_study import open_study
 
     path = sweep_file(tmp_path, {"trials": 2})
     sweep, experiment, overrides = load_sweep(path)
@@ -284,7 +348,7 @@ def test_the_budget_counts_running_trials_and_a_dead_owners_trial_is_retried_in_
     for pid in (1, dead.pid):  # pid 1 is alive: it is not ours, so it stays running
         t = study.ask()
         t.suggest_float("optimizer.lr", 1e-3, 3e-2, log=True)
-        t.suggest_categorical("model.hidden", ['[16]', '[32, 16]'])
+        t.suggest_categorical("model.hidden", ["[16]", "[32, 16]"])
         t.set_user_attr("host", socket.gethostname())
         t.set_user_attr("pid", pid)
         t.set_user_attr("run", f"trial_{t.number}")
@@ -301,12 +365,21 @@ def test_the_budget_counts_running_trials_and_a_dead_owners_trial_is_retried_in_
 def test_an_interrupted_grid_point_runs_again_in_its_folder_and_the_grid_stays_exact(tmp_path):
     import socket
 
-    from src.run.sweep_study import grid_points, open_study
     from src.run.sweep_config import load_sweep
+    from src.run.sweep_study import grid_points, open_study
 
-    path = sweep_file(tmp_path, {"method": "grid", "trials": None, "space": {
-        "optimizer.lr": {"choice": [0.001, 0.01]}, "model.hidden": {"choice": [[16], [32, 16]]}}},
-        {"trainer.max_steps": 4})
+    path = sweep_file(
+        tmp_path,
+        {
+            "method": "grid",
+            "trials": None,
+            "space": {
+                "optimizer.lr": {"choice": [0.001, 0.01]},
+                "model.hidden": {"choice": [[16], [32, 16]]},
+            },
+        },
+        {"trainer.max_steps": 4},
+    )
     sweep, _, _ = load_sweep(path)
     study = open_study(sweep, tmp_path / "runs" / "s", create=True)
     points = grid_points(sweep)
@@ -316,15 +389,18 @@ def test_an_interrupted_grid_point_runs_again_in_its_folder_and_the_grid_stays_e
     study.enqueue_trial(points[2])  # a point whose process died while it trained
     t = study.ask()
     t.suggest_categorical("optimizer.lr", [0.001, 0.01])
-    t.suggest_categorical("model.hidden", ['[16]', '[32, 16]'])
+    t.suggest_categorical("model.hidden", ["[16]", "[32, 16]"])
     for k, v in {"host": socket.gethostname(), "pid": dead.pid, "run": "trial_0"}.items():
         t.set_user_attr(k, v)
     assert main(["sweep", "--config", str(path)]) == 0
     got = rows(tmp_path)
     assert [r["state"] for r in got] == ["complete"] * 4
-    assert {(float(r["optimizer.lr"]), r["model.hidden"]) for r in got} == \
-        {(lr, h) for lr in (0.001, 0.01) for h in ("[16]", "[32, 16]")}
+    assert {(float(r["optimizer.lr"]), r["model.hidden"]) for r in got} == {
+        (lr, h) for lr in (0.001, 0.01) for h in ("[16]", "[32, 16]")
+    }
     retry = next(r for r in got if r["retry_of"] == "0")
     assert retry["run"] == "trial_0"
-    assert (float(retry["optimizer.lr"]), retry["model.hidden"]) == \
-        (points[2]["optimizer.lr"], points[2]["model.hidden"])
+    assert (float(retry["optimizer.lr"]), retry["model.hidden"]) == (
+        points[2]["optimizer.lr"],
+        points[2]["model.hidden"],
+    )

@@ -4,6 +4,7 @@ Hooks receive the trainer, whose public attributes (``step``, ``epoch``, ``task`
 ``strategy``, ``should_stop``, ``run_dir``) are theirs to read; ``should_stop = True`` ends the
 run after the current step. ``state_dict`` is saved with every checkpoint.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional

@@ -1,4 +1,5 @@
 """Log the peak CUDA memory of each logging interval."""
+
 from __future__ import annotations
 
 import torch

@@ -1,7 +1,9 @@
 """Exponential moving average of the weights, optionally used for evaluation; checkpointed."""
+
 from __future__ import annotations
 
 from typing import Annotated
+
 import torch
 from pydantic import Field
 
@@ -33,14 +35,23 @@ class EMA(Callback):
 
     def __init__(
         self,
-        decay: Annotated[float, Field(
-            gt=0, lt=1, description="the average's decay per step")] = 0.999,
-        use_for_eval: Annotated[bool, Field(
-            description="evaluate with the averaged weights (the training weights are restored "
-                        "after)")] = True,
-        warmup: Annotated[bool, Field(
-            description="a smaller decay early on (min(decay, (1 + n) / (10 + n))), so the average "
-                        "follows the first steps")] = True,
+        decay: Annotated[
+            float, Field(gt=0, lt=1, description="the average's decay per step")
+        ] = 0.999,
+        use_for_eval: Annotated[
+            bool,
+            Field(
+                description="evaluate with the averaged weights (the training weights are restored "
+                "after)"
+            ),
+        ] = True,
+        warmup: Annotated[
+            bool,
+            Field(
+                description="a smaller decay early on (min(decay, (1 + n) / (10 + n))), so the average "
+                "follows the first steps"
+            ),
+        ] = True,
     ):
         self.decay, self.use_for_eval, self.warmup = decay, use_for_eval, warmup
         self.updates = 0

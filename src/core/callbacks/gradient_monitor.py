@@ -1,8 +1,9 @@
 """Watch gradient norms: the largest per interval, per-layer norms, and a warning on explosions."""
+
 from __future__ import annotations
 
-from typing import Annotated
 import warnings
+from typing import Annotated
 
 import torch
 from pydantic import Field
@@ -20,12 +21,17 @@ class GradientMonitor(Callback):
 
     def __init__(
         self,
-        explosion_factor: Annotated[float, Field(
-            gt=1,
-            description="warn when an interval's largest norm exceeds this many times the running "
-                        "average of earlier intervals")] = 10.0,
-        per_layer: Annotated[bool, Field(
-            description="also log grad_norm/<parameter> on log steps")] = False,
+        explosion_factor: Annotated[
+            float,
+            Field(
+                gt=1,
+                description="warn when an interval's largest norm exceeds this many times the running "
+                "average of earlier intervals",
+            ),
+        ] = 10.0,
+        per_layer: Annotated[
+            bool, Field(description="also log grad_norm/<parameter> on log steps")
+        ] = False,
     ):
         self.factor, self.per_layer = explosion_factor, per_layer
         self.max_norm = None
@@ -33,11 +39,17 @@ class GradientMonitor(Callback):
         self.layer_norms: dict[str, float] = {}
 
     def on_before_optimizer_step(self, trainer, grad_norm: torch.Tensor) -> None:
-        self.max_norm = grad_norm.detach() if self.max_norm is None else \
-            torch.maximum(self.max_norm, grad_norm.detach())
+        self.max_norm = (
+            grad_norm.detach()
+            if self.max_norm is None
+            else torch.maximum(self.max_norm, grad_norm.detach())
+        )
         if self.per_layer and (trainer.step + 1) % trainer.cfg.log_every == 0:
-            self.layer_norms = {n: p.grad.detach().norm().item()
-                                for n, p in trainer.task.named_parameters() if p.grad is not None}
+            self.layer_norms = {
+                n: p.grad.detach().norm().item()
+                for n, p in trainer.task.named_parameters()
+                if p.grad is not None
+            }
 
     def on_log(self, trainer, metrics: dict[str, float]) -> None:
         if self.max_norm is None or "train/grad_norm" not in metrics:
@@ -48,8 +60,11 @@ class GradientMonitor(Callback):
         for name, v in self.layer_norms.items():
             metrics[f"grad_norm/{name}"] = v
         if self.average is not None and peak > self.factor * self.average:
-            warnings.warn(f"step {trainer.step}: gradient norm {peak:.3g} is "
-                          f"{peak / self.average:.1f}x its running average", stacklevel=2)
+            warnings.warn(
+                f"step {trainer.step}: gradient norm {peak:.3g} is "
+                f"{peak / self.average:.1f}x its running average",
+                stacklevel=2,
+            )
         mean = metrics["train/grad_norm"]
         self.average = mean if self.average is None else 0.9 * self.average + 0.1 * mean
 

@@ -1,4 +1,5 @@
 """Learning-rate range test (Smith, 2017) before training; model and optimizer are restored after."""
+
 from __future__ import annotations
 
 import copy
@@ -13,8 +14,9 @@ from src.core.registry import CALLBACKS
 from src.core.seeding import rng_state, set_rng_state
 
 
-def suggest_lr(lrs: list[float], losses: list[float], skip_start: int = 5, skip_end: int = 2
-               ) -> Optional[float]:
+def suggest_lr(
+    lrs: list[float], losses: list[float], skip_start: int = 5, skip_end: int = 2
+) -> Optional[float]:
     """The lr where the smoothed loss falls fastest (steepest negative slope in log-lr)."""
     lo, hi = skip_start, max(len(lrs) - skip_end, skip_start + 2)
     xs, ys = [math.log10(x) for x in lrs[lo:hi]], losses[lo:hi]
@@ -38,15 +40,19 @@ class LRFinder(Callback):
         self,
         min_lr: Annotated[float, Field(gt=0, description="first lr of the sweep")] = 1e-7,
         max_lr: Annotated[float, Field(gt=0, description="last lr of the sweep")] = 1.0,
-        num_steps: Annotated[int, Field(
-            ge=5,
-            description="steps of the sweep (real optimizer steps, undone afterwards)")] = 100,
-        early_stop_threshold: Annotated[float, Field(
-            gt=1,
-            description="stop when the smoothed loss exceeds this multiple of the best")] = 4.0,
-        smoothing: Annotated[float, Field(
-            ge=0, lt=1,
-            description="weight of each new loss in the running average")] = 0.05,
+        num_steps: Annotated[
+            int,
+            Field(ge=5, description="steps of the sweep (real optimizer steps, undone afterwards)"),
+        ] = 100,
+        early_stop_threshold: Annotated[
+            float,
+            Field(
+                gt=1, description="stop when the smoothed loss exceeds this multiple of the best"
+            ),
+        ] = 4.0,
+        smoothing: Annotated[
+            float, Field(ge=0, lt=1, description="weight of each new loss in the running average")
+        ] = 0.05,
         apply: Annotated[bool, Field(description="set the suggested lr for the run")] = False,
     ):
         self.min_lr, self.max_lr, self.num_steps = min_lr, max_lr, num_steps
@@ -96,14 +102,16 @@ class LRFinder(Callback):
             except StopIteration:
                 batches = iter(loader)
                 batch = next(batches)
-            lr = self.min_lr * ratio ** i
+            lr = self.min_lr * ratio**i
             for g in trainer.optimizer.param_groups:
                 g["lr"] = lr
             out = trainer.train_step(trainer.strategy.to_device(batch), True, 1)
             trainer.strategy.optimizer_step(trainer.optimizer, trainer.scaler)
             trainer.strategy.zero_grad(trainer.optimizer)
             loss = float(out["loss"])
-            smooth = loss if smooth is None else self.smoothing * loss + (1 - self.smoothing) * smooth
+            smooth = (
+                loss if smooth is None else self.smoothing * loss + (1 - self.smoothing) * smooth
+            )
             lrs.append(lr)
             losses.append(smooth)
             best = min(best, smooth)
@@ -117,16 +125,18 @@ class LRFinder(Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        (run_dir / "lr_finder.json").write_text(json.dumps(
-            {"suggested_lr": self.suggested, "lr": lrs, "loss": losses}))
+        (run_dir / "lr_finder.json").write_text(
+            json.dumps({"suggested_lr": self.suggested, "lr": lrs, "loss": losses})
+        )
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(lrs, losses)
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("loss (smoothed)")
         if self.suggested:
-            ax.axvline(self.suggested, color="red", linestyle="--",
-                       label=f"suggested {self.suggested:.2e}")
+            ax.axvline(
+                self.suggested, color="red", linestyle="--", label=f"suggested {self.suggested:.2e}"
+            )
             ax.legend()
         fig.tight_layout()
         fig.savefig(run_dir / "lr_finder.png", dpi=100)

@@ -1,7 +1,9 @@
 """Log the learning rate (and momentum) of every parameter group."""
+
 from __future__ import annotations
 
 from typing import Annotated
+
 from pydantic import Field
 
 from src.core.callbacks.base import Callback
@@ -14,8 +16,9 @@ class LRMonitor(Callback):
 
     def __init__(
         self,
-        log_momentum: Annotated[bool, Field(
-            description="also log each group's momentum (or beta1)")] = False,
+        log_momentum: Annotated[
+            bool, Field(description="also log each group's momentum (or beta1)")
+        ] = False,
     ):
         self.log_momentum = log_momentum
 

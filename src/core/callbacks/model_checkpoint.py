@@ -1,4 +1,5 @@
 """Keep the best checkpoints by a validation metric (Lightning's ModelCheckpoint)."""
+
 from __future__ import annotations
 
 from typing import Annotated, Literal
@@ -19,10 +20,12 @@ class ModelCheckpoint(Callback):
 
     def __init__(
         self,
-        monitor: Annotated[str, Field(
-            description="the metric that ranks checkpoints")] = "val/loss",
-        mode: Annotated[Literal["min", "max"], Field(
-            description="min or max of the monitored metric is best")] = "min",
+        monitor: Annotated[
+            str, Field(description="the metric that ranks checkpoints")
+        ] = "val/loss",
+        mode: Annotated[
+            Literal["min", "max"], Field(description="min or max of the monitored metric is best")
+        ] = "min",
         top_k: Annotated[int, Field(ge=1, description="best checkpoints kept")] = 1,
     ):
         self.monitor, self.mode, self.top_k = monitor, mode, top_k

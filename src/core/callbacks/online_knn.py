@@ -1,7 +1,9 @@
 """Weighted k-NN accuracy of validation features against a queue of recent training features."""
+
 from __future__ import annotations
 
 from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -19,10 +21,12 @@ class OnlineKNN(Callback):
     def __init__(
         self,
         k: Annotated[int, Field(ge=1, description="neighbours that vote")] = 20,
-        temperature: Annotated[float, Field(
-            gt=0, description="vote weight exp(similarity / temperature)")] = 0.07,
-        queue_size: Annotated[int, Field(
-            ge=1, description="training features kept as the memory")] = 4096,
+        temperature: Annotated[
+            float, Field(gt=0, description="vote weight exp(similarity / temperature)")
+        ] = 0.07,
+        queue_size: Annotated[
+            int, Field(ge=1, description="training features kept as the memory")
+        ] = 4096,
     ):
         self.k, self.t, self.size = k, temperature, queue_size
         self.bank = self.bank_labels = None
@@ -47,7 +51,7 @@ class OnlineKNN(Callback):
         feats, labels = outputs.get("features"), outputs.get("labels")
         if self.bank is None or feats is None or labels is None or self.filled == 0:
             return
-        bank, bank_labels = self.bank[:self.filled], self.bank_labels[:self.filled]
+        bank, bank_labels = self.bank[: self.filled], self.bank_labels[: self.filled]
         sim = F.normalize(feats.float(), dim=1) @ bank.T  # (B, M); B may be 0 (padding batch)
         top, idx = sim.topk(min(self.k, self.filled), dim=1)
         weights = (top / self.t).exp()
@@ -64,8 +68,12 @@ class OnlineKNN(Callback):
     def state_dict(self) -> dict:
         if self.bank is None:
             return {}
-        return {"bank": self.bank.cpu(), "labels": self.bank_labels.cpu(), "ptr": self.ptr,
-                "filled": self.filled}
+        return {
+            "bank": self.bank.cpu(),
+            "labels": self.bank_labels.cpu(),
+            "ptr": self.ptr,
+            "filled": self.filled,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state:

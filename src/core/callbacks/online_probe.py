@@ -1,5 +1,6 @@
 """A linear classifier trained online on detached features: how linearly separable the
 representation is, while it is being learned."""
+
 from __future__ import annotations
 
 from typing import Annotated, Optional
@@ -21,10 +22,12 @@ class OnlineLinearProbe(Callback):
 
     def __init__(
         self,
-        lr: Annotated[float, Field(
-            gt=0, description="learning rate of the probe's own AdamW")] = 1e-2,
-        weight_decay: Annotated[float, Field(
-            ge=0, description="weight decay of the probe's AdamW")] = 0.0,
+        lr: Annotated[
+            float, Field(gt=0, description="learning rate of the probe's own AdamW")
+        ] = 1e-2,
+        weight_decay: Annotated[
+            float, Field(ge=0, description="weight decay of the probe's AdamW")
+        ] = 0.0,
     ):
         self.lr, self.weight_decay = lr, weight_decay
         self.probe: Optional[torch.nn.Linear] = None
@@ -35,16 +38,18 @@ class OnlineLinearProbe(Callback):
 
     def _build(self, dim: int, classes: int, device) -> None:
         self.probe = torch.nn.Linear(dim, classes).to(device)
-        self.opt = torch.optim.AdamW(self.probe.parameters(), lr=self.lr,
-                                     weight_decay=self.weight_decay)
+        self.opt = torch.optim.AdamW(
+            self.probe.parameters(), lr=self.lr, weight_decay=self.weight_decay
+        )
         if self._pending:  # restored from a checkpoint before the sizes were known
             self.probe.load_state_dict(self._pending["probe"])
             self.opt.load_state_dict(self._pending["opt"])
             self._pending = None
 
     def on_fit_start(self, trainer) -> None:
-        self.classes = trainer.run_info.get("params", {}).get("data.num_classes") or \
-            getattr(trainer.task, "num_classes", None)
+        self.classes = trainer.run_info.get("params", {}).get("data.num_classes") or getattr(
+            trainer.task, "num_classes", None
+        )
 
     def on_step_end(self, trainer, outputs) -> None:
         feats, labels = outputs.get("features"), outputs.get("labels")

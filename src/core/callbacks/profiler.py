@@ -9,6 +9,7 @@ Writes ``<run>/profiler/trace_<step>.json`` (open in chrome://tracing or ui.perf
 ``<run>/profiler/oom_snapshot.pickle`` (drag it into pytorch.org/memory_viz). Without this callback
 nothing of the profiler runs.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,16 +37,25 @@ class Profiler(Callback):
         record_shapes: Annotated[bool, Field(description="record input shapes")] = False,
         profile_memory: Annotated[bool, Field(description="track tensor memory")] = False,
         with_stack: Annotated[bool, Field(description="record Python stacks (slower)")] = False,
-        sort_by: Annotated[str, Field(description=(
-            "column of the top-ops table (self_cpu_time_total, cuda_time_total, ...)"))] = "",
+        sort_by: Annotated[
+            str,
+            Field(
+                description=(
+                    "column of the top-ops table (self_cpu_time_total, cuda_time_total, ...)"
+                )
+            ),
+        ] = "",
         row_limit: Annotated[int, Field(gt=0, description="rows of the top-ops table")] = 15,
-        memory_snapshot: Annotated[bool, Field(description=(
-            "CUDA only: record allocations; dump a snapshot on out-of-memory"))] = False,
+        memory_snapshot: Annotated[
+            bool,
+            Field(description=("CUDA only: record allocations; dump a snapshot on out-of-memory")),
+        ] = False,
     ):
         self.schedule = dict(wait=wait, warmup=warmup, active=active, repeat=repeat)
         self.ranks, self.sort_by, self.row_limit = list(ranks), sort_by, row_limit
-        self.options = dict(record_shapes=record_shapes, profile_memory=profile_memory,
-                            with_stack=with_stack)
+        self.options = dict(
+            record_shapes=record_shapes, profile_memory=profile_memory, with_stack=with_stack
+        )
         self.memory_snapshot = memory_snapshot
         self.prof: Optional[torch.profiler.profile] = None
         self.out: Optional[Path] = None
@@ -61,14 +71,16 @@ class Profiler(Callback):
         cuda = trainer.strategy.device.type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         tensorboard = torch.profiler.tensorboard_trace_handler(
-            str(self.out / "tensorboard"), worker_name=f"rank{trainer.strategy.rank}")
+            str(self.out / "tensorboard"), worker_name=f"rank{trainer.strategy.rank}"
+        )
 
         def ready(prof) -> None:  # kineto saves a trace once: the TensorBoard file is a
             import shutil  # Chrome trace too, copied under a plain name
 
             tensorboard(prof)
-            written = max((self.out / "tensorboard").glob("*.pt.trace.json*"),
-                          key=lambda p: p.stat().st_mtime)
+            written = max(
+                (self.out / "tensorboard").glob("*.pt.trace.json*"), key=lambda p: p.stat().st_mtime
+            )
             gz = ".gz" if written.name.endswith(".gz") else ""
             path = self.out / f"trace_{trainer.step}.json{gz}"
             shutil.copyfile(written, path)
@@ -77,8 +89,12 @@ class Profiler(Callback):
         if cuda and self.memory_snapshot:
             _snapshot_on_oom(self.out / "oom_snapshot.pickle")
         self.sort_by = self.sort_by or ("cuda_time_total" if cuda else "self_cpu_time_total")
-        self.prof = profile(activities=activities, schedule=schedule(**self.schedule),
-                            on_trace_ready=ready, **self.options)
+        self.prof = profile(
+            activities=activities,
+            schedule=schedule(**self.schedule),
+            on_trace_ready=ready,
+            **self.options,
+        )
         self.prof.start()
 
     def on_step_end(self, trainer, outputs) -> None:
@@ -97,8 +113,11 @@ class Profiler(Callback):
         if table:
             (self.out / "top_ops.txt").write_text(table + "\n")
             where = ", ".join(str(p) for p in self.traces[-1:])
-            print(f"profiler: top ops by {self.sort_by} (trace {where}; "
-                  f"tensorboard --logdir {self.out / 'tensorboard'})\n{table}", flush=True)
+            print(
+                f"profiler: top ops by {self.sort_by} (trace {where}; "
+                f"tensorboard --logdir {self.out / 'tensorboard'})\n{table}",
+                flush=True,
+            )
 
 
 def _snapshot_on_oom(path: Path) -> None:

@@ -1,7 +1,9 @@
 """A rich progress bar with ETA and the latest loss."""
+
 from __future__ import annotations
 
 from typing import Annotated
+
 from pydantic import Field
 
 from src.core.callbacks.base import Callback
@@ -23,14 +25,27 @@ class RichProgressBar(Callback):
     def on_fit_start(self, trainer) -> None:
         if not trainer.strategy.is_main:
             return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
-                                 TimeRemainingColumn(), transient=self.transient)
-        self.task_id = self.progress.add_task("train", total=trainer.max_steps,
-                                              completed=trainer.step)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            transient=self.transient,
+        )
+        self.task_id = self.progress.add_task(
+            "train", total=trainer.max_steps, completed=trainer.step
+        )
         self.progress.start()
 
     def on_step_end(self, trainer, outputs) -> None:

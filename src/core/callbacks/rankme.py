@@ -1,4 +1,5 @@
 """RankMe (Garrido et al., 2023): the effective rank of the validation embeddings."""
+
 from __future__ import annotations
 
 import warnings
@@ -25,8 +26,10 @@ class RankMe(Callback):
 
     def __init__(
         self,
-        warn_below: Annotated[Optional[confloat(gt=0)], Field(
-            description="warn when RankMe falls below this (a collapsing representation)")] = None,
+        warn_below: Annotated[
+            Optional[confloat(gt=0)],
+            Field(description="warn when RankMe falls below this (a collapsing representation)"),
+        ] = None,
     ):
         self.warn_below = warn_below
         self._feats: list[torch.Tensor] = []
@@ -45,5 +48,8 @@ class RankMe(Callback):
         metrics["val/rankme"] = value
         limit = self.warn_below or max(1.5, 0.02 * feats.shape[1])
         if value < limit and trainer.strategy.is_main:
-            warnings.warn(f"step {trainer.step}: RankMe {value:.2f} < {limit:.2f}: the "
-                          "representation is collapsing", stacklevel=2)
+            warnings.warn(
+                f"step {trainer.step}: RankMe {value:.2f} < {limit:.2f}: the "
+                "representation is collapsing",
+                stacklevel=2,
+            )
