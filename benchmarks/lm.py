@@ -183,6 +183,8 @@ def run_ppo(root: str, base: str, quick: bool) -> dict:
         "val_kl": val[-1]["val/kl"],
         "kl_start": task.get("kl_coef", 0.05),
         "kl_target": task.get("kl_target"),
+        "ppo_epochs": task.get("ppo_epochs", 2),
+        "batch_size": exp.cfg.data.batch_size,
         "kl_coef": train[-1]["train/kl_coef"],
         "steps": exp.derived["total_steps"],
         "minutes": (time.perf_counter() - t0) / 60,
@@ -310,7 +312,11 @@ def ppo_section(p: dict) -> list[str]:
         f"the completion (capped at 3); per-token KL penalty to the starting model, "
         f"coefficient {p['kl_start']} adapted toward a KL of {p['kl_target']} nats per "
         "completion (train figures: mean of the last logged interval; val: held-out "
-        "prompts at the end).",
+        f"prompts at the end). Each rollout serves ppo_epochs = {p['ppo_epochs']} updates, all "
+        f"on its own batch: {p['steps']} steps are {p['steps'] // p['ppo_epochs']} batches of "
+        f"{p['batch_size']} prompts, each prompt sampled once per batch. (The figures recorded "
+        "before 2026-12 came from a trainer that drew a new batch for every step while the "
+        "rollout was reused, so half the batches were never answered.)",
         "",
         "| reward, first interval | reward, last | KL, last | val reward | val KL | "
         "KL coefficient at the end | steps | minutes |",
