@@ -86,7 +86,7 @@ def _list(which: str, imports: list[str]) -> int:
         )
     names = builtin_names()
     if imports:  # user modules register at import; show them too, with their docstrings
-        from src.run.experiment import import_user_modules
+        from src.run.plugins import import_user_modules
 
         import_user_modules(imports, "--import")
         for r_name, reg in ALL.items():

@@ -165,7 +165,7 @@ def test_a_plugin_file_named_like_a_module_does_not_replace_it(cli, write_config
 def test_import_of_a_file_keeps_sys_path_and_the_real_module(tmp_path, monkeypatch):
     import sys
 
-    from src.run.experiment import import_user_modules, plugin_module_name
+    from src.run.plugins import import_user_modules, plugin_module_name
 
     (tmp_path / "json.py").write_text(
         PLUGIN.replace("user_linear", "json_linear").replace("user_task", "json_task")

@@ -331,7 +331,6 @@ class Trainer:
 
     def _run(self) -> None:
         accum = self.cfg.grad_accum_steps
-        done = False
         while self.step < self.max_steps and not self._stopping():
             self.train_loader.set_epoch(self.epoch, self.batch_in_epoch)
             for batch in self.train_loader:
@@ -352,9 +351,8 @@ class Trainer:
                     if final:
                         self._optimizer_step()
                         if self.step >= self.max_steps or self._stopping():
-                            done = True
                             break
-                if done:
+                if self.step >= self.max_steps or self._stopping():  # (both move only in a step)
                     break
         evaluates = self.cfg.eval_every_n_steps or self.cfg.eval_every_n_epochs
         if evaluates and self._last_eval != self.step and not self._signal:
