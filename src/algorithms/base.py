@@ -10,15 +10,27 @@ see every call::
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, cast
 
 import torch
 from torch import nn
 
 from src.core.collectives import Collectives
 from src.core.dataset_info import DatasetInfo
+
+
+class CausalLM(Protocol):
+    """What the language-model tasks call on their model: a Hugging Face causal LM, wrapped by
+    PEFT when it trains an adapter (``disable_adapter`` exists then)."""
+
+    config: Any
+
+    def generate(self, **kwargs: Any) -> torch.Tensor: ...
+
+    def disable_adapter(self) -> contextlib.AbstractContextManager[Any]: ...
 
 
 @dataclass
@@ -52,7 +64,7 @@ class HFOutput(nn.Module):
     """A transformers model called with named tensors, returning one field of its output (the
     logits): a module with positional tensor arguments and one tensor out, as exporters want."""
 
-    inputs = ("input_ids", "attention_mask")
+    inputs: tuple[str, ...] = ("input_ids", "attention_mask")
 
     def __init__(self, model: nn.Module, field: str = "logits", attention_mask: bool = True):
         super().__init__()
@@ -85,6 +97,12 @@ class Task(nn.Module):
         super().__init__()
         self.model = model
 
+    @property
+    def causal_lm(self) -> CausalLM:
+        """The model as a causal LM, for the tasks whose model is one (their config makes it a
+        Hugging Face model)."""
+        return cast(CausalLM, self.model)
+
     def configure(self, info: DatasetInfo) -> None:
         """Called once with the data's facts before the optimizer is built."""
 
@@ -97,7 +115,7 @@ class Task(nn.Module):
     # composition root when ``train_views()`` names a batched transform.
     device_views = None
 
-    def forward(self, batch: dict[str, Any], stage: str = "train") -> dict[str, torch.Tensor]:
+    def forward(self, batch: Any, stage: str = "train") -> dict[str, torch.Tensor]:
         if stage != "train":
             return self.validation_step(batch)
         if self.device_views is not None and "views" not in batch:
@@ -125,8 +143,9 @@ class Task(nn.Module):
         """
         return [batch]
 
-    def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Returns ``{"loss": scalar, **other scalar metrics}`` for one micro-batch."""
+    def training_step(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Returns ``{"loss": scalar, **other scalar metrics}`` for one micro-batch: a batch of
+        the loader's (a dict) or one of the micro-batches ``split`` made of it."""
         raise NotImplementedError(f"{type(self).__name__} must implement training_step")
 
     def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -184,7 +203,7 @@ class Task(nn.Module):
         sharded root and this method is registered as one of its forwards, so its parameters
         are gathered for it; inside a step, call ``self.model.generate(...)`` with
         ``**self.collectives.lockstep()``."""
-        return self.model.generate(**self.collectives.lockstep(), **kwargs)
+        return self.causal_lm.generate(**self.collectives.lockstep(), **kwargs)
 
     def inference(self) -> Inference:
         """What a trained model is used as: the module ``predict`` runs and ``export`` writes,
@@ -213,12 +232,13 @@ class Task(nn.Module):
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters for the optimizer: biases and norm weights get no weight decay."""
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-        groups = [{"params": decay}]
+        groups: list[dict[str, Any]] = [{"params": decay}]
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         return groups

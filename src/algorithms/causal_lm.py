@@ -118,7 +118,7 @@ class CausalLM(Task):
             x = tok(prompt, return_tensors="pt")["input_ids"].to(device)
             if sample:
                 torch.manual_seed(seed * 1_000_003 + int(ids[i] if ids is not None else i))
-            out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), **gen)
+            out = self.causal_lm.generate(input_ids=x, attention_mask=torch.ones_like(x), **gen)
             texts.append(tok.decode(out[0, x.shape[1] :], skip_special_tokens=True))
         return {"text": texts}
 

@@ -4,15 +4,19 @@ a confusion matrix written as a PNG at the end of a run."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, conint
+from pydantic import Field
 
 from src.algorithms.base import Inference, Task
 from src.core.dataset_info import DatasetInfo
+from src.core.errors import ConfigError
 from src.core.registry import TASKS
+
+if TYPE_CHECKING:
+    from timm.data import Mixup
 
 
 @TASKS.register("classification")
@@ -26,7 +30,7 @@ class Classification(Task):
             float, Field(ge=0, lt=1, description="cross-entropy label smoothing in [0, 1)")
         ] = 0.0,
         top_k: Annotated[
-            list[conint(ge=2)],
+            list[Annotated[int, Field(ge=2)]],
             Field(
                 description="extra top-k accuracies reported in validation (k >= 2, below num_classes)"
             ),
@@ -62,12 +66,14 @@ class Classification(Task):
         self.top_k = list(top_k)
         self.train_accuracy = train_accuracy
         self.mix = (mixup_alpha, cutmix_alpha, mix_prob)
-        self.mixup = None
+        self.mixup: Optional[Mixup] = None
         self.want_confusion = confusion_matrix
         self.confusion: torch.Tensor | None = None
         self._preds: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def configure(self, info: DatasetInfo) -> None:
+        if not info.num_classes:
+            raise ConfigError("task: classification needs labelled data; this data has no classes")
         self.num_classes = info.num_classes
         self.class_names = list(info.class_names) or [str(i) for i in range(info.num_classes)]
         self.top_k = [k for k in self.top_k if info.num_classes and k < info.num_classes]

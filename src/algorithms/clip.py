@@ -95,7 +95,7 @@ class CLIP(Task):
         self,
         model,
         text: Annotated[
-            dict[str, Any],
+            Optional[dict[str, Any]],
             Field(
                 description="MODELS section of the text tower (default: the packaged MiniLM, "
                 "hf kind base); an `adapter:` in it puts LoRA on the tower"
@@ -150,11 +150,12 @@ class CLIP(Task):
         self.text_section = (
             dict(text) if text is not None else {"type": "hf", "kind": "base", "path": MINILM}
         )
-        self.tokenizer_path = tokenizer or self.text_section.get("path")
-        if self.tokenizer_path is None:
+        tokenizer_path = tokenizer or self.text_section.get("path")
+        if tokenizer_path is None:
             raise ConfigError(
                 "task.tokenizer: a text tower built from a config needs a tokenizer folder"
             )
+        self.tokenizer_path: str = tokenizer_path
         self.embed_dim, self.local_loss = embed_dim, local_loss
         self.lock_text, self.lock_image = lock_text, lock_image
         self.max_logit_scale, self.pooling = max_logit_scale, pooling
@@ -312,16 +313,16 @@ class CLIP(Task):
         cols = list(zip(*self._val))
         self._val = []
         classes, self._classes = self._classes, None
-        cat = [torch.cat(c) if c[0] is not None else None for c in cols]
-        image, index = gather(cat[0]), gather(cat[1].to(cat[0].device))
+        image_c, index_c, text_c, owner_c, ids_c = (torch.cat(c) for c in cols[:5])
+        image, index = gather(image_c), gather(index_c.to(image_c.device))
         text, owner, ids = (
-            gather(cat[2]),
-            gather(cat[3].to(cat[2].device)),
-            gather(cat[4].to(cat[2].device)),
+            gather(text_c),
+            gather(owner_c.to(text_c.device)),
+            gather(ids_c.to(text_c.device)),
         )
         out: dict[str, Any] = {}
-        if cat[5] is not None and classes is not None:
-            labels = gather(cat[5].to(cat[0].device))
+        if cols[5][0] is not None and classes is not None:
+            labels = gather(torch.cat(cols[5]).to(image_c.device))
             pred = (image @ classes.float().T).argmax(1)
             out["zeroshot_top1"] = float((pred == labels).float().mean())
         # distinct texts: one column each; an image's texts are those of its captions

@@ -28,6 +28,8 @@ class DINO(SSLTask):
     """
 
     default_views = {"type": "batch_multi_crop", "global_views": 2, "local_views": 4}
+    center: torch.Tensor  # buffers, registered in configure
+    steps_done: torch.Tensor
 
     def __init__(
         self,
@@ -119,7 +121,7 @@ class DINO(SSLTask):
         return {"loss": loss, "features": h_global[:n].detach(), "labels": batch["labels"]}
 
     def on_step_end(self, step: int, max_steps: int) -> None:
-        self.steps_done += 1
+        self.steps_done.add_(1)
         ema_update(
             self.teacher,
             nn.Sequential(self.model, self.head),

@@ -60,7 +60,7 @@ class DPO(Task):
 
     def _reference(self):
         if self.use_adapter_off:
-            return self.model, self.model.disable_adapter()
+            return self.model, self.causal_lm.disable_adapter()
         return self.reference, contextlib.nullcontext()
 
     def _pair(self, model, batch, prefix: str) -> torch.Tensor:

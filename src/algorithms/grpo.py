@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Optional
 
 import torch
-from pydantic import Field, conint
+from pydantic import Field
 
 from src.algorithms.base import Task
 from src.algorithms.ppo import positions, token_logps
@@ -103,14 +103,14 @@ class GRPO(Task):
             ),
         ] = 8,
         micro_batch: Annotated[
-            Optional[conint(ge=1)],
+            Optional[Annotated[int, Field(ge=1)]],
             Field(
                 description="completions per forward and backward (default: all of the step's); "
                 "the gradient is the same, the memory that of this many"
             ),
         ] = None,
         generation_batch: Annotated[
-            Optional[conint(ge=1)],
+            Optional[Annotated[int, Field(ge=1)]],
             Field(description="completions per generate call (default: micro_batch)"),
         ] = None,
         max_new_tokens: Annotated[int, Field(ge=1, description="longest completion")] = 16,
@@ -200,7 +200,7 @@ class GRPO(Task):
             if sample
             else dict(do_sample=False)
         )
-        return self.model.generate(
+        return self.causal_lm.generate(
             input_ids=prompt,
             attention_mask=pmask,
             max_new_tokens=self.gen["max_new_tokens"],
@@ -275,7 +275,7 @@ class GRPO(Task):
             old = self._in_chunks(lambda s: self._logps(self.model, seq[s], mask[s], p), n)
         if self.beta > 0:
             model, ctx = (
-                (self.model, self.model.disable_adapter())
+                (self.model, self.causal_lm.disable_adapter())
                 if self.adapter_off
                 else (self.reference, contextlib.nullcontext())
             )
@@ -326,7 +326,7 @@ class GRPO(Task):
 
     # ------------------------------------------------------------------ loss
 
-    def training_step(self, chunk: Chunk) -> dict[str, torch.Tensor]:
+    def training_step(self, chunk: Any) -> dict[str, torch.Tensor]:
         if not isinstance(chunk, Chunk):
             raise TypeError("GRPO trains on the chunks of its split(): run it with the trainer")
         p = chunk.prompt_len
@@ -355,7 +355,8 @@ class GRPO(Task):
 
     def _total(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reward of each completion: the weighted sum of the reward functions' scores."""
-        return sum(w * scores[n] for n, (_, w, _, _) in zip(self.reward_names, self.reward_fns))
+        terms = [w * scores[n] for n, (_, w, _, _) in zip(self.reward_names, self.reward_fns)]
+        return torch.stack(terms).sum(0)
 
     @torch.no_grad()
     def validation_step(self, batch):

@@ -3,7 +3,7 @@ with mask tokens reconstructs the masked ones (per-patch normalised pixels)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 from pydantic import Field
@@ -47,7 +47,7 @@ class MAE(SSLTask):
         self.dec = (decoder_dim, decoder_depth, decoder_heads)
 
     def configure(self, info) -> None:
-        m = self.model
+        m: Any = self.model  # any timm ViT: known by its attributes, not by its class
         if not all(hasattr(m, a) for a in ("patch_embed", "blocks", "pos_embed", "cls_token")):
             raise ConfigError(
                 "task: 'mae' needs a timm ViT, e.g. model: {type: timm, name: "
@@ -80,7 +80,7 @@ class MAE(SSLTask):
     def encode(self, imgs: torch.Tensor):
         """Encode a random ``1 - mask_ratio`` of the patches; returns latent, mask (1 = hidden),
         and the permutation that restores patch order."""
-        m = self.model
+        m: Any = self.model  # a timm ViT (configure checked its attributes)
         x = m.patch_embed(imgs)  # (B, N, D)
         prefix = getattr(m, "num_prefix_tokens", 1)
         pos = m.pos_embed

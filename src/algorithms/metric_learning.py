@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, conint
+from pydantic import Field
 from torch import nn
 
 from src.algorithms.base import Inference, Task
@@ -54,7 +54,8 @@ class MetricLearning(Task):
             int, Field(ge=2, description="sub-centres per class (subcenter_arcface)")
         ] = 3,
         recall_at: Annotated[
-            list[conint(ge=1)], Field(description="k values of the Recall@k evaluation")
+            list[Annotated[int, Field(ge=1)]],
+            Field(description="k values of the Recall@k evaluation"),
         ] = [1, 5],
     ):
         super().__init__(model)

@@ -42,6 +42,9 @@ class MoCo(SSLTask):
         self.proj_dim, self.hidden, self.queue_size = proj_dim, hidden, queue_size
         self.temperature, self.momentum = temperature, momentum
 
+    queue: torch.Tensor  # (queue_size, proj_dim) buffers, registered in configure
+    queue_ptr: torch.Tensor
+
     def configure(self, info) -> None:
         super().configure(info)
         self.projector = mlp(self.feat_dim, self.hidden, self.proj_dim)

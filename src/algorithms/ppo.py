@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Optional
 
 import torch
-from pydantic import Field, confloat
+from pydantic import Field, PositiveFloat
 from torch import nn
 
 from src.algorithms.base import Task
@@ -63,11 +63,13 @@ class Rollout:
     prompt_len: int  # P
 
     def to(self, device) -> Rollout:
-        return Rollout(
+        return dataclasses.replace(
+            self,
             **{
-                f.name: v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
+                f.name: v.to(device)
                 for f in dataclasses.fields(self)
-            }
+                if isinstance(v := getattr(self, f.name), torch.Tensor)
+            },
         )
 
 
@@ -97,7 +99,7 @@ class PPO(Task):
             ),
         ] = 0.05,
         kl_target: Annotated[
-            Optional[confloat(gt=0)],
+            Optional[PositiveFloat],
             Field(
                 description="turns on the adaptive controller of Ziegler et al. (2019): after each "
                 "rollout kl_coef *= 1 + clip(KL / kl_target - 1, -0.2, 0.2) * samples / "
@@ -143,9 +145,9 @@ class PPO(Task):
     def configure(self, info) -> None:
         self.tokenizer = info.extra["tokenizer"]
         hidden = (
-            self.model.config.get_text_config().hidden_size
-            if hasattr(self.model.config, "get_text_config")
-            else self.model.config.hidden_size
+            self.causal_lm.config.get_text_config().hidden_size
+            if hasattr(self.causal_lm.config, "get_text_config")
+            else self.causal_lm.config.hidden_size
         )
         self.value_head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.value_head.weight)
@@ -168,7 +170,7 @@ class PPO(Task):
         """Sample completions and score them: everything the updates of this rollout need."""
         prompt, pmask = batch["input_ids"], batch["attention_mask"]  # (N, P)
         tok = self.tokenizer
-        seq = self.model.generate(
+        seq = self.causal_lm.generate(
             input_ids=prompt,
             attention_mask=pmask,
             do_sample=True,
@@ -188,7 +190,7 @@ class PPO(Task):
         # the logits at position i predict token i + 1: positions P-1 .. P+T-2 predict the response
         old_logp = token_logps(logits[:, p - 1 : -1], response)  # (N, T)
         ref_model, ctx = (
-            (self.model, self.model.disable_adapter())
+            (self.model, self.causal_lm.disable_adapter())
             if self.adapter_off
             else (self.reference, contextlib.nullcontext())
         )

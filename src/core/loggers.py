@@ -13,11 +13,15 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 from pydantic import Field
 
 from src.core.registry import LOGGERS
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+    from wandb.sdk.wandb_run import Run as WandbRun
 
 
 class Logger:
@@ -191,13 +195,22 @@ class MLflowLogger(Logger):
     ):
         super().__init__(run_dir)
         tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
-        self.store = None if tracking_uri else (self.run_dir / "mlruns").resolve()
-        self.uri = tracking_uri or f"sqlite:///{self.store / 'mlflow.db'}"
+        self.store: Optional[Path] = None
+        if tracking_uri:
+            self.uri = tracking_uri
+        else:
+            self.store = (self.run_dir / "mlruns").resolve()
+            self.uri = f"sqlite:///{self.store / 'mlflow.db'}"
         # a store of its own holds one run: its experiment is the run; a shared store groups
         # every run under one experiment, to be compared side by side
         self.experiment = experiment or (self.run_dir.name if self.store else "tessera")
-        self.client = None
+        self.client: Optional[MlflowClient] = None
         self.run_id: Optional[str] = None
+
+    def _active(self) -> tuple[MlflowClient, str]:
+        if self.client is None or self.run_id is None:
+            raise RuntimeError("MLflowLogger: logged to before start() or after finish()")
+        return self.client, self.run_id
 
     def start(self, run_info: dict[str, Any], resume_step: int = 0) -> None:
         from mlflow.entities import Param, RunTag
@@ -205,30 +218,30 @@ class MLflowLogger(Logger):
 
         if self.store is not None:
             self.store.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.client = client = MlflowClient(tracking_uri=self.uri)
         id_file = self.run_dir / "mlflow_run_id"
         if resume_step and id_file.exists():
             self.run_id = id_file.read_text().strip()
-            self.client.update_run(self.run_id, status="RUNNING")
+            client.update_run(self.run_id, status="RUNNING")
             return
-        exp = self.client.get_experiment_by_name(self.experiment)
+        exp = client.get_experiment_by_name(self.experiment)
         exp_id = (
             exp.experiment_id
             if exp
-            else self.client.create_experiment(self.experiment, artifact_location=self._artifacts())
+            else client.create_experiment(self.experiment, artifact_location=self._artifacts())
         )
-        run = self.client.create_run(exp_id, run_name=self.run_dir.name)
-        self.run_id = run.info.run_id
-        id_file.write_text(self.run_id)
+        run = client.create_run(exp_id, run_name=self.run_dir.name)
+        self.run_id = run_id = run.info.run_id
+        id_file.write_text(run_id)
         params = [Param(k, str(v)[:6000]) for k, v in run_info["params"].items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=params[i : i + 100])
+            client.log_batch(run_id, params=params[i : i + 100])
         tags = [RunTag(f"origin.{k}", v) for k, v in run_info["origin"].items()]
         for i in range(0, len(tags), 100):
-            self.client.log_batch(self.run_id, tags=tags[i : i + 100])
+            client.log_batch(run_id, tags=tags[i : i + 100])
         config = self.run_dir / "config.yaml"
         if config.exists():
-            self.client.log_artifact(self.run_id, str(config))
+            client.log_artifact(run_id, str(config))
 
     def _artifacts(self) -> Optional[str]:
         """Beside the database: <run>/mlruns/artifacts, or <shared db folder>/artifacts/<exp>
@@ -241,15 +254,17 @@ class MLflowLogger(Logger):
         return None
 
     def log_images(self, images: dict[str, Path], step: int) -> None:
+        client, run_id = self._active()
         for path in images.values():
-            self.client.log_artifact(self.run_id, str(path))
+            client.log_artifact(run_id, str(path))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
+        client, run_id = self._active()
         now = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        client.log_batch(
+            run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
         )
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -293,7 +308,12 @@ class WandbLogger(Logger):
             group,
             list(tags),
         )
-        self.run = None
+        self.run: Optional[WandbRun] = None
+
+    def _active(self) -> WandbRun:
+        if self.run is None:
+            raise RuntimeError("WandbLogger: logged to before start() or after finish()")
+        return self.run
 
     def start(self, run_info: dict[str, Any], resume_step: int = 0) -> None:
         import wandb
@@ -318,19 +338,21 @@ class WandbLogger(Logger):
         )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.run.log(dict(metrics), step=step)
+        self._active().log(dict(metrics), step=step)
 
     def log_text(self, texts: dict[str, str], step: int) -> None:
         import wandb
 
-        self.run.log(
+        self._active().log(
             {k: wandb.Html(f"<pre>{_escape(v)}</pre>") for k, v in texts.items()}, step=step
         )
 
     def log_images(self, images: dict[str, Path], step: int) -> None:
         import wandb
 
-        self.run.log({f"figures/{k}": wandb.Image(str(p)) for k, p in images.items()}, step=step)
+        self._active().log(
+            {f"figures/{k}": wandb.Image(str(p)) for k, p in images.items()}, step=step
+        )
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.run is not None:

@@ -12,7 +12,7 @@ import math
 from typing import Annotated, Optional
 
 import torch
-from pydantic import Field, confloat
+from pydantic import Field, NonNegativeFloat, PositiveFloat
 
 from src.core.errors import ConfigError
 from src.core.registry import OPTIMIZERS, SCHEDULERS
@@ -51,17 +51,17 @@ def torch_optimizer_classes() -> dict[str, type]:
 # What torch checks when it builds an optimizer, checked at load time instead (with the config's
 # path in the message), for the hyper-parameters whose default says what they are.
 _SCALAR_RANGES = {
-    "lr": confloat(gt=0),
-    "eps": confloat(ge=0),
-    "weight_decay": confloat(ge=0),
-    "momentum": confloat(ge=0),
-    "lr_decay": confloat(ge=0),
-    "initial_accumulator_value": confloat(ge=0),
-    "rho": confloat(ge=0, le=1),
-    "alpha": confloat(ge=0),
-    "dampening": confloat(ge=0, le=1),
+    "lr": PositiveFloat,
+    "eps": NonNegativeFloat,
+    "weight_decay": NonNegativeFloat,
+    "momentum": NonNegativeFloat,
+    "lr_decay": NonNegativeFloat,
+    "initial_accumulator_value": NonNegativeFloat,
+    "rho": Annotated[float, Field(ge=0, le=1)],
+    "alpha": NonNegativeFloat,
+    "dampening": Annotated[float, Field(ge=0, le=1)],
 }
-_BETA = confloat(ge=0, lt=1)
+_BETA = Annotated[float, Field(ge=0, lt=1)]
 
 
 def hyper_parameter_types(cls: type) -> dict[str, object]:

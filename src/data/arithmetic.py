@@ -20,7 +20,7 @@ from typing import Annotated, Literal, Optional
 
 import numpy as np
 import torch
-from pydantic import Field, conint
+from pydantic import Field
 
 from src.core.dataset_info import DataModule, DatasetInfo
 from src.core.errors import ConfigError
@@ -83,7 +83,7 @@ def arithmetic(
         int, Field(ge=0, description="seed of the held-out problems (the same for every config)")
     ] = 0,
     train_size: Annotated[
-        Optional[conint(ge=1)],
+        Optional[Annotated[int, Field(ge=1)]],
         Field(description="use only this many training problems (the held-out ones stay the same)"),
     ] = None,
     tokenizer: Annotated[

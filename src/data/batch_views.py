@@ -24,7 +24,7 @@ from typing import Annotated, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, confloat, conint
+from pydantic import Field, PositiveInt
 
 from src.core.registry import TRANSFORMS
 from src.data.views import MultiCrop
@@ -155,10 +155,10 @@ class BatchMultiView(_BatchViews):
             int, Field(ge=1, le=64, description="augmented copies of each image")
         ] = 2,
         size: Annotated[
-            Optional[conint(gt=0)], Field(description="output side (default: the input's)")
+            Optional[PositiveInt], Field(description="output side (default: the input's)")
         ] = None,
         scale: Annotated[
-            tuple[confloat(gt=0, le=1), confloat(gt=0, le=1)],
+            tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]],
             Field(description="random resized crop's area range"),
         ] = (0.5, 1.0),
         degrees: Annotated[float, Field(ge=0, description="rotation range in degrees")] = 10.0,

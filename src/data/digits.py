@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import torch
-from pydantic import Field, conint
+from pydantic import Field, PositiveInt
 
 from src.core.dataset_info import DataModule, DatasetInfo
 from src.core.registry import DATASETS
@@ -38,7 +38,7 @@ def digits(
         float, Field(ge=0.0, lt=1.0, description="held-out fraction, stratified by class")
     ] = 0.2,
     resize: Annotated[
-        Optional[conint(gt=0)],
+        Optional[PositiveInt],
         Field(description="bilinear resize of the images, done once up front"),
     ] = None,
     channels: Annotated[

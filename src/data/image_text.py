@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal, Optional
 
 import numpy as np
 import torch
-from pydantic import Field, conint
+from pydantic import Field, PositiveInt
 
 from src.core.dataset_info import DataModule, DatasetInfo
 from src.core.errors import ConfigError, DataError, library_message
@@ -177,7 +177,7 @@ def digit_images(resize: Optional[int], channels: int) -> tuple[torch.Tensor, to
 
 
 Resize = Annotated[
-    Optional[conint(gt=0)],
+    Optional[PositiveInt],
     Field(description="bilinear resize of the 8x8 images, done once up front"),
 ]
 Channels = Annotated[int, Field(gt=0, description="repeat the grey channel (3 for RGB towers)")]

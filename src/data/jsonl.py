@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Optional
 
 import numpy as np
 import torch
-from pydantic import Field, conint
+from pydantic import Field
 
 from src.core.dataset_info import DataModule, DatasetInfo
 from src.core.errors import ConfigError
@@ -248,7 +248,7 @@ def prompts(
     ] = 64,
     val_fraction: ValFraction = 0.1,
     limit: Annotated[
-        Optional[conint(ge=2)], Field(description="use only the first N prompts")
+        Optional[Annotated[int, Field(ge=2)]], Field(description="use only the first N prompts")
     ] = None,
 ) -> DataModule:
     """Prompts for PPO: ``{"prompt"}`` JSONL lines, or (``stdlib_functions``) the signature and

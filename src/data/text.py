@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import numpy as np
 import torch
-from pydantic import Field, conint
+from pydantic import Field
 
 from src.core.dataset_info import DataModule, DatasetInfo
 from src.core.errors import ConfigError
@@ -221,7 +221,7 @@ def text(
         float, Field(ge=0, lt=1, description="fraction of files held out (chosen with the seed)")
     ] = 0.1,
     max_files: Annotated[
-        Optional[conint(ge=2)],
+        Optional[Annotated[int, Field(ge=2)]],
         Field(description="keep this many files (chosen with the seed) to bound a run"),
     ] = None,
 ) -> DataModule:

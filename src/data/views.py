@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import torch
-from pydantic import Field, confloat, conint
+from pydantic import Field, PositiveInt
 
 from src.core.registry import TRANSFORMS
 
@@ -49,10 +49,10 @@ class MultiView:
             int, Field(ge=1, le=64, description="augmented copies of each image")
         ] = 2,
         size: Annotated[
-            Optional[conint(gt=0)], Field(description="output side (default: the input's)")
+            Optional[PositiveInt], Field(description="output side (default: the input's)")
         ] = None,
         scale: Annotated[
-            tuple[confloat(gt=0, le=1), confloat(gt=0, le=1)],
+            tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]],
             Field(description="RandomResizedCrop area range"),
         ] = (0.5, 1.0),
         degrees: Annotated[
@@ -100,11 +100,11 @@ class MultiCrop:
         ] = 2,
         local_views: Annotated[int, Field(ge=0, description="small crops (student only)")] = 4,
         global_size: Annotated[
-            Optional[conint(gt=0)],
+            Optional[PositiveInt],
             Field(description="output sides (default: input side and half of it)"),
         ] = None,
         local_size: Annotated[
-            Optional[conint(gt=0)],
+            Optional[PositiveInt],
             Field(description="output sides (default: input side and half of it)"),
         ] = None,
         global_scale: Annotated[

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Annotated, Optional
 
-from pydantic import Field, conint
+from pydantic import Field, PositiveInt
 from typing_extensions import override
 
 from src.core.registry import STRATEGIES
@@ -33,7 +33,7 @@ class DDPStrategy(ProcessGroupStrategy):
             ),
         ] = False,
         bucket_cap_mb: Annotated[
-            Optional[conint(gt=0)],
+            Optional[PositiveInt],
             Field(description="gradient bucket size in MiB (default: torch's)"),
         ] = None,
         sync_batchnorm: Annotated[

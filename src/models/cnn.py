@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import torch
-from pydantic import Field, conint
+from pydantic import Field, NonNegativeInt, PositiveInt
 from torch import nn
 
 from src.core.dataset_info import DatasetInfo
@@ -57,12 +57,12 @@ class SmallCNN(nn.Module):
 def cnn(
     info: DatasetInfo,
     channels: Annotated[
-        list[conint(gt=0)],
+        list[PositiveInt],
         Field(description="output channels of each conv block (each block halves the resolution)"),
     ] = [32, 64, 128],
     dropout: Annotated[float, Field(ge=0, lt=1, description="dropout before the classifier")] = 0.1,
     num_classes: Annotated[
-        Optional[conint(ge=0)],
+        Optional[NonNegativeInt],
         Field(
             description="classifier outputs; 0 for a feature backbone, default: the data's classes"
         ),

@@ -6,7 +6,7 @@ import math
 from typing import Annotated, Literal, Optional
 
 import torch
-from pydantic import Field, conint
+from pydantic import Field, NonNegativeInt, PositiveInt
 from torch import nn
 
 from src.core.dataset_info import DatasetInfo
@@ -49,7 +49,7 @@ class MLP(nn.Module):
 @MODELS.register("mlp")
 def mlp(
     info: DatasetInfo,
-    hidden: Annotated[list[conint(gt=0)], Field(description="width of each hidden layer")] = [
+    hidden: Annotated[list[PositiveInt], Field(description="width of each hidden layer")] = [
         256,
         256,
     ],
@@ -60,7 +60,7 @@ def mlp(
         float, Field(ge=0, lt=1, description="dropout after each hidden layer")
     ] = 0.0,
     num_classes: Annotated[
-        Optional[conint(ge=0)],
+        Optional[NonNegativeInt],
         Field(description="outputs; 0 for a feature backbone, default: the data's classes"),
     ] = None,
 ) -> MLP:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -65,7 +66,7 @@ class Dist(BaseModel):
                 f"{at}: give exactly one of {', '.join(KINDS)} (got {', '.join(given) or 'none'})"
             )
         kind = given[0]
-        values = self.values(kind)
+        values = self.values(kind) or []
         if kind == "choice":
             if not values:
                 raise ConfigError(f"{at}: choice: the list is empty")
@@ -99,14 +100,15 @@ class Dist(BaseModel):
         """The values the space check applies: both ends of a range, every choice."""
         if self.choice is not None:
             return list(self.choice)
-        return list(self.values(self.kind))
+        return list(self.values(self.kind) or [])
 
     def grid(self, key: str) -> list[Any]:
         """The axis of a grid: the choices, or a range walked by its step."""
         if self.choice is not None:
             return list(self.choice)
         if self.integer is not None:
-            return list(range(self.integer[0], self.integer[1] + 1, int(self.step or 1)))
+            first, last = (int(v) for v in self.integer)  # whole numbers: check() saw to it
+            return list(range(first, last + 1, int(self.step or 1)))
         if self.uniform is not None and self.step is not None:
             low, high = self.uniform
             n = int(math.floor((high - low) / self.step + 1e-9))
@@ -173,7 +175,7 @@ def _at_file(exc: ConfigError, path: Path) -> ConfigError:
     return ConfigError(*[f"{path}: {line}" for line in exc.lines])
 
 
-def load_sweep(path: str | Path, cli: list[str] = ()) -> tuple[SweepConfig, Path, list[str]]:
+def load_sweep(path: str | Path, cli: Sequence[str] = ()) -> tuple[SweepConfig, Path, list[str]]:
     """Read and validate a sweep file. ``cli`` overrides whose first key is a sweep field
     (``trials=4``, ``method=random``, ``pruner.type=median``) apply to the sweep; every other one
     goes to each trial's experiment, after the file's own ``overrides``.
@@ -256,6 +258,8 @@ def budget(sweep: SweepConfig) -> int:
     """How many trials the sweep runs: ``trials``, and a grid at most its product."""
     if sweep.method == "grid":
         return min(sweep.trials or grid_size(sweep), grid_size(sweep))
+    if sweep.trials is None:
+        raise ConfigError(f"trials: method {sweep.method} needs a number of trials")
     return sweep.trials
 
 
@@ -269,7 +273,7 @@ def check_space(
     sweep_path: Path,
     experiment: Path,
     overrides: list[str],
-    imports: list[str] = (),
+    imports: Sequence[str] = (),
 ) -> None:
     """Validate every bound and choice of the space on the experiment config, exactly as a run
     validates its config; raises one line per problem naming the space entry."""

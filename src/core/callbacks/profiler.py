@@ -53,9 +53,8 @@ class Profiler(Callback):
     ):
         self.schedule = dict(wait=wait, warmup=warmup, active=active, repeat=repeat)
         self.ranks, self.sort_by, self.row_limit = list(ranks), sort_by, row_limit
-        self.options = dict(
-            record_shapes=record_shapes, profile_memory=profile_memory, with_stack=with_stack
-        )
+        self.record_shapes, self.profile_memory = record_shapes, profile_memory
+        self.with_stack = with_stack
         self.memory_snapshot = memory_snapshot
         self.prof: Optional[torch.profiler.profile] = None
         self.out: Optional[Path] = None
@@ -66,12 +65,12 @@ class Profiler(Callback):
             return
         from torch.profiler import ProfilerActivity, profile, schedule
 
-        self.out = Path(trainer.run_dir) / "profiler"
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = out = Path(trainer.run_dir) / "profiler"
+        out.mkdir(parents=True, exist_ok=True)
         cuda = trainer.strategy.device.type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         tensorboard = torch.profiler.tensorboard_trace_handler(
-            str(self.out / "tensorboard"), worker_name=f"rank{trainer.strategy.rank}"
+            str(out / "tensorboard"), worker_name=f"rank{trainer.strategy.rank}"
         )
 
         def ready(prof) -> None:  # kineto saves a trace once: the TensorBoard file is a
@@ -79,21 +78,23 @@ class Profiler(Callback):
 
             tensorboard(prof)
             written = max(
-                (self.out / "tensorboard").glob("*.pt.trace.json*"), key=lambda p: p.stat().st_mtime
+                (out / "tensorboard").glob("*.pt.trace.json*"), key=lambda p: p.stat().st_mtime
             )
             gz = ".gz" if written.name.endswith(".gz") else ""
-            path = self.out / f"trace_{trainer.step}.json{gz}"
+            path = out / f"trace_{trainer.step}.json{gz}"
             shutil.copyfile(written, path)
             self.traces.append(path)
 
         if cuda and self.memory_snapshot:
-            _snapshot_on_oom(self.out / "oom_snapshot.pickle")
+            _snapshot_on_oom(out / "oom_snapshot.pickle")
         self.sort_by = self.sort_by or ("cuda_time_total" if cuda else "self_cpu_time_total")
         self.prof = profile(
             activities=activities,
             schedule=schedule(**self.schedule),
             on_trace_ready=ready,
-            **self.options,
+            record_shapes=self.record_shapes,
+            profile_memory=self.profile_memory,
+            with_stack=self.with_stack,
         )
         self.prof.start()
 
@@ -110,7 +111,7 @@ class Profiler(Callback):
         except (AssertionError, KeyError, RuntimeError):  # nothing recorded (a very short run)
             table = ""
         self.prof = None
-        if table:
+        if table and self.out is not None:
             (self.out / "top_ops.txt").write_text(table + "\n")
             where = ", ".join(str(p) for p in self.traces[-1:])
             print(
@@ -131,4 +132,5 @@ def _snapshot_on_oom(path: Path) -> None:
         with open(path, "wb") as f:
             pickle.dump(torch.cuda.memory._snapshot(), f)
 
-    torch._C._cuda_attach_out_of_memory_observer(observer)
+    # PyTorch's documented recipe; the private hook is absent from torch's stubs
+    torch._C._cuda_attach_out_of_memory_observer(observer)  # type: ignore[attr-defined]

@@ -6,7 +6,7 @@ import warnings
 from typing import Annotated, Optional
 
 import torch
-from pydantic import Field, confloat
+from pydantic import Field, PositiveFloat
 
 from src.core.callbacks.base import Callback
 from src.core.registry import CALLBACKS
@@ -27,7 +27,7 @@ class RankMe(Callback):
     def __init__(
         self,
         warn_below: Annotated[
-            Optional[confloat(gt=0)],
+            Optional[PositiveFloat],
             Field(description="warn when RankMe falls below this (a collapsing representation)"),
         ] = None,
     ):
