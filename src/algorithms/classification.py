@@ -76,7 +76,7 @@ class Classification(Task):
             raise ConfigError("task: classification needs labelled data; this data has no classes")
         self.num_classes = info.num_classes
         self.class_names = list(info.class_names) or [str(i) for i in range(info.num_classes)]
-        self.top_k = [k for k in self.top_k if info.num_classes and k < info.num_classes]
+        self.top_k = [k for k in self.top_k if k < info.num_classes]
         mixup_alpha, cutmix_alpha, prob = self.mix
         if mixup_alpha or cutmix_alpha:
             from timm.data import Mixup

@@ -21,6 +21,9 @@ class MoCo(SSLTask):
     and a queue of ``queue_size`` past keys; the queue and key encoder are checkpointed.
     """
 
+    queue: torch.Tensor  # (queue_size, proj_dim) buffers, registered in configure
+    queue_ptr: torch.Tensor
+
     def __init__(
         self,
         model,
@@ -41,9 +44,6 @@ class MoCo(SSLTask):
         super().__init__(model, views)
         self.proj_dim, self.hidden, self.queue_size = proj_dim, hidden, queue_size
         self.temperature, self.momentum = temperature, momentum
-
-    queue: torch.Tensor  # (queue_size, proj_dim) buffers, registered in configure
-    queue_ptr: torch.Tensor
 
     def configure(self, info) -> None:
         super().configure(info)
