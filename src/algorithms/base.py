@@ -164,7 +164,7 @@ class Task(nn.Module):
         out = tuple(t[:0] for t in tensors) if self.padding_batch else tensors
         return out[0] if len(out) == 1 else out
 
-    def validation_epoch_end(self, gather) -> dict[str, torch.Tensor]:
+    def validation_epoch_end(self, gather) -> dict[str, Any]:
         """Metrics over the whole split (retrieval, confusion ...), after all validation steps.
 
         Args:

@@ -135,7 +135,7 @@ class CausalLM(Task):
             self._first = batch["input_ids"][:1]
         return {}
 
-    def validation_epoch_end(self, gather) -> dict[str, torch.Tensor]:
+    def validation_epoch_end(self, gather) -> dict[str, Any]:
         if self._sums is None:
             return {}
         nll, n = gather(self._sums[None]).sum(0)

@@ -122,7 +122,7 @@ class Classification(Task):
             self._preds.append(self.valid(pred, labels))
         return out
 
-    def validation_epoch_end(self, gather) -> dict[str, torch.Tensor]:
+    def validation_epoch_end(self, gather) -> dict[str, Any]:
         if self._preds:
             pred = gather(torch.cat([p for p, _ in self._preds]))
             true = gather(torch.cat([t for _, t in self._preds]))

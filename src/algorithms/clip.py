@@ -307,7 +307,7 @@ class CLIP(Task):
             out.update(features=h.float(), labels=labels)
         return out
 
-    def validation_epoch_end(self, gather) -> dict[str, torch.Tensor]:
+    def validation_epoch_end(self, gather) -> dict[str, Any]:
         if not self._val:
             return {}
         cols = list(zip(*self._val))

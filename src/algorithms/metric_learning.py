@@ -69,7 +69,9 @@ class MetricLearning(Task):
         self.embed = nn.Sequential(
             nn.Linear(feat, self.embedding_dim), nn.BatchNorm1d(self.embedding_dim)
         )
-        kind = "cosface" if self.head_kind == "cosface" else "arcface"
+        kind: Literal["arcface", "cosface"] = (
+            "cosface" if self.head_kind == "cosface" else "arcface"
+        )
         k = self.subcenters if self.head_kind == "subcenter_arcface" else 1
         self.head = MarginHead(
             self.embedding_dim, info.num_classes, kind, self.scale, self.margin, k
@@ -93,7 +95,7 @@ class MetricLearning(Task):
         self._val.append(self.valid(emb, batch["labels"]))
         return {"features": emb, "labels": batch["labels"]}
 
-    def validation_epoch_end(self, gather) -> dict[str, torch.Tensor]:
+    def validation_epoch_end(self, gather) -> dict[str, Any]:
         if not self._val:
             return {}
         emb = gather(torch.cat([e for e, _ in self._val]))

@@ -63,14 +63,12 @@ class Rollout:
     prompt_len: int  # P
 
     def to(self, device) -> Rollout:
-        return dataclasses.replace(
-            self,
-            **{
-                f.name: v.to(device)
-                for f in dataclasses.fields(self)
-                if isinstance(v := getattr(self, f.name), torch.Tensor)
-            },
-        )
+        moved: dict[str, Any] = {
+            f.name: v.to(device)
+            for f in dataclasses.fields(self)
+            if isinstance(v := getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **moved)
 
 
 @TASKS.register("ppo")

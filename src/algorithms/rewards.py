@@ -88,18 +88,27 @@ def reward_model(
         str(resolve_path(tokenizer, "task.reward.tokenizer")) if tokenizer else str(folder),
         local_files_only=True,
     )
-    model.eval()
+    return ModelReward(model.eval(), tok, label, max_length)
+
+
+class ModelReward:
+    """A reward function backed by a model; ``to(device)`` moves the model (the task does it, to
+    score where the policy runs)."""
+
+    def __init__(self, model: torch.nn.Module, tok, label: int, max_length: int):
+        self.model, self.tok, self.label, self.max_length = model, tok, label, max_length
 
     @torch.no_grad()
-    def score(prompts: list[str], completions: list[str]) -> torch.Tensor:
-        enc = tok(
+    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        enc = self.tok(
             [p + c for p, c in zip(prompts, completions)],
             return_tensors="pt",
             padding=True,
             truncation=True,
-            max_length=max_length,
-        ).to(model.device)
-        return model(**enc).logits[:, label].float()
+            max_length=self.max_length,
+        ).to(next(self.model.parameters()).device)
+        return self.model(**enc).logits[:, self.label].float()
 
-    score.to = model.to  # the task moves it to the policy's device (a GPU, say)
-    return score
+    def to(self, device) -> ModelReward:
+        self.model.to(device)
+        return self

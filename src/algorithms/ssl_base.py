@@ -48,7 +48,7 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """teacher = momentum * teacher + (1 - momentum) * student, parameters only, one fused op."""
-    t = [p for p in teacher.parameters()]
+    t: list[torch.Tensor] = [p for p in teacher.parameters()]
     s = [p.detach() for p in student.parameters()]
     torch._foreach_lerp_(t, s, 1.0 - momentum)
 

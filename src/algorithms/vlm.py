@@ -122,12 +122,13 @@ class VLM(Task):
         self._results: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def configure(self, info: DatasetInfo) -> None:
-        self.tokenizer = info.extra.get("tokenizer")
-        if not info.extra.get("image_questions") or self.tokenizer is None:
+        tokenizer = info.extra.get("tokenizer")
+        if not info.extra.get("image_questions") or tokenizer is None:
             raise ConfigError(
                 "data: task 'vlm' trains on images with questions and answers "
                 "(data.type: digits_vqa)"
             )
+        self.tokenizer = tokenizer
         self.kinds = list(info.extra.get("question_kinds", ()))
         if self.vision_init is not None:
             state = load_weights(self.vision_init, ("model.",), "task.vision_init")
@@ -274,7 +275,7 @@ class VLM(Task):
         self._results.append(self.valid(correct, kind))
         return {"loss": nll / n.clamp(min=1)}
 
-    def validation_epoch_end(self, gather) -> dict[str, torch.Tensor]:
+    def validation_epoch_end(self, gather) -> dict[str, Any]:
         if not self._results:
             return {}
         correct, kind = (torch.cat(c) for c in zip(*self._results))

@@ -192,7 +192,8 @@ class CheckpointManager:
         # top-k selection; the model_checkpoint callback may set these too
         self.top_k, self.monitor, self.mode = cfg.top_k, cfg.monitor, cfg.mode
         self.save_on_eval = cfg.save_on_eval or bool(cfg.top_k and cfg.monitor)
-        self._pending = None  # (BackgroundSave, path, meta) of a write not yet committed
+        # (BackgroundSave, path, meta) of a write not yet committed
+        self._pending: Optional[tuple[Any, Path, dict[str, Any]]] = None
         self._last_size = 0  # bytes of the last committed checkpoint (main process)
         self._warned_space = False
 

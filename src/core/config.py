@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -537,7 +538,7 @@ def _component_errors(data: dict) -> list[str]:
 
 
 def load_config(
-    path: str | Path | dict, overrides: list[str] = ()
+    path: str | Path | dict, overrides: Sequence[str] = ()
 ) -> tuple[ExperimentConfig, dict[str, str]]:
     """Read, inherit, override and validate a config (a file, or a dict of its sections).
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from typing import Any
 
 MAX_LINE = 500
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -34,7 +35,7 @@ def shown(value, limit: int = 80) -> str:
 def library_message(exc: BaseException, limit: int = 200) -> str:
     """``Type: first line of the message`` of a library's exception (no C++ backtrace)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = lines[0] if lines else {MemoryError: "out of memory"}.get(type(exc), "(no message)")
+    text = lines[0] if lines else "out of memory" if type(exc) is MemoryError else "(no message)"
     return f"{type(exc).__name__}: {shorten(_escape(text), limit)}"
 
 
@@ -81,6 +82,8 @@ class UserError(Exception):
     """Bad input (config, data, checkpoint, command line). Printed without a traceback, exit 2."""
 
     exit_code = 2
+    origin: BaseException | None = None  # the exception it reports, printed by --traceback
+    quiet = False  # set on ranks other than 0 under a launcher: rank 0 alone prints the line
 
     def __init__(self, *lines: str):
         self.lines = [shorten(_escape(str(line)), MAX_LINE) for line in lines if line]
@@ -89,6 +92,11 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A config problem; each line names the dotted path of the field at fault."""
+
+    # set when raised while loading a config: the raw mapping and where each value came from,
+    # for the component checks that report every problem at once
+    data: dict[str, Any] | None = None
+    origins: dict[str, str] | None = None
 
     @classmethod
     def from_pydantic(cls, exc, prefix: str = "", source: str = "", model=None) -> ConfigError:

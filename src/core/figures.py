@@ -187,7 +187,8 @@ def line_panels(panels: list[Panel], title: str, out: Path) -> Path:
 def _blues(v: float) -> tuple[int, int, int]:
     """White to dark blue (matplotlib's Blues end points), v in [0, 1]."""
     lo, hi = (247, 251, 255), (8, 48, 107)
-    return tuple(round(a + (b - a) * v) for a, b in zip(lo, hi))
+    r, g, b = (round(a + (z - a) * v) for a, z in zip(lo, hi))
+    return r, g, b
 
 
 def heatmap_layout(c: int, names: Sequence[str]) -> tuple[int, int, int, int]:

@@ -41,10 +41,10 @@ class IntervalMetrics:
         keys = tuple(outputs)
         dev = outputs[keys[0]].device  # the loss's; a gradient norm may sit on the CPU (offload)
         vec = torch.stack([outputs[k].float().to(dev, non_blocking=True) for k in keys])
-        if keys == self._keys:
+        if keys == self._keys and self._vec is not None:
             self._vec += vec
         else:  # first step of an interval, or the task returned other keys
-            for k, v in zip(self._keys, self._vec.unbind() if self._keys else ()):
+            for k, v in zip(self._keys, self._vec.unbind() if self._vec is not None else ()):
                 self._sums[k] = self._sums.get(k, 0) + v
             self._keys, self._vec = keys, vec
         self.steps += 1
@@ -60,7 +60,7 @@ class IntervalMetrics:
 
     def sums(self) -> dict[str, torch.Tensor]:
         out = dict(self._sums)
-        for k, v in zip(self._keys, self._vec.unbind() if self._keys else ()):
+        for k, v in zip(self._keys, self._vec.unbind() if self._vec is not None else ()):
             out[k] = out.get(k, 0) + v
         return out
 

@@ -9,7 +9,7 @@ run (``warmup_ratio``).
 from __future__ import annotations
 
 import math
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 from pydantic import Field, NonNegativeFloat, PositiveFloat
@@ -69,7 +69,7 @@ def hyper_parameter_types(cls: type) -> dict[str, object]:
     import inspect
 
     out: dict[str, object] = {}
-    for name, p in inspect.signature(cls.__init__).parameters.items():
+    for name, p in inspect.signature(cls).parameters.items():
         if (
             name in _SCALAR_RANGES
             and isinstance(p.default, (int, float))
@@ -253,7 +253,9 @@ def onecycle(
     final_div_factor: Annotated[
         float, Field(gt=0, description="the final lr is the start lr / final_div_factor")
     ] = 1e4,
-    anneal_strategy: Annotated[str, Field(description="cos or linear")] = "cos",
+    anneal_strategy: Annotated[
+        Literal["cos", "linear"], Field(description="cos or linear")
+    ] = "cos",
     max_lr: Annotated[
         Optional[float], Field(description="the peak lr (default: the optimizer's lr)")
     ] = None,

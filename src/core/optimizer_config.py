@@ -44,7 +44,7 @@ def optimizer_sections(cfg_or_data: Any) -> list[tuple[str, Section]]:
     many = get("optimizers") or []
     if isinstance(many, list) and many:
         return [(f"optimizers.{i}", s) for i, s in enumerate(many)]
-    return [("optimizer", get("optimizer"))]
+    return [("optimizer", get("optimizer") or {})]
 
 
 def registry_section(section: Section) -> Section:

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import torch
 
@@ -42,6 +43,15 @@ from src.core.config import ExperimentConfig
 from src.core.errors import ConfigError, shown
 from src.core.optimizer_config import optimizer_sections, registry_section
 from src.core.registry import OPTIMIZERS, SCHEDULERS
+
+
+class Task(Protocol):
+    """What parameter grouping reads of a task: its named parameters and its own groups."""
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
+
+    def parameter_groups(self) -> list[dict[str, Any]]: ...
+
 
 _LAYER = re.compile(r"\.(?:blocks|layers|layer|h|block)\.(\d+)\.")
 _EMBED = re.compile(
@@ -79,8 +89,7 @@ def _default_lr(kind: str, section: dict) -> float:
     if "lr" in section:
         return float(section["lr"])
     entry = OPTIMIZERS.get(kind)
-    target = entry.__init__ if isinstance(entry, type) else entry
-    p = inspect.signature(target).parameters.get("lr")
+    p = inspect.signature(entry).parameters.get("lr")
     default = p.default if p is not None else None
     if isinstance(default, (int, float)):
         return float(default)
@@ -161,7 +170,7 @@ def optimizers_of(optimizer) -> list:
     return list(getattr(optimizer, "optimizers", [optimizer]))
 
 
-def _entries(task: torch.nn.Module, cfg: ExperimentConfig) -> list[tuple[str, dict, list]]:
+def _entries(task: Task, cfg: ExperimentConfig) -> list[tuple[str, dict, list]]:
     """(path, section, [(name, param, task default hyper-parameters)]) per optimizer."""
     names = {id(p): n for n, p in task.named_parameters()}
     params: list[tuple[str, torch.Tensor, dict]] = []
@@ -169,7 +178,7 @@ def _entries(task: torch.nn.Module, cfg: ExperimentConfig) -> list[tuple[str, di
         extra = {k: v for k, v in g.items() if k != "params"}
         params += [(names.get(id(p), f"param_{len(params)}"), p, extra) for p in g["params"]]
     sections = optimizer_sections(cfg)
-    out = [(path, s, []) for path, s in sections]
+    out: list[tuple[str, dict, list]] = [(path, s, []) for path, s in sections]
     for name, p, extra in params:
         for _, s, bucket in out:
             if "match" not in s or re.search(s["match"], name):
@@ -194,7 +203,7 @@ def _entries(task: torch.nn.Module, cfg: ExperimentConfig) -> list[tuple[str, di
     return out
 
 
-def build_optimizer(task: torch.nn.Module, cfg: ExperimentConfig) -> tuple[Any, list[dict]]:
+def build_optimizer(task: Task, cfg: ExperimentConfig) -> tuple[Any, list[dict]]:
     """The optimizer (a MultiOptimizer for ``optimizers:``) over ``task``'s trainable parameters,
     and the resolved table: one row per param group."""
     optimizers, table = [], []

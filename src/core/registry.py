@@ -28,7 +28,7 @@ import contextlib
 import difflib
 import inspect
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 from src.core.errors import (
     TRACEBACK_HINT,
@@ -201,7 +201,7 @@ def params_model(
     except (NameError, TypeError, ValueError):
         sig = inspect.signature(target)
     fields: dict[str, Any] = {}
-    extra = "forbid"
+    extra: Literal["forbid", "allow"] = "forbid"
     for i, (pname, p) in enumerate(sig.parameters.items()):
         if inspect.isclass(entry) and i == 0:
             continue  # self

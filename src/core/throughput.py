@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Optional
+from collections.abc import Callable
+from typing import Optional, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 # Dense datasheet peaks in TFLOP/s, by GPU model: (16-bit tensor cores, TF32 tensor cores, plain
 # FP32). Matched against torch.cuda.get_device_name() in this order, first match wins: specific
@@ -48,7 +51,7 @@ def peak_flops(device: torch.device, precision: str) -> Optional[float]:
     return None if peak is None else peak * 1e12
 
 
-def measure_flops(fn) -> tuple[object, int]:
+def measure_flops(fn: Callable[[], T]) -> tuple[T, int]:
     """Run ``fn()`` under torch's FLOP counter; returns (its result, FLOPs counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 

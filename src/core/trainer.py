@@ -124,7 +124,7 @@ class Trainer:
                 self._run()
             status = "KILLED" if self._signal else "FINISHED"
             if not self._signal and self.run_dir is not None and self.strategy.is_main:
-                self._write_artifacts()
+                self._write_artifacts(self.run_dir)
         finally:
             if self.checkpoints is not None:
                 self.checkpoints.wait()
@@ -144,12 +144,11 @@ class Trainer:
             raise SystemExit(128 + self._signal)
         return {**self.last_logged, **self.last_val}
 
-    def _write_artifacts(self) -> None:
+    def _write_artifacts(self, run_dir: Path) -> None:
         """The task's figures and ``curves.png`` into the run folder, each given to the loggers
         (before they finish)."""
         from src.core.curves import write_curves
 
-        run_dir = Path(self.run_dir)
         self.task.write_artifacts(run_dir)
         write_curves(run_dir)
         images = {p.stem: p for p in sorted(run_dir.glob("*.png"))}
@@ -408,7 +407,7 @@ class Trainer:
             self.interval.add_step(outputs)
             if self.spikes is not None:
                 self.spikes.record(mean_loss)
-        elif spike is not None and bool(spike):  # (a host read on skipped steps only)
+        elif spike is not None and self.spikes is not None and bool(spike):  # (host read on skip)
             if self.scaler is not None:
                 self.scaler.update()
             self.strategy.discard_step()

@@ -108,7 +108,7 @@ def arithmetic(
             p, a = encode(problem), encode(answer) + [tok.eos_token_id]
             return {"input_ids": torch.tensor(p + a), "labels": torch.tensor([-100] * len(p) + a)}
 
-        collate = PadCollator(tok.pad_token_id)
+        collate: PadCollator | LeftPadCollator = PadCollator(tok.pad_token_id)
     else:
 
         def item(problem: str, answer: str) -> dict:

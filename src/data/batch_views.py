@@ -138,6 +138,15 @@ def blur(x: torch.Tensor, max_sigma: float, p: float = 0.5) -> torch.Tensor:
 
 class _BatchViews:
     batched = True  # applied by the task to the batch on its device, not per sample
+    # the augmentation's strengths, set by each kind's __init__
+    degrees: float
+    translate: float
+    flip: bool
+    jitter: float
+    saturation: float
+    grayscale: float
+    solarize: float
+    blur: float
 
     def _view(self, x: torch.Tensor, size: int, scale) -> torch.Tensor:
         v = geometry(x, size, scale, self.degrees, self.translate, self.flip)

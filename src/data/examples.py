@@ -3,7 +3,8 @@ the JSONL formats and the docstrings corpus."""
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from collections.abc import Callable
+from typing import Annotated, Any, Optional
 
 import torch
 from pydantic import Field
@@ -21,7 +22,9 @@ ValFraction = Annotated[
 class Examples(torch.utils.data.Dataset):
     """Pre-tokenised examples of different lengths (``lengths`` for length-grouped batches)."""
 
-    def __init__(self, items: list[dict[str, torch.Tensor]], labels: Optional[list[int]] = None):
+    collate_fn: Optional[Callable[[list[dict[str, Any]]], dict[str, Any]]] = None  # the padding
+
+    def __init__(self, items: list[dict[str, Any]], labels: Optional[list[int]] = None):
         self.items = items
         self.lengths = [
             len(x["input_ids"]) if "input_ids" in x else len(x["chosen_input_ids"]) for x in items
@@ -67,7 +70,7 @@ class LeftPadCollator:
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
-    def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         longest = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), longest), dtype=torch.long)

@@ -119,10 +119,10 @@ def _drop_unreadable(folder, key: str, bad_files: str) -> None:
     if not bad:
         return
     if bad_files == "error":
-        path, exc = bad[0]
+        path, first = bad[0]
         more = f" ({len(bad)} unreadable files in all)" if len(bad) > 1 else ""
         raise ConfigError(
-            f"data.{key}: {path}: not a readable image ({library_message(exc, 80)})"
+            f"data.{key}: {path}: not a readable image ({library_message(first, 80)})"
             f"{more}; fix or remove it, or set data.bad_files=skip"
         )
     dropped = {p for p, _ in bad}

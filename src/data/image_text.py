@@ -21,7 +21,7 @@ image's captions is one sample); validation batches hold every caption of each i
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -78,7 +78,7 @@ class Images:
         channels: int = 3,
     ):
         self.tensor, self.files = tensor, list(files)
-        self.transform = None
+        self.transform: Optional[Callable[[Any], torch.Tensor]] = None
         if tensor is None:
             from src.data.image_folder import _image_transform
 
@@ -97,6 +97,7 @@ class Images:
 
         try:
             with Image.open(self.files[i]) as im:
+                assert self.transform is not None  # built with the files, in __init__
                 return self.transform(im.convert("RGB"))
         except (OSError, SyntaxError, ValueError) as exc:  # damage the header check missed
             raise DataError(
@@ -361,7 +362,8 @@ def image_text(
 
 # --------------------------------------------------------------------------- questions
 
-QUESTIONS = {
+Question = Literal["digit", "even", "plus_one"]
+QUESTIONS: dict[Question, tuple[str, Callable[[int], str]]] = {
     "digit": ("What digit is this?", lambda c: DIGIT_NAMES[c]),
     "even": ("Is this digit even?", lambda c: "yes" if c % 2 == 0 else "no"),
     "plus_one": ("What is this digit plus one?", lambda c: DIGIT_NAMES[c + 1] if c < 9 else "ten"),
@@ -377,7 +379,10 @@ class ImageQuestions(torch.utils.data.Dataset):
     batched = True
 
     def __init__(
-        self, images: Images, rows: list[tuple[int, list[int], list[int], str, str]], pad_id: int
+        self,
+        images: Images,
+        rows: Sequence[tuple[int, list[int], list[int], str, str]],
+        pad_id: int,
     ):
         self.images, self.rows, self.pad_id = images, rows, pad_id
         self.lengths = [len(p) + len(a) for _, p, a, _, _ in rows]
@@ -443,7 +448,7 @@ def digits_vqa(
         ),
     ],
     questions: Annotated[
-        list[Literal[tuple(QUESTIONS)]],
+        list[Question],
         Field(
             min_length=1,
             description="question kinds asked of every image: digit ('What digit is "

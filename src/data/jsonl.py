@@ -266,7 +266,7 @@ def prompts(
         raise ConfigError("data: give 'path' (JSONL of prompts) or stdlib_functions: true")
     if limit:
         texts = texts[:limit]
-    items = [
+    items: list[dict[str, Any]] = [
         {"input_ids": torch.tensor(tok(t, add_special_tokens=False)["input_ids"][-max_length:])}
         for t in texts
     ]

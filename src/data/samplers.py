@@ -177,7 +177,7 @@ class LengthGroupedSampler(_GlobalBatches):
         mega = size * self.group
         batches = []
         for i in range(0, len(order), mega):
-            chunk = order[i : i + mega]
-            chunk = chunk[self.lengths[chunk].argsort(descending=True, stable=True)].tolist()
+            part = order[i : i + mega]
+            chunk = part[self.lengths[part].argsort(descending=True, stable=True)].tolist()
             batches += [chunk[j : j + size] for j in range(0, len(chunk), size)]
         return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]

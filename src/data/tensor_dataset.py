@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -46,7 +46,7 @@ class InMemoryDataset(Dataset):
         x = self.inputs[idx]
         if self.transform is not None:
             x = self.transform(x)
-        batch = {"inputs": x, "labels": self.labels[idx]}
+        batch: dict[str, Any] = {"inputs": x, "labels": self.labels[idx]}
         if self.view_transform is not None:  # per sample: each gets its own random views
             per_sample = [self.view_transform(xi) for xi in x]
             batch["views"] = [torch.stack(v) for v in zip(*per_sample)]

@@ -6,12 +6,16 @@ into ``batch["views"]`` = [view_0 (B, C, h0, w0), view_1, ...] beside the clean 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Annotated, Optional
 
 import torch
 from pydantic import Field, PositiveInt
 
 from src.core.registry import TRANSFORMS
+
+Augment = Callable[[torch.Tensor], torch.Tensor]
 
 
 def augmentation(
@@ -22,7 +26,7 @@ def augmentation(
     jitter: float,
     blur: float,
     flip: bool,
-):
+) -> Augment:
     """Random resized crop, affine, brightness/contrast jitter, optional blur and flip."""
     from torchvision.transforms import v2
 
@@ -73,19 +77,20 @@ class MultiView:
         ] = False,
     ):
         self.n, self.size = n_views, size
-        self.kw = dict(
-            scale=tuple(scale),
+        self._make = functools.partial(
+            augmentation,
+            scale=(scale[0], scale[1]),
             degrees=degrees,
             translate=translate,
             jitter=jitter,
             blur=blur,
             flip=flip,
         )
-        self._aug = None
+        self._aug: Optional[Augment] = None
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self._aug is None:
-            self._aug = augmentation(self.size or x.shape[-1], **self.kw)
+            self._aug = self._make(self.size or x.shape[-1])
         return [self._aug(x) for _ in range(self.n)]
 
 
@@ -120,17 +125,17 @@ class MultiCrop:
     ):
         self.n_global, self.n_local = global_views, local_views
         self.sizes = (global_size, local_size)
-        self.scales = (tuple(global_scale), tuple(local_scale))
+        self.scales = ((global_scale[0], global_scale[1]), (local_scale[0], local_scale[1]))
         self.jitter, self.blur = jitter, blur
-        self._augs = None
+        self._augs: Optional[tuple[Augment, Augment]] = None
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self._augs is None:
             side = x.shape[-1]
             gs, ls = self.sizes[0] or side, self.sizes[1] or max(2, side // 2)
-            self._augs = tuple(
-                augmentation(size, scale, 10.0, 0.1, self.jitter, self.blur, False)
-                for size, scale in zip((gs, ls), self.scales)
+            self._augs = (
+                augmentation(gs, self.scales[0], 10.0, 0.1, self.jitter, self.blur, False),
+                augmentation(ls, self.scales[1], 10.0, 0.1, self.jitter, self.blur, False),
             )
         return [self._augs[0](x) for _ in range(self.n_global)] + [
             self._augs[1](x) for _ in range(self.n_local)

@@ -232,7 +232,7 @@ class Strategy(abc.ABC):
         """The model's trainable parameters, listed once (walking modules every step costs)."""
         if getattr(self, "_trainable_of", None) is not model:
             self._trainable_of = model
-            self._trainable = [p for p in model.parameters() if p.requires_grad]
+            self._trainable: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
         return self._trainable
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> torch.Tensor:
@@ -240,7 +240,8 @@ class Strategy(abc.ABC):
         params = [p for p in self.trainable(model) if p.grad is not None]
         if not params:
             return torch.zeros((), device=self.device)
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0, foreach=True)
+        grads = [p.grad for p in params if p.grad is not None]  # (all of them: the filter above)
+        norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
         if max_norm is not None:  # takes the parameters: it scales each one's .grad in place
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
         return norm

@@ -7,6 +7,7 @@ parameter names, so a checkpoint written by N ranks loads into M ranks (or one p
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
@@ -43,7 +44,7 @@ def _state(model, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, _optimizers(optimizer))
-    state = {"model": model_sd}
+    state: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
         state["optimizer"] = optim_sd
     return state
@@ -85,7 +86,8 @@ class BackgroundSave:
         state = _state(model, optimizer)
         # The copy must start after the work queued so far (the update) and on this rank's GPU:
         # a new thread's current device is GPU 0 whatever the rank.
-        self._device = self._ready = None
+        self._device: Optional[int] = None
+        self._ready: Optional[torch.cuda.Event] = None
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             self._device = torch.cuda.current_device()
             self._ready = torch.cuda.Event()
@@ -99,7 +101,7 @@ class BackgroundSave:
         from torch.utils._pytree import tree_map
 
         try:
-            if self._device is None:
+            if self._device is None or self._ready is None:
                 state = tree_map(_copy, state)
             else:  # into pinned host memory on a side stream; done when its event completes
                 torch.cuda.set_device(self._device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 from pydantic import Field, PositiveInt
 from typing_extensions import override
@@ -46,7 +46,7 @@ class DDPStrategy(ProcessGroupStrategy):
     ):
         super().__init__(backend, timeout_s)
         self.sync_batchnorm = sync_batchnorm
-        self.ddp_kwargs = {
+        self.ddp_kwargs: dict[str, Any] = {
             "find_unused_parameters": find_unused_parameters,
             "static_graph": static_graph,
             "gradient_as_bucket_view": True,

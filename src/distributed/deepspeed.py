@@ -74,7 +74,9 @@ def _norm_statistics_to(module: torch.nn.Module, dtype: torch.dtype) -> None:
     """BatchNorm's running statistics in ``dtype``: DeepSpeed casts parameters to fp16/bf16 but
     keeps buffers in fp32 (for rotary tables), and batch_norm takes one dtype for all."""
     for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.running_mean is not None:
+        if not isinstance(m, torch.nn.modules.batchnorm._NormBase):
+            continue
+        if m.running_mean is not None and m.running_var is not None:
             m.running_mean.data = m.running_mean.data.to(dtype)
             m.running_var.data = m.running_var.data.to(dtype)
 

@@ -7,7 +7,7 @@ import datetime
 import gc
 import os
 import re
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -75,7 +75,8 @@ class ProcessGroupStrategy(Strategy):
 
     def __init__(self, backend: Backend = "auto", timeout_s: Timeout = 1800):
         self.backend_name, self.timeout_s = backend, timeout_s
-        self._signal_work = None  # (async all-reduce, its tensor) of the last step's stop flag
+        # (async all-reduce, its tensor) of the last step's stop flag
+        self._signal_work: Optional[tuple[Any, torch.Tensor]] = None
 
     @override
     def setup(self) -> None:

@@ -48,16 +48,16 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         if self.track_running_stats:
+            tracked, running_mean = self.num_batches_tracked, self.running_mean
+            running_var = self.running_var
+            # track_running_stats: BatchNorm registered all three buffers
+            assert tracked is not None and running_mean is not None and running_var is not None
             with torch.no_grad():
-                self.num_batches_tracked += 1
-                m = (
-                    self.momentum
-                    if self.momentum is not None
-                    else 1.0 / float(self.num_batches_tracked)
-                )
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(tracked)
+                running_mean.lerp_(mean.detach().to(running_mean.dtype), m)
                 unbiased = var.detach() * total / (total - 1).clamp_min(1)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
+                running_var.lerp_(unbiased.to(running_var.dtype), m)
         return y
 
 

@@ -41,7 +41,15 @@ def apply_adapter(model, section: dict[str, Any], kind: str):
     ``{type: qlora, ...the same, compute_dtype: bf16}``; ``{type: prefix_tuning,
     num_virtual_tokens: 16}``.
     """
-    from peft import LoraConfig, PrefixTuningConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import (
+        LoraConfig,
+        PeftConfig,
+        PrefixTuningConfig,
+        get_peft_model,
+        prepare_model_for_kbit_training,
+    )
+
+    cfg: PeftConfig
 
     section = dict(section)
     kind_name = section.pop("type", None)

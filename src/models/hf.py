@@ -17,7 +17,8 @@ from src.core.errors import ConfigError
 from src.core.local_paths import resolve_path
 from src.core.registry import MODELS
 
-AUTO_CLASSES = {
+Kind = Literal["causal_lm", "seq2seq", "masked_lm", "sequence_classification", "base"]
+AUTO_CLASSES: dict[Kind, str] = {
     "causal_lm": "AutoModelForCausalLM",
     "seq2seq": "AutoModelForSeq2SeqLM",
     "masked_lm": "AutoModelForMaskedLM",
@@ -30,7 +31,7 @@ AUTO_CLASSES = {
 def hf_model(
     info: DatasetInfo,
     kind: Annotated[
-        Literal[tuple(AUTO_CLASSES)],
+        Kind,
         Field(
             description="which Auto class (causal_lm, seq2seq, masked_lm, sequence_classification, "
             "base)"
@@ -70,14 +71,15 @@ def hf_model(
     extra: dict[str, Any] = {}
     if kind == "sequence_classification" and info.num_classes:
         extra["num_labels"] = info.num_classes
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    torch_dtype = dtypes[dtype] if dtype is not None else None
     quantized = adapter is not None and adapter.get("type") == "qlora"
     if path is not None:
         folder = resolve_path(path)
         kwargs: dict[str, Any] = {"local_files_only": True, **extra}
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype
-        if quantized:
+        if adapter is not None and quantized:
             from src.models.adapters import quantization_config
 
             kwargs["quantization_config"] = quantization_config(adapter)
@@ -88,6 +90,7 @@ def hf_model(
     else:
         if quantized:
             raise ConfigError("model.adapter: qlora quantizes pretrained weights; give model.path")
+        assert config is not None  # exactly one of path and config: checked above
         cfg = dict(config)
         model_type = cfg.pop("model_type", None)
         if model_type is None:

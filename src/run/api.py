@@ -15,13 +15,17 @@ one-line messages.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from src.core.errors import ConfigError, UserError
 from src.core.registry import CALLBACKS
 from src.run.experiment import Experiment as Built
 from src.run.experiment import build, prepare
+
+if TYPE_CHECKING:
+    from src.core.trainer import Trainer
 
 
 class Experiment:
@@ -37,7 +41,7 @@ class Experiment:
 
     @classmethod
     def from_yaml(
-        cls, path: str | Path, overrides: list[str] = (), imports: list[str] = ()
+        cls, path: str | Path, overrides: Sequence[str] = (), imports: Sequence[str] = ()
     ) -> Experiment:
         """Build the experiment of a config file, as ``python -m src.main --config PATH``
         would (``overrides``: ``["trainer.max_steps=50", ...]``)."""
@@ -46,7 +50,7 @@ class Experiment:
 
     @classmethod
     def from_dict(
-        cls, config: dict, overrides: list[str] = (), imports: list[str] = ()
+        cls, config: dict, overrides: Sequence[str] = (), imports: Sequence[str] = ()
     ) -> Experiment:
         """Build the experiment of a config given as a dict of its sections (``base:`` paths
         are relative to the current folder); validated exactly like a file."""
@@ -64,7 +68,7 @@ class Experiment:
         name: Optional[str] = None,
         num_classes: Optional[int] = None,
         config: Optional[dict] = None,
-        overrides: list[str] = (),
+        overrides: Sequence[str] = (),
     ) -> Experiment:
         """Train your own ``nn.Module`` on your own datasets (or DataLoaders) with your own loss
         function (or a ``torch.nn.functional`` loss name), with the platform's strategies,
@@ -101,16 +105,18 @@ class Experiment:
     def evaluate(self) -> dict[str, float]:
         """``val/...`` metrics of the weights in memory: after ``fit()``, the trained ones;
         before, the run folder's latest committed checkpoint (if any) is loaded first."""
-        if self.trainer is None:
-            self._eval_trainer()._resume(announce=False)
-            for cb in self.trainer.callbacks:  # EMA weights, as restored, for evaluation
+        trainer = self.trainer
+        if trainer is None:
+            trainer = self._eval_trainer()
+            trainer._resume(announce=False)
+            for cb in trainer.callbacks:  # EMA weights, as restored, for evaluation
                 if getattr(cb, "shapes_evaluation", False):
-                    cb.on_fit_start(self.trainer)
-        loggers, self.trainer.loggers = self.trainer.loggers, []  # nothing written to the run
+                    cb.on_fit_start(trainer)
+        loggers, trainer.loggers = trainer.loggers, []  # nothing written to the run
         try:
-            return self.trainer.evaluate()
+            return trainer.evaluate()
         finally:
-            self.trainer.loggers = loggers
+            trainer.loggers = loggers
 
     def predict(
         self, data=None, split: str = "val", batch_size: Optional[int] = None, **options
@@ -136,7 +142,7 @@ class Experiment:
         was_training = self.task.training
         self.task.eval()
         try:
-            return predict(
+            out = predict(
                 run,
                 data,
                 batch_size or self.cfg.data.eval_batch_size or self.cfg.data.batch_size,
@@ -146,8 +152,10 @@ class Experiment:
             )
         finally:
             self.task.train(was_training)
+        assert out is not None  # one process: it is the main one
+        return out
 
-    def _eval_trainer(self):
+    def _eval_trainer(self) -> Trainer:
         from src.core.checkpoint import CheckpointManager
         from src.core.trainer import Trainer
 

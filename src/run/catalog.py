@@ -101,7 +101,8 @@ def parameters(entry, doc: str, skip=(), field_types=None) -> list[tuple[str, st
     for name, field in params_model(entry, skip, field_types).model_fields.items():
         kind = type_name(field.annotation)
         if field.metadata:  # constraints pydantic lifted out of Annotated[...]
-            kind = type_name(typing.Annotated[(field.annotation, *field.metadata)])
+            args = (field.annotation, *field.metadata)
+            kind = type_name(typing.Annotated[args])
         default = "required" if field.is_required() else repr(field.default)
         out.append((name, kind, default, field.description or described.get(name, "")))
     return out
@@ -128,14 +129,14 @@ def _module_files(name: str) -> list[Path]:
 
 def _tuple_constants(tree: ast.Module) -> dict[str, list[str]]:
     """Module-level ``NAME = ("a", "b", ...)`` assignments of string literals."""
-    out = {}
+    out: dict[str, list[str]] = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and isinstance(node.value, (ast.Tuple, ast.List)):
-            items = [e.value for e in node.value.elts if isinstance(e, ast.Constant)]
-            if items and all(isinstance(i, str) for i in items):
+            values = [e.value for e in node.value.elts if isinstance(e, ast.Constant)]
+            if values and all(isinstance(v, str) for v in values):
                 for target in node.targets:
                     if isinstance(target, ast.Name):
-                        out[target.id] = items
+                        out[target.id] = [str(v) for v in values]
     return out
 
 
@@ -152,7 +153,12 @@ def _registrations(tree: ast.Module) -> list[tuple[str, str, str]]:
                     and isinstance(inner.left, ast.Name)
                     and any(isinstance(c, ast.Name) and c.id in consts for c in inner.comparators)
                 ):
-                    loops[inner.left.id] = consts[inner.comparators[0].id]
+                    const = next(
+                        c.id
+                        for c in inner.comparators
+                        if isinstance(c, ast.Name) and c.id in consts
+                    )
+                    loops[inner.left.id] = consts[const]
         elif (
             isinstance(node, ast.For)
             and isinstance(node.target, ast.Name)

@@ -15,6 +15,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -57,7 +58,7 @@ from src.run.plugins import import_user_modules, load_plugins
 
 
 def prepare(
-    path: str | dict, overrides: list[str] = (), extra_imports: list[str] = ()
+    path: str | dict, overrides: Sequence[str] = (), extra_imports: Sequence[str] = ()
 ) -> tuple[ExperimentConfig, dict[str, str]]:
     """Load and fully validate a config (a file, or a dict of its sections), component
     parameters included; builds nothing."""
@@ -66,7 +67,7 @@ def prepare(
         cfg, origins = load_config(path, list(overrides))
     except ConfigError as exc:
         data = getattr(exc, "data", None)
-        if data is None:
+        if data is None or exc.origins is None:
             raise
         load_builtins()  # every problem in one run: the sections' parameters too
         more = raw_component_errors(data, exc.origins, source)
@@ -313,15 +314,16 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
         data.train.view_transform = transform
 
     per_rank = d.batch_size // world
-    if d.sampler is None:
+    sampler = d.sampler
+    if sampler is None:
         batches = ShardedBatchSampler(
             len(data.train), per_rank, cfg.seed, d.shuffle, strategy.rank, world, d.drop_last
         )
     else:
         batches = SAMPLERS.build(
-            d.sampler,
+            sampler,
             "data.sampler",
-            labels=Lazy(lambda: sample_labels(data.train, d.sampler["type"])),
+            labels=Lazy(lambda: sample_labels(data.train, sampler["type"])),
             lengths=Lazy(lambda: sample_lengths(data.train)),
             batch_size=per_rank,
             seed=cfg.seed,
@@ -346,8 +348,8 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
         d.num_workers,
         d.pin_memory,
     )
-    batches = train_loader.batches_per_epoch()
-    if batches == 0:
+    per_epoch = train_loader.batches_per_epoch()
+    if per_epoch == 0:
         raise ConfigError(
             f"data.batch_size: {d.batch_size} is larger than the training set "
             f"({len(data.train)} samples over {world} processes)"
@@ -360,7 +362,7 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
             f"'{cfg.task['type']}', whose rollouts serve {reuse} steps each: keep 1 "
             "(GRPO's micro_batch bounds memory instead)"
         )
-    steps_per_epoch = math.ceil(batches / t.grad_accum_steps) * reuse
+    steps_per_epoch = math.ceil(per_epoch / t.grad_accum_steps) * reuse
     limits = [s for s in (t.max_steps, t.max_epochs and t.max_epochs * steps_per_epoch) if s]
     if not limits:
         raise ConfigError("trainer: set max_steps or max_epochs (training stops at the first)")
@@ -387,7 +389,7 @@ def build(cfg: ExperimentConfig, origins: Optional[dict[str, str]] = None) -> Ex
         "total_steps": total,
         "model_parameters": sum(p.numel() for p in task.parameters()),
         "trainable_parameters": sum(p.numel() for p in task.parameters() if p.requires_grad),
-        "batches_per_epoch": batches,
+        "batches_per_epoch": per_epoch,
         "per_rank_batch_size": per_rank,
         "effective_batch_size": d.batch_size * t.grad_accum_steps,
         "world_size": world,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -102,7 +102,7 @@ def locate(
     ``--checkpoint`` (a step folder, ``checkpoints/``, ``checkpoints/latest``) or both."""
     from src.core.checkpoint import find_checkpoint
 
-    run_dir = None
+    run_dir: Optional[Path] = None
     if run is not None:
         run_dir = Path(run)
         if not run_dir.is_dir():
@@ -118,17 +118,21 @@ def locate(
                 if parent
                 else []
             )
-            hint = f"; did you mean {parent / near[0]}?" if near else ""
+            hint = f"; did you mean {parent / near[0]}?" if parent and near else ""
             raise UserError(f"--run: {run_dir}: no such run folder{hint}")
         if not (run_dir / CONFIG_FILE).is_file():
             raise UserError(
                 f"--run: {run_dir}: not a run folder (no {CONFIG_FILE}); give the "
                 "folder training wrote, experiments/<name>"
             )
-    if run is None and checkpoint is None:
+    if checkpoint is not None:
+        where = Path(checkpoint)
+    elif run_dir is not None:
+        where = run_dir
+    else:
         raise UserError("give --run RUN_FOLDER (or --checkpoint STEP_FOLDER)")
     try:
-        step_dir = find_checkpoint(Path(checkpoint) if checkpoint is not None else run_dir)
+        step_dir = find_checkpoint(where)
     except CheckpointError as exc:
         flag = "--checkpoint" if checkpoint is not None else "--run"
         raise CheckpointError(f"{flag}: {exc}") from None
@@ -144,7 +148,7 @@ def load_run(
     run: Optional[str] = None,
     checkpoint: Optional[str] = None,
     config: Optional[str] = None,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     trust_pickles: bool = False,
 ) -> LoadedRun:
     """Build the run's task from its config (``overrides`` applied, e.g. another data section)

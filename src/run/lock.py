@@ -20,7 +20,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
+from typing import IO, Optional
 
 from src.core.errors import ConfigError
 
@@ -37,7 +37,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK_FILE
-        self._file = None
+        self._file: Optional[IO[str]] = None
 
     def busy(self) -> Optional[str]:
         """Who holds the folder now (None: free, and from now on this process holds it)."""

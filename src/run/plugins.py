@@ -84,6 +84,8 @@ def _import_file(path: Path, at: str) -> None:
     if name in sys.modules:  # given twice (imports: and --import): it has registered already
         return
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:  # a .py path always has one
+        raise ConfigError(f"{at}: {shown(str(path))}: not importable as a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # pickling and dataclasses look their module up by name
     try:
@@ -107,8 +109,10 @@ def _where_raised(exc: BaseException) -> str:
 
     frames = traceback.extract_tb(exc.__traceback__)
     own = [f for f in frames if not f.filename.startswith(library_files())]
-    frame = (own or frames or [None])[-1]
-    return f"{_short_path(frame.filename)}:{frame.lineno}: " if frame else ""
+    if not (own or frames):
+        return ""
+    frame = (own or frames)[-1]
+    return f"{_short_path(frame.filename)}:{frame.lineno}: "
 
 
 def load_plugins() -> None:

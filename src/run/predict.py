@@ -21,13 +21,13 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
 
 from src.core.errors import ArgumentParser, UserError
-from src.run.inference import LoadedRun, load_run, positional_run
+from src.run.inference import load_run, positional_run
 
 FORMATS = (".jsonl", ".csv", ".npy")
 
@@ -39,8 +39,15 @@ def shard_batches(n: int, batch_size: int, rank: int, world: int) -> list[list[i
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
+class _Run(Protocol):
+    """What prediction reads of a run: a loaded one (LoadedRun) or an experiment in memory."""
+
+    task: Any
+    cfg: Any
+
+
 def predict(
-    run: LoadedRun,
+    run: _Run,
     dataset,
     batch_size: int,
     strategy=None,
@@ -93,9 +100,9 @@ def predict(
     if world > 1:
         import torch.distributed as dist
 
-        gathered = [None] * world if rank == 0 else None
+        gathered: list[Any] | None = [None] * world if rank == 0 else None
         dist.gather_object(local, gathered, dst=0)
-        if rank != 0:
+        if gathered is None:
             return None
         parts = [g for g in gathered if len(g["id"])]
         local = {k: _concat([p[k] for p in parts]) for k in parts[0]}

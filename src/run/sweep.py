@@ -242,8 +242,8 @@ class Sweep:
                 f"strategy: a sweep under a launcher ({self.world} processes) "
                 "needs a multi-process strategy (ddp, fsdp, deepspeed); got single"
             )
-        self.group = STRATEGIES.build(cfg.strategy, "strategy")
-        self.group.setup()
+        self.group = group = STRATEGIES.build(cfg.strategy, "strategy")
+        group.setup()
 
     def _broadcast(self, job):
         if self.world == 1:

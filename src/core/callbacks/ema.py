@@ -18,9 +18,10 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
 def _like(whole: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """``whole`` on ``ref``'s device, sharded as ``ref`` is when it is a DTensor (FSDP2)."""
     if hasattr(ref, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
+        from torch.distributed.tensor import DTensor, distribute_tensor
 
-        return distribute_tensor(whole.to(ref.device), ref.device_mesh, ref.placements)
+        if isinstance(ref, DTensor):
+            return distribute_tensor(whole.to(ref.device), ref.device_mesh, ref.placements)
     return whole.to(ref.device)
 
 

@@ -34,7 +34,7 @@ class GradientMonitor(Callback):
         ] = False,
     ):
         self.factor, self.per_layer = explosion_factor, per_layer
-        self.max_norm = None
+        self.max_norm: torch.Tensor | None = None
         self.average: float | None = None
         self.layer_norms: dict[str, float] = {}
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,8 @@ class OnlineKNN(Callback):
         ] = 4096,
     ):
         self.k, self.t, self.size = k, temperature, queue_size
-        self.bank = self.bank_labels = None
+        self.bank: Optional[torch.Tensor] = None
+        self.bank_labels: Optional[torch.Tensor] = None
         self.ptr, self.filled = 0, 0
         self._val = ValAccuracy()
 
@@ -38,18 +39,25 @@ class OnlineKNN(Callback):
         if feats is None or labels is None or feats.ndim != 2:
             return
         feats = F.normalize(feats.detach().float(), dim=1)
-        if self.bank is None:
+        if self.bank is None or self.bank_labels is None:
             self.bank = feats.new_zeros(self.size, feats.shape[1])
             self.bank_labels = labels.new_zeros(self.size)
+        bank, bank_labels = self.bank, self.bank_labels
         n = min(len(feats), self.size)
         idx = (self.ptr + torch.arange(n, device=feats.device)) % self.size
-        self.bank[idx], self.bank_labels[idx] = feats[:n], labels[:n]
+        bank[idx], bank_labels[idx] = feats[:n], labels[:n]
         self.ptr = (self.ptr + n) % self.size
         self.filled = min(self.size, self.filled + n)
 
     def on_validation_batch_end(self, trainer, outputs) -> None:
         feats, labels = outputs.get("features"), outputs.get("labels")
-        if self.bank is None or feats is None or labels is None or self.filled == 0:
+        if (
+            self.bank is None
+            or self.bank_labels is None
+            or feats is None
+            or labels is None
+            or self.filled == 0
+        ):
             return
         bank, bank_labels = self.bank[: self.filled], self.bank_labels[: self.filled]
         sim = F.normalize(feats.float(), dim=1) @ bank.T  # (B, M); B may be 0 (padding batch)
@@ -66,7 +74,7 @@ class OnlineKNN(Callback):
             metrics["val/knn_accuracy"] = accuracy
 
     def state_dict(self) -> dict:
-        if self.bank is None:
+        if self.bank is None or self.bank_labels is None:
             return {}
         return {
             "bank": self.bank.cpu(),
@@ -81,6 +89,6 @@ class OnlineKNN(Callback):
             self.ptr, self.filled = state["ptr"], state["filled"]
 
     def on_fit_start(self, trainer) -> None:
-        if self.bank is not None:
+        if self.bank is not None and self.bank_labels is not None:
             self.bank = self.bank.to(trainer.strategy.device)
             self.bank_labels = self.bank_labels.to(trainer.strategy.device)

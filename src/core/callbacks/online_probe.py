@@ -36,7 +36,9 @@ class OnlineLinearProbe(Callback):
         self._val = ValAccuracy()
         self._train_hits = None
 
-    def _build(self, dim: int, classes: int, device) -> None:
+    def _build(
+        self, dim: int, classes: int, device
+    ) -> tuple[torch.nn.Linear, torch.optim.Optimizer]:
         self.probe = torch.nn.Linear(dim, classes).to(device)
         self.opt = torch.optim.AdamW(
             self.probe.parameters(), lr=self.lr, weight_decay=self.weight_decay
@@ -45,6 +47,7 @@ class OnlineLinearProbe(Callback):
             self.probe.load_state_dict(self._pending["probe"])
             self.opt.load_state_dict(self._pending["opt"])
             self._pending = None
+        return self.probe, self.opt
 
     def on_fit_start(self, trainer) -> None:
         self.classes = trainer.run_info.get("params", {}).get("data.num_classes") or getattr(
@@ -55,14 +58,18 @@ class OnlineLinearProbe(Callback):
         feats, labels = outputs.get("features"), outputs.get("labels")
         if feats is None or labels is None or feats.ndim != 2:
             return
-        if self.probe is None:
-            self._build(feats.shape[1], self.classes or int(labels.max()) + 1, feats.device)
+        if self.probe is None or self.opt is None:
+            probe, opt = self._build(
+                feats.shape[1], self.classes or int(labels.max()) + 1, feats.device
+            )
+        else:
+            probe, opt = self.probe, self.opt
         with torch.enable_grad():
-            logits = self.probe(feats.detach().float())
+            logits = probe(feats.detach().float())
             loss = F.cross_entropy(logits, labels)
-            self.opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            self.opt.step()
+            opt.step()
         hits = (logits.detach().argmax(-1) == labels).float().mean()
         self._train_hits = hits if self._train_hits is None else 0.9 * self._train_hits + 0.1 * hits
 
@@ -82,7 +89,7 @@ class OnlineLinearProbe(Callback):
             metrics["val/probe_accuracy"] = accuracy
 
     def state_dict(self) -> dict:
-        if self.probe is None:
+        if self.probe is None or self.opt is None:
             return {}
         return {"probe": self.probe.state_dict(), "opt": self.opt.state_dict()}
 

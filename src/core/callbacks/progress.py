@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Optional
 
 from pydantic import Field
 
 from src.core.callbacks.base import Callback
 from src.core.registry import CALLBACKS
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 
 @CALLBACKS.register("progress")
@@ -20,7 +23,7 @@ class RichProgressBar(Callback):
         transient: Annotated[bool, Field(description="remove the bar when training ends")] = False,
     ):
         self.transient = transient
-        self.progress = None
+        self.progress: Optional[Progress] = None
 
     def on_fit_start(self, trainer) -> None:
         if not trainer.strategy.is_main:
@@ -34,7 +37,7 @@ class RichProgressBar(Callback):
             TimeRemainingColumn,
         )
 
-        self.progress = Progress(
+        self.progress = progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
@@ -43,10 +46,8 @@ class RichProgressBar(Callback):
             TimeRemainingColumn(),
             transient=self.transient,
         )
-        self.task_id = self.progress.add_task(
-            "train", total=trainer.max_steps, completed=trainer.step
-        )
-        self.progress.start()
+        self.task_id = progress.add_task("train", total=trainer.max_steps, completed=trainer.step)
+        progress.start()
 
     def on_step_end(self, trainer, outputs) -> None:
         if self.progress is not None:
