@@ -202,6 +202,21 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+BENCHMARKS = (
+    "overhead",
+    "startup",
+    "checkpoint",
+    "dataloader",
+    "ddp",
+    "inference",
+    "sweep",
+    "ssl",
+    "lm",
+    "grpo",
+    "multimodal",
+    "lmspeed",
+    "sslspeed",
+)
 KEPT = ("Faults",)  # sections written from the fault tests, not by a benchmark here
 
 
@@ -344,11 +359,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Regenerate benchmarks/RESULTS.md")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (for tests)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/RESULTS.md"))
-    p.add_argument(
-        "--only",
-        default="overhead,startup,checkpoint,dataloader,ddp,inference,sweep,ssl,lm,"
-        "grpo,multimodal,lmspeed,sslspeed",
-    )
+    p.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated names")
     p.add_argument(
         "--update",
         action="store_true",

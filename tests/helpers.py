@@ -58,7 +58,12 @@ def launch(
     cwd: Path = ROOT,
     master_port: int = 0,
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{config.parent}", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}:{config.parent}",
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",  # the deepspeed strategy under either launcher
+    }
     master_port = master_port or port()
     if launcher == "torchrun":
         cmd = [
@@ -71,7 +76,6 @@ def launch(
             "src.main",
         ]
     else:
-        env["DS_ACCELERATOR"] = "cpu"
         cmd = [
             sys.executable,
             "-m",

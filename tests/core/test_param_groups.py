@@ -326,7 +326,7 @@ def test_deepspeed_trains_the_groups_as_its_param_groups(write_config, tmp_path)
         **grouped,
         "strategy": {"type": "deepspeed", "config": {"zero_optimization": {"stage": 2}}},
     }
-    launch(2, write_config(ds, "ds.yaml"), launcher="deepspeed")
+    launch(2, write_config(ds, "ds.yaml"))
     got = {r["step"]: r for r in metrics(tmp_path / "runs/tiny") if "train/loss" in r}
     for s in range(1, 7):
         assert got[s]["train/lr/groups.0"] == pytest.approx(
