@@ -9,6 +9,7 @@
     python -m src.main predict --run experiments/exp001                  # predictions (JSONL)
     python -m src.main export --run experiments/exp001 --out exp001.onnx # onnx, .pt, .pt2, ...
     python -m src.main sweep --config configs/sweep_exp001.yaml          # hyper-parameter search
+    python -m src.main prepare --config configs/lm_stdlib.yaml           # tokenize, no training
 
 Bad input (config, data, checkpoint, command line) prints one line per problem and exits with 2.
 Heavy libraries are imported only once a config is being built, so --help and --list are instant.
@@ -30,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Train an experiment described by one YAML file.",
         epilog="Overrides: dotted paths with YAML values, e.g. trainer.max_steps=50 "
         "model.hidden=[256,256]. They win over the file, which wins over defaults. "
-        "Other commands (each with --help): predict, export, sweep.",
+        "Other commands (each with --help): predict, export, sweep, prepare.",
     )
     p.add_argument("--config", "-c", help="experiment YAML file")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
@@ -243,6 +244,10 @@ def _dispatch(argv: list[str]) -> int:
         from src.run import predict
 
         return predict.main(argv[1:])
+    if argv[:1] == ["prepare"]:
+        from src.run import prepare_data
+
+        return prepare_data.main(argv[1:])
     if argv[:1] == ["sweep"]:
         from src.run import sweep
 

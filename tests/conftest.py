@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+# Token stores and trained tokenizers of the tests (and of the runs they start) go to a cache of
+# this test session, not the user's ~/.cache/tessera.
+_CACHE = tempfile.mkdtemp(prefix="tessera-test-cache-")
+os.environ["TESSERA_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, True)
 
 TINY = {
     "name": "tiny",

@@ -200,10 +200,20 @@ def banner(exp, decision, resumed: int) -> str:
             f"data     {cfg.data.type}: {s['train_samples']:,} train / {s['val_samples']:,} val "
             f"samples, input {tuple(info.input_shape)}, batch {cfg.data.batch_size} x "
             f"{cfg.trainer.grad_accum_steps}, {s['steps_per_epoch']} steps per epoch",
+            *[_store_line(fact) for fact in info.extra.get("token_stores", ())],
             f"compute  {cfg.strategy['type']} on {exp.strategy.device}, world size "
             f"{exp.strategy.world_size}, {cfg.trainer.precision}, {s['total_steps']} steps",
         ]
     )
+
+
+def _store_line(fact: dict) -> str:
+    """``data     store <path>: 118 M tokens (cached)`` or ``(built in 2 min 41 s)``."""
+    n = fact["tokens"]
+    count = f"{n / 1e6:,.0f} M" if n >= 10**7 else f"{n / 1e6:.1f} M" if n >= 10**5 else f"{n:,}"
+    built = fact.get("built_seconds")
+    state = "cached" if built is None else f"built in {_duration(built)}"
+    return f"data     store {fact['path']}: {count} tokens ({state})"
 
 
 def summary(exp, metrics: dict[str, float], seconds: float) -> str:

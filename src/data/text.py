@@ -1,16 +1,23 @@
 """Text corpora for language models: files and folders (or the Python standard library's own
-source, ``stdlib:`` / ``stdlib:email``), split by file with a seed, tokenised, and packed into
+source, ``stdlib:`` / ``stdlib:email``), split by file with a seed, tokenised once into a token
+store (:mod:`src.data.token_store`: memory-mapped shards in a cache shared by runs), and read as
 fixed blocks with an end-of-text separator between documents.
 
 The tokenizer comes from a local folder, or is a byte-level BPE trained with the ``tokenizers``
-library on the training files and kept in the run folder (``<run>/tokenizer``), so a resumed run
-reuses the same vocabulary.
+library on the training files. A trained BPE is cached by the same rule as the store (its key:
+the training files, the vocabulary size), so a second run on the same corpus does not train it
+again, and is kept in the run folder (``<run>/tokenizer``), so a resumed run reuses the same
+vocabulary. Files are decoded as UTF-8 with undecodable bytes replaced, for the tokenizer's
+training and for the store alike.
 """
 
 from __future__ import annotations
 
 import glob
+import os
+import shutil
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -21,9 +28,12 @@ from pydantic import Field
 from src.core.dataset_info import DataModule, DatasetInfo
 from src.core.errors import ConfigError
 from src.core.registry import DATASETS
+from src.data import token_store
+from src.data.token_store import TokenStore
 
 EOS, PAD, MASK = "<|endoftext|>", "<|pad|>", "<|mask|>"
 SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "__pycache__", "turtledemo"}
+CHUNK_CHARS = 8_000_000  # text tokenized per batch while a store builds (bounds its memory)
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -84,18 +94,26 @@ def read(f: Path, key: str = "data.paths") -> str:
         raise ConfigError(f"{key}: {f}: cannot read ({exc.strerror or exc})") from None
 
 
+def texts(files: list[Path], key: str = "data.paths") -> Iterator[str]:
+    """Each file's text, read one at a time (see :func:`read`)."""
+    for f in files:
+        yield read(f, key)
+
+
 def train_tokenizer(files: list[Path], vocab_size: int):
-    """A byte-level BPE trained on ``files``, as a transformers fast tokenizer."""
+    """A byte-level BPE trained on ``files`` (decoded text, streamed), as a transformers fast
+    tokenizer."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train(
-        [str(f) for f in files],
+    bpe.train_from_iterator(
+        texts(files),
         vocab_size=vocab_size,
         min_frequency=2,
         special_tokens=[EOS, PAD, MASK],
         show_progress=False,
+        length=len(files),
     )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer,
@@ -128,15 +146,49 @@ def load_tokenizer(path: str, key: str = "data.tokenizer"):
     return tok
 
 
+def cached_bpe(files: list[Path], vocab_size: int, root: Path):
+    """:func:`train_tokenizer` on ``files``, trained once per (files, vocab_size) and kept under
+    ``root/tokenizers/<key>`` (written to a temporary folder and renamed, under a lock)."""
+    key = token_store.store_key(
+        kind="bpe",
+        files=token_store.file_facts(files),
+        vocab_size=vocab_size,
+        special=[EOS, PAD, MASK],
+    )
+    folder = root / "tokenizers" / key
+    if (folder / "tokenizer.json").is_file():
+        return load_tokenizer(str(folder))
+    with token_store._locked(root / "tokenizers" / f"{key}.lock", f"tokenizer {folder}"):
+        if (folder / "tokenizer.json").is_file():
+            return load_tokenizer(str(folder))
+        tok = train_tokenizer(files, vocab_size)
+        tmp = root / "tokenizers" / f"{key}.build"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tok.save_pretrained(str(tmp))
+            os.rename(tmp, folder)
+        except OSError as exc:  # no cache to write: the run goes on with the trained tokenizer
+            shutil.rmtree(tmp, ignore_errors=True)
+            token_store._say(f"warning: tokenizer not cached in {folder}: {exc.strerror or exc}")
+        return tok
+
+
 def get_tokenizer(
-    tokenizer: Optional[str], files: list[Path], vocab_size: int, run_dir: Optional[Path]
+    tokenizer: Optional[str],
+    files: list[Path],
+    vocab_size: int,
+    run_dir: Optional[Path],
+    cache: Optional[Path] = None,
 ):
-    """The named tokenizer; else the run's saved one (a resume); else a new BPE on ``files``."""
+    """The named tokenizer; else the run's saved one (a resume); else a BPE on ``files`` (cached
+    under ``cache`` when given)."""
     if tokenizer:
         return load_tokenizer(tokenizer)
     saved = Path(run_dir) / "tokenizer" if run_dir else None
     if saved is not None and (saved / "tokenizer.json").is_file():
         return load_tokenizer(str(saved))
+    if cache is not None:
+        return cached_bpe(files, vocab_size, cache)
     return train_tokenizer(files, vocab_size)
 
 
@@ -156,43 +208,77 @@ def token_info(tok) -> dict:
 
 
 class TokenBlocks(torch.utils.data.Dataset):
-    """Fixed blocks of token ids; a batch is ``{"input_ids", "labels"}`` (labels = inputs: the
-    model shifts them)."""
+    """Fixed blocks of ``block_size`` tokens cut from a token store's stream (a partial last block
+    is dropped); a batch is ``{"input_ids", "labels"}`` (labels = inputs: the model shifts them),
+    gathered from the memory map in one go: resident memory does not grow with the corpus."""
 
     batched = True
 
-    def __init__(self, blocks: torch.Tensor):
-        self.blocks = blocks
+    def __init__(self, store: TokenStore, block_size: int):
+        self.store, self.block_size = store, block_size
+        self.n = len(store) // block_size
 
     def __len__(self) -> int:
-        return len(self.blocks)
+        return self.n
 
     def __getitem__(self, i: int):
-        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return {k: v[0] for k, v in self.__getitems__([i % self.n]).items()}
 
     def __getitems__(self, indices: list[int]):
-        x = self.blocks[torch.as_tensor(indices, dtype=torch.long)]
+        x = torch.from_numpy(self.store.blocks(np.asarray(indices), self.block_size))
         return {"input_ids": x, "labels": x}
 
 
-def pack(tok, files: list[Path], block_size: int) -> tuple[torch.Tensor, int, int]:
-    """Documents joined with EOS and cut into (n, block_size) blocks; also (bytes, tokens)."""
-    ids: list[int] = []
-    n_bytes = 0
-    texts = [read(f) for f in files]
-    for enc, text in zip(tok(texts, add_special_tokens=False)["input_ids"], texts):
-        ids += enc + [tok.eos_token_id]
-        n_bytes += len(text.encode("utf-8"))
-    n = len(ids) // block_size
-    if n == 0:
-        raise ConfigError(
-            f"data.block_size: {block_size} is longer than the corpus ({len(ids)} tokens)"
-        )
-    return (
-        torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size),
-        n_bytes,
-        len(ids),
+def tokenize_files(
+    tok, files: list[Path], root: Path, what: str = "text"
+) -> tuple[TokenStore, Optional[float]]:
+    """``files`` (each a document, EOS after it) tokenized by ``tok`` into the token store their
+    content names under ``root``: reused when it is there, else built streaming. Returns the
+    store and its build seconds (None: it was cached)."""
+    facts = token_store.file_facts(files)
+    key = token_store.store_key(kind="text", files=facts, tokenizer=token_store.tokenizer_hash(tok))
+    manifest: dict = {"format": "text", "files": len(files), "text_bytes": 0}
+    progress = token_store.Progress(
+        f"{what} ({len(files):,} files)", len(files), sum(f[1] for f in facts)
     )
+
+    def chunks() -> Iterator[list[np.ndarray]]:
+        batch: list[str] = []
+        size = done = raw = 0
+        eos = tok.eos_token_id
+        for i, (f, fact) in enumerate(zip(files, facts)):
+            batch.append(read(f))
+            size += len(batch[-1])
+            raw += fact[1]
+            if size < CHUNK_CHARS and i + 1 < len(files):
+                continue
+            ids = tok(batch, add_special_tokens=False, verbose=False)["input_ids"]
+            out = []
+            for doc, t in zip(ids, batch):
+                arr = np.empty(len(doc) + 1, dtype=np.int64)
+                arr[:-1] = doc
+                arr[-1] = eos
+                out.append(arr)
+                manifest["text_bytes"] += len(t.encode("utf-8"))
+            done += len(batch)
+            batch, size = [], 0
+            yield out
+            progress.update(done, raw)
+
+    return token_store.open_or_build(
+        root, key, len(tok), chunks(), manifest, f"token store of {what}"
+    )
+
+
+def store_fact(store: TokenStore, seconds: Optional[float]) -> dict:
+    """What a run reports of a store it read (the banner, run_info.json)."""
+    return {
+        "path": str(store.folder),
+        "tokens": store.tokens,
+        "built_seconds": None if seconds is None else round(seconds, 2),
+    }
 
 
 @DATASETS.register("text")
@@ -224,6 +310,13 @@ def text(
         Optional[Annotated[int, Field(ge=2)]],
         Field(description="keep this many files (chosen with the seed) to bound a run"),
     ] = None,
+    cache_dir: Annotated[
+        Optional[str],
+        Field(
+            description="where token stores and trained tokenizers are kept (default "
+            "$TESSERA_CACHE, else ~/.cache/tessera)"
+        ),
+    ] = None,
 ) -> DataModule:
     """Packed token blocks from text files, split by file."""
     files = resolve_files(paths)
@@ -233,14 +326,27 @@ def text(
     if len(files) < 2 and val_fraction:
         raise ConfigError(f"data.paths: {len(files)} file(s); a split by file needs two or more")
     train_files, val_files = split_by_file(files, val_fraction, seed)
-    tok = get_tokenizer(tokenizer, train_files, vocab_size, run_dir)
-    train, _, _ = pack(tok, train_files, block_size)
+    root = token_store.cache_root(cache_dir)
+    tok = get_tokenizer(tokenizer, train_files, vocab_size, run_dir, root)
+    store, seconds = tokenize_files(tok, train_files, root, "train")
+    train = _blocks(store, block_size)
     val = None
     extra = token_info(tok)
+    extra["token_stores"] = [store_fact(store, seconds)]
     if val_files:
-        val_blocks, val_bytes, val_tokens = pack(tok, val_files, block_size)
-        val = TokenBlocks(val_blocks)
-        extra["val_bytes_per_token"] = val_bytes / val_tokens
+        val_store, seconds = tokenize_files(tok, val_files, root, "val")
+        val = _blocks(val_store, block_size)
+        extra["val_bytes_per_token"] = val_store.manifest["text_bytes"] / max(1, len(val_store))
         extra["val_files"] = [str(f) for f in val_files]
+        extra["token_stores"].append(store_fact(val_store, seconds))
     info = DatasetInfo(num_samples=len(train), input_shape=(block_size,), extra=extra)
-    return DataModule(TokenBlocks(train), val, info)
+    return DataModule(train, val, info)
+
+
+def _blocks(store: TokenStore, block_size: int) -> TokenBlocks:
+    blocks = TokenBlocks(store, block_size)
+    if len(blocks) == 0:
+        raise ConfigError(
+            f"data.block_size: {block_size} is longer than the corpus ({len(store)} tokens)"
+        )
+    return blocks

@@ -142,6 +142,8 @@ class Experiment:
             "data.num_train": len(self.data.train),
             "data.num_val": len(self.data.val) if self.data.val is not None else 0,
         }
+        if info.extra.get("token_stores"):  # which token stores the run read
+            facts["data.token_stores"] = [f["path"] for f in info.extra["token_stores"]]
         import torch
 
         env = {

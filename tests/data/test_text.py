@@ -1,20 +1,6 @@
-"""Plain-text corpora: packing into blocks, the split by file."""
+"""Plain-text corpora: the split by file (blocks and their store: test_token_store.py)."""
 
-from src.data.text import EOS, pack, resolve_files, split_by_file, train_tokenizer
-
-
-def test_packing_puts_eos_between_documents_and_cuts_full_blocks(tmp_path):
-    (tmp_path / "a.txt").write_text("alpha beta gamma")
-    (tmp_path / "b.txt").write_text("delta epsilon")
-    files = sorted(tmp_path.glob("*.txt"))
-    tok = train_tokenizer(files, 300)
-    blocks, n_bytes, n_tokens = pack(tok, files, 4)
-    ids = tok(["alpha beta gamma", "delta epsilon"], add_special_tokens=False)["input_ids"]
-    stream = ids[0] + [tok.eos_token_id] + ids[1] + [tok.eos_token_id]
-    assert n_tokens == len(stream) and n_bytes == len("alpha beta gamma") + len("delta epsilon")
-    assert blocks.shape == (len(stream) // 4, 4)
-    assert blocks.flatten().tolist() == stream[: blocks.numel()]
-    assert tok.convert_ids_to_tokens(tok.eos_token_id) == EOS
+from src.data.text import resolve_files, split_by_file
 
 
 def test_split_is_by_file_and_seeded():
