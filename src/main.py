@@ -52,14 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="REGISTRY[.NAME]",
         help="list registered components (all, one registry), or one's parameters",
     )
-    p.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="import a module that registers components (repeatable)",
-    )
+    p.add_imports()
     p.add_argument(
         "--traceback",
         action="store_true",

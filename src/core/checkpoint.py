@@ -58,7 +58,8 @@ def rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file (or a folder's entries) to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -370,9 +371,9 @@ class CheckpointManager:
                 _write_durably(path / META, json.dumps(meta, indent=1))
                 for f in path.rglob("*"):
                     if f.is_file():
-                        _fsync(f)
+                        fsync_path(f)
                 _write_durably(path / COMMIT, str(meta["step"]))
-                _fsync(path)
+                fsync_path(path)
             except OSError as exc:
                 failure = exc
         self._settle(failure, path)  # every rank waits here, as at a barrier

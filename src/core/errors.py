@@ -173,3 +173,14 @@ class ArgumentParser(argparse.ArgumentParser):
                     hint = f"; did you mean {close[0]}?"
                     break
         raise UserError(f"{message}{hint} (see {self.prog} --help)")
+
+    def add_imports(self) -> None:
+        """``--import MODULE`` (repeatable), as every command that builds a config takes it."""
+        self.add_argument(
+            "--import",
+            dest="imports",
+            action="append",
+            default=[],
+            metavar="MODULE",
+            help="import a module that registers components (repeatable)",
+        )

@@ -44,6 +44,7 @@ from typing import Any, BinaryIO, Optional
 
 import numpy as np
 
+from src.core.checkpoint import fsync_path
 from src.core.errors import DataError
 
 VERSION = 1
@@ -99,14 +100,6 @@ def _sample_crc(path: Path, size: int) -> int:
             f.seek(max(SAMPLE_BYTES, size - SAMPLE_BYTES))
             crc = zlib.crc32(f.read(SAMPLE_BYTES), crc)
     return crc
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class TokenStore:
@@ -244,8 +237,8 @@ class _Writer:
         for s in self.shards:
             f = self.folder / s["file"]
             s["sample_crc32"] = _sample_crc(f, f.stat().st_size)
-            _fsync(f)
-        _fsync(self.folder / "docs.bin")
+            fsync_path(f)
+        fsync_path(self.folder / "docs.bin")
         manifest = {
             **manifest,
             "version": VERSION,
@@ -255,7 +248,7 @@ class _Writer:
             "shards": self.shards,
         }
         (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        _fsync(self.folder / MANIFEST)
+        fsync_path(self.folder / MANIFEST)
 
 
 @contextlib.contextmanager
@@ -339,9 +332,9 @@ def open_or_build(
                 writer.add(chunk)
             seconds = time.perf_counter() - t0
             writer.finish({**manifest, "key": key, "build_seconds": round(seconds, 2)})
-            _fsync(build)
+            fsync_path(build)
             os.rename(build, folder)
-            _fsync(folder.parent)
+            fsync_path(folder.parent)
         except OSError as exc:
             shutil.rmtree(build, ignore_errors=True)
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)

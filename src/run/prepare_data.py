@@ -19,14 +19,7 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--config", "-c", required=True, help="experiment YAML file")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
-    p.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="import a module that registers components (repeatable)",
-    )
+    p.add_imports()
     args = p.parse_intermixed_args(argv)
     from pathlib import Path
 

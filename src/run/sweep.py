@@ -76,14 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="show each trial's own output (else kept in trial_<k>/console.txt)",
     )
-    p.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="import a module that registers components (repeatable)",
-    )
+    p.add_imports()
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set for spawned workers
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return p
