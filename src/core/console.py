@@ -212,7 +212,7 @@ def _store_line(fact: dict) -> str:
     n = fact["tokens"]
     count = f"{n / 1e6:,.0f} M" if n >= 10**7 else f"{n / 1e6:.1f} M" if n >= 10**5 else f"{n:,}"
     built = fact.get("built_seconds")
-    state = "cached" if built is None else f"built in {_duration(built)}"
+    state = "cached" if built is None else f"built in {duration(built)}"
     return f"data     store {fact['path']}: {count} tokens ({state})"
 
 
@@ -223,7 +223,7 @@ def summary(exp, metrics: dict[str, float], seconds: float) -> str:
         k: v for k, v in metrics.items() if k in ("train/loss", "train/accuracy")
     }
     lines = [
-        f"done     step {trainer.step} of {trainer.max_steps} in {_duration(seconds)}"
+        f"done     step {trainer.step} of {trainer.max_steps} in {duration(seconds)}"
         + (
             " | final " + " ".join(f"{k} {v:.4g}" for k, v in list(final.items())[:4])
             if final
@@ -294,7 +294,7 @@ def _best(run_dir: Path) -> list[tuple[str, tuple[float, int]]]:
     return sorted(best.items())
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     h, m = divmod(m, 60)
     return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s" if m else f"{seconds:.1f}s"

@@ -158,7 +158,7 @@ def cached_bpe(files: list[Path], vocab_size: int, root: Path):
     folder = root / "tokenizers" / key
     if (folder / "tokenizer.json").is_file():
         return load_tokenizer(str(folder))
-    with token_store._locked(root / "tokenizers" / f"{key}.lock", f"tokenizer {folder}"):
+    with token_store.locked(root / "tokenizers" / f"{key}.lock", f"tokenizer {folder}"):
         if (folder / "tokenizer.json").is_file():
             return load_tokenizer(str(folder))
         tok = train_tokenizer(files, vocab_size)
@@ -169,7 +169,7 @@ def cached_bpe(files: list[Path], vocab_size: int, root: Path):
             os.rename(tmp, folder)
         except OSError as exc:  # no cache to write: the run goes on with the trained tokenizer
             shutil.rmtree(tmp, ignore_errors=True)
-            token_store._say(f"warning: tokenizer not cached in {folder}: {exc.strerror or exc}")
+            token_store.say(f"warning: tokenizer not cached in {folder}: {exc.strerror or exc}")
         return tok
 
 
@@ -277,6 +277,8 @@ def store_fact(store: TokenStore, seconds: Optional[float]) -> dict:
     return {
         "path": str(store.folder),
         "tokens": store.tokens,
+        "documents": store.manifest["documents"],
+        "bytes": sum(m.nbytes for m in store.maps),
         "built_seconds": None if seconds is None else round(seconds, 2),
     }
 

@@ -45,6 +45,7 @@ from typing import Any, BinaryIO, Optional
 import numpy as np
 
 from src.core.checkpoint import fsync_path
+from src.core.console import duration
 from src.core.errors import DataError
 
 VERSION = 1
@@ -252,13 +253,13 @@ class _Writer:
 
 
 @contextlib.contextmanager
-def _locked(path: Path, what: str) -> Iterator[None]:
+def locked(path: Path, what: str) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            _say(f"store    waiting for another process building {what}")
+            say(f"store    waiting for another process building {what}")
             fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -266,7 +267,7 @@ def _locked(path: Path, what: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _say(line: str) -> None:
+def say(line: str) -> None:
     """A line on the console's stderr, also while a config's output is held."""
     err = getattr(sys.stderr, "real", sys.stderr)
     print(line, file=err, flush=True)
@@ -287,18 +288,11 @@ class Progress:
         self.last = now
         rate = bytes_done / max(now - self.t0, 1e-9)
         eta = (self.total - bytes_done) / max(rate, 1e-9)
-        _say(
+        say(
             f"store    tokenizing {self.what}: {files_done:,}/{self.files:,} files, "
             f"{bytes_done / 1e6:,.0f}/{self.total / 1e6:,.0f} MB, {rate / 1e6:.1f} MB/s, "
-            f"ETA {format_seconds(eta)}"
+            f"ETA {duration(eta)}"
         )
-
-
-def format_seconds(s: float) -> str:
-    if s < 60:
-        return f"{s:.1f} s"
-    m, s = divmod(round(s), 60)
-    return f"{m} min {s} s" if m < 60 else f"{m // 60} h {m % 60} min"
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
@@ -319,7 +313,7 @@ def open_or_build(
     folder = root / "tokens" / key
     if (folder / MANIFEST).is_file():
         return TokenStore(folder), None
-    with _locked(root / "tokens" / f"{key}.lock", what):
+    with locked(root / "tokens" / f"{key}.lock", what):
         if (folder / MANIFEST).is_file():  # another process built it while this one waited
             return TokenStore(folder), None
         build = root / "tokens" / f"{key}.build"

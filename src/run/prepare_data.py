@@ -23,8 +23,8 @@ def main(argv: list[str]) -> int:
     args = p.parse_intermixed_args(argv)
     from pathlib import Path
 
+    from src.core.console import duration
     from src.core.registry import DATASETS
-    from src.data.token_store import format_seconds
     from src.run.experiment import prepare
 
     cfg, _ = prepare(args.config, args.overrides, args.imports)
@@ -39,15 +39,11 @@ def main(argv: list[str]) -> int:
     if not stores:
         print(f"data     {cfg.data.type}: nothing to prepare (it keeps no token store)")
     for fact in stores:
-        from src.data.token_store import TokenStore
-
-        store = TokenStore(Path(fact["path"]))
-        size = sum(m.nbytes for m in store.maps)
         built = fact["built_seconds"]
         print(
-            f"store    {fact['path']}: {fact['tokens']:,} tokens, {store.manifest['documents']:,} "
-            f"documents, {size / 1e6:,.1f} MB, "
-            + ("cached" if built is None else f"built in {format_seconds(built)}")
+            f"store    {fact['path']}: {fact['tokens']:,} tokens, {fact['documents']:,} "
+            f"documents, {fact['bytes'] / 1e6:,.1f} MB, "
+            + ("cached" if built is None else f"built in {duration(built)}")
         )
-    print(f"done     in {format_seconds(time.perf_counter() - t0)}")
+    print(f"done     in {duration(time.perf_counter() - t0)}")
     return 0
