@@ -60,7 +60,9 @@ def run_lm_stdlib(root: str, quick: bool) -> dict:
 
     ov = [f"logging.root={root}", "logging.loggers=[jsonl]"]
     if quick:
+        # compilation has its own tests (tests/algorithms/test_causal_lm.py)
         ov += ["trainer.max_steps=3", "trainer.eval_every_n_steps=3", "data.max_files=20"]
+        ov += ["trainer.compile=false"]
     exp = build("configs/lm_stdlib.yaml", ov)
     t0 = time.perf_counter()
     exp.run()
@@ -94,7 +96,7 @@ def run_adapter(root: str, base: str, adapter: str, quick: bool) -> dict:
         f"model.adapter.type={adapter}",
     ]
     if quick:
-        ov += ["trainer.max_steps=2", "trainer.eval_every_n_steps=2"]
+        ov += ["trainer.max_steps=2", "trainer.eval_every_n_steps=2", "data.max_files=10"]
     if adapter == "qlora":
         # bitsandbytes' CPU kernels repack 4-bit weights for inference on the first eval pass,
         # and training after that fails: evaluate a separate instance, and only at the end
@@ -118,6 +120,7 @@ def run_minilm(root: str, quick: bool) -> dict:
     ov = [f"logging.root={root}", "logging.loggers=[jsonl]"]
     if quick:
         ov += ["trainer.max_steps=2", "trainer.max_epochs=null", "trainer.eval_every_n_steps=2"]
+        ov += ["data.packages=[json,http]", "data.max_length=32"]
     exp = build("configs/minilm_docstrings.yaml", ov)
     t0 = time.perf_counter()
     exp.run()
@@ -211,7 +214,7 @@ def measure(quick: bool = False) -> dict:
     from benchmarks.dpo_data import write_pairs
 
     root = tempfile.mkdtemp()
-    write_pairs(Path(root) / "pairs.jsonl")
+    write_pairs(Path(root) / "pairs.jsonl", limit=24 if quick else 400)
     out = {"lm": run_lm_stdlib(root, quick)}
     base = out["lm"]["hf"]
     adapters = ["lora"] + (["qlora"] if importlib.util.find_spec("bitsandbytes") else [])

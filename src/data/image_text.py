@@ -32,7 +32,7 @@ from pydantic import Field, PositiveInt
 from src.core.dataset_info import DataModule, DatasetInfo
 from src.core.errors import ConfigError, DataError, library_message
 from src.core.registry import DATASETS
-from src.data.digits import stratified_split
+from src.data.digits import digit_images, stratified_split
 from src.data.examples import ValFraction
 from src.data.image_folder import ImageChannels, ImageSize
 
@@ -160,21 +160,6 @@ class CaptionedImages(torch.utils.data.Dataset):
         if hasattr(self, "labels"):
             batch["labels"] = self.labels[torch.as_tensor(indices, dtype=torch.long)]
         return batch
-
-
-def digit_images(resize: Optional[int], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's digits as (N, channels, S, S) floats in [0, 1] and their (N,) labels."""
-    from sklearn.datasets import load_digits
-
-    raw = load_digits()
-    x = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    if resize is not None and resize != 8:
-        x = torch.nn.functional.interpolate(
-            x, size=(resize, resize), mode="bilinear", align_corners=False
-        )
-    if channels != 1:
-        x = x.expand(-1, channels, -1, -1).contiguous()
-    return x, torch.tensor(raw.target, dtype=torch.long)
 
 
 Resize = Annotated[

@@ -22,6 +22,25 @@ def test_digits_is_real_stratified_and_deterministic():
     assert x.min() == 0 and x.max() == 1
 
 
+def test_digits_are_scikit_learns_without_importing_it():
+    """The packaged file read directly holds exactly what ``load_digits`` returns, and a run on
+    the default data does not pay for importing ``sklearn.datasets``."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from sklearn.datasets import load_digits
+
+    from src.data.digits import load_digits_arrays
+
+    images, labels = load_digits_arrays()
+    raw = load_digits()
+    assert np.array_equal(images, raw.images) and np.array_equal(labels, raw.target)
+    code = "import sys; from src.data.digits import digits; digits(seed=0); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
 def test_digits_resize_and_channels():
     dm = digits(seed=0, resize=32, channels=3)
     assert dm.info.input_shape == (3, 32, 32)
