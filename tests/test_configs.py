@@ -23,7 +23,10 @@ SMOKE = [
 NEEDS_BASE = {"lora_email", "dpo_docstrings", "ppo_docstrings"}
 NEEDS_ARITH = {"grpo_arith"}  # the supervised arithmetic GPT, with its character tokenizer
 NEEDS_VLM = {"vlm_digits_stage1", "vlm_digits"}  # the lm_stdlib GPT, a clip run, stage 1
-FASTER = {"lm_stdlib": ["data.max_files=20"]}
+FASTER = {  # the same code paths on less data
+    "lm_stdlib": ["data.max_files=20"],
+    "minilm_docstrings": ["data.packages=[json,http]", "data.max_length=32", "data.batch_size=8"],
+}
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,15 @@
 """Layers 2 and 3: a single-rank gloo group in-process, and real 2-process runs on CPU through the
 real launchers (torchrun, deepspeed), with kill-and-resume, resharding and export.
 
-The deepspeed launcher itself starts the ZeRO-2 kill-and-resume run and the stage-2 change of
-world size; the other DeepSpeed runs start under torchrun, which the strategy takes alike, and
+The deepspeed launcher itself starts the ZeRO-2 kill-and-resume run and the stage-2 return from
+one rank to two; the other DeepSpeed runs start under torchrun, which the strategy takes alike, and
 so skip the launcher's two processes that import DeepSpeed before any rank starts."""
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,7 +150,7 @@ def test_fsdp_matches_single_and_reshards_both_ways(write_config, tmp_path, sing
 def test_deepspeed_zero2_resumes_after_a_kill_and_exports(write_config, tmp_path, single_losses):
     (tmp_path / "stop_plugin.py").write_text(STOP_PLUGIN)
     ds = {**BASE, "strategy": {"type": "deepspeed", "config": {"zero_optimization": {"stage": 2}}}}
-    launch(2, write_config({**ds, "name": "straight"}, "a.yaml"), launcher="deepspeed")
+    launch(2, write_config({**ds, "name": "straight"}, "a.yaml"))  # the launcher: below
     a = losses(tmp_path / "runs/straight")
     close(single_losses, a, range(1, 21), rel=1e-3)
 
@@ -212,7 +213,7 @@ def test_deepspeed_resumes_at_another_world_size_and_back(
     if stage == 1:
         launch(1, cfg)
     else:
-        launch(1, cfg, "trainer.max_steps=14", launcher="deepspeed")
+        launch(1, cfg, "trainer.max_steps=14")
         launch(2, cfg, launcher="deepspeed")
         assert (ck / "step_00000014/deepspeed_universal").is_dir()
     assert (ck / "step_00000008/deepspeed_universal").is_dir()
@@ -230,13 +231,8 @@ def test_deepspeed_zero3_trains(write_config, tmp_path, single_losses):
     launch(2, write_config({**ds, "name": "z3"}, "a.yaml"))
     close(single_losses, losses(tmp_path / "runs/z3"), range(1, 7), rel=1e-3)
     # ZeRO-3 does not convert (DeepSpeed's universal load loses state going 1 -> 2): one line
-    out = launch(
-        1,
-        write_config({**ds, "name": "z3"}, "a.yaml"),
-        "trainer.max_steps=8",
-        launcher="deepspeed",  # passes on the exit code 2 (torchrun's own is 1)
-        expect=2,
-    )
+    out = launch(1, write_config({**ds, "name": "z3"}, "a.yaml"), "trainer.max_steps=8", expect=1)
+    assert re.search(r"exitcode\s*:\s*2\b", out.stderr), out.stderr[-2000:]
     assert "ZeRO-3 shards resume only at the world size that wrote them" in out.stderr
 
 
@@ -278,8 +274,6 @@ def test_deepspeed_zero3_trains(write_config, tmp_path, single_losses):
 )
 def test_bad_distributed_input_is_exit_2(write_config, changes, expected):
     """Each worker exits 2 with one line; torchrun itself then exits 1 and names the code."""
-    import re
-
     cfg = write_config({**BASE, "strategy": {"type": "ddp"}, **changes})
     out = launch(2, cfg, launcher="torchrun", expect=1)
     assert re.search(r"exitcode\s*:\s*2\b", out.stderr), out.stderr[-2000:]
@@ -410,25 +404,34 @@ def test_deepspeed_on_cpu_leaves_no_shared_memory_and_survives_a_stale_buffer(wr
     assert not [f.name for f in shm.glob(f"deepspeed_allreduce_buffer_*_{p}_*")]
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_deepspeed_skips_a_nan_step_cleanly_and_logs_the_norm(write_config, tmp_path, stage):
-    """A non-finite step is skipped by DeepSpeed's own engine, so its gradient does not linger in
-    ZeRO's buffers: the run continues exactly as one process does, and the logged gradient norm
-    is a number (ZeRO stage 0 computes none of its own)."""
-    (tmp_path / "nan_plugin.py").write_text(NAN_PLUGIN)
+@pytest.fixture(scope="module")
+def nan_single(tmp_path_factory):
+    """The config with a NaN loss on the third call, and one process's metric rows by step."""
+    from conftest import make_config
+
+    tmp = tmp_path_factory.mktemp("nan_single")
+    (tmp / "nan_plugin.py").write_text(NAN_PLUGIN)
     common = {
         **BASE,
         "trainer.max_steps": 8,
-        "imports": ["nan_plugin"],
+        "imports": [str(tmp / "nan_plugin.py")],
         "task": {"type": "nan_loss_at", "call": 3},
     }
-    launch(1, write_config({**common, "name": "one"}, "a.yaml"))
+    run(make_config(tmp, {**common, "name": "one"}))
+    return common, {r["step"]: r for r in metrics(tmp / "runs/one") if "train/lr" in r}
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_deepspeed_skips_a_nan_step_cleanly_and_logs_the_norm(
+    write_config, tmp_path, nan_single, stage
+):
+    """A non-finite step is skipped by DeepSpeed's own engine, so its gradient does not linger in
+    ZeRO's buffers: the run continues exactly as one process does, and the logged gradient norm
+    is a number (ZeRO stage 0 computes none of its own)."""
+    common, one = nan_single
     ds = {"type": "deepspeed", "config": {"zero_optimization": {"stage": stage}}}
     launch(2, write_config({**common, "name": "two", "strategy": ds}, "b.yaml"))
-    one, two = (
-        {r["step"]: r for r in metrics(tmp_path / f"runs/{n}") if "train/lr" in r}
-        for n in ("one", "two")
-    )
+    two = {r["step"]: r for r in metrics(tmp_path / "runs/two") if "train/lr" in r}
     assert sorted(one) == sorted(two) == list(range(1, 9))
     for step in range(1, 9):
         a, b = one[step], two[step]
