@@ -36,6 +36,13 @@ def test_digits_are_scikit_learns_without_importing_it():
     images, labels = load_digits_arrays()
     raw = load_digits()
     assert np.array_equal(images, raw.images) and np.array_equal(labels, raw.target)
+    # where scikit-learn keeps its file elsewhere, its own loader finds it
+    load_digits_arrays.cache_clear()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("src.data.digits.os.path.isfile", lambda path: False)
+        images, labels = load_digits_arrays()
+    load_digits_arrays.cache_clear()
+    assert np.array_equal(images, raw.images) and np.array_equal(labels, raw.target)
     code = "import sys; from src.data.digits import digits; digits(seed=0); print('sklearn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
