@@ -36,16 +36,23 @@ def stratified_split(labels, val_fraction: float, seed: int):
     return rng.permutation(train_idx), val_idx
 
 
+def _packaged_file() -> Optional[str]:
+    """scikit-learn's ``digits.csv.gz``, found without importing scikit-learn (None: not there)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.origin:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz")
+    return path if os.path.isfile(path) else None
+
+
 @functools.lru_cache(maxsize=1)
 def load_digits_arrays():
     """(images (1797, 8, 8) float64 in 0..16, labels (1797,) int64), as
     ``sklearn.datasets.load_digits`` returns them, read from the file it reads."""
     import numpy as np
 
-    spec = importlib.util.find_spec("sklearn")
-    folder = os.path.dirname(spec.origin or "") if spec else ""
-    path = os.path.join(folder, "datasets", "data", "digits.csv.gz")
-    if not (folder and os.path.isfile(path)):  # another layout: let scikit-learn find its file
+    path = _packaged_file()
+    if path is None:  # another layout (or none): scikit-learn's own loader finds it or says why
         from sklearn.datasets import load_digits
 
         raw = load_digits()

@@ -39,7 +39,7 @@ def test_digits_are_scikit_learns_without_importing_it():
     # where scikit-learn keeps its file elsewhere, its own loader finds it
     load_digits_arrays.cache_clear()
     with pytest.MonkeyPatch.context() as m:
-        m.setattr("src.data.digits.os.path.isfile", lambda path: False)
+        m.setattr("src.data.digits._packaged_file", lambda: None)
         images, labels = load_digits_arrays()
     load_digits_arrays.cache_clear()
     assert np.array_equal(images, raw.images) and np.array_equal(labels, raw.target)
