@@ -46,6 +46,14 @@ class DataConfig(BaseModel):
     drop_last: bool = Field(True, description="Drop the last incomplete training batch.")
     shuffle: bool = Field(True, description="Shuffle training samples each epoch.")
     sampler: Optional[Section] = Field(None, description="SAMPLERS entry (pk, class_balanced).")
+    audit: bool = Field(
+        False,
+        description=(
+            "Each rank appends the training-sample ids of every step to "
+            "experiments/<name>/audit/rank<r>.jsonl (proof that a resumed run skips and "
+            "repeats nothing)."
+        ),
+    )
 
 
 class TrainerConfig(_Strict):

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 
+from src.core.audit import SampleAudit
 from src.core.config import TrainerConfig
 from src.core.interval import IntervalMetrics, batch_size_of
 from src.core.seeding import rng_state, set_rng_state
@@ -67,6 +68,7 @@ class Trainer:
         run_info: Optional[dict] = None,
         on_start: Optional[Callable[[], None]] = None,
         group_lrs: Iterable[tuple[str, int]] = (),
+        audit_dir: Optional[Path] = None,
     ):
         self.cfg, self.task, self.model, self.strategy = cfg, task, model, strategy
         self.group_lrs = list(group_lrs)  # (metric name, index in optimizer.param_groups)
@@ -104,12 +106,17 @@ class Trainer:
         )
         self._micro: dict[str, torch.Tensor] = {}  # this step's scalars: the mean of its micros
         self._extras: dict[str, Any] = {}  # this step's other outputs: the last micro's
+        self.audit = (  # data.audit: the sample ids of every step, per rank
+            SampleAudit(audit_dir, strategy.rank, strategy.world_size) if audit_dir else None
+        )
 
     # ------------------------------------------------------------------ public
 
     def fit(self) -> dict[str, float]:
         """Train (resuming first if a checkpoint is there); returns the last logged metrics."""
         resumed = self._resume()
+        if self.audit is not None:
+            self.audit.start(self.step, self.strategy.barrier)
         if self.on_start is not None:  # the run's record is written once the state has loaded
             self.on_start()
         if self.checkpoints is not None:
@@ -128,6 +135,8 @@ class Trainer:
         finally:
             if self.checkpoints is not None:
                 self.checkpoints.wait()
+            if self.audit is not None:
+                self.audit.close()
             for cb in self.callbacks:
                 cb.on_fit_end(self)
             for lg in self.loggers:
@@ -340,6 +349,8 @@ class Trainer:
                 batch = self.strategy.to_device(batch)
                 if self.batch_uses == 0:  # samples and tokens count once, however many steps
                     self.interval.add_batch(batch)
+                    if self.audit is not None:
+                        self.audit.add(self.train_loader.indices)
                 # a batch serves steps_per_batch optimizer steps (one, but for rollout reuse;
                 # a resume may come back in the middle of them)
                 for _ in range(self.batch_uses, self.steps_per_batch):
@@ -429,6 +440,8 @@ class Trainer:
                 self.bad_steps += 1
         self.strategy.zero_grad(self.optimizer)
         self.step += 1
+        if self.audit is not None:  # before anything saves this step
+            self.audit.commit(self.step, self.epoch)
         if self.bad_steps:
             self._on_bad_step()
         self.task.on_step_end(self.step, self.max_steps)

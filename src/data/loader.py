@@ -7,6 +7,7 @@ stopped at any batch and resumed sees the same batches in the same order.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterator
 from typing import Any, Optional
 
@@ -90,8 +91,26 @@ def collate_fn(dataset):
     return getattr(dataset, "collate_fn", None)
 
 
+class _Recorded:
+    """A batch sampler whose index lists are also queued, for the batches they become."""
+
+    def __init__(self, batch_sampler, queue: deque):
+        self.batch_sampler, self.queue = batch_sampler, queue
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for indices in self.batch_sampler:
+            self.queue.append(indices)
+            yield indices
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+
 class TrainLoader:
     """A DataLoader over a resumable batch sampler; worker seeds follow (seed, epoch).
+
+    ``indices`` is the index list of the batch last yielded (the loader fetches ahead; batches
+    come back in the sampler's order, so a queue pairs them).
 
     Args:
         batch_sampler: yields index lists; has ``set_epoch(epoch, start_batch)`` and
@@ -104,9 +123,11 @@ class TrainLoader:
         self.batch_sampler, self.seed = batch_sampler, seed
         self.generator = torch.Generator()
         self.num_workers = useful_workers(dataset, num_workers)
+        self.queue: deque = deque()
+        self.indices: list[int] = []
         self.loader = DataLoader(
             dataset,
-            batch_sampler=batch_sampler,
+            batch_sampler=_Recorded(batch_sampler, self.queue),
             num_workers=self.num_workers,
             pin_memory=pin_memory,
             generator=self.generator,
@@ -121,7 +142,10 @@ class TrainLoader:
         self.generator.manual_seed(self.seed * 100_003 + epoch)
 
     def __iter__(self):
-        return iter(self.loader)
+        self.queue.clear()
+        for batch in self.loader:
+            self.indices = self.queue.popleft()
+            yield batch
 
 
 def sample_batch(dataset, n: int) -> dict[str, Any]:

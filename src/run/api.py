@@ -176,6 +176,7 @@ class Experiment:
             checkpoints=ckpt,
             run_dir=self.run_dir,
             callbacks=callbacks + self.callbacks,
+            audit_dir=self.run_dir / "audit" if self.cfg.data.audit else None,
         )
         return self.built.trainer
 

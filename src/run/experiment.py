@@ -261,6 +261,7 @@ class Experiment:
             run_info=info,
             on_start=record,
             group_lrs=group_lr_metrics(self.param_groups) if shapes_groups(cfg) else (),
+            audit_dir=run_dir / "audit" if cfg.data.audit else None,
         )
         self.trainer = trainer
         t0 = time.perf_counter()

@@ -57,6 +57,7 @@ EXTEND_KEYS = (
     "data.num_workers",
     "data.pin_memory",
     "data.eval_batch_size",
+    "data.audit",
     "callbacks",
 )
 RESHARDING = {"single", "ddp", "fsdp"}  # strategies whose checkpoints load in one another

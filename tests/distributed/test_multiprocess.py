@@ -147,6 +147,58 @@ def test_fsdp_matches_single_and_reshards_both_ways(write_config, tmp_path, sing
     assert losses(tmp_path / "runs/up")[22] > 0
 
 
+KILL_PLUGIN = '''
+import os, signal
+from src.core.callbacks.base import Callback
+from src.core.registry import CALLBACKS
+
+@CALLBACKS.register("kill_at")
+class KillAt(Callback):
+    """kill -9 of every rank once the given step is taken."""
+    def __init__(self, step: int):
+        self.at = step
+    def on_step_end(self, trainer, outputs):
+        if trainer.step == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_every_sample_is_read_once_across_a_kill_and_two_world_sizes(
+    write_config, tmp_path, strategy
+):
+    """data.audit across kill -9 (3 steps past the last checkpoint) and 2 -> 1 -> 2 ranks: the
+    steps the kill rolled back are not counted, and every training sample of the first epoch
+    (22 steps of 64) is read exactly once, as is every sample read in the second."""
+    from src.core.audit import epoch_ids, read_audit
+
+    (tmp_path / "kill_plugin.py").write_text(KILL_PLUGIN)
+    cfg = write_config(
+        {
+            **BASE,
+            "strategy": {"type": strategy},
+            "data.audit": True,
+            "trainer.eval_every_n_steps": None,
+            "imports": ["kill_plugin"],
+            "callbacks": [{"type": "kill_at", "step": 13}],
+        }
+    )
+    launch(2, cfg, expect=1)
+    audit = tmp_path / "runs/tiny/audit"
+    assert max(read_audit(audit)) == 13  # steps 11-13 were taken, the last commit is step 10
+    launch(1, cfg, "callbacks=[]", "trainer.max_steps=20")
+    launch(2, cfg, "callbacks=[]", "trainer.max_steps=30")
+    steps = read_audit(audit)
+    assert sorted(steps) == list(range(1, 31))
+    assert [steps[s]["ranks"] for s in (10, 11, 20, 21)] == [2, 1, 1, 2]
+    assert all(len(r["ids"]) == 64 for r in steps.values())
+    epochs = epoch_ids(audit)
+    assert len(epochs[0]) == 22 * 64 and len(epochs[1]) == 8 * 64
+    for ids in epochs.values():
+        assert len(set(ids)) == len(ids)
+    assert set(epochs[0]) | set(epochs[1]) <= set(range(1438))
+
+
 def test_deepspeed_zero2_resumes_after_a_kill_and_exports(write_config, tmp_path, single_losses):
     (tmp_path / "stop_plugin.py").write_text(STOP_PLUGIN)
     ds = {**BASE, "strategy": {"type": "deepspeed", "config": {"zero_optimization": {"stage": 2}}}}
