@@ -6,6 +6,7 @@ from src.data import (
     batch_views,
     digits,
     docstrings,
+    hf,
     image_folder,
     image_text,
     jsonl,

@@ -100,14 +100,18 @@ def encode_pair(
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels[:max_length])}
 
 
-def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+Rows = list[tuple[str, dict[str, Any]]]  # (where it came from, for messages; the example)
+Split = tuple[list[int], list[int]]  # (train, val) indices into the rows
+
+
+def _split(n: int, val_fraction: float, seed: int) -> Split:
     order = np.random.default_rng(seed).permutation(n).tolist()
     n_val = int(round(val_fraction * n))
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def _module(items, labels, val_fraction, seed, tok, extra_info=None) -> DataModule:
-    tr, va = _split(len(items), val_fraction, seed)
+def _module(items, labels, split: Split, tok, extra_info=None) -> DataModule:
+    tr, va = split
     pick = (lambda idx: [labels[i] for i in idx]) if labels is not None else (lambda idx: None)
     train = Examples([items[i] for i in tr], pick(tr))
     val = Examples([items[i] for i in va], pick(va)) if va else None
@@ -120,6 +124,106 @@ def _module(items, labels, val_fraction, seed, tok, extra_info=None) -> DataModu
     return DataModule(
         train, val, DatasetInfo(num_samples=len(train), input_shape=(longest,), extra=extra)
     )
+
+
+def instruction_examples(
+    rows: Rows, split: Split, tok, format: str, max_length: int, mask_prompt: bool = True
+) -> DataModule:
+    """alpaca or messages rows, the prompt masked out of the loss (``mask_prompt``)."""
+    items = [
+        encode_pair(tok, *prompt_and_answer(r, format, tok, where), max_length, mask_prompt)
+        for where, r in rows
+    ]
+    return _module(items, None, split, tok)
+
+
+def labelled_examples(rows: Rows, split: Split, tok, max_length: int) -> DataModule:
+    """``{"text", "label"}`` rows; labels may be names or ints (classes: their sorted names)."""
+    for where, r in rows:
+        _need(r, ("text", "label"), where)
+    names = sorted({str(r["label"]) for _, r in rows})
+    index = {n: i for i, n in enumerate(names)}
+    labels = [index[str(r["label"])] for _, r in rows]
+    items = []
+    for (_, r), y in zip(rows, labels):
+        ids = tok(r["text"], truncation=True, max_length=max_length)["input_ids"]
+        items.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(y)})
+    dm = _module(items, labels, split, tok)
+    counts = np.bincount([labels[i] for i in split[0]], minlength=len(names))
+    dm.info = DatasetInfo(
+        num_samples=dm.info.num_samples,
+        num_classes=len(names),
+        class_names=tuple(names),
+        class_counts=tuple(int(c) for c in counts),
+        input_shape=dm.info.input_shape,
+        extra=dm.info.extra,
+    )
+    return dm
+
+
+def preference_examples(rows: Rows, split: Split, tok, max_length: int) -> DataModule:
+    """``{"prompt", "chosen", "rejected"}`` rows; prompts are masked out of the labels."""
+    items = []
+    for where, r in rows:
+        _need(r, ("prompt", "chosen", "rejected"), where)
+        c = encode_pair(tok, r["prompt"], r["chosen"], max_length, True)
+        j = encode_pair(tok, r["prompt"], r["rejected"], max_length, True)
+        items.append(
+            {
+                "chosen_input_ids": c["input_ids"],
+                "chosen_labels": c["labels"],
+                "rejected_input_ids": j["input_ids"],
+                "rejected_labels": j["labels"],
+            }
+        )
+    return _module(items, None, split, tok)
+
+
+def pair_examples(rows: Rows, split: Split, tok, max_length: int) -> DataModule:
+    """``{"source", "target"}`` rows for sequence-to-sequence models."""
+    items = []
+    for where, r in rows:
+        _need(r, ("source", "target"), where)
+        src = tok(r["source"], add_special_tokens=False)["input_ids"][: max_length - 1]
+        tgt = tok(r["target"], add_special_tokens=False)["input_ids"][: max_length - 1]
+        items.append(
+            {
+                "input_ids": torch.tensor(src + [tok.eos_token_id]),
+                "labels": torch.tensor(tgt + [tok.eos_token_id]),
+            }
+        )
+    return _module(items, None, split, tok)
+
+
+def prompt_examples(
+    texts: list[str], answers: Optional[list[str]], split: Split, tok, max_length: int
+) -> DataModule:
+    """Prompts (their last ``max_length`` tokens), left-padded for generation; ``answers`` go
+    with them for rewards that check answers."""
+    items: list[dict[str, Any]] = [
+        {"input_ids": torch.tensor(tok(t, add_special_tokens=False)["input_ids"][-max_length:])}
+        for t in texts
+    ]
+    if answers is not None:
+        for item, answer in zip(items, answers):
+            item["answer"] = answer
+    dm = _module(items, None, split, tok)
+    collate = LeftPadCollator(tok.pad_token_id)
+    dm.train.collate_fn = collate
+    if dm.val is not None:
+        dm.val.collate_fn = collate
+    return dm
+
+
+def prompt_rows(rows: Rows) -> tuple[list[str], Optional[list[str]]]:
+    """The prompts of ``{"prompt"}`` rows, and their answers where any row has one."""
+    for where, r in rows:
+        _need(r, ("prompt",), where)
+    texts = [r["prompt"] for _, r in rows]
+    answers = None
+    if any("answer" in r for _, r in rows):  # for rewards that check answers (exact_answer)
+        answers = [str(r.get("answer", "")) for _, r in rows]
+    return texts, answers
 
 
 @DATASETS.register("instructions")
@@ -141,11 +245,9 @@ def instructions(
 ) -> DataModule:
     """Instruction or chat data for supervised fine-tuning; the prompt is masked out of the loss."""
     tok = load_tokenizer(tokenizer)
-    items = [
-        encode_pair(tok, *prompt_and_answer(r, format, tok, where), max_length, mask_prompt)
-        for where, r in read_jsonl(path)
-    ]
-    return _module(items, None, val_fraction, seed, tok)
+    rows = read_jsonl(path)
+    split = _split(len(rows), val_fraction, seed)
+    return instruction_examples(rows, split, tok, format, max_length, mask_prompt)
 
 
 @DATASETS.register("labelled_text")
@@ -157,28 +259,9 @@ def labelled_text(
     val_fraction: ValFraction = 0.2,
 ) -> DataModule:
     """``{"text", "label"}`` lines for sequence classification; labels may be names or ints."""
-    tok = load_tokenizer(tokenizer)
-    rows = [r for _, r in read_jsonl(path, need=("text", "label"))]
-    names = sorted({str(r["label"]) for r in rows})
-    index = {n: i for i, n in enumerate(names)}
-    labels = [index[str(r["label"])] for r in rows]
-    items = []
-    for r, y in zip(rows, labels):
-        ids = tok(r["text"], truncation=True, max_length=max_length)["input_ids"]
-        items.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(y)})
-    dm = _module(items, labels, val_fraction, seed, tok)
-    counts = np.bincount(
-        [labels[i] for i in _split(len(items), val_fraction, seed)[0]], minlength=len(names)
-    )
-    dm.info = DatasetInfo(
-        num_samples=dm.info.num_samples,
-        num_classes=len(names),
-        class_names=tuple(names),
-        class_counts=tuple(int(c) for c in counts),
-        input_shape=dm.info.input_shape,
-        extra=dm.info.extra,
-    )
-    return dm
+    rows = read_jsonl(path, need=("text", "label"))
+    split = _split(len(rows), val_fraction, seed)
+    return labelled_examples(rows, split, load_tokenizer(tokenizer), max_length)
 
 
 @DATASETS.register("preference")
@@ -190,20 +273,9 @@ def preference(
     val_fraction: ValFraction = 0.1,
 ) -> DataModule:
     """``{"prompt", "chosen", "rejected"}`` pairs for DPO; prompts are masked out of the labels."""
-    tok = load_tokenizer(tokenizer)
-    items = []
-    for _, r in read_jsonl(path, need=("prompt", "chosen", "rejected")):
-        c = encode_pair(tok, r["prompt"], r["chosen"], max_length, True)
-        j = encode_pair(tok, r["prompt"], r["rejected"], max_length, True)
-        items.append(
-            {
-                "chosen_input_ids": c["input_ids"],
-                "chosen_labels": c["labels"],
-                "rejected_input_ids": j["input_ids"],
-                "rejected_labels": j["labels"],
-            }
-        )
-    return _module(items, None, val_fraction, seed, tok)
+    rows = read_jsonl(path, need=("prompt", "chosen", "rejected"))
+    split = _split(len(rows), val_fraction, seed)
+    return preference_examples(rows, split, load_tokenizer(tokenizer), max_length)
 
 
 @DATASETS.register("pairs")
@@ -215,18 +287,9 @@ def pairs(
     val_fraction: ValFraction = 0.1,
 ) -> DataModule:
     """``{"source", "target"}`` lines for sequence-to-sequence models."""
-    tok = load_tokenizer(tokenizer)
-    items = []
-    for _, r in read_jsonl(path, need=("source", "target")):
-        src = tok(r["source"], add_special_tokens=False)["input_ids"][: max_length - 1]
-        tgt = tok(r["target"], add_special_tokens=False)["input_ids"][: max_length - 1]
-        items.append(
-            {
-                "input_ids": torch.tensor(src + [tok.eos_token_id]),
-                "labels": torch.tensor(tgt + [tok.eos_token_id]),
-            }
-        )
-    return _module(items, None, val_fraction, seed, tok)
+    rows = read_jsonl(path, need=("source", "target"))
+    split = _split(len(rows), val_fraction, seed)
+    return pair_examples(rows, split, load_tokenizer(tokenizer), max_length)
 
 
 @DATASETS.register("prompts")
@@ -256,26 +319,13 @@ def prompts(
     tok = load_tokenizer(tokenizer)
     answers = None
     if path:
-        rows = [r for _, r in read_jsonl(path, need=("prompt",))]
-        texts = [r["prompt"] for r in rows]
-        if any("answer" in r for r in rows):  # for rewards that check answers (exact_answer)
-            answers = [str(r.get("answer", "")) for r in rows]
+        texts, answers = prompt_rows(read_jsonl(path, need=("prompt",)))
     elif stdlib_functions:
         texts = function_prompts()
     else:
         raise ConfigError("data: give 'path' (JSONL of prompts) or stdlib_functions: true")
     if limit:
         texts = texts[:limit]
-    items: list[dict[str, Any]] = [
-        {"input_ids": torch.tensor(tok(t, add_special_tokens=False)["input_ids"][-max_length:])}
-        for t in texts
-    ]
-    if answers is not None:
-        for item, answer in zip(items, answers):
-            item["answer"] = answer
-    dm = _module(items, None, val_fraction, seed, tok)
-    collate = LeftPadCollator(tok.pad_token_id)
-    dm.train.collate_fn = collate
-    if dm.val is not None:
-        dm.val.collate_fn = collate
-    return dm
+        answers = answers[:limit] if answers is not None else None
+    split = _split(len(texts), val_fraction, seed)
+    return prompt_examples(texts, answers, split, tok, max_length)

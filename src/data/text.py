@@ -17,9 +17,9 @@ import glob
 import os
 import shutil
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import numpy as np
 import torch
@@ -103,17 +103,23 @@ def texts(files: list[Path], key: str = "data.paths") -> Iterator[str]:
 def train_tokenizer(files: list[Path], vocab_size: int):
     """A byte-level BPE trained on ``files`` (decoded text, streamed), as a transformers fast
     tokenizer."""
+    return train_bpe(texts(files), len(files), vocab_size)
+
+
+def train_bpe(documents: Iterable[str], length: int, vocab_size: int):
+    """A byte-level BPE trained on ``documents`` (``length`` of them, streamed), as a
+    transformers fast tokenizer with our special tokens and chat template."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(
-        texts(files),
+        documents,
         vocab_size=vocab_size,
         min_frequency=2,
         special_tokens=[EOS, PAD, MASK],
         show_progress=False,
-        length=len(files),
+        length=length,
     )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer,
@@ -148,12 +154,21 @@ def load_tokenizer(path: str, key: str = "data.tokenizer"):
 
 def cached_bpe(files: list[Path], vocab_size: int, root: Path):
     """:func:`train_tokenizer` on ``files``, trained once per (files, vocab_size) and kept under
-    ``root/tokenizers/<key>`` (written to a temporary folder and renamed, under a lock)."""
+    ``root/tokenizers/<key>`` (see :func:`cached_tokenizer`)."""
+    return cached_tokenizer(
+        {"files": token_store.file_facts(files)},
+        lambda: train_tokenizer(files, vocab_size),
+        vocab_size,
+        root,
+    )
+
+
+def cached_tokenizer(source: dict, train: Callable[[], Any], vocab_size: int, root: Path):
+    """The BPE ``train()`` makes from ``source`` (what names its training text: files' facts),
+    trained once per (source, vocab_size) and kept under ``root/tokenizers/<key>`` (written to a
+    temporary folder and renamed, under a lock)."""
     key = token_store.store_key(
-        kind="bpe",
-        files=token_store.file_facts(files),
-        vocab_size=vocab_size,
-        special=[EOS, PAD, MASK],
+        kind="bpe", **source, vocab_size=vocab_size, special=[EOS, PAD, MASK]
     )
     folder = root / "tokenizers" / key
     if (folder / "tokenizer.json").is_file():
@@ -161,7 +176,7 @@ def cached_bpe(files: list[Path], vocab_size: int, root: Path):
     with token_store.locked(root / "tokenizers" / f"{key}.lock", f"tokenizer {folder}"):
         if (folder / "tokenizer.json").is_file():
             return load_tokenizer(str(folder))
-        tok = train_tokenizer(files, vocab_size)
+        tok = train()
         tmp = root / "tokenizers" / f"{key}.build"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -231,6 +246,18 @@ class TokenBlocks(torch.utils.data.Dataset):
         return {"input_ids": x, "labels": x}
 
 
+def encode_documents(tok, documents: list[str]) -> list[np.ndarray]:
+    """Each document's ids (one batched call of the fast tokenizer) with EOS after it."""
+    ids = tok(documents, add_special_tokens=False, verbose=False)["input_ids"]
+    out = []
+    for doc in ids:
+        arr = np.empty(len(doc) + 1, dtype=np.int64)
+        arr[:-1] = doc
+        arr[-1] = tok.eos_token_id
+        out.append(arr)
+    return out
+
+
 def tokenize_files(
     tok, files: list[Path], root: Path, what: str = "text"
 ) -> tuple[TokenStore, Optional[float]]:
@@ -247,21 +274,14 @@ def tokenize_files(
     def chunks() -> Iterator[list[np.ndarray]]:
         batch: list[str] = []
         size = done = raw = 0
-        eos = tok.eos_token_id
         for i, (f, fact) in enumerate(zip(files, facts)):
             batch.append(read(f))
             size += len(batch[-1])
             raw += fact[1]
             if size < CHUNK_CHARS and i + 1 < len(files):
                 continue
-            ids = tok(batch, add_special_tokens=False, verbose=False)["input_ids"]
-            out = []
-            for doc, t in zip(ids, batch):
-                arr = np.empty(len(doc) + 1, dtype=np.int64)
-                arr[:-1] = doc
-                arr[-1] = eos
-                out.append(arr)
-                manifest["text_bytes"] += len(t.encode("utf-8"))
+            out = encode_documents(tok, batch)
+            manifest["text_bytes"] += sum(len(t.encode("utf-8")) for t in batch)
             done += len(batch)
             batch, size = [], 0
             yield out

@@ -1,0 +1,188 @@
+"""Hugging Face datasets from local storage: saved folders and data files, every format, through
+the token store for text; bad paths, columns and splits are one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from helpers import GPT, metrics, run
+
+from src.core.errors import ConfigError
+from src.data.hf import hf_dataset
+from src.data.jsonl import instructions, labelled_text, preference
+from src.data.text import encode_documents, load_tokenizer, read, resolve_files
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """The json package's files as documents."""
+    return [read(f) for f in resolve_files(["stdlib:json"])]
+
+
+@pytest.fixture
+def saved(tmp_path, corpus):
+    """A DatasetDict saved with save_to_disk: the text in a 'content' column."""
+    folder = tmp_path / "saved"
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"content": corpus[:-1]}),
+            "validation": datasets.Dataset.from_dict({"content": corpus[-1:]}),
+        }
+    ).save_to_disk(str(folder))
+    return folder
+
+
+def test_text_blocks_are_the_documents_ids_and_a_second_load_reads_the_store(
+    saved, corpus, tokenizer_dir, tmp_path
+):
+    kw = dict(
+        seed=0,
+        path=str(saved),
+        columns={"text": "content"},
+        tokenizer=str(tokenizer_dir),
+        val_split="validation",
+        block_size=16,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    dm = hf_dataset(**kw)
+    tok = load_tokenizer(str(tokenizer_dir))
+    stream = torch.from_numpy(__import__("numpy").concatenate(encode_documents(tok, corpus[:-1])))
+    n = len(stream) // 16
+    assert len(dm.train) == n
+    assert torch.equal(
+        dm.train.__getitems__(list(range(n)))["input_ids"].flatten(), stream[: n * 16]
+    )
+    assert dm.info.extra["token_stores"][0]["built_seconds"] is not None
+    again = hf_dataset(**kw)
+    assert [s["built_seconds"] for s in again.info.extra["token_stores"]] == [None, None]
+    assert again.train.store.folder == dm.train.store.folder
+
+
+def test_a_language_model_trains_on_a_saved_dataset_with_its_own_bpe(write_config, saved, tmp_path):
+    data = {
+        "type": "hf_dataset",
+        "path": str(saved),
+        "columns": {"text": "content"},
+        "val_split": "validation",
+        "vocab_size": 400,
+        "block_size": 32,
+        "batch_size": 8,
+    }
+    cfg = write_config(
+        {
+            "data": data,
+            "model": GPT,
+            "task": {"type": "causal_lm", "samples": 0},
+            "trainer.max_steps": 4,
+            "trainer.eval_every_n_steps": 4,
+        }  # fmt: skip
+    )
+    run(cfg)
+    rows = metrics(tmp_path / "runs/tiny")
+    assert rows[-1]["step"] == 4 and rows[-1]["val/loss"] > 0
+    info = json.loads((tmp_path / "runs/tiny/run_info.json").read_text())
+    stores = info["params"]["data.token_stores"]
+    assert len(stores) == 2 and all((Path(s) / "manifest.json").is_file() for s in stores)
+
+
+def test_data_files_with_mapped_columns_build_the_jsonl_formats_examples(tmp_path, tokenizer_dir):
+    rows = [
+        {"q": f"Add {i} and {i + 1}.", "a": str(2 * i + 1), "cls": "odd" if i % 2 else "even"}
+        for i in range(40)
+    ]
+    # the platform's own JSONL layout, and the same rows under other column names
+    (tmp_path / "alpaca.jsonl").write_text(
+        "".join(json.dumps({"instruction": r["q"], "output": r["a"]}) + "\n" for r in rows)
+    )
+    (tmp_path / "labelled.jsonl").write_text(
+        "".join(json.dumps({"text": r["q"], "label": r["cls"]}) + "\n" for r in rows)
+    )
+    (tmp_path / "pref.jsonl").write_text(
+        "".join(
+            json.dumps({"prompt": r["q"], "chosen": r["a"], "rejected": "no"}) + "\n" for r in rows
+        )  # fmt: skip
+    )
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
+    datasets.Dataset.from_list(
+        [{"prompt": r["q"], "chosen": r["a"], "rejected": "no"} for r in rows]
+    ).to_csv(str(tmp_path / "pref.csv"))
+    tok = str(tokenizer_dir)
+    common = dict(seed=0, tokenizer=tok, cache_dir=str(tmp_path / "cache"))
+    cases = [
+        (
+            hf_dataset(path=str(tmp_path / "rows.parquet"), format="alpaca",
+                       columns={"instruction": "q", "output": "a"}, val_fraction=0.1, **common),
+            instructions(0, str(tmp_path / "alpaca.jsonl"), tok, val_fraction=0.1),
+        ),
+        (
+            hf_dataset(path=str(tmp_path / "rows.parquet"), format="labelled",
+                       columns={"text": "q", "label": "cls"}, val_fraction=0.2, **common),
+            labelled_text(0, str(tmp_path / "labelled.jsonl"), tok, val_fraction=0.2),
+        ),
+        (
+            hf_dataset(path=str(tmp_path / "pref.csv"), format="preference", **common),
+            preference(0, str(tmp_path / "pref.jsonl"), tok),
+        ),
+    ]  # fmt: skip
+    for ours, theirs in cases:
+        for a, b in ((ours.train, theirs.train), (ours.val, theirs.val)):
+            assert len(a) == len(b) > 0
+            for i in range(len(a)):
+                assert a[i].keys() == b[i].keys()
+                assert all(torch.equal(a[i][k], b[i][k]) for k in a[i])
+    assert cases[1][0].info.class_names == ("even", "odd")
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"path": "imdb"}, "not downloaded at run time"),
+        ({"path": "{saved}", "columns": {"text": "body"}}, "no column 'body'"),
+        ({"path": "{saved}"}, "no column 'text' for the text format's 'text'"),
+        ({"path": "{saved}", "columns": {"txt": "content"}}, "format 'text' has no field txt"),
+        (
+            {"path": "{saved}", "columns": {"text": "content"}, "val_split": "test"},
+            "has no split 'test' (it has: train, validation)",
+        ),  # fmt: skip
+        ({"path": "{saved}", "format": "alpaca"}, "no column 'instruction'"),  # fmt: skip
+    ],
+)
+def test_bad_paths_columns_and_splits_are_one_line(saved, tmp_path, kwargs, message):
+    kwargs = {k: (v.format(saved=saved) if isinstance(v, str) else v) for k, v in kwargs.items()}
+    with pytest.raises(ConfigError) as err:
+        hf_dataset(seed=0, cache_dir=str(tmp_path / "cache"), tokenizer=None, **kwargs)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_hub_name_on_the_command_line_is_exit_2(tmp_path):
+    from conftest import make_config
+
+    from src.main import main
+
+    cfg = make_config(tmp_path, {"data": {"type": "hf_dataset", "path": "stanfordnlp/imdb"}})
+    assert main(["--config", str(cfg)]) == 2
+
+
+def test_text_data_files_split_by_row_with_the_seed(tmp_path, corpus, tokenizer_dir):
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in corpus))
+    kw = dict(
+        path=str(tmp_path / "docs.jsonl"),
+        columns={"text": "body"},
+        tokenizer=str(tokenizer_dir),
+        val_fraction=0.25,
+        block_size=8,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    dm = hf_dataset(seed=0, **kw)
+    tok = load_tokenizer(str(tokenizer_dir))
+    everything = sum(len(ids) for ids in encode_documents(tok, corpus))
+    assert len(dm.train.store) + len(dm.val.store) == everything
+    assert 0 < len(dm.val.store) < len(dm.train.store)
+    other = hf_dataset(seed=1, **kw)  # another seed holds out other rows: other stores
+    assert other.train.store.folder != dm.train.store.folder
