@@ -4,6 +4,7 @@
     python -m benchmarks.run --only inference --update     # predict and ONNX only
     python -m benchmarks.run --only sweep --update         # the sweep, pruned or not, 1-2 workers
     python -m benchmarks.run --only ssl,lm --update   # redo some sections, keep the others
+    python -m benchmarks.run --only packing --update     # packed against padded fine-tuning
     python -m benchmarks.run --quick --out /tmp/RESULTS.md   # every benchmark at a tiny size
 
 Every figure is reported as min / median / max over its repeats. Overhead runs alternate the
@@ -214,6 +215,7 @@ BENCHMARKS = (
     "lm",
     "grpo",
     "multimodal",
+    "packing",
     "lmspeed",
     "sslspeed",
 )
@@ -491,6 +493,11 @@ def main(argv=None) -> int:
         from benchmarks import multimodal
 
         done("Multimodal on digits", multimodal.section(multimodal.measure(q)))
+
+    if "packing" in only:
+        from benchmarks import packing
+
+        done("Packing for fine-tuning", packing.section(packing.measure(1 if q else 3, q)))
 
     if q:  # the throughput sections only mean something at full size (tests call their parts)
         only -= {"lmspeed", "sslspeed"}

@@ -21,6 +21,7 @@ SECTIONS = {
     "lm": "## Language models on the standard library",
     "grpo": "## GRPO on arithmetic",
     "multimodal": "## Multimodal on digits",
+    "packing": "## Packing for fine-tuning",
 }
 
 

@@ -39,7 +39,8 @@ def token_loss_sums(
 @TASKS.register("causal_lm")
 class CausalLM(Task):
     """Next-token prediction; batches hold ``input_ids``, ``labels`` (-100 where not predicted)
-    and optionally ``attention_mask``.
+    and optionally ``attention_mask`` (packed examples: a block-diagonal 4D one, with
+    ``position_ids`` that restart at each example).
     """
 
     def __init__(
@@ -74,7 +75,10 @@ class CausalLM(Task):
         self.bytes_per_token = info.extra.get("val_bytes_per_token")
 
     def forward_lm(self, batch: dict[str, Any]):
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        kw = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+        return self.model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), **kw
+        )
 
     def inference(self) -> Inference:
         module = HFOutput(self.model, attention_mask=False)  # blocks of text: no padding

@@ -53,7 +53,10 @@ class IntervalMetrics:
         """Count one micro-batch's samples (and tokens, for token batches)."""
         self.samples += batch_size_of(batch)
         self.micros += 1
-        if isinstance(batch, dict) and ("attention_mask" in batch or "input_ids" in batch):
+        if isinstance(batch, dict) and "num_tokens" in batch:  # packed examples
+            n = batch["num_tokens"]
+            self.tokens = n if self.tokens is None else self.tokens + n
+        elif isinstance(batch, dict) and ("attention_mask" in batch or "input_ids" in batch):
             mask = batch.get("attention_mask")
             n = mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel())
             self.tokens = n if self.tokens is None else self.tokens + n

@@ -80,3 +80,70 @@ class LeftPadCollator:
             mask[i, longest - n :] = 1
         others = {k: [r[k] for r in rows] for k in rows[0] if k != "input_ids"}
         return {"input_ids": ids, "attention_mask": mask, **others}
+
+
+def pack(items: list[dict[str, torch.Tensor]], block_size: int, pad_id: int) -> list[dict]:
+    """Examples (``input_ids``, ``labels``) packed whole into blocks of ``block_size`` tokens,
+    first fit in decreasing length (an example longer than a block is cut to it). Each block
+    holds ``position_ids`` that restart at every example and ``segments`` (which example each
+    token is of): :class:`PackCollator` turns them into attention kept inside each example. The
+    first label of each example is -100 (nothing predicts it: the token before it is another
+    example's), padding is labelled -100 and joins the block's last example, after all of its
+    tokens (which, causal, never see it)."""
+    order = sorted(range(len(items)), key=lambda i: -min(len(items[i]["input_ids"]), block_size))
+    blocks: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = min(len(items[i]["input_ids"]), block_size)
+        b = next((j for j, r in enumerate(room) if r >= n), None)
+        if b is None:
+            blocks.append([])
+            room.append(block_size)
+            b = len(blocks) - 1
+        blocks[b].append(i)
+        room[b] -= n
+    out = []
+    for members in blocks:
+        ids, labels, pos, seg = [], [], [], []
+        for s, i in enumerate(members):
+            x = items[i]["input_ids"][:block_size]
+            y = items[i]["labels"][:block_size].clone()
+            y[0] = -100
+            ids.append(x)
+            labels.append(y)
+            pos.append(torch.arange(len(x)))
+            seg.append(torch.full((len(x),), s))
+        pad = block_size - sum(len(x) for x in ids)
+        if pad:
+            ids.append(torch.full((pad,), pad_id))
+            labels.append(torch.full((pad,), -100))
+            pos.append(torch.arange(len(pos[-1]), len(pos[-1]) + pad))
+            seg.append(torch.full((pad,), len(members) - 1))
+        out.append(
+            {
+                "input_ids": torch.cat(ids),
+                "labels": torch.cat(labels),
+                "position_ids": torch.cat(pos),
+                "segments": torch.cat(seg),
+                "num_tokens": torch.tensor(block_size - pad),
+            }
+        )
+    return out
+
+
+class PackCollator:
+    """Stacks packed blocks (:func:`pack`); the attention mask is block-diagonal and causal,
+    (batch, 1, block, block) booleans, which transformers' models take for a 2D one, so no
+    token attends to another example's; ``num_tokens`` counts the real tokens of the batch."""
+
+    def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        seg = torch.stack([r["segments"] for r in rows])
+        n = seg.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        return {
+            "input_ids": torch.stack([r["input_ids"] for r in rows]),
+            "labels": torch.stack([r["labels"] for r in rows]),
+            "position_ids": torch.stack([r["position_ids"] for r in rows]),
+            "attention_mask": ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None],
+            "num_tokens": torch.stack([r["num_tokens"] for r in rows]).sum(),
+        }

@@ -275,6 +275,9 @@ def hf_dataset(
     mask_prompt: Annotated[
         bool, Field(description="alpaca/messages: leave the prompt out of the loss")
     ] = True,
+    packing: Annotated[
+        bool, Field(description="alpaca/messages: pack examples into blocks of max_length")
+    ] = False,
     cache_dir: Annotated[
         Optional[str],
         Field(description="token stores, tokenizers and Arrow files (default $TESSERA_CACHE)"),
@@ -293,6 +296,8 @@ def hf_dataset(
     if format == "text":
         return _text(seed, train, val, facts, path, split, val_split, val_fraction, tokenizer,
                      vocab_size, block_size, root, run_dir)  # fmt: skip
+    if packing and format not in ("alpaca", "messages"):
+        raise ConfigError(f"data.packing: packs alpaca and messages examples, not {format}")
     if tokenizer is None:
         raise ConfigError(f"data.tokenizer: the {format} format needs a tokenizer folder")
     tok = load_tokenizer(tokenizer)
@@ -304,7 +309,7 @@ def hf_dataset(
     else:
         sp = _split(len(rows), val_fraction, seed)
     if format in ("alpaca", "messages"):
-        return instruction_examples(rows, sp, tok, format, max_length, mask_prompt)
+        return instruction_examples(rows, sp, tok, format, max_length, mask_prompt, packing)
     if format == "labelled":
         return labelled_examples(rows, sp, tok, max_length)
     if format == "preference":

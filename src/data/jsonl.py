@@ -27,12 +27,21 @@ from src.data.examples import (
     Examples,
     LeftPadCollator,
     MaxLength,
+    PackCollator,
     PadCollator,
     Tokenizer,
     ValFraction,
+    pack,
 )
 from src.data.text import load_tokenizer, token_info
 
+Packing = Annotated[
+    bool,
+    Field(
+        description="pack examples into blocks of max_length tokens, attention kept inside "
+        "each (no padding)"
+    ),
+]
 ALPACA = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
@@ -127,14 +136,38 @@ def _module(items, labels, split: Split, tok, extra_info=None) -> DataModule:
 
 
 def instruction_examples(
-    rows: Rows, split: Split, tok, format: str, max_length: int, mask_prompt: bool = True
+    rows: Rows,
+    split: Split,
+    tok,
+    format: str,
+    max_length: int,
+    mask_prompt: bool = True,
+    packing: bool = False,
 ) -> DataModule:
-    """alpaca or messages rows, the prompt masked out of the loss (``mask_prompt``)."""
+    """alpaca or messages rows, the prompt masked out of the loss (``mask_prompt``); with
+    ``packing``, each split's examples packed into blocks of ``max_length`` tokens."""
     items = [
         encode_pair(tok, *prompt_and_answer(r, format, tok, where), max_length, mask_prompt)
         for where, r in rows
     ]
+    if packing:
+        return packed_module(items, split, tok, max_length)
     return _module(items, None, split, tok)
+
+
+def packed_module(items, split: Split, tok, block_size: int) -> DataModule:
+    """Train and validation examples each packed into blocks (:func:`pack`): the same tokens
+    and labels, without padding, and no example attends to another."""
+    tr, va = split
+    train = Examples(pack([items[i] for i in tr], block_size, tok.pad_token_id))
+    val = Examples(pack([items[i] for i in va], block_size, tok.pad_token_id)) if va else None
+    train.collate_fn = PackCollator()
+    if val is not None:
+        val.collate_fn = train.collate_fn
+    extra = {**token_info(tok), "packed_examples": len(tr)}
+    return DataModule(
+        train, val, DatasetInfo(num_samples=len(train), input_shape=(block_size,), extra=extra)
+    )
 
 
 def labelled_examples(rows: Rows, split: Split, tok, max_length: int) -> DataModule:
@@ -242,12 +275,13 @@ def instructions(
         bool, Field(description="leave the prompt out of the loss (only the answer is learned)")
     ] = True,
     val_fraction: ValFraction = 0.1,
+    packing: Packing = False,
 ) -> DataModule:
     """Instruction or chat data for supervised fine-tuning; the prompt is masked out of the loss."""
     tok = load_tokenizer(tokenizer)
     rows = read_jsonl(path)
     split = _split(len(rows), val_fraction, seed)
-    return instruction_examples(rows, split, tok, format, max_length, mask_prompt)
+    return instruction_examples(rows, split, tok, format, max_length, mask_prompt, packing)
 
 
 @DATASETS.register("labelled_text")
