@@ -5,6 +5,7 @@
     python -m benchmarks.run --only sweep --update         # the sweep, pruned or not, 1-2 workers
     python -m benchmarks.run --only ssl,lm --update   # redo some sections, keep the others
     python -m benchmarks.run --only packing --update     # packed against padded fine-tuning
+    python -m benchmarks.run --only datascale --update   # a site-packages corpus, ~20 min
     python -m benchmarks.run --quick --out /tmp/RESULTS.md   # every benchmark at a tiny size
 
 Every figure is reported as min / median / max over its repeats. Overhead runs alternate the
@@ -216,6 +217,7 @@ BENCHMARKS = (
     "grpo",
     "multimodal",
     "packing",
+    "datascale",
     "lmspeed",
     "sslspeed",
 )
@@ -498,6 +500,11 @@ def main(argv=None) -> int:
         from benchmarks import packing
 
         done("Packing for fine-tuning", packing.section(packing.measure(1 if q else 3, q)))
+
+    if "datascale" in only:
+        from benchmarks import data_scale
+
+        done("Data at scale, text", data_scale.section(data_scale.measure(None, 1 if q else 2, q)))
 
     if q:  # the throughput sections only mean something at full size (tests call their parts)
         only -= {"lmspeed", "sslspeed"}

@@ -181,3 +181,18 @@ class StopAt(Callback):
         if trainer.step + 1 == self.at:
             os.kill(os.getpid(), signal.SIGTERM)
 '''
+
+KILL_PLUGIN = '''
+import os, signal
+from src.core.callbacks.base import Callback
+from src.core.registry import CALLBACKS
+
+@CALLBACKS.register("kill_at")
+class KillAt(Callback):
+    """kill -9 of every rank once the given step is taken (no chance to save)."""
+    def __init__(self, step: int):
+        self.at = step
+    def on_step_end(self, trainer, outputs):
+        if trainer.step == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+'''

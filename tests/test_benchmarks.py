@@ -22,6 +22,7 @@ SECTIONS = {
     "grpo": "## GRPO on arithmetic",
     "multimodal": "## Multimodal on digits",
     "packing": "## Packing for fine-tuning",
+    "datascale": "## Data at scale, text",
 }
 
 

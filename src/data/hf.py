@@ -31,17 +31,17 @@ from src.data.examples import MaxLength, ValFraction
 from src.data.jsonl import (
     Rows,
     Split,
-    _split,
     instruction_examples,
     labelled_examples,
     pair_examples,
     preference_examples,
     prompt_examples,
     prompt_rows,
+    split_rows,
 )
 from src.data.text import (
     CHUNK_CHARS,
-    _blocks,
+    blocks_of,
     cached_tokenizer,
     encode_documents,
     load_tokenizer,
@@ -90,6 +90,11 @@ def _data_files(path: str, builder: Optional[str]) -> tuple[list[Path], str]:
         files = [p]
     else:
         files = [Path(f) for f in sorted(glob.glob(str(p), recursive=True)) if Path(f).is_file()]
+    if not files and p.is_dir():
+        raise ConfigError(
+            f"data.path: {path}: a folder with no data files ({', '.join(BUILDERS)}) and no "
+            "save_to_disk dataset"
+        )
     if not files:
         raise ConfigError(
             f"data.path: {path}: no such folder or file on this machine (a dataset on the Hugging "
@@ -307,7 +312,7 @@ def hf_dataset(
         sp: Split = (list(range(len(rows))), list(range(len(rows), len(rows) + len(val_rows))))
         rows = rows + val_rows
     else:
-        sp = _split(len(rows), val_fraction, seed)
+        sp = split_rows(len(rows), val_fraction, seed)
     if format in ("alpaca", "messages"):
         return instruction_examples(rows, sp, tok, format, max_length, mask_prompt, packing)
     if format == "labelled":
@@ -328,7 +333,7 @@ def _text(seed, train, val, facts, path, split, val_split, val_fraction, tokeniz
     if val is not None:
         val_source = {"files": facts, "split": val_split}
     elif val_fraction:
-        tr, va = _split(len(train), val_fraction, seed)
+        tr, va = split_rows(len(train), val_fraction, seed)
         if not va:
             raise ConfigError(f"data.val_fraction: {val_fraction} of {len(train)} rows is none")
         val = train.select(va)
@@ -357,9 +362,9 @@ def _text(seed, train, val, facts, path, split, val_split, val_fraction, tokeniz
     val_blocks = None
     if val is not None and val_source is not None:
         vstore, vseconds = _text_store(tok, val, val_source, root, f"token store of {path} (val)")
-        val_blocks = _blocks(vstore, block_size)
+        val_blocks = blocks_of(vstore, block_size)
         extra["val_bytes_per_token"] = vstore.manifest["text_bytes"] / max(1, len(vstore))
         extra["token_stores"].append(store_fact(vstore, vseconds))
-    blocks = _blocks(store, block_size)
+    blocks = blocks_of(store, block_size)
     info = DatasetInfo(num_samples=len(blocks), input_shape=(block_size,), extra=extra)
     return DataModule(blocks, val_blocks, info)

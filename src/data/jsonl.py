@@ -7,6 +7,9 @@ Formats (one JSON object per line):
     messages:    {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
     labelled:    {"text": ..., "label": ...}
     preference:  {"prompt": ..., "chosen": ..., "rejected": ...}
+
+Each format is built from rows by one function (``instruction_examples`` ...), which the JSONL
+datasets and ``hf_dataset`` (src/data/hf.py) share.
 """
 
 from __future__ import annotations
@@ -113,7 +116,7 @@ Rows = list[tuple[str, dict[str, Any]]]  # (where it came from, for messages; th
 Split = tuple[list[int], list[int]]  # (train, val) indices into the rows
 
 
-def _split(n: int, val_fraction: float, seed: int) -> Split:
+def split_rows(n: int, val_fraction: float, seed: int) -> Split:
     order = np.random.default_rng(seed).permutation(n).tolist()
     n_val = int(round(val_fraction * n))
     return sorted(order[n_val:]), sorted(order[:n_val])
@@ -280,7 +283,7 @@ def instructions(
     """Instruction or chat data for supervised fine-tuning; the prompt is masked out of the loss."""
     tok = load_tokenizer(tokenizer)
     rows = read_jsonl(path)
-    split = _split(len(rows), val_fraction, seed)
+    split = split_rows(len(rows), val_fraction, seed)
     return instruction_examples(rows, split, tok, format, max_length, mask_prompt, packing)
 
 
@@ -294,7 +297,7 @@ def labelled_text(
 ) -> DataModule:
     """``{"text", "label"}`` lines for sequence classification; labels may be names or ints."""
     rows = read_jsonl(path, need=("text", "label"))
-    split = _split(len(rows), val_fraction, seed)
+    split = split_rows(len(rows), val_fraction, seed)
     return labelled_examples(rows, split, load_tokenizer(tokenizer), max_length)
 
 
@@ -308,7 +311,7 @@ def preference(
 ) -> DataModule:
     """``{"prompt", "chosen", "rejected"}`` pairs for DPO; prompts are masked out of the labels."""
     rows = read_jsonl(path, need=("prompt", "chosen", "rejected"))
-    split = _split(len(rows), val_fraction, seed)
+    split = split_rows(len(rows), val_fraction, seed)
     return preference_examples(rows, split, load_tokenizer(tokenizer), max_length)
 
 
@@ -322,7 +325,7 @@ def pairs(
 ) -> DataModule:
     """``{"source", "target"}`` lines for sequence-to-sequence models."""
     rows = read_jsonl(path, need=("source", "target"))
-    split = _split(len(rows), val_fraction, seed)
+    split = split_rows(len(rows), val_fraction, seed)
     return pair_examples(rows, split, load_tokenizer(tokenizer), max_length)
 
 
@@ -361,5 +364,5 @@ def prompts(
     if limit:
         texts = texts[:limit]
         answers = answers[:limit] if answers is not None else None
-    split = _split(len(texts), val_fraction, seed)
+    split = split_rows(len(texts), val_fraction, seed)
     return prompt_examples(texts, answers, split, tok, max_length)

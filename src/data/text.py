@@ -41,39 +41,52 @@ CHAT_TEMPLATE = (
 
 
 def resolve_files(paths: list[str], key: str = "data.paths") -> list[Path]:
-    """Files named by ``paths``: files, folders (their *.py, *.txt, *.md), globs, or ``stdlib:``."""
-    out: list[Path] = []
+    """Files named by ``paths``: files, folders (their *.py, *.txt, *.md), globs, or ``stdlib:``;
+    sorted as paths (by their parts)."""
+    out: list[str] = []
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for i, spec in enumerate(paths):
         if spec.startswith("stdlib:"):
             root = stdlib / spec[len("stdlib:") :].replace(".", "/")
             if root.with_suffix(".py").is_file() and not root.is_dir():
-                found = [root.with_suffix(".py")]
+                out.append(str(root.with_suffix(".py")))
             elif not root.is_dir():
                 raise ConfigError(f"{key}.{i}: no standard-library package '{spec[7:]}'")
-            elif root == stdlib:
-                found = [
-                    f for f in root.rglob("*.py") if not SKIP_DIRS & set(f.relative_to(root).parts)
-                ]
             else:
-                found = [
-                    f for f in root.rglob("*.py") if not SKIP_DIRS & set(f.relative_to(root).parts)
-                ]
+                out += walk(root, (".py",), SKIP_DIRS)
         else:
             p = Path(spec).expanduser()
             if p.is_dir():
-                found = [f for ext in ("*.py", "*.txt", "*.md") for f in p.rglob(ext)]
+                out += walk(p, (".py", ".txt", ".md"))
             elif p.is_file():
-                found = [p]
+                out.append(str(p))
             else:
                 try:
-                    found = [Path(f) for f in sorted(glob.glob(spec, recursive=True))]
+                    found = [str(Path(f)) for f in glob.glob(spec, recursive=True)]
                 except (OSError, ValueError) as exc:
                     raise ConfigError(f"{key}.{i}: {spec}: {exc}") from None
                 if not found:
                     raise ConfigError(f"{key}.{i}: no such file or folder: {spec}")
-        out += sorted(found)
-    return sorted(set(out))
+                out += found
+    # strings until the end: 24k Path objects cost more to sort than to find
+    return [Path(f) for f in sorted(set(out), key=path_order)]
+
+
+def path_order(path) -> list[str]:
+    """The order of paths (``sorted`` of Path objects: by their parts), for a path or its string,
+    without Path's slow comparisons."""
+    parts = str(path).split(os.sep)
+    return ["/", *parts[1:]] if parts[0] == "" else parts
+
+
+def walk(root: Path, suffixes: tuple[str, ...], skip: frozenset | set = frozenset()) -> list[str]:
+    """Files under ``root`` ending in ``suffixes``, not inside a folder named in ``skip``: one
+    ``os.walk`` (a scan per folder: 24k files of a corpus in a third of a second)."""
+    out = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip]
+        out += [os.path.join(folder, n) for n in names if n.endswith(suffixes)]
+    return out
 
 
 def split_by_file(
@@ -81,8 +94,8 @@ def split_by_file(
 ) -> tuple[list[Path], list[Path]]:
     order = np.random.default_rng(seed).permutation(len(files))
     n_val = max(1, int(round(val_fraction * len(files)))) if val_fraction else 0
-    val = sorted(files[i] for i in order[:n_val])
-    train = sorted(files[i] for i in order[n_val:])
+    val = sorted((files[i] for i in order[:n_val]), key=path_order)
+    train = sorted((files[i] for i in order[n_val:]), key=path_order)
     return train, val
 
 
@@ -344,20 +357,20 @@ def text(
     files = resolve_files(paths)
     if max_files and len(files) > max_files:
         keep = np.random.default_rng(seed + 1).permutation(len(files))[:max_files]
-        files = sorted(files[i] for i in keep)
+        files = sorted((files[i] for i in keep), key=path_order)
     if len(files) < 2 and val_fraction:
         raise ConfigError(f"data.paths: {len(files)} file(s); a split by file needs two or more")
     train_files, val_files = split_by_file(files, val_fraction, seed)
     root = token_store.cache_root(cache_dir)
     tok = get_tokenizer(tokenizer, train_files, vocab_size, run_dir, root)
     store, seconds = tokenize_files(tok, train_files, root, "train")
-    train = _blocks(store, block_size)
+    train = blocks_of(store, block_size)
     val = None
     extra = token_info(tok)
     extra["token_stores"] = [store_fact(store, seconds)]
     if val_files:
         val_store, seconds = tokenize_files(tok, val_files, root, "val")
-        val = _blocks(val_store, block_size)
+        val = blocks_of(val_store, block_size)
         extra["val_bytes_per_token"] = val_store.manifest["text_bytes"] / max(1, len(val_store))
         extra["val_files"] = [str(f) for f in val_files]
         extra["token_stores"].append(store_fact(val_store, seconds))
@@ -365,7 +378,7 @@ def text(
     return DataModule(train, val, info)
 
 
-def _blocks(store: TokenStore, block_size: int) -> TokenBlocks:
+def blocks_of(store: TokenStore, block_size: int) -> TokenBlocks:
     blocks = TokenBlocks(store, block_size)
     if len(blocks) == 0:
         raise ConfigError(

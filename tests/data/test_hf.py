@@ -143,6 +143,7 @@ def test_data_files_with_mapped_columns_build_the_jsonl_formats_examples(tmp_pat
     "kwargs,message",
     [
         ({"path": "imdb"}, "not downloaded at run time"),
+        ({"path": "{empty}"}, "a folder with no data files"),
         ({"path": "{saved}", "columns": {"text": "body"}}, "no column 'body'"),
         ({"path": "{saved}"}, "no column 'text' for the text format's 'text'"),
         ({"path": "{saved}", "columns": {"txt": "content"}}, "format 'text' has no field txt"),
@@ -154,7 +155,11 @@ def test_data_files_with_mapped_columns_build_the_jsonl_formats_examples(tmp_pat
     ],
 )
 def test_bad_paths_columns_and_splits_are_one_line(saved, tmp_path, kwargs, message):
-    kwargs = {k: (v.format(saved=saved) if isinstance(v, str) else v) for k, v in kwargs.items()}
+    (tmp_path / "empty").mkdir()
+    kwargs = {
+        k: (v.format(saved=saved, empty=tmp_path / "empty") if isinstance(v, str) else v)
+        for k, v in kwargs.items()
+    }
     with pytest.raises(ConfigError) as err:
         hf_dataset(seed=0, cache_dir=str(tmp_path / "cache"), tokenizer=None, **kwargs)
     assert message in str(err.value) and "\n" not in str(err.value)

@@ -234,7 +234,7 @@ def test_text_decodes_bad_bytes_and_caches_its_tokenizer(tmp_path, monkeypatch):
 def test_an_unreadable_file_is_one_line_naming_it(tmp_path, cli):
     folder = tmp_path / "c"
     corpus(folder, 3)
-    (folder / "dir.txt").mkdir()  # matched by *.txt, cannot be read as text
+    (folder / "dir.txt").symlink_to(tmp_path / "gone.txt")  # a link whose file was deleted
     cfg = tmp_path / "lm.yaml"
     cfg.write_text(
         "name: lm\ndata: {type: text, paths: ["

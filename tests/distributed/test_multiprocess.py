@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, port
-from helpers import STOP_PLUGIN, launch, metrics, run
+from helpers import KILL_PLUGIN, STOP_PLUGIN, launch, metrics, run
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed
@@ -145,22 +145,6 @@ def test_fsdp_matches_single_and_reshards_both_ways(write_config, tmp_path, sing
     single = write_config({**BASE, "name": "up", "trainer.max_steps": 22}, "d.yaml")
     run(single)
     assert losses(tmp_path / "runs/up")[22] > 0
-
-
-KILL_PLUGIN = '''
-import os, signal
-from src.core.callbacks.base import Callback
-from src.core.registry import CALLBACKS
-
-@CALLBACKS.register("kill_at")
-class KillAt(Callback):
-    """kill -9 of every rank once the given step is taken."""
-    def __init__(self, step: int):
-        self.at = step
-    def on_step_end(self, trainer, outputs):
-        if trainer.step == self.at:
-            os.kill(os.getpid(), signal.SIGKILL)
-'''
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
