@@ -5,17 +5,18 @@ are on both sides."""
 from __future__ import annotations
 
 import ast
+from dataclasses import replace
 from typing import Annotated, Optional
 
-import numpy as np
-import torch
 from pydantic import Field
 
-from src.core.dataset_info import DataModule, DatasetInfo
+from src.core.dataset_info import DataModule
 from src.core.errors import ConfigError
 from src.core.registry import DATASETS
-from src.data.examples import Examples, MaxLength, PadCollator
-from src.data.text import load_tokenizer, read, resolve_files, split_by_file, token_info
+from src.data.example_store import class_examples
+from src.data.examples import MaxLength
+from src.data.text import load_tokenizer, read, resolve_files, split_by_file
+from src.data.token_store import cache_root
 
 
 def docstrings(source: str, min_chars: int) -> list[str]:
@@ -53,6 +54,10 @@ def stdlib_docstrings(
         float,
         Field(gt=0, lt=1, description="fraction of the samples held out for validation (by file)"),
     ] = 0.25,
+    cache_dir: Annotated[
+        Optional[str],
+        Field(description="where token stores are kept (default $TESSERA_CACHE)"),
+    ] = None,
 ) -> DataModule:
     """Which standard-library package does a docstring come from?"""
     tok = load_tokenizer(tokenizer)
@@ -66,27 +71,16 @@ def stdlib_docstrings(
             for f in group:
                 splits[name] += [(d, label) for d in docstrings(read(f), min_chars)]
 
-    def build(rows):
-        items, labels = [], []
-        for text, y in rows:
-            ids = tok(text, truncation=True, max_length=max_length)["input_ids"]
-            items.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(y)})
-            labels.append(y)
-        ds = Examples(items, labels)
-        ds.collate_fn = PadCollator(tok.pad_token_id)
-        return ds
-
-    train, val = build(splits["train"]), build(splits["val"])
-    counts = np.bincount(train.labels.numpy(), minlength=len(packages))
-    info = DatasetInfo(
-        num_samples=len(train),
-        num_classes=len(packages),
-        class_names=tuple(packages),
-        class_counts=tuple(int(c) for c in counts),
-        input_shape=(max_length,),
-        extra=token_info(tok),
-    )
-    return DataModule(train, val, info)
+    rows = splits["train"] + splits["val"]
+    n_train = len(splits["train"])
+    split = (list(range(n_train)), list(range(n_train, len(rows))))
+    what = f"docstrings of {', '.join(packages)}"
+    dm = class_examples(
+        [t for t, _ in rows], [y for _, y in rows], packages, split, tok, max_length,
+        cache_root(cache_dir), what,
+    )  # fmt: skip
+    dm.info = replace(dm.info, input_shape=(max_length,))
+    return dm
 
 
 PROMPT_PACKAGES = ("json", "email", "http", "urllib", "logging", "csv", "textwrap", "string")

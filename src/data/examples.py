@@ -3,7 +3,7 @@ the JSONL formats and the docstrings corpus."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Optional
 
 import torch
@@ -24,11 +24,17 @@ class Examples(torch.utils.data.Dataset):
 
     collate_fn: Optional[Callable[[list[dict[str, Any]]], dict[str, Any]]] = None  # the padding
 
-    def __init__(self, items: list[dict[str, Any]], labels: Optional[list[int]] = None):
-        self.items = items
-        self.lengths = [
-            len(x["input_ids"]) if "input_ids" in x else len(x["chosen_input_ids"]) for x in items
-        ]
+    def __init__(self, items: Sequence[dict[str, Any]], labels: Optional[list[int]] = None):
+        self.items = items  # a list, or a sequence read from a store (its own ``lengths``)
+        lengths = getattr(items, "lengths", None)
+        self.lengths = (
+            list(lengths)
+            if lengths is not None
+            else [
+                len(x["input_ids"]) if "input_ids" in x else len(x["chosen_input_ids"])
+                for x in items
+            ]
+        )
         if labels is not None:
             self.labels = torch.tensor(labels)
 
@@ -82,7 +88,7 @@ class LeftPadCollator:
         return {"input_ids": ids, "attention_mask": mask, **others}
 
 
-def pack(items: list[dict[str, torch.Tensor]], block_size: int, pad_id: int) -> list[dict]:
+def pack(items: Sequence[dict[str, torch.Tensor]], block_size: int, pad_id: int) -> list[dict]:
     """Examples (``input_ids``, ``labels``) packed whole into blocks of ``block_size`` tokens,
     first fit in decreasing length (an example longer than a block is cut to it). Each block
     holds ``position_ids`` that restart at every example and ``segments`` (which example each
@@ -90,11 +96,12 @@ def pack(items: list[dict[str, torch.Tensor]], block_size: int, pad_id: int) -> 
     first label of each example is -100 (nothing predicts it: the token before it is another
     example's), padding is labelled -100 and joins the block's last example, after all of its
     tokens (which, causal, never see it)."""
-    order = sorted(range(len(items)), key=lambda i: -min(len(items[i]["input_ids"]), block_size))
+    lengths = getattr(items, "lengths", None) or [len(x["input_ids"]) for x in items]
+    order = sorted(range(len(items)), key=lambda i: -min(lengths[i], block_size))
     blocks: list[list[int]] = []
     room: list[int] = []
     for i in order:
-        n = min(len(items[i]["input_ids"]), block_size)
+        n = min(lengths[i], block_size)
         b = next((j for j, r in enumerate(room) if r >= n), None)
         if b is None:
             blocks.append([])
@@ -106,8 +113,9 @@ def pack(items: list[dict[str, torch.Tensor]], block_size: int, pad_id: int) -> 
     for members in blocks:
         ids, labels, pos, seg = [], [], [], []
         for s, i in enumerate(members):
-            x = items[i]["input_ids"][:block_size]
-            y = items[i]["labels"][:block_size].clone()
+            item = items[i]
+            x = item["input_ids"][:block_size]
+            y = item["labels"][:block_size].clone()
             y[0] = -100
             ids.append(x)
             labels.append(y)

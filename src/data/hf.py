@@ -313,16 +313,19 @@ def hf_dataset(
         rows = rows + val_rows
     else:
         sp = split_rows(len(rows), val_fraction, seed)
+    what = f"{path} [{split}]"
     if format in ("alpaca", "messages"):
-        return instruction_examples(rows, sp, tok, format, max_length, mask_prompt, packing)
+        return instruction_examples(
+            rows, sp, tok, format, max_length, mask_prompt, packing, root, what
+        )
     if format == "labelled":
-        return labelled_examples(rows, sp, tok, max_length)
+        return labelled_examples(rows, sp, tok, max_length, root, what)
     if format == "preference":
-        return preference_examples(rows, sp, tok, max_length)
+        return preference_examples(rows, sp, tok, max_length, root, what)
     if format == "pairs":
-        return pair_examples(rows, sp, tok, max_length)
+        return pair_examples(rows, sp, tok, max_length, root, what)
     texts, answers = prompt_rows(rows)
-    return prompt_examples(texts, answers, sp, tok, max_length)
+    return prompt_examples(texts, answers, sp, tok, max_length, root, what)
 
 
 def _text(seed, train, val, facts, path, split, val_split, val_fraction, tokenizer, vocab_size,

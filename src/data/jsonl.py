@@ -26,18 +26,25 @@ from src.core.dataset_info import DataModule, DatasetInfo
 from src.core.errors import ConfigError
 from src.core.registry import DATASETS
 from src.data.docstrings import function_prompts
+from src.data.example_store import Split, class_examples, examples_module, stored_split, token_ids
 from src.data.examples import (
     Examples,
     LeftPadCollator,
     MaxLength,
     PackCollator,
-    PadCollator,
     Tokenizer,
     ValFraction,
     pack,
 )
 from src.data.text import load_tokenizer, token_info
+from src.data.token_store import cache_root
 
+CacheDir = Annotated[
+    Optional[str],
+    Field(
+        description="where token stores are kept (default $TESSERA_CACHE, else ~/.cache/tessera)"
+    ),
+]
 Packing = Annotated[
     bool,
     Field(
@@ -113,7 +120,6 @@ def encode_pair(
 
 
 Rows = list[tuple[str, dict[str, Any]]]  # (where it came from, for messages; the example)
-Split = tuple[list[int], list[int]]  # (train, val) indices into the rows
 
 
 def split_rows(n: int, val_fraction: float, seed: int) -> Split:
@@ -122,20 +128,8 @@ def split_rows(n: int, val_fraction: float, seed: int) -> Split:
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def _module(items, labels, split: Split, tok, extra_info=None) -> DataModule:
-    tr, va = split
-    pick = (lambda idx: [labels[i] for i in idx]) if labels is not None else (lambda idx: None)
-    train = Examples([items[i] for i in tr], pick(tr))
-    val = Examples([items[i] for i in va], pick(va)) if va else None
-    collate = PadCollator(tok.pad_token_id)
-    train.collate_fn = collate
-    if val is not None:
-        val.collate_fn = collate
-    extra = {**token_info(tok), **(extra_info or {})}
-    longest = max(train.lengths)
-    return DataModule(
-        train, val, DatasetInfo(num_samples=len(train), input_shape=(longest,), extra=extra)
-    )
+def _answers_ended(tok, texts: list[str]) -> list[list[int]]:
+    return [ids + [tok.eos_token_id] for ids in token_ids(tok, texts)]
 
 
 def instruction_examples(
@@ -146,109 +140,136 @@ def instruction_examples(
     max_length: int,
     mask_prompt: bool = True,
     packing: bool = False,
+    root: Optional[Path] = None,
+    what: str = "instructions",
 ) -> DataModule:
     """alpaca or messages rows, the prompt masked out of the loss (``mask_prompt``); with
     ``packing``, each split's examples packed into blocks of ``max_length`` tokens."""
-    items = [
-        encode_pair(tok, *prompt_and_answer(r, format, tok, where), max_length, mask_prompt)
-        for where, r in rows
-    ]
+    texts = [list(prompt_and_answer(r, format, tok, where)) for where, r in rows]
+
+    def encode(batch):
+        return list(
+            zip(token_ids(tok, [p for p, _ in batch]), _answers_ended(tok, [a for _, a in batch]))
+        )
+
+    train, val, extra = stored_split(
+        texts, encode, "pair", {}, tok, split, root, what,
+        max_length=max_length, mask_prompt=mask_prompt,
+    )  # fmt: skip
     if packing:
-        return packed_module(items, split, tok, max_length)
-    return _module(items, None, split, tok)
+        return packedexamples_module(train, val, tok, max_length, extra)
+    return examples_module(train, val, tok, extra_info=extra)
 
 
-def packed_module(items, split: Split, tok, block_size: int) -> DataModule:
+def packedexamples_module(
+    train_items, val_items, tok, block_size: int, extra_info=None
+) -> DataModule:
     """Train and validation examples each packed into blocks (:func:`pack`): the same tokens
     and labels, without padding, and no example attends to another."""
-    tr, va = split
-    train = Examples(pack([items[i] for i in tr], block_size, tok.pad_token_id))
-    val = Examples(pack([items[i] for i in va], block_size, tok.pad_token_id)) if va else None
+    train = Examples(pack(train_items, block_size, tok.pad_token_id))
+    val = Examples(pack(val_items, block_size, tok.pad_token_id)) if len(val_items) else None
     train.collate_fn = PackCollator()
     if val is not None:
         val.collate_fn = train.collate_fn
-    extra = {**token_info(tok), "packed_examples": len(tr)}
+    extra = {**token_info(tok), **(extra_info or {}), "packed_examples": len(train_items)}
     return DataModule(
         train, val, DatasetInfo(num_samples=len(train), input_shape=(block_size,), extra=extra)
     )
 
 
-def labelled_examples(rows: Rows, split: Split, tok, max_length: int) -> DataModule:
+def labelled_examples(
+    rows: Rows,
+    split: Split,
+    tok,
+    max_length: int,
+    root: Optional[Path] = None,
+    what: str = "labelled text",
+) -> DataModule:
     """``{"text", "label"}`` rows; labels may be names or ints (classes: their sorted names)."""
     for where, r in rows:
         _need(r, ("text", "label"), where)
     names = sorted({str(r["label"]) for _, r in rows})
     index = {n: i for i, n in enumerate(names)}
     labels = [index[str(r["label"])] for _, r in rows]
-    items = []
-    for (_, r), y in zip(rows, labels):
-        ids = tok(r["text"], truncation=True, max_length=max_length)["input_ids"]
-        items.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(y)})
-    dm = _module(items, labels, split, tok)
-    counts = np.bincount([labels[i] for i in split[0]], minlength=len(names))
-    dm.info = DatasetInfo(
-        num_samples=dm.info.num_samples,
-        num_classes=len(names),
-        class_names=tuple(names),
-        class_counts=tuple(int(c) for c in counts),
-        input_shape=dm.info.input_shape,
-        extra=dm.info.extra,
+    return class_examples(
+        [r["text"] for _, r in rows], labels, names, split, tok, max_length, root, what
     )
-    return dm
 
 
-def preference_examples(rows: Rows, split: Split, tok, max_length: int) -> DataModule:
+def preference_examples(
+    rows: Rows,
+    split: Split,
+    tok,
+    max_length: int,
+    root: Optional[Path] = None,
+    what: str = "preference pairs",
+) -> DataModule:
     """``{"prompt", "chosen", "rejected"}`` rows; prompts are masked out of the labels."""
-    items = []
     for where, r in rows:
         _need(r, ("prompt", "chosen", "rejected"), where)
-        c = encode_pair(tok, r["prompt"], r["chosen"], max_length, True)
-        j = encode_pair(tok, r["prompt"], r["rejected"], max_length, True)
-        items.append(
-            {
-                "chosen_input_ids": c["input_ids"],
-                "chosen_labels": c["labels"],
-                "rejected_input_ids": j["input_ids"],
-                "rejected_labels": j["labels"],
-            }
+    texts = [[r["prompt"], r["chosen"], r["rejected"]] for _, r in rows]
+
+    def encode(batch):
+        cols = list(zip(*batch))
+        p, c, j = (
+            token_ids(tok, cols[0]),
+            _answers_ended(tok, cols[1]),
+            _answers_ended(tok, cols[2]),
         )
-    return _module(items, None, split, tok)
+        return list(zip(p, c, j))
+
+    train, val, extra = stored_split(
+        texts, encode, "preference", {}, tok, split, root, what, max_length=max_length
+    )
+    return examples_module(train, val, tok, extra_info=extra)
 
 
-def pair_examples(rows: Rows, split: Split, tok, max_length: int) -> DataModule:
+def pair_examples(
+    rows: Rows,
+    split: Split,
+    tok,
+    max_length: int,
+    root: Optional[Path] = None,
+    what: str = "pairs",
+) -> DataModule:
     """``{"source", "target"}`` rows for sequence-to-sequence models."""
-    items = []
     for where, r in rows:
         _need(r, ("source", "target"), where)
-        src = tok(r["source"], add_special_tokens=False)["input_ids"][: max_length - 1]
-        tgt = tok(r["target"], add_special_tokens=False)["input_ids"][: max_length - 1]
-        items.append(
-            {
-                "input_ids": torch.tensor(src + [tok.eos_token_id]),
-                "labels": torch.tensor(tgt + [tok.eos_token_id]),
-            }
+    texts = [[r["source"], r["target"]] for _, r in rows]
+
+    def encode(batch):
+        return list(
+            zip(token_ids(tok, [s for s, _ in batch]), token_ids(tok, [t for _, t in batch]))
         )
-    return _module(items, None, split, tok)
+
+    train, val, extra = stored_split(
+        texts, encode, "source_target", {}, tok, split, root, what,
+        max_length=max_length, eos=tok.eos_token_id,
+    )  # fmt: skip
+    return examples_module(train, val, tok, extra_info=extra)
 
 
 def prompt_examples(
-    texts: list[str], answers: Optional[list[str]], split: Split, tok, max_length: int
+    texts: list[str],
+    answers: Optional[list[str]],
+    split: Split,
+    tok,
+    max_length: int,
+    root: Optional[Path] = None,
+    what: str = "prompts",
 ) -> DataModule:
     """Prompts (their last ``max_length`` tokens), left-padded for generation; ``answers`` go
     with them for rewards that check answers."""
-    items: list[dict[str, Any]] = [
-        {"input_ids": torch.tensor(tok(t, add_special_tokens=False)["input_ids"][-max_length:])}
-        for t in texts
-    ]
-    if answers is not None:
-        for item, answer in zip(items, answers):
-            item["answer"] = answer
-    dm = _module(items, None, split, tok)
-    collate = LeftPadCollator(tok.pad_token_id)
-    dm.train.collate_fn = collate
-    if dm.val is not None:
-        dm.val.collate_fn = collate
-    return dm
+
+    def encode(batch):
+        return [[ids] for ids in token_ids(tok, batch)]
+
+    train, val, extra = stored_split(
+        texts, encode, "prompt", {}, tok, split, root, what, max_length=max_length, extra=answers
+    )
+    return examples_module(
+        train, val, tok, extra_info=extra, collate=LeftPadCollator(tok.pad_token_id)
+    )
 
 
 def prompt_rows(rows: Rows) -> tuple[list[str], Optional[list[str]]]:
@@ -279,12 +300,15 @@ def instructions(
     ] = True,
     val_fraction: ValFraction = 0.1,
     packing: Packing = False,
+    cache_dir: CacheDir = None,
 ) -> DataModule:
     """Instruction or chat data for supervised fine-tuning; the prompt is masked out of the loss."""
     tok = load_tokenizer(tokenizer)
     rows = read_jsonl(path)
     split = split_rows(len(rows), val_fraction, seed)
-    return instruction_examples(rows, split, tok, format, max_length, mask_prompt, packing)
+    return instruction_examples(
+        rows, split, tok, format, max_length, mask_prompt, packing, cache_root(cache_dir), path
+    )
 
 
 @DATASETS.register("labelled_text")
@@ -294,11 +318,13 @@ def labelled_text(
     tokenizer: Tokenizer,
     max_length: MaxLength = 256,
     val_fraction: ValFraction = 0.2,
+    cache_dir: CacheDir = None,
 ) -> DataModule:
     """``{"text", "label"}`` lines for sequence classification; labels may be names or ints."""
     rows = read_jsonl(path, need=("text", "label"))
     split = split_rows(len(rows), val_fraction, seed)
-    return labelled_examples(rows, split, load_tokenizer(tokenizer), max_length)
+    tok = load_tokenizer(tokenizer)
+    return labelled_examples(rows, split, tok, max_length, cache_root(cache_dir), path)
 
 
 @DATASETS.register("preference")
@@ -308,11 +334,13 @@ def preference(
     tokenizer: Tokenizer,
     max_length: MaxLength = 256,
     val_fraction: ValFraction = 0.1,
+    cache_dir: CacheDir = None,
 ) -> DataModule:
     """``{"prompt", "chosen", "rejected"}`` pairs for DPO; prompts are masked out of the labels."""
     rows = read_jsonl(path, need=("prompt", "chosen", "rejected"))
     split = split_rows(len(rows), val_fraction, seed)
-    return preference_examples(rows, split, load_tokenizer(tokenizer), max_length)
+    tok = load_tokenizer(tokenizer)
+    return preference_examples(rows, split, tok, max_length, cache_root(cache_dir), path)
 
 
 @DATASETS.register("pairs")
@@ -322,11 +350,13 @@ def pairs(
     tokenizer: Tokenizer,
     max_length: MaxLength = 256,
     val_fraction: ValFraction = 0.1,
+    cache_dir: CacheDir = None,
 ) -> DataModule:
     """``{"source", "target"}`` lines for sequence-to-sequence models."""
     rows = read_jsonl(path, need=("source", "target"))
     split = split_rows(len(rows), val_fraction, seed)
-    return pair_examples(rows, split, load_tokenizer(tokenizer), max_length)
+    tok = load_tokenizer(tokenizer)
+    return pair_examples(rows, split, tok, max_length, cache_root(cache_dir), path)
 
 
 @DATASETS.register("prompts")
@@ -350,6 +380,7 @@ def prompts(
     limit: Annotated[
         Optional[Annotated[int, Field(ge=2)]], Field(description="use only the first N prompts")
     ] = None,
+    cache_dir: CacheDir = None,
 ) -> DataModule:
     """Prompts for PPO: ``{"prompt"}`` JSONL lines, or (``stdlib_functions``) the signature and
     docstring opening of standard-library functions."""
@@ -365,4 +396,5 @@ def prompts(
         texts = texts[:limit]
         answers = answers[:limit] if answers is not None else None
     split = split_rows(len(texts), val_fraction, seed)
-    return prompt_examples(texts, answers, split, tok, max_length)
+    what = path or "standard-library function prompts"
+    return prompt_examples(texts, answers, split, tok, max_length, cache_root(cache_dir), what)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from src.data.jsonl import PadCollator, encode_pair
+from src.data.examples import PadCollator
+from src.data.jsonl import encode_pair
 
 
 def test_prompt_is_masked_out_of_the_labels(tokenizer_dir):
@@ -103,3 +104,94 @@ def test_a_packed_run_trains_and_counts_real_tokens(write_config, tmp_path, toke
     meter.add_batch(exp.data.train.collate_fn(blocks))
     real = sum(int(b["num_tokens"]) for b in blocks)
     assert int(meter.tokens) == real < 4 * 64  # tokens/s counts real tokens, not padding
+
+
+def _direct(tok, fmt: str, row: dict, max_length: int) -> dict:
+    """One example tokenized on its own, as the platform did before examples had a store."""
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = [tok.eos_token_id]
+    if fmt == "alpaca":
+        from src.data.jsonl import prompt_and_answer
+
+        return encode_pair(tok, *prompt_and_answer(row, "alpaca", tok, "x"), max_length, True)
+    if fmt == "labelled":
+        y = row["label"]
+        got = tok(row["text"], truncation=True, max_length=max_length)["input_ids"]
+        return {"input_ids": torch.tensor(got), "labels": torch.tensor(y)}
+    if fmt == "preference":
+        c = encode_pair(tok, row["prompt"], row["chosen"], max_length, True)
+        r = encode_pair(tok, row["prompt"], row["rejected"], max_length, True)
+        return {
+            "chosen_input_ids": c["input_ids"],
+            "chosen_labels": c["labels"],
+            "rejected_input_ids": r["input_ids"],
+            "rejected_labels": r["labels"],
+        }
+    if fmt == "pairs":
+        return {
+            "input_ids": torch.tensor(ids(row["source"])[: max_length - 1] + eos),
+            "labels": torch.tensor(ids(row["target"])[: max_length - 1] + eos),
+        }
+    return {"input_ids": torch.tensor(ids(row["prompt"])[-max_length:]), "answer": row["answer"]}
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "labelled", "preference", "pairs", "prompts"])
+def test_examples_read_from_their_token_store_are_the_directly_tokenized_ones(
+    tmp_path, tokenizer_dir, fmt
+):
+    """Each JSONL format is tokenized once into a token store and read back as the examples the
+    tokenizer gives one by one (cuts at max_length, the prompt's mask, EOS); a second load reads
+    the store; an edited file builds a new one."""
+    import json
+    import random
+
+    from src.data import jsonl
+    from src.data.text import load_tokenizer
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    rng = random.Random(0)
+    words = "def return import class self json value key dumps loads for in".split()
+    text = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(1, 40)))  # noqa: E731
+    rows = {
+        "alpaca": lambda i: {"instruction": text(), "output": text()},
+        "labelled": lambda i: {"text": text(), "label": i % 3},
+        "preference": lambda i: {"prompt": text(), "chosen": text(), "rejected": text()},
+        "pairs": lambda i: {"source": text(), "target": text()},
+        "prompts": lambda i: {"prompt": text(), "answer": str(i)},
+    }[fmt]
+    data = [rows(i) for i in range(40)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in data))
+    build = {
+        "alpaca": jsonl.instructions,
+        "labelled": jsonl.labelled_text,
+        "preference": jsonl.preference,
+        "pairs": jsonl.pairs,
+        "prompts": jsonl.prompts,
+    }[fmt]
+    kw = dict(seed=0, path=str(path), tokenizer=str(tokenizer_dir), max_length=24)
+    kw["cache_dir"] = str(tmp_path / "cache")
+    first = build(**kw)
+    assert first.info.extra["token_stores"][0]["built_seconds"] is not None
+    second = build(**kw)
+    fact = second.info.extra["token_stores"][0]
+    assert fact["built_seconds"] is None
+    assert fact["path"] == first.info.extra["token_stores"][0]["path"]
+    got = [second.train[i] for i in range(len(second.train))]
+    got += [second.val[i] for i in range(len(second.val))] if second.val is not None else []
+    n_val = len(second.val) if second.val is not None else 0
+    order = jsonl.split_rows(len(data), n_val / len(data), 0)
+    want = [_direct(tok, fmt, data[i], 24) for i in order[0] + order[1]]
+    assert len(got) == len(want) == len(data)
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for k in w:
+            if isinstance(w[k], torch.Tensor):
+                assert torch.equal(g[k], w[k]), (k, g[k], w[k])
+            else:
+                assert g[k] == w[k]
+    assert any(len(w.get("input_ids", w.get("chosen_input_ids"))) >= 23 for w in want)  # cuts
+    data[0] = rows(99)
+    path.write_text("".join(json.dumps(r) + "\n" for r in data))
+    third = build(**kw)
+    assert third.info.extra["token_stores"][0]["path"] != fact["path"]
