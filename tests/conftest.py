@@ -7,7 +7,6 @@ import copy
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +16,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+# pytest -n auto runs one worker per core: one thread each (set before torch is imported, and
+# inherited by every process a test starts), or the workers' thread pools wait on each other.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Token stores and trained tokenizers of the tests (and of the runs they start) go to a cache of
 # this test session, not the user's ~/.cache/tessera.
@@ -74,16 +77,11 @@ def write_config(tmp_path):
 
 
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300, env: dict | None = None):
-    """Run ``python -m src.main ARGS`` in a subprocess; returns CompletedProcess (text)."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "src.main", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """``python -m src.main ARGS`` in a new process (forked from a warm interpreter: tests/warm.py);
+    returns CompletedProcess (text)."""
+    import warm
+
+    return warm.run(*args, cwd=cwd, env=env, timeout=timeout)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
+import warm
 from conftest import ROOT, port
 
 from src.core.callbacks.base import Callback
@@ -53,18 +54,27 @@ def launch(
     nproc: int,
     config: Path,
     *overrides: str,
-    launcher: str = "torchrun",
+    launcher: str = "warm",
     expect: int = 0,
     cwd: Path = ROOT,
     master_port: int = 0,
 ) -> subprocess.CompletedProcess:
+    """``nproc`` ranks of ``python -m src.main --config config OVERRIDES``: forked warm with
+    torchrun's variables (``launcher="warm"``, tests/warm.py), or under the real ``torchrun`` or
+    ``deepspeed`` launcher where the launcher is part of what a test checks. The exit code is
+    the launcher's (warm: 0, or 1 when a rank failed; each rank's in ``returncodes``)."""
     env = {
         **os.environ,
         "PYTHONPATH": f"{ROOT}:{config.parent}",
         "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",  # the deepspeed strategy under either launcher
+        "DS_ACCELERATOR": "cpu",  # the deepspeed strategy under any launcher
     }
     master_port = master_port or port()
+    args = ["--config", str(config), *overrides]
+    if launcher == "warm":
+        out = warm.launch(nproc, *args, cwd=cwd, env=env, master_port=master_port)
+        assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-3000:]
+        return out
     if launcher == "torchrun":
         cmd = [
             sys.executable,
@@ -85,32 +95,16 @@ def launch(
             "--module",
             "src.main",
         ]
-    out = subprocess.run(
-        cmd + ["--config", str(config), *overrides],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    out = subprocess.run(cmd + args, env=env, cwd=cwd, capture_output=True, text=True, timeout=400)
     assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
 
 def torchrun(nproc: int, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node nproc -m src.main ARGS`` (any subcommand)."""
+    """``nproc`` ranks of ``python -m src.main ARGS`` (any subcommand) with torchrun's
+    variables, forked warm (tests/warm.py)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={port()}",
-        "-m",
-        "src.main",
-        *args,
-    ]
-    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    out = warm.launch(nproc, *args, env=env, master_port=port())
     assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
