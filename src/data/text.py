@@ -287,18 +287,21 @@ def tokenize_files(
     def chunks() -> Iterator[list[np.ndarray]]:
         batch: list[str] = []
         size = done = raw = 0
-        for i, (f, fact) in enumerate(zip(files, facts)):
-            batch.append(read(f))
-            size += len(batch[-1])
-            raw += fact[1]
-            if size < CHUNK_CHARS and i + 1 < len(files):
-                continue
-            out = encode_documents(tok, batch)
-            manifest["text_bytes"] += sum(len(t.encode("utf-8")) for t in batch)
-            done += len(batch)
-            batch, size = [], 0
-            yield out
-            progress.update(done, raw)
+        try:
+            for i, (f, fact) in enumerate(zip(files, facts)):
+                batch.append(read(f))
+                size += len(batch[-1])
+                raw += fact[1]
+                if size < CHUNK_CHARS and i + 1 < len(files):
+                    continue
+                out = encode_documents(tok, batch)
+                manifest["text_bytes"] += sum(len(t.encode("utf-8")) for t in batch)
+                done += len(batch)
+                batch, size = [], 0
+                yield out
+                progress.update(done, raw)
+        finally:  # built, failed or stopped: the bar ends
+            progress.close()
 
     return token_store.open_or_build(
         root, key, len(tok), chunks(), manifest, f"token store of {what}"

@@ -274,14 +274,24 @@ def say(line: str) -> None:
 
 
 class Progress:
-    """Plain progress lines (files, MB, MB/s, ETA) every ``every`` seconds while a store builds."""
+    """A store build's progress (files, MB, MB/s, ETA): a bar on a terminal (rich), else a plain
+    line every ``every`` seconds. The bar starts at the first update; ``close()`` ends it."""
 
-    def __init__(self, what: str, files: int, total_bytes: int, every: float = 10.0):
+    def __init__(self, what: str, files: int, total_bytes: int, every: float = 10.0, stream=None):
         self.what, self.files, self.total = what, files, max(1, total_bytes)
         self.t0 = self.last = time.perf_counter()
         self.every = every
+        self.stream = stream if stream is not None else getattr(sys.stderr, "real", sys.stderr)
+        isatty = getattr(self.stream, "isatty", None)
+        self.terminal = bool(isatty and isatty())
+        self.bar: Any = None
 
     def update(self, files_done: int, bytes_done: int) -> None:
+        if self.terminal:
+            if self.bar is None:
+                self._start_bar()
+            self.bar.update(self.task, completed=bytes_done, files=f"{files_done:,}/{self.files:,}")
+            return
         now = time.perf_counter()
         if now - self.last < self.every:
             return
@@ -293,6 +303,34 @@ class Progress:
             f"{bytes_done / 1e6:,.0f}/{self.total / 1e6:,.0f} MB, {rate / 1e6:.1f} MB/s, "
             f"ETA {duration(eta)}"
         )
+
+    def _start_bar(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+        from rich.progress import Progress as Bar
+
+        self.bar = Bar(
+            TextColumn("store    tokenizing {task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[files]} files"),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(file=self.stream, force_terminal=True),
+        )
+        self.task = self.bar.add_task(self.what, total=self.total, files=f"0/{self.files:,}")
+        self.bar.start()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
 
 def dtype_for(vocab_size: int) -> np.dtype:

@@ -283,3 +283,42 @@ def test_prepare_builds_the_stores_and_a_run_then_reads_them_cached(tmp_path, cl
     assert sorted(os.listdir(tmp_path / "cache" / "tokens")) == sorted(
         [os.path.basename(p) for p in paths] + [os.path.basename(p) + ".lock" for p in paths]
     )
+
+
+class _Terminal:
+    """A stream that says it is a terminal, keeping what is written."""
+
+    def __init__(self, tty: bool):
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_a_build_shows_a_bar_on_a_terminal_and_plain_lines_otherwise(tty, monkeypatch, capsys):
+    """On a terminal: a bar with the files done, the MB read, MB/s and the time left, ended by
+    close(); elsewhere: a plain line at most every ``every`` seconds."""
+    out = _Terminal(tty)
+    monkeypatch.setattr(token_store.sys, "stderr", out)
+    monkeypatch.setenv("COLUMNS", "150")  # the terminal's width
+    progress = token_store.Progress("train (3 files)", 3, 3_000_000, every=0.0, stream=out)
+    for done in (1, 2, 3):
+        progress.update(done, done * 1_000_000)
+    progress.close()
+    assert progress.bar is None
+    if tty:
+        assert "\x1b[" in out.text  # drawn, not printed line by line
+        assert "tokenizing train (3 files)" in out.text and "3/3 files" in out.text
+        assert "3.0/3.0 MB" in out.text
+    else:
+        lines = out.text.strip().splitlines()
+        assert len(lines) == 3 and "\x1b[" not in out.text
+        assert lines[-1].startswith("store    tokenizing train (3 files): 3/3 files, 3/3 MB,")
