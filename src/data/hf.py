@@ -9,7 +9,9 @@ platform's cache. Nothing is downloaded: a name that is not on this machine is a
 format is tokenized into a token store (:mod:`src.data.token_store`), keyed by the dataset's
 files (path, size, mtime), the split, the column and the tokenizer, so a second run reads the
 memory map; the example formats (alpaca, messages, labelled, preference, pairs, prompts) build
-the same examples as their JSONL datasets.
+the same examples as their JSONL datasets. ``image_label`` reads an image column (the ``Image``
+feature, or file paths) and a label column (a ``ClassLabel``, or ints or names) as
+``image_folder`` does, decoding each image when it is read.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import numpy as np
 from pydantic import Field
 
 from src.core.dataset_info import DataModule, DatasetInfo
-from src.core.errors import ConfigError, DataError
+from src.core.errors import ConfigError, DataError, library_message
 from src.core.registry import DATASETS
 from src.data import token_store
 from src.data.examples import MaxLength, ValFraction
+from src.data.image_folder import ImageChannels, ImageSize, image_transform
 from src.data.jsonl import (
     Rows,
     Split,
@@ -66,9 +69,12 @@ FIELDS = {  # the fields each format reads (columns maps them to the dataset's)
     "preference": ("prompt", "chosen", "rejected"),
     "pairs": ("source", "target"),
     "prompts": ("prompt", "answer"),
+    "image_label": ("image", "label"),
 }
 OPTIONAL = {"input", "answer"}
-Format = Literal["text", "alpaca", "messages", "labelled", "preference", "pairs", "prompts"]
+Format = Literal[
+    "text", "alpaca", "messages", "labelled", "preference", "pairs", "prompts", "image_label"
+]
 
 
 def _datasets():
@@ -253,7 +259,7 @@ def hf_dataset(
         Format,
         Field(
             description="text (token blocks), alpaca, messages, labelled, preference, pairs, "
-            "prompts"
+            "prompts, image_label"
         ),
     ] = "text",
     columns: Annotated[
@@ -283,6 +289,8 @@ def hf_dataset(
     packing: Annotated[
         bool, Field(description="alpaca/messages: pack examples into blocks of max_length")
     ] = False,
+    image_size: ImageSize = 32,
+    channels: ImageChannels = 3,
     cache_dir: Annotated[
         Optional[str],
         Field(description="token stores, tokenizers and Arrow files (default $TESSERA_CACHE)"),
@@ -301,6 +309,9 @@ def hf_dataset(
     if format == "text":
         return _text(seed, train, val, facts, path, split, val_split, val_fraction, tokenizer,
                      vocab_size, block_size, root, run_dir)  # fmt: skip
+    if format == "image_label":
+        return _images(seed, train, val, val_fraction, image_size, channels, f"{path} [{split}]",
+                       f"{path} [{val_split}]")  # fmt: skip
     if packing and format not in ("alpaca", "messages"):
         raise ConfigError(f"data.packing: packs alpaca and messages examples, not {format}")
     if tokenizer is None:
@@ -371,3 +382,71 @@ def _text(seed, train, val, facts, path, split, val_split, val_fraction, tokeniz
     blocks = blocks_of(store, block_size)
     info = DatasetInfo(num_samples=len(blocks), input_shape=(block_size,), extra=extra)
     return DataModule(blocks, val_blocks, info)
+
+
+class HFImages:
+    """Rows ``indices`` of a dataset with ``image`` and ``label`` columns as the platform's
+    ``{"inputs", "labels"}`` samples, each image decoded when it is read (Arrow is memory-mapped:
+    nothing is held in memory). ``view_transform`` is set by tasks that train on views."""
+
+    def __init__(self, ds, indices, targets: list[int], transform, where: str):
+        self.ds, self.indices, self.targets = ds, list(indices), list(targets)
+        self.transform, self.where = transform, where
+        self.view_transform = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        row = self.indices[i]
+        try:
+            x = self.transform(self.ds[row]["image"])
+        except Exception as exc:  # PIL and datasets raise many types for a broken image
+            raise DataError(
+                f"{self.where} row {row}: not a readable image ({library_message(exc, 80)})"
+            ) from None
+        sample = {"inputs": x, "labels": torch.tensor(self.targets[i])}
+        if self.view_transform is not None:
+            sample["views"] = self.view_transform(x)
+        return sample
+
+
+def _images(seed, train, val, val_fraction, size, channels, where, val_where) -> DataModule:
+    """Images and their classes: a ClassLabel's names, else the sorted distinct labels."""
+    import torch
+
+    ds_lib = _datasets()
+    parts = [train] if val is None else [train, val]
+    for i, ds in enumerate(parts):
+        if not isinstance(ds.features["image"], ds_lib.Image):  # file paths, or bytes
+            parts[i] = ds.cast_column("image", ds_lib.Image())
+    feature = parts[0].features["label"]
+    raw = [list(ds["label"]) for ds in parts]
+    if isinstance(feature, ds_lib.ClassLabel):
+        names = list(feature.names)
+        labels = [[int(v) for v in r] for r in raw]
+    else:
+        if any(v is None for r in raw for v in r):
+            raise ConfigError(f"data.columns.label: {where}: a row has no label")
+        names = sorted({str(v) for r in raw for v in r})
+        index = {n: k for k, n in enumerate(names)}
+        labels = [[index[str(v)] for v in r] for r in raw]
+    tf = image_transform(size, channels)
+    if val is None:
+        tr, va = split_rows(len(train), val_fraction, seed)
+        train_set = HFImages(parts[0], tr, [labels[0][k] for k in tr], tf, where)
+        val_set = HFImages(parts[0], va, [labels[0][k] for k in va], tf, where) if va else None
+    else:
+        train_set = HFImages(parts[0], range(len(train)), labels[0], tf, where)
+        val_set = HFImages(parts[1], range(len(val)), labels[1], tf, val_where)
+    counts = torch.bincount(torch.tensor(train_set.targets), minlength=len(names))
+    info = DatasetInfo(
+        num_samples=len(train_set),
+        num_classes=len(names),
+        class_names=tuple(names),
+        class_counts=tuple(int(c) for c in counts),
+        input_shape=(channels, size, size),
+    )
+    return DataModule(train_set, val_set, info)

@@ -14,7 +14,8 @@ from src.core.registry import DATASETS
 from src.data.digits import stratified_split
 
 
-def _image_transform(size: int, channels: int):
+def image_transform(size: int, channels: int):
+    """An image (PIL or tensor) resized to ``size`` square, ``channels`` deep, in [0, 1]."""
     from torchvision.transforms import v2
 
     return v2.Compose(
@@ -66,7 +67,7 @@ def image_folder(
     from torch.utils.data import Subset
     from torchvision.datasets import ImageFolder
 
-    tf = _image_transform(image_size, channels)
+    tf = image_transform(image_size, channels)
 
     def load(path: str, key: str) -> ImageFolder:
         if not Path(path).is_dir():

@@ -80,9 +80,9 @@ class Images:
         self.tensor, self.files = tensor, list(files)
         self.transform: Optional[Callable[[Any], torch.Tensor]] = None
         if tensor is None:
-            from src.data.image_folder import _image_transform
+            from src.data.image_folder import image_transform
 
-            self.transform = _image_transform(size, channels)
+            self.transform = image_transform(size, channels)
 
     def __len__(self) -> int:
         return len(self.tensor) if self.tensor is not None else len(self.files)
