@@ -19,6 +19,15 @@ ValFraction = Annotated[
 ]
 
 
+def lengths_of(items: Sequence[dict[str, Any]]) -> list[int]:
+    """Each example's token count: a store-backed sequence knows them without reading any
+    example (``lengths``); a list of examples is measured."""
+    known = getattr(items, "lengths", None)
+    if known is not None:
+        return list(known)
+    return [len(x["input_ids"]) if "input_ids" in x else len(x["chosen_input_ids"]) for x in items]
+
+
 class Examples(torch.utils.data.Dataset):
     """Pre-tokenised examples of different lengths (``lengths`` for length-grouped batches)."""
 
@@ -26,15 +35,7 @@ class Examples(torch.utils.data.Dataset):
 
     def __init__(self, items: Sequence[dict[str, Any]], labels: Optional[list[int]] = None):
         self.items = items  # a list, or a sequence read from a store (its own ``lengths``)
-        lengths = getattr(items, "lengths", None)
-        self.lengths = (
-            list(lengths)
-            if lengths is not None
-            else [
-                len(x["input_ids"]) if "input_ids" in x else len(x["chosen_input_ids"])
-                for x in items
-            ]
-        )
+        self.lengths = lengths_of(items)
         if labels is not None:
             self.labels = torch.tensor(labels)
 
@@ -96,7 +97,7 @@ def pack(items: Sequence[dict[str, torch.Tensor]], block_size: int, pad_id: int)
     first label of each example is -100 (nothing predicts it: the token before it is another
     example's), padding is labelled -100 and joins the block's last example, after all of its
     tokens (which, causal, never see it)."""
-    lengths = getattr(items, "lengths", None) or [len(x["input_ids"]) for x in items]
+    lengths = lengths_of(items)
     order = sorted(range(len(items)), key=lambda i: -min(lengths[i], block_size))
     blocks: list[list[int]] = []
     room: list[int] = []
