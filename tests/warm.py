@@ -215,7 +215,17 @@ def launch(
         }
         for r in range(nproc)
     ]
-    codes, out, err = _run([(list(argv), e) for e in ranks], cwd, timeout, grace)
+    # torchrun's agent holds the rendezvous store, so a rank that exits early (a config error)
+    # never takes it from the others: here the test process holds it
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", master_port, nproc, is_master=True, wait_for_workers=False)
+    for e in ranks:
+        e["TORCHELASTIC_USE_AGENT_STORE"] = "True"
+    try:
+        codes, out, err = _run([(list(argv), e) for e in ranks], cwd, timeout, grace)
+    finally:
+        del store
     done = subprocess.CompletedProcess(
         ["torchrun", f"--nproc-per-node={nproc}", "-m", "src.main", *argv],
         0 if not any(codes) else 1,
