@@ -4,7 +4,9 @@ A second run on the same folder is refused at once, naming the owner, before it 
 anything there; otherwise it would resume from the first one's checkpoints while the first still
 trains, and both would append to ``metrics.jsonl`` and rotate each other's checkpoints. The kernel
 drops the lock when its process dies (even by ``kill -9``), so a killed run's folder is free again
-at once; the file it leaves only names the dead owner, and the next run says it took over.
+at once; the file it leaves only names the dead owner, and the next run says it took over. A
+process forked by the run (a DataLoader worker) closes its copy of the lock at once: a worker that
+outlives a killed run by a few seconds never holds the folder.
 
 On a filesystem shared by several hosts the lock holds where the filesystem supports ``flock``
 across clients (NFSv4, Lustre with ``flock`` mounted, GPFS); where it does not, two hosts can
@@ -25,6 +27,21 @@ from typing import IO, Optional
 from src.core.errors import ConfigError
 
 LOCK_FILE = ".lock"
+_HELD: list[IO[str]] = []  # this process's locks, closed in every child it forks
+
+
+def _close_in_child() -> None:
+    """In a forked child: drop the inherited descriptors of the parent's locks (the parent keeps
+    the lock; it goes when the parent's own descriptor closes, even if this child lives on)."""
+    for f in _HELD:
+        with contextlib.suppress(OSError, ValueError):
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, f.fileno())  # the number stays valid (the file object closes it later)
+            os.close(null)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 def _owner() -> str:
@@ -67,6 +84,7 @@ class RunLock:
         f.write(_owner() + "\n")
         f.flush()
         self._file, self._created = f, created
+        _HELD.append(f)
         return None
 
     def release(self) -> None:
@@ -77,6 +95,8 @@ class RunLock:
         with contextlib.suppress(OSError):
             self.path.unlink()  # before unlocking: a waiting run never sees a stale owner
         fcntl.flock(self._file, fcntl.LOCK_UN)
+        if self._file in _HELD:
+            _HELD.remove(self._file)
         self._file.close()
         self._file = None
         for d in self._created:  # a run that stopped before writing leaves no empty folders

@@ -98,3 +98,33 @@ def test_the_same_command_twice_is_refused_while_the_first_trains(write_config, 
     ]
     assert steps == list(range(1, 41))
     assert not (tmp_path / "runs/tiny" / LOCK_FILE).exists()
+
+
+def test_a_killed_runs_folder_is_free_while_its_forked_workers_live_on(tmp_path):
+    """A run holding the lock forks a worker (as a DataLoader does) and is killed with -9: the
+    folder is free at once, though the worker, which inherited the lock's descriptor, lives on."""
+    script = f"""
+import os, signal, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from src.run.lock import RunLock
+lock = RunLock({str(tmp_path / "run")!r})
+assert lock.busy() is None
+child = os.fork()
+if child == 0:
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 1), os.dup2(null, 2)  # the test reads the parent's output to its end
+    time.sleep(30)
+    os._exit(0)
+print(child, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    worker = int(out.stdout.split()[0])
+    try:
+        os.kill(worker, 0)  # still alive
+        lock = RunLock(tmp_path / "run")
+        with pytest.warns(UserWarning, match="no longer running; taking it over"):
+            assert lock.busy() is None
+        lock.release()
+    finally:
+        os.kill(worker, 9)
