@@ -6,6 +6,8 @@
     python -m benchmarks.run --only ssl,lm --update   # redo some sections, keep the others
     python -m benchmarks.run --only packing --update     # packed against padded fine-tuning
     python -m benchmarks.run --only datascale --update   # a site-packages corpus, ~20 min
+    python -m benchmarks.run --only images --update      # 50,000 JPEGs and a ViT, ~25 min
+    python -m benchmarks.run --only clusters --update    # SIGTERM to committed checkpoint
     python -m benchmarks.run --quick --out /tmp/RESULTS.md   # every benchmark at a tiny size
 
 Every figure is reported as min / median / max over its repeats. Overhead runs alternate the
@@ -218,6 +220,8 @@ BENCHMARKS = (
     "multimodal",
     "packing",
     "datascale",
+    "images",
+    "clusters",
     "lmspeed",
     "sslspeed",
 )
@@ -505,6 +509,23 @@ def main(argv=None) -> int:
         from benchmarks import data_scale
 
         done("Data at scale, text", data_scale.section(data_scale.measure(None, 1 if q else 2, q)))
+
+    if "images" in only:
+        import tempfile
+
+        from benchmarks import images
+
+        res = images.measure(quick=q)
+        work = Path(tempfile.gettempdir()) / f"tessera-bench-images-{res['images']}"
+        aug = images.measure_augment(
+            work / "jpegs", work, *((200, 4, 100) if q else (1000, 2000, 2000))
+        )
+        done("Images at scale", images.section(res) + [""] + images.augment_section(aug))
+
+    if "clusters" in only:
+        from benchmarks import clusters
+
+        done("Clusters", clusters.section(clusters.measure(1 if q else 3, q)))
 
     if q:  # the throughput sections only mean something at full size (tests call their parts)
         only -= {"lmspeed", "sslspeed"}

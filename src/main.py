@@ -10,6 +10,8 @@
     python -m src.main export --run experiments/exp001 --out exp001.onnx # onnx, .pt, .pt2, ...
     python -m src.main sweep --config configs/sweep_exp001.yaml          # hyper-parameter search
     python -m src.main prepare --config configs/lm_stdlib.yaml           # tokenize, no training
+    python -m src.main pack --from images/ --out shards/                 # WebDataset tar shards
+    python -m src.main submit --config configs/exp001.yaml               # a SLURM job
 
 Bad input (config, data, checkpoint, command line) prints one line per problem and exits with 2.
 Heavy libraries are imported only once a config is being built, so --help and --list are instant.
@@ -31,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Train an experiment described by one YAML file.",
         epilog="Overrides: dotted paths with YAML values, e.g. trainer.max_steps=50 "
         "model.hidden=[256,256]. They win over the file, which wins over defaults. "
-        "Other commands (each with --help): predict, export, sweep, prepare.",
+        "Other commands (each with --help): predict, export, sweep, prepare, pack, submit.",
     )
     p.add_argument("--config", "-c", help="experiment YAML file")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
@@ -228,6 +230,29 @@ def _prepare_and_build(args):
         held.release(outcome)
 
 
+def _build_stoppable(args, slurm):
+    """Build the experiment; SIGTERM meanwhile (a preempted job starting) stops it at once with
+    128 + 15, and requeues a SLURM job that submit wrote, as a stop during training does."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return _prepare_and_build(args)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return _prepare_and_build(args)
+    except SystemExit as exc:
+        if exc.code == 128 + signal.SIGTERM:
+            print("stopped by SIGTERM while starting; nothing to save", file=sys.stderr, flush=True)
+            slurm.requeue_after_stop()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["export"]:
         from src.run import export
@@ -241,6 +266,14 @@ def _dispatch(argv: list[str]) -> int:
         from src.run import prepare_data
 
         return prepare_data.main(argv[1:])
+    if argv[:1] == ["submit"]:
+        from src.run import slurm
+
+        return slurm.main(argv[1:])
+    if argv[:1] == ["pack"]:
+        from src.run import pack
+
+        return pack.main(argv[1:])
     if argv[:1] == ["sweep"]:
         from src.run import sweep
 
@@ -252,18 +285,31 @@ def _dispatch(argv: list[str]) -> int:
         from src.core.errors import UserError
 
         raise UserError("--config: required (or use --list / --help)")
+    import os
+
     from src.core.errors import CheckpointSaveError
     from src.core.trainer import TrainingDiverged
+    from src.distributed.launch import slurm_env
 
-    exp = _prepare_and_build(args)
+    os.environ.update(slurm_env())  # `srun python -m src.main` with several tasks: their ranks
+    from src.run import slurm
+
+    exp = _build_stoppable(args, slurm)
     if args.dry_run:
         _dry_run(exp)
         return 0
     strategy = exp.strategy
     in_step = False  # every rank got here alike: the group can be left together
+    if strategy.is_main and slurm.banner():
+        print(f"slurm    {slurm.banner()}", flush=True)
     try:
         exp.run()
         in_step = True
+    except SystemExit as exc:  # stopped by a signal, checkpoint committed
+        in_step = True
+        if exc.code == 128 + 15:  # SIGTERM: a time limit or a preemption under SLURM
+            slurm.requeue_after_stop()
+        raise
     except TrainingDiverged as exc:  # decided on values all ranks agree on
         in_step = True
         print(f"error: {exc}", file=sys.stderr)

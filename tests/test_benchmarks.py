@@ -23,6 +23,8 @@ SECTIONS = {
     "multimodal": "## Multimodal on digits",
     "packing": "## Packing for fine-tuning",
     "datascale": "## Data at scale, text",
+    "images": "## Images at scale",
+    "clusters": "## Clusters",
 }
 
 

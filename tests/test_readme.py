@@ -105,3 +105,24 @@ def test_the_sweep_example_is_a_valid_sweep_of_exp001(tmp_path):
     shipped = (ROOT / "configs/sweep_exp001.yaml").read_text()
     for line in ("metric: val/accuracy", "method: tpe", "trials: 24", "pruner: {type: hyperband}"):
         assert line in shipped and line in text
+
+
+def test_the_images_at_scale_commands_run(tmp_path):
+    """The four commands of "Images at scale" on a small folder: train from it, pack it, train
+    from the shards, train with the decode cache."""
+    from helpers import digits_folder
+
+    from src.main import main
+
+    block = re.search(r"### Images at scale.*?```bash\n(.*?)```", README, re.S).group(1)
+    commands = [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+    assert len(commands) == 4
+    digits_folder(tmp_path / "photos", limit=200)
+    for n, command in enumerate(commands):
+        command = command.replace("photos-shards/", f"{tmp_path}/photos-shards/")
+        command = command.replace("photos/", f"{tmp_path}/photos/")
+        args = shlex.split(command)[3:]  # after `python -m src.main`
+        if args[0] != "pack":
+            args += ["trainer.max_steps=2", f"logging.root={tmp_path}/runs", f"name=r{n}"]
+        assert main(args) == 0, command
+    assert len(list((tmp_path / "runs").iterdir())) == 3

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from src.core.errors import ConfigError, library_message, shown
 from src.core.optimizer_config import (
@@ -132,6 +132,74 @@ class LoggingConfig(_Strict):
     root: str = Field("experiments", description="Folder that holds one folder per run.")
 
 
+def slurm_seconds(text: str) -> int:
+    """A SLURM time limit in seconds: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", str(text).strip())
+    if m is None:
+        raise ValueError(f"{text!r} is not a SLURM time (minutes, MM:SS, HH:MM:SS or D-HH:MM:SS)")
+    days, a, b, c = m.groups()
+    if days is not None:  # D-HH[:MM[:SS]]
+        return int(days) * 86400 + int(a) * 3600 + int(b or 0) * 60 + int(c or 0)
+    if c is not None:  # HH:MM:SS
+        return int(a) * 3600 + int(b) * 60 + int(c)
+    if b is not None:  # MM:SS
+        return int(a) * 60 + int(b)
+    return int(a) * 60  # minutes
+
+
+class SlurmConfig(_Strict):
+    """How ``python -m src.main submit`` asks SLURM for the run; changes nothing elsewhere."""
+
+    nodes: int = Field(1, gt=0, description="Nodes of the allocation (one torchrun each).")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per node (0 on CPU clusters).")
+    tasks_per_node: Optional[int] = Field(
+        None, gt=0, description="Processes per node (default: gpus_per_node, or 1)."
+    )
+    cpus_per_task: Optional[int] = Field(None, gt=0, description="CPUs of each node's task.")
+    mem: Optional[str] = Field(None, description="Memory per node (SLURM's --mem: 64G).")
+    time: Optional[str] = Field(None, description="Time limit (HH:MM:SS, D-HH:MM:SS, minutes).")
+    partition: Optional[str] = Field(None, description="SLURM partition.")
+    account: Optional[str] = Field(None, description="SLURM account.")
+    qos: Optional[str] = Field(None, description="SLURM quality of service.")
+    signal_grace_s: int = Field(
+        120,
+        gt=0,
+        description="Seconds before the time limit the job is told to checkpoint and requeue.",
+    )
+    max_requeues: int = Field(
+        3, ge=0, description="Times the job requeues itself after a time limit or a preemption."
+    )
+    launcher: Literal["torchrun", "srun"] = Field(
+        "torchrun",
+        description="torchrun per node (c10d rendezvous), or one srun task per process.",
+    )
+    setup: list[str] = Field(
+        [], description="Shell lines run before the launch (module load, venv activation)."
+    )
+    sbatch: list[str] = Field([], description="Extra #SBATCH options, passed through.")
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            slurm_seconds(v)
+        return v
+
+    @field_validator("setup", "sbatch", mode="before")
+    @classmethod
+    def _lines(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _grace_fits(self) -> SlurmConfig:
+        if self.time is not None and slurm_seconds(self.time) <= self.signal_grace_s:
+            raise ValueError(
+                f"time {self.time} is not longer than signal_grace_s ({self.signal_grace_s} s): "
+                "the job would be told to stop before it starts"
+            )
+        return self
+
+
 class ExperimentConfig(_Strict):
     """One experiment. Sections map to registries; see configs/exp001.yaml."""
 
@@ -182,6 +250,9 @@ class ExperimentConfig(_Strict):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     callbacks: list[Section] = Field(
         [], description=("CALLBACKS entries (a bare name is {type: name}).")
+    )
+    slurm: Optional[SlurmConfig] = Field(
+        None, description="How `python -m src.main submit` runs it on a SLURM cluster."
     )
 
     @field_validator("callbacks", mode="before")

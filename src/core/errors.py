@@ -86,8 +86,20 @@ class UserError(Exception):
     quiet = False  # set on ranks other than 0 under a launcher: rank 0 alone prints the line
 
     def __init__(self, *lines: str):
+        lines = tuple(_from_worker(str(line)) for line in lines)
         self.lines = [shorten(_escape(str(line)), MAX_LINE) for line in lines if line]
         super().__init__("\n".join(self.lines))
+
+
+def _from_worker(text: str) -> str:
+    """A DataLoader worker's error, re-raised in the main process as ``Caught X in DataLoader
+    worker process N.`` plus the worker's traceback: its own message again, the traceback's last
+    line without the exception's name."""
+    if not (text.startswith("Caught ") and "in DataLoader worker process" in text):
+        return text
+    last = [ln for ln in text.splitlines() if ln.strip()][-1]
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.replace(".", "").replace("_", "").isalnum() else last
 
 
 class ConfigError(UserError):
@@ -128,6 +140,11 @@ def _did_you_mean(model, loc: tuple) -> str:
     for part in loc[:-1]:
         field = getattr(model, "model_fields", {}).get(part)
         model = getattr(field, "annotation", None) if field is not None else None
+        import typing
+
+        for arg in typing.get_args(model):  # Optional[Section]: the model inside
+            if hasattr(arg, "model_fields"):
+                model = arg
         if not hasattr(model, "model_fields"):
             return ""
     fields = list(getattr(model, "model_fields", {}))

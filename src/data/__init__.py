@@ -12,6 +12,7 @@ from src.data import (
     jsonl,
     objects,
     samplers,
+    shards,
     text,
     views,
 )

@@ -415,7 +415,6 @@ class HFImages:
 
 def _images(seed, train, val, val_fraction, size, channels, where, val_where) -> DataModule:
     """Images and their classes: a ClassLabel's names, else the sorted distinct labels."""
-    import torch
 
     ds_lib = _datasets()
     parts = [train] if val is None else [train, val]
@@ -441,12 +440,6 @@ def _images(seed, train, val, val_fraction, size, channels, where, val_where) ->
     else:
         train_set = HFImages(parts[0], range(len(train)), labels[0], tf, where)
         val_set = HFImages(parts[1], range(len(val)), labels[1], tf, val_where)
-    counts = torch.bincount(torch.tensor(train_set.targets), minlength=len(names))
-    info = DatasetInfo(
-        num_samples=len(train_set),
-        num_classes=len(names),
-        class_names=tuple(names),
-        class_counts=tuple(int(c) for c in counts),
-        input_shape=(channels, size, size),
-    )
-    return DataModule(train_set, val_set, info)
+    from src.data.image_files import labelled_module
+
+    return labelled_module(train_set, val_set, names, (channels, size, size))

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import torch
 from pydantic import Field
 
-from src.core.dataset_info import DataModule, DatasetInfo
-from src.core.errors import ConfigError, DataError, library_message
+from src.core.dataset_info import DataModule
+from src.core.errors import ConfigError
 from src.core.registry import DATASETS
 from src.data.digits import stratified_split
+from src.data.image_files import FileImages, LabelledImages, checked_listing, labelled_module
+from src.data.image_transforms import Augment, ImageTransforms, NormalizeOption
 
 
 def image_transform(size: int, channels: int):
@@ -31,6 +32,31 @@ def image_transform(size: int, channels: int):
 # Parameters of every dataset that reads image files.
 ImageSize = Annotated[int, Field(gt=0, description="square side the images are resized to")]
 ImageChannels = Annotated[int, Field(ge=1, le=3, description="1 (grey) or 3 (RGB)")]
+
+
+# Parameters every dataset of image files shares.
+BadFiles = Annotated[
+    Literal["error", "skip"],
+    Field(
+        description="every image is checked once (header and structure, not pixels; the outcome is "
+        "kept in the data cache): error stops at the first unreadable one with its path, skip "
+        "leaves them out and says how many"
+    ),
+]
+DecodeCache = Annotated[
+    bool,
+    Field(
+        description="decode every image once, at image_size, into a uint8 memory-mapped array in "
+        "the data cache; epochs then read pixels, not JPEGs (augmentation still runs per sample)"
+    ),
+]
+CacheDir = Annotated[
+    Optional[str],
+    Field(
+        description="the data cache (listings, shard indexes, decoded images; default "
+        "$TESSERA_CACHE, else ~/.cache/tessera)"
+    ),
+]
 
 
 @DATASETS.register("image_folder")
@@ -54,112 +80,50 @@ def image_folder(
     ] = 0.2,
     image_size: ImageSize = 32,
     channels: ImageChannels = 3,
-    bad_files: Annotated[
-        Literal["error", "skip"],
-        Field(
-            description="every image is checked before training (its header and structure, not its "
-            "pixels); error stops at the first unreadable one with its path, skip leaves "
-            "them out and says how many"
-        ),
-    ] = "error",
+    augment: Augment = None,
+    normalize: NormalizeOption = None,
+    bad_files: BadFiles = "error",
+    decode_cache: DecodeCache = False,
+    cache_dir: CacheDir = None,
 ) -> DataModule:
-    """Class-per-folder images, resized to ``image_size`` and scaled to [0, 1]."""
-    from torch.utils.data import Subset
-    from torchvision.datasets import ImageFolder
+    """Class-per-folder images: resized to ``image_size`` (or augmented with timm), in [0, 1]
+    unless normalised. The folder is listed and checked once; later starts check only files that
+    changed."""
+    from src.data.token_store import cache_root
 
-    tf = image_transform(image_size, channels)
-
-    def load(path: str, key: str) -> ImageFolder:
-        if not Path(path).is_dir():
-            raise ConfigError(f"data.{key}: folder not found: {path}")
-        try:
-            folder = ImageFolder(path, transform=tf, target_transform=torch.tensor)
-        except (FileNotFoundError, RuntimeError) as exc:
-            raise ConfigError(f"data.{key}: {path}: {exc}") from None
-        _drop_unreadable(folder, key, bad_files)
-        return folder
-
-    full = load(root, "root")
-    targets = full.targets
+    cache = cache_root(cache_dir)
+    transforms = ImageTransforms(image_size, channels, augment, normalize)
+    full = checked_listing(root, "root", bad_files, cache)
+    targets = [c for _, c in full.samples]
     if val_root is not None:
-        train, val = full, load(val_root, "val_root")
-        if val.classes != full.classes:
+        val_listing = checked_listing(val_root, "val_root", bad_files, cache)
+        if val_listing.classes != full.classes:
             raise ConfigError(
-                f"data.val_root: classes {val.classes} differ from root's {full.classes}"
+                f"data.val_root: classes {val_listing.classes} differ from root's {full.classes}"
             )
-        train_targets = targets
+        listings = [full, val_listing]
+        train_idx = list(range(len(full.samples)))
+        val_idx = [len(full.samples) + i for i in range(len(val_listing.samples))]
     else:
-        train_idx, val_idx = stratified_split(targets, val_fraction, seed)
-        train, val = Subset(full, train_idx.tolist()), Subset(full, val_idx.tolist())
-        train_targets = [targets[i] for i in train_idx]
-    counts = torch.bincount(torch.tensor(train_targets), minlength=len(full.classes))
-    info = DatasetInfo(
-        num_samples=len(train),
-        num_classes=len(full.classes),
-        class_names=tuple(full.classes),
-        class_counts=tuple(int(c) for c in counts),
-        input_shape=(channels, image_size, image_size),
-    )
-    val_targets = val.targets if val_root is not None else [targets[i] for i in val_idx]
-    return DataModule(_Dicts(train, train_targets), _Dicts(val, val_targets), info)
+        listings = [full]
+        tr, va = stratified_split(targets, val_fraction, seed)
+        train_idx, val_idx = tr.tolist(), va.tolist()
+    samples = [s for listing in listings for s in listing.samples]
+    # a JPEG decoded straight to about image_size when nothing crops it first
+    draft = image_size if transforms.augment is None or decode_cache else None
+    source: Any = FileImages([p for p, _ in samples], draft)
+    if decode_cache:
+        from src.data.decoded import decoded
 
-
-def _drop_unreadable(folder, key: str, bad_files: str) -> None:
-    """Check every image's header and structure (PIL ``verify``: no decoding, ~0.1 ms each)."""
-    import warnings
-
-    from PIL import Image
-
-    bad = []
-    for path, _ in folder.samples:
-        try:
-            with Image.open(path) as im:
-                im.verify()
-        except Exception as exc:  # PIL raises many types for broken files
-            bad.append((path, exc))
-    if not bad:
-        return
-    if bad_files == "error":
-        path, first = bad[0]
-        more = f" ({len(bad)} unreadable files in all)" if len(bad) > 1 else ""
-        raise ConfigError(
-            f"data.{key}: {path}: not a readable image ({library_message(first, 80)})"
-            f"{more}; fix or remove it, or set data.bad_files=skip"
-        )
-    dropped = {p for p, _ in bad}
-    folder.samples = [s for s in folder.samples if s[0] not in dropped]
-    folder.imgs, folder.targets = folder.samples, [t for _, t in folder.samples]
-    warnings.warn(
-        f"data.{key}: skipped {len(bad)} unreadable images (data.bad_files=skip)", stacklevel=2
-    )
-
-
-class _Dicts(torch.utils.data.Dataset):
-    """(image, label) samples as ``{"inputs", "labels"}`` dicts, the platform's batch format."""
-
-    def __init__(self, ds, targets):
-        self.ds, self.targets = ds, list(targets)
-        self.view_transform = None  # set by tasks that train on augmented views
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        try:
-            x, y = self.ds[i]
-        except (OSError, SyntaxError, ValueError) as exc:  # damage the header check missed
-            raise DataError(
-                f"{sample_path(self.ds, i)}: unreadable image ({library_message(exc, 80)})"
-            ) from None
-        sample = {"inputs": x, "labels": y}
-        if self.view_transform is not None:
-            sample["views"] = self.view_transform(x)
-        return sample
-
-
-def sample_path(ds, i: int) -> str:
-    """The file behind sample ``i`` of a (Subset of an) ImageFolder, for error messages."""
-    while hasattr(ds, "indices") and hasattr(ds, "dataset"):
-        ds, i = ds.dataset, ds.indices[i]
-    samples = getattr(ds, "samples", None)
-    return str(samples[i][0]) if samples is not None else f"sample {i}"
+        identity = [
+            [p, *f] for listing in listings for (p, _), f in zip(listing.samples, listing.facts)
+        ]
+        source = decoded(source, identity, image_size, channels, cache)
+    all_targets = [c for _, c in samples]
+    train = LabelledImages(source, train_idx, [all_targets[i] for i in train_idx], transforms, True)
+    val = LabelledImages(source, val_idx, [all_targets[i] for i in val_idx], transforms, False)
+    extra = {
+        "images_checked": sum(listing.checked for listing in listings),
+        "decoded": decode_cache,
+    }
+    return labelled_module(train, val, full.classes, (channels, image_size, image_size), extra)

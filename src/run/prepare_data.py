@@ -1,5 +1,6 @@
 """``python -m src.main prepare --config C [overrides]``: build what a config's data needs before
-training (token stores, a trained tokenizer) and say where each store is, how big, how long.
+training (token stores, a trained tokenizer; an image folder's checked listing, shard indexes,
+decoded images) and say where each store is, how big, how long.
 
 Run it on a CPU node before the GPU job starts: the job then finds every store in the cache
 (``data.cache_dir``, ``$TESSERA_CACHE``, or ``~/.cache/tessera``) and starts at once.
@@ -36,7 +37,18 @@ def main(argv: list[str]) -> int:
         run_dir=Path(cfg.logging.root) / cfg.name,
     )
     stores = data.info.extra.get("token_stores", [])
-    if not stores:
+    extra = data.info.extra
+    if "images_checked" in extra or "shards" in extra:
+        what = (
+            f"{extra['images_checked']:,} images checked (the others were in the cache)"
+            if "images_checked" in extra
+            else f"{extra['shards']:,} shards indexed"
+        )
+        print(
+            f"data     {cfg.data.type}: {data.info.num_samples:,} training samples, {what}"
+            + ("; decoded images cached" if extra.get("decoded") else "")
+        )
+    elif not stores:
         print(f"data     {cfg.data.type}: nothing to prepare (it keeps no token store)")
     for fact in stores:
         built = fact["built_seconds"]

@@ -59,6 +59,7 @@ EXTEND_KEYS = (
     "data.eval_batch_size",
     "data.audit",
     "callbacks",
+    "slurm",  # how a cluster runs it, not what it trains
 )
 RESHARDING = {"single", "ddp", "fsdp"}  # strategies whose checkpoints load in one another
 

@@ -77,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
         help="show each trial's own output (else kept in trial_<k>/console.txt)",
     )
     p.add_imports()
+    p.add_argument(
+        "--slurm",
+        action="store_true",
+        help="submit the workers (--workers, default 1) as a SLURM job array sharing the study; "
+        "resources from the experiment's slurm section",
+    )
+    p.add_argument("--dry-run", action="store_true", help="with --slurm: print the batch script")
+    p.add_argument("--wait", action="store_true", help="with --slurm: return when the array ends")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set for spawned workers
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return p
@@ -120,6 +128,15 @@ def main(argv: list[str]) -> int:
     except UserError as exc:
         exc.quiet = rank != 0
         raise
+    if args.slurm and args.worker is None:
+        from src.run.slurm import submit_sweep
+
+        sweep_args = ["--config", str(Path(args.config).absolute()), *args.overrides]
+        for module in args.imports:
+            sweep_args += ["--import", module]
+        return submit_sweep(
+            base, sweep.name, sweep_dir, sweep_args, workers, args.dry_run, args.wait
+        )
     if workers > 1 and args.worker is None:
         return _spawn(argv, workers, study, sweep, sweep_dir)
     if args.worker is not None:
@@ -137,7 +154,14 @@ def main(argv: list[str]) -> int:
         verbose=args.verbose,
         worker=args.worker,
     )
-    code = driver.run()
+    try:
+        code = driver.run()
+    except SystemExit as exc:  # stopped by SIGTERM: the trial saved; a SLURM array task requeues
+        if exc.code == 128 + signal.SIGTERM:
+            from src.run.slurm import requeue_after_stop
+
+            requeue_after_stop()
+        raise
     if args.worker is None and driver.is_main:
         from src.run.sweep_report import print_table, write_outputs
 

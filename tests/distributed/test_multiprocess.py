@@ -185,6 +185,65 @@ def test_every_sample_is_read_once_across_a_kill_and_two_world_sizes(
     assert set(epochs[0]) | set(epochs[1]) <= set(range(1438))
 
 
+def test_shards_with_workers_are_read_once_across_a_kill_and_two_world_sizes(
+    write_config, tmp_path
+):
+    """The digits packed into tar shards, 2 loader workers a rank: kill -9 of 2 ranks at step 13
+    (last commit: step 10), resumed on 1 rank to step 30. Every sample of the first epoch is read
+    exactly once, the rolled-back steps are not counted, and the second epoch repeats nothing."""
+    from helpers import digits_folder
+
+    from src.core.audit import epoch_ids, read_audit
+    from src.main import main
+
+    digits_folder(tmp_path / "digits")
+    assert (
+        main(
+            [
+                "pack",
+                "--from",
+                str(tmp_path / "digits"),
+                "--out",
+                str(tmp_path / "sh"),
+                "--shard-size",
+                "100KB",
+            ]
+        )
+        == 0
+    )
+    (tmp_path / "kill_plugin.py").write_text(KILL_PLUGIN)
+    cfg = write_config(
+        {
+            **BASE,
+            "data": {
+                "type": "shards",
+                "paths": str(tmp_path / "sh"),
+                "image_size": 8,
+                "channels": 1,
+                "val_fraction": 0.2,
+                "batch_size": 64,
+                "num_workers": 2,
+                "audit": True,
+            },
+            "strategy": {"type": "ddp"},
+            "trainer.eval_every_n_steps": None,
+            "imports": ["kill_plugin"],
+            "callbacks": [{"type": "kill_at", "step": 13}],
+        }
+    )
+    launch(2, cfg, expect=1)
+    audit = tmp_path / "runs/tiny/audit"
+    assert max(read_audit(audit)) == 13
+    launch(1, cfg, "callbacks=[]", "trainer.max_steps=30")
+    steps = read_audit(audit)
+    assert sorted(steps) == list(range(1, 31))
+    assert [steps[s]["ranks"] for s in (10, 11, 30)] == [2, 1, 1]
+    epochs = epoch_ids(audit)
+    assert len(epochs[0]) == 22 * 64 and len(epochs[1]) == 8 * 64
+    for ids in epochs.values():
+        assert len(set(ids)) == len(ids)
+
+
 def test_deepspeed_zero2_resumes_after_a_kill_and_exports(write_config, tmp_path, single_losses):
     (tmp_path / "stop_plugin.py").write_text(STOP_PLUGIN)
     ds = {**BASE, "strategy": {"type": "deepspeed", "config": {"zero_optimization": {"stage": 2}}}}
