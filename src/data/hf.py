@@ -30,7 +30,8 @@ from src.core.errors import ConfigError, DataError, library_message
 from src.core.registry import DATASETS
 from src.data import token_store
 from src.data.examples import MaxLength, ValFraction
-from src.data.image_folder import ImageChannels, ImageSize, image_transform
+from src.data.image_folder import DecodeCache, ImageChannels, ImageSize
+from src.data.image_transforms import Augment, ImageTransforms, NormalizeOption
 from src.data.jsonl import (
     Rows,
     Split,
@@ -291,6 +292,9 @@ def hf_dataset(
     ] = False,
     image_size: ImageSize = 32,
     channels: ImageChannels = 3,
+    augment: Augment = None,
+    normalize: NormalizeOption = None,
+    decode_cache: DecodeCache = False,
     cache_dir: Annotated[
         Optional[str],
         Field(description="token stores, tokenizers and Arrow files (default $TESSERA_CACHE)"),
@@ -310,8 +314,10 @@ def hf_dataset(
         return _text(seed, train, val, facts, path, split, val_split, val_fraction, tokenizer,
                      vocab_size, block_size, root, run_dir)  # fmt: skip
     if format == "image_label":
-        return _images(seed, train, val, val_fraction, image_size, channels, f"{path} [{split}]",
-                       f"{path} [{val_split}]")  # fmt: skip
+        transforms = ImageTransforms(image_size, channels, augment, normalize)
+        identity = [facts, split, val_split] if decode_cache else None
+        return _images(seed, train, val, val_fraction, transforms, f"{path} [{split}]",
+                       f"{path} [{val_split}]", identity, root)  # fmt: skip
     if packing and format not in ("alpaca", "messages"):
         raise ConfigError(f"data.packing: packs alpaca and messages examples, not {format}")
     if tokenizer is None:
@@ -385,36 +391,48 @@ def _text(seed, train, val, facts, path, split, val_split, val_fraction, tokeniz
 
 
 class HFImages:
-    """Rows ``indices`` of a dataset with ``image`` and ``label`` columns as the platform's
-    ``{"inputs", "labels"}`` samples, each image decoded when it is read (Arrow is memory-mapped:
-    nothing is held in memory). ``view_transform`` is set by tasks that train on views."""
+    """The images of a dataset's rows, decoded by ``datasets`` when read (Arrow is memory-mapped:
+    nothing is held in memory): the image source of :class:`LabelledImages`."""
 
-    def __init__(self, ds, indices, targets: list[int], transform, where: str):
-        self.ds, self.indices, self.targets = ds, list(indices), list(targets)
-        self.transform, self.where = transform, where
-        self.view_transform = None
+    decoded = False
+
+    def __init__(self, ds, where: str):
+        self.ds, self.where_name = ds, where
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.ds)
 
-    def __getitem__(self, i: int) -> dict:
-        import torch
-
-        row = self.indices[i]
+    def image(self, row: int):
         try:
-            x = self.transform(self.ds[row]["image"])
+            return self.ds[row]["image"]
         except Exception as exc:  # PIL and datasets raise many types for a broken image
-            raise DataError(
-                f"{self.where} row {row}: not a readable image ({library_message(exc, 80)})"
-            ) from None
-        sample = {"inputs": x, "labels": torch.tensor(self.targets[i])}
-        if self.view_transform is not None:
-            sample["views"] = self.view_transform(x)
-        return sample
+            raise OSError(library_message(exc, 80)) from None
+
+    def where(self, row: int) -> str:
+        return f"{self.where_name} row {row}"
 
 
-def _images(seed, train, val, val_fraction, size, channels, where, val_where) -> DataModule:
+class _Both:
+    """Two image sources as one (a dataset's train rows, then its val rows)."""
+
+    decoded = False
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def __len__(self) -> int:
+        return len(self.a) + len(self.b)
+
+    def image(self, i: int):
+        return self.a.image(i) if i < len(self.a) else self.b.image(i - len(self.a))
+
+    def where(self, i: int) -> str:
+        return self.a.where(i) if i < len(self.a) else self.b.where(i - len(self.a))
+
+
+def _images(seed, train, val, val_fraction, transforms, where, val_where, identity, root):
     """Images and their classes: a ClassLabel's names, else the sorted distinct labels."""
+    from src.data.image_files import LabelledImages, labelled_module
 
     ds_lib = _datasets()
     parts = [train] if val is None else [train, val]
@@ -432,14 +450,18 @@ def _images(seed, train, val, val_fraction, size, channels, where, val_where) ->
         names = sorted({str(v) for r in raw for v in r})
         index = {n: k for k, n in enumerate(names)}
         labels = [[index[str(v)] for v in r] for r in raw]
-    tf = image_transform(size, channels)
+    source: Any = HFImages(parts[0], where)
     if val is None:
         tr, va = split_rows(len(train), val_fraction, seed)
-        train_set = HFImages(parts[0], tr, [labels[0][k] for k in tr], tf, where)
-        val_set = HFImages(parts[0], va, [labels[0][k] for k in va], tf, where) if va else None
     else:
-        train_set = HFImages(parts[0], range(len(train)), labels[0], tf, where)
-        val_set = HFImages(parts[1], range(len(val)), labels[1], tf, val_where)
-    from src.data.image_files import labelled_module
+        source = _Both(source, HFImages(parts[1], val_where))
+        tr, va = list(range(len(train))), list(range(len(train), len(train) + len(val)))
+    if identity is not None:
+        from src.data.decoded import decoded
 
-    return labelled_module(train_set, val_set, names, (channels, size, size))
+        source = decoded(source, identity, transforms.size, transforms.channels, root)
+    flat = [v for r in labels for v in r]
+    train_set = LabelledImages(source, tr, [flat[k] for k in tr], transforms, True)
+    val_set = LabelledImages(source, va, [flat[k] for k in va], transforms, False)
+    shape = (transforms.channels, transforms.size, transforms.size)
+    return labelled_module(train_set, val_set, names, shape)

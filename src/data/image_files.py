@@ -82,6 +82,34 @@ def _write_listing(path: Path, root: str, files: dict[str, list]) -> None:
         pass
 
 
+def checked_files(root: str, rels, cache: Optional[Path]) -> dict[str, Optional[str]]:
+    """Whether each image ``root/rel`` is readable (None) or why not, each checked once: the
+    outcomes are kept in the data cache under ``root`` as a folder's listing is, and a later call
+    opens only files that are new or changed."""
+    root = os.path.abspath(root)
+    known = _read_listing(_listing_file(cache, root), root) if cache is not None else {}
+    files = dict(known)
+    out: dict[str, Optional[str]] = {}
+    checked = 0
+    for rel in rels:
+        path = os.path.join(root, rel)
+        try:
+            st = os.stat(path)
+        except OSError:
+            out[rel] = "not found"
+            continue
+        old = known.get(rel)
+        if old is not None and old[0] == st.st_size and old[1] == st.st_mtime_ns:
+            out[rel] = old[2]
+        else:
+            out[rel] = check_image(path)
+            files[rel] = [st.st_size, st.st_mtime_ns, out[rel]]
+            checked += 1
+    if cache is not None and checked:
+        _write_listing(_listing_file(cache, root), root, files)
+    return out
+
+
 class Listing:
     """A checked folder: ``classes``, ``samples`` ((path, class index), readable ones only),
     ``facts`` ([size, mtime_ns] of each sample, what says it changed), ``checked`` (how many files

@@ -286,11 +286,17 @@ def image_text(
             "many"
         ),
     ] = "error",
+    cache_dir: Annotated[
+        Optional[str],
+        Field(
+            description="the data cache, where each image's check is kept (default "
+            "$TESSERA_CACHE, else ~/.cache/tessera)"
+        ),
+    ] = None,
 ) -> DataModule:
-    """Images with captions from a folder; split by image."""
+    """Images with captions from a folder; split by image. Each image is checked once (the
+    outcome is kept in the data cache); a later start opens only new or changed images."""
     import warnings
-
-    from PIL import Image
 
     base = Path(root).expanduser()
     if not base.is_dir():
@@ -300,19 +306,18 @@ def image_text(
     for rel, caption, where in _caption_rows(base, captions):
         by_image.setdefault(rel, []).append(caption)
         first_seen.setdefault(rel, where)
+    from src.data.image_files import checked_files
+    from src.data.token_store import cache_root
+
     names, bad = [], []
-    for rel in by_image:
-        try:
-            with Image.open(base / rel) as im:
-                im.verify()
+    outcome = checked_files(str(base), list(by_image), cache_root(cache_dir))
+    for rel, why in outcome.items():
+        if why is None:
             names.append(rel)
-        except FileNotFoundError:
+        elif why == "not found":
             bad.append(f"{first_seen[rel]}: image not found: {base / rel}")
-        except Exception as exc:  # PIL raises many types for broken files
-            bad.append(
-                f"{first_seen[rel]}: {base / rel}: not a readable image "
-                f"({library_message(exc, 80)})"
-            )
+        else:
+            bad.append(f"{first_seen[rel]}: {base / rel}: not a readable image ({why})")
     if bad and bad_files == "error":
         more = f" ({len(bad)} bad images in all)" if len(bad) > 1 else ""
         raise ConfigError(f"data.captions: {bad[0]}{more}; fix it, or set data.bad_files=skip")

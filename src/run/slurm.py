@@ -93,10 +93,7 @@ def sweep_script(s, name: str, log: Path, root: Path, sweep_args: list[str], wor
 
 
 def _script(s, name: str, log: Path, root: Path, launch: str, what: str, array: int = 0) -> str:
-    from src.core.config import slurm_seconds
-
-    limit = slurm_seconds(s.time) if s.time else 0
-    early = max(0, limit - s.signal_grace_s - 10)
+    grace = s.signal_grace_s
     header = "\n".join(f"#SBATCH {line}" for line in _sbatch_lines(s, name, log, array))
     setup = "\n".join(s.setup)
     return f"""#!/bin/bash
@@ -108,25 +105,40 @@ export {REQUEUES}={s.max_requeues}
 export PYTHONUNBUFFERED=1
 head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 port=$((20000 + SLURM_JOB_ID % 20000))
-started=$(date +%s)
 attempt=$((${{SLURM_RESTART_COUNT:-0}} + 1))
 echo "slurm    job $SLURM_JOB_ID, attempt $attempt of {s.max_requeues + 1}, on $SLURM_JOB_NODELIST"
-# SIGUSR1 comes {s.signal_grace_s} s before the time limit: every task gets SIGTERM, saves and stops.
-# One that comes in the first {early} s is not the time limit's (SLURM sends it to some requeued
-# jobs as they start) and is ignored.
+# {grace} s before the time limit every task gets SIGTERM: it finishes its step, saves, and rank 0
+# requeues the job. Two clocks say when: this shell's own (from the job's end time) and SLURM's
+# SIGUSR1 (--signal), whichever comes first; a SIGUSR1 long before the end (SLURM sends one to
+# some jobs as they start) is ignored.
+end=$(date -d "$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null)" +%s 2>/dev/null || echo 0)
+stopping=""
+stop_tasks() {{
+  [ -n "$stopping" ] && return
+  stopping=1
+  echo "slurm    time limit in {grace} s: stopping every task at its next step"
+  scancel --signal=TERM "$SLURM_JOB_ID"
+}}
 on_usr1() {{
-  if [ $(( $(date +%s) - started )) -lt {early} ]; then
+  if [ "$end" -gt 0 ] && [ $(( end - $(date +%s) )) -gt {grace + 15} ]; then
     echo "slurm    ignored an early SIGUSR1"
     return
   fi
-  echo "slurm    time limit in {s.signal_grace_s} s: stopping every task at its next step"
-  scancel --signal=TERM "$SLURM_JOB_ID"
+  stop_tasks
 }}
 trap on_usr1 USR1
+trap stop_tasks USR2
+timer=""
+if [ "$end" -gt 0 ]; then
+  wait_s=$(( end - $(date +%s) - {grace} ))
+  ( sleep $(( wait_s > 0 ? wait_s : 0 )); kill -USR2 $$ ) &
+  timer=$!
+fi
 {launch} &
 pid=$!
 wait "$pid"; status=$?
 while kill -0 "$pid" 2>/dev/null; do wait "$pid"; status=$?; done
+[ -n "$timer" ] && kill "$timer" 2>/dev/null
 exit "$status"
 """
 

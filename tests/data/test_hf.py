@@ -247,7 +247,7 @@ def test_images_with_labels_train_a_cnn_from_a_saved_dataset_and_from_image_path
     assert csv.info.class_names == tuple(sorted({names[v] for v in labels[:30]}))
     assert torch.equal(csv.train[0]["inputs"], image_transform(8, 3)(images[k]))
     (folder / f"{k}.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match=rf"index.csv \[train\] row {k}: not a readable image"):
+    with pytest.raises(DataError, match=rf"index.csv \[train\] row {k}: unreadable image"):
         csv.train[0]
 
     cfg = write_config(
@@ -267,3 +267,25 @@ def test_images_with_labels_train_a_cnn_from_a_saved_dataset_and_from_image_path
     )
     run(cfg)
     assert metrics(tmp_path / "runs/tiny")[-1]["val/accuracy"] > 0.6
+
+
+def test_dataset_images_take_the_decode_cache_and_augmentation(tmp_path):
+    images, labels = _digit_images(60)
+    saved = tmp_path / "digits"
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=list("0123456789"))}
+    )
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(
+        str(saved)
+    )
+    kw = dict(
+        seed=0, path=str(saved), format="image_label", image_size=8, cache_dir=str(tmp_path / "c")
+    )
+    plain = hf_dataset(**kw)
+    cached = hf_dataset(**kw, decode_cache=True)
+    for i in (0, 7, len(plain.train) - 1):
+        assert torch.equal(plain.train[i]["inputs"], cached.train[i]["inputs"])
+    assert torch.equal(plain.val[1]["inputs"], cached.val[1]["inputs"])
+    aug = hf_dataset(**kw, augment={"crop_scale": [0.3, 0.6]}, normalize="imagenet")
+    torch.manual_seed(0)
+    assert not torch.equal(aug.train[3]["inputs"], aug.train[3]["inputs"])

@@ -135,3 +135,22 @@ def test_clip_trains_on_a_captions_folder(tmp_path, write_config):
     val = [r for r in metrics(exp.run_dir) if "val/loss" in r][-1]
     assert "val/zeroshot_top1" not in val  # no classes: retrieval only
     assert math.isfinite(val["val/i2t_recall@1"]) and 0 <= val["val/t2i_recall@5"] <= 1
+
+
+def test_each_image_is_checked_once_and_a_changed_one_again(tmp_path, monkeypatch):
+    from src.data import image_files
+    from src.data.image_text import image_text
+
+    make_folder(tmp_path, n=6)
+    opened = []
+    real = image_files.check_image
+    monkeypatch.setattr(image_files, "check_image", lambda p: opened.append(p) or real(p))
+    cache = str(tmp_path / "cache")
+    image_text(seed=0, root=str(tmp_path), cache_dir=cache)
+    assert len(opened) == 6
+    image_text(seed=0, root=str(tmp_path), cache_dir=cache)
+    assert len(opened) == 6  # nothing opened again
+    (tmp_path / "img/2.png").write_bytes(b"broken now")
+    with pytest.raises(Exception, match="img/2.png: not a readable image"):
+        image_text(seed=0, root=str(tmp_path), cache_dir=cache)
+    assert len(opened) == 7
