@@ -253,6 +253,26 @@ def _build_stoppable(args, slurm):
         signal.signal(signal.SIGTERM, previous)
 
 
+COMMANDS = ("predict", "export", "sweep", "prepare", "pack", "submit")
+
+
+def _check_command(argv: list[str]) -> None:
+    """A first word that is no override, flag or file but close to a command: say which."""
+    import difflib
+    import os
+
+    first = argv[0] if argv else ""
+    if not first or first.startswith("-") or "=" in first or os.path.exists(first):
+        return
+    close = difflib.get_close_matches(first, COMMANDS, n=1, cutoff=0.6)
+    if close:
+        from src.core.errors import UserError
+
+        raise UserError(
+            f"{first}: not a command; did you mean '{close[0]}'? (commands: {', '.join(COMMANDS)})"
+        )
+
+
 def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["export"]:
         from src.run import export
@@ -278,6 +298,7 @@ def _dispatch(argv: list[str]) -> int:
         from src.run import sweep
 
         return sweep.main(argv[1:])
+    _check_command(argv)
     args = _parser().parse_intermixed_args(argv)  # overrides may come before or after flags
     if args.list:
         return _list(args.list, args.imports)

@@ -567,3 +567,17 @@ def test_errors_raised_inside_a_library_are_refusals():
             std.loads(bad)  # JSONDecodeError (a ValueError) / TypeError raised by the library
         except Exception as caught:
             assert not is_program_error(caught), caught
+
+
+@pytest.mark.parametrize(
+    "typo, command", [("pak", "pack"), ("sumbit", "submit"), ("predcit", "predict")]
+)
+def test_a_mistyped_command_names_the_closest(typo, command, capsys):
+    from src.main import main
+
+    assert main([typo, "--from", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: {typo}: not a command; did you mean '{command}'? (commands: predict, "
+        "export, sweep, prepare, pack, submit)"
+    ]
