@@ -5,7 +5,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,13 +13,11 @@ from conftest import ROOT
 from src.main import main
 
 
-def test_help_is_fast_and_imports_no_torch(cli):
-    t0 = time.perf_counter()
+def test_help_and_list_import_no_torch(cli):
+    """What keeps --help and --list fast: they import no heavy library (the time itself is
+    benchmarks/RESULTS.md's "Start-up", not a timed test: a loaded machine would fail it)."""
     out = cli("--help")
     assert out.returncode == 0 and "--dry-run" in out.stdout
-    assert (
-        time.perf_counter() - t0 < 5
-    )  # benchmarks/ holds the real figure; this catches regressions
     probe = subprocess.run(
         [
             sys.executable,
