@@ -223,7 +223,7 @@ class ImageTransforms:
 
 def _posterize(img, bits_to_keep, **kwargs):
     """timm's posterize, also for 0 bits (policies at full magnitude ask for it): no bit kept is a
-    black image. Pillow 11+ refuses ``ImageOps.posterize(img, 0)``."""
+    black image. Pillow 13 refuses ``ImageOps.posterize(img, 0)``."""
     from PIL import Image, ImageOps
 
     if bits_to_keep >= 8:
