@@ -321,8 +321,9 @@ def _dispatch(argv: list[str]) -> int:
         return 0
     strategy = exp.strategy
     in_step = False  # every rank got here alike: the group can be left together
-    if strategy.is_main and slurm.banner():
-        print(f"slurm    {slurm.banner()}", flush=True)
+    banner = slurm.banner() if strategy.is_main else None
+    if banner:
+        print(f"slurm    {banner}", flush=True)
     try:
         exp.run()
         in_step = True

@@ -178,6 +178,10 @@ class SlurmConfig(_Strict):
     )
     sbatch: list[str] = Field([], description="Extra #SBATCH options, passed through.")
 
+    @property
+    def processes_per_node(self) -> int:
+        return self.tasks_per_node or self.gpus_per_node or 1
+
     @field_validator("time")
     @classmethod
     def _time(cls, v: Optional[str]) -> Optional[str]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from src.core.checkpoint import fsync_path
-from src.core.errors import DataError, library_message
+from src.core.errors import DataError
 from src.data.token_store import _sample_crc, locked, say, store_key
 
 VERSION = 1
@@ -39,12 +39,9 @@ class _Decode(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        try:
-            return self.tf(self.source.image(i))
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise DataError(
-                f"{self.source.where(i)}: unreadable image ({library_message(exc, 80)})"
-            ) from None
+        from src.data.image_files import read_image
+
+        return self.tf(read_image(self.source, i))
 
 
 class DecodedImages:
@@ -57,7 +54,6 @@ class DecodedImages:
         self.folder = Path(folder)
         self.where_of = where_of
         m = json.loads((self.folder / "manifest.json").read_text(encoding="utf-8"))
-        self.manifest = m
         shape = tuple(m["shape"])
         f = self.folder / "images.u8"
         size = f.stat().st_size if f.is_file() else -1

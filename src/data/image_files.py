@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from src.core.errors import ConfigError, DataError, library_message
+from src.data.image_transforms import tensor_image
 
 LISTING_VERSION = 1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -82,6 +83,14 @@ def _write_listing(path: Path, root: str, files: dict[str, list]) -> None:
         pass
 
 
+def _check(path: str, st: os.stat_result, old: Optional[list]) -> tuple[list, bool]:
+    """``[size, mtime_ns, error]`` of an image, and whether it was opened: the cached outcome
+    when size and mtime still match, else a new check."""
+    if old is not None and old[0] == st.st_size and old[1] == st.st_mtime_ns:
+        return old, False
+    return [st.st_size, st.st_mtime_ns, check_image(path)], True
+
+
 def checked_files(root: str, rels, cache: Optional[Path]) -> dict[str, Optional[str]]:
     """Whether each image ``root/rel`` is readable (None) or why not, each checked once: the
     outcomes are kept in the data cache under ``root`` as a folder's listing is, and a later call
@@ -98,13 +107,9 @@ def checked_files(root: str, rels, cache: Optional[Path]) -> dict[str, Optional[
         except OSError:
             out[rel] = "not found"
             continue
-        old = known.get(rel)
-        if old is not None and old[0] == st.st_size and old[1] == st.st_mtime_ns:
-            out[rel] = old[2]
-        else:
-            out[rel] = check_image(path)
-            files[rel] = [st.st_size, st.st_mtime_ns, out[rel]]
-            checked += 1
+        files[rel], opened = _check(path, st, known.get(rel))
+        out[rel] = files[rel][2]
+        checked += opened
     if cache is not None and checked:
         _write_listing(_listing_file(cache, root), root, files)
     return out
@@ -140,13 +145,9 @@ def checked_listing(root: str, key: str, bad_files: str, cache: Optional[Path]) 
         except OSError as exc:
             bad.append((path, exc.strerror or str(exc)))
             continue
-        old = known.get(rel)
-        if old is not None and old[0] == st.st_size and old[1] == st.st_mtime_ns:
-            error = old[2]
-        else:
-            error = check_image(path)
-            checked += 1
-        files[rel] = [st.st_size, st.st_mtime_ns, error]
+        files[rel], opened = _check(path, st, known.get(rel))
+        checked += opened
+        error = files[rel][2]
         if error is not None:
             bad.append((path, error))
         else:
@@ -207,6 +208,16 @@ class FileImages:
         return str(self.paths[i])
 
 
+def read_image(source, i: int):
+    """Image ``i`` of a source; damage the header check missed is one line naming it."""
+    try:
+        return source.image(i)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(
+            f"{source.where(i)}: unreadable image ({library_message(exc, 80)})"
+        ) from None
+
+
 def labelled_module(train, val, names: Sequence[str], shape: tuple, extra=None):
     """The DataModule of labelled images: classes, training counts per class, input shape (an
     empty validation split is None)."""
@@ -242,16 +253,8 @@ class LabelledImages(torch.utils.data.Dataset):
         return len(self.indices)
 
     def load(self, i: int) -> torch.Tensor:
-        j = self.indices[i]
-        try:
-            x = self.source.image(j)
-        except (OSError, SyntaxError, ValueError) as exc:  # damage the header check missed
-            raise DataError(
-                f"{self.source.where(j)}: unreadable image ({library_message(exc, 80)})"
-            ) from None
+        x = read_image(self.source, self.indices[i])
         if self.source.decoded:
-            from src.data.image_transforms import tensor_image
-
             return tensor_image(x, self.transforms, self.training)
         return (self.transforms.train if self.training else self.transforms.eval)(x)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional
 
-import torch
 from pydantic import Field
 
 from src.core.dataset_info import DataModule
@@ -16,17 +15,9 @@ from src.data.image_transforms import Augment, ImageTransforms, NormalizeOption
 
 
 def image_transform(size: int, channels: int):
-    """An image (PIL or tensor) resized to ``size`` square, ``channels`` deep, in [0, 1]."""
-    from torchvision.transforms import v2
-
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Grayscale(num_output_channels=1) if channels == 1 else v2.RGB(),
-            v2.Resize((size, size), antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-        ]
-    )
+    """An image (PIL) resized to ``size`` square, ``channels`` deep, in [0, 1]: the
+    ``augment: none`` transform of every image dataset."""
+    return ImageTransforms(size, channels).train
 
 
 # Parameters of every dataset that reads image files.

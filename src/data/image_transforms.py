@@ -128,20 +128,11 @@ class ImageTransforms:
         if isinstance(augment, dict):
             augment = TimmAugment(**augment)
         self.augment: Optional[TimmAugment] = augment if isinstance(augment, TimmAugment) else None
-        norm = _norm(normalize, channels)
-        tail = [v2.Normalize(list(norm[0]), list(norm[1]))] if norm else []
-        self.normalized = norm is not None
-        self.norm = norm
-        resize = [
-            v2.ToImage(),
-            _grey_or_rgb(channels),
-            v2.Resize((size, size), antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-        ]
+        self.norm = _norm(normalize, channels)
         if self.augment is None:
-            self.train = self.eval = self.resized  # what v2.Compose(resize + tail) does, 2x faster
-            self.reference = v2.Compose(resize + tail)
+            self.train = self.eval = self.resized
             return
+        tail = [v2.Normalize(list(self.norm[0]), list(self.norm[1]))] if self.norm else []
         try:
             self.train = v2.Compose([v2.RGB(), self._timm(True), _grey_or_rgb(channels)] + tail)
             self.eval = v2.Compose([v2.RGB(), self._timm(False), _grey_or_rgb(channels)] + tail)
@@ -176,9 +167,15 @@ class ImageTransforms:
         return F.resize(x, [self.size, self.size], antialias=True)
 
     def resized(self, image) -> torch.Tensor:
+        """Resized, scaled to [0, 1] and normalised: what ``v2.Compose([ToImage, Grayscale or
+        RGB, Resize, ToDtype, Normalize])`` gives, twice as fast."""
+        return self.scaled(self.resized_uint8(image))
+
+    def scaled(self, x: torch.Tensor) -> torch.Tensor:
+        """A uint8 image as floats in [0, 1], normalised if asked."""
         from torchvision.transforms.v2 import functional as F
 
-        out = F.to_dtype(self.resized_uint8(image), torch.float32, scale=True)
+        out = F.to_dtype(x, torch.float32, scale=True)
         if self.norm is not None:
             out = F.normalize(out, list(self.norm[0]), list(self.norm[1]))
         return out
@@ -208,18 +205,6 @@ class ImageTransforms:
             std=(1.0, 1.0, 1.0),
         )
 
-    def describe(self) -> str:
-        if self.augment is None:
-            what = f"resize {self.size}"
-        else:
-            a = self.augment
-            what = f"timm: random resized crop {self.size} scale {a.crop_scale}, flip {a.hflip}"
-            if a.auto_augment:
-                what += f", {a.auto_augment}"
-            if a.re_prob:
-                what += f", random erasing {a.re_prob}"
-        return what + (", normalised" if self.normalized else "")
-
 
 def _posterize(img, bits_to_keep, **kwargs):
     """timm's posterize, also for 0 bits (policies at full magnitude ask for it): no bit kept is a
@@ -246,12 +231,7 @@ def tensor_image(x: torch.Tensor, transforms: ImageTransforms, training: bool) -
     transform: without augmentation only scaled (and normalised), with it through timm's PIL
     pipeline."""
     if transforms.augment is None:
-        from torchvision.transforms.v2.functional import normalize, to_dtype
-
-        out = to_dtype(x, torch.float32, scale=True)  # exactly as the decoding path scales
-        if transforms.norm is not None:
-            out = normalize(out, list(transforms.norm[0]), list(transforms.norm[1]))
-        return out
+        return transforms.scaled(x)  # exactly as the decoding path scales
     from torchvision.transforms.v2.functional import to_pil_image
 
     pil = to_pil_image(x)

@@ -57,9 +57,12 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+PORT_BASE = 20000  # rendezvous ports of SLURM jobs: PORT_BASE + job id % PORT_BASE
+
+
 def slurm_port(job_id: str) -> int:
     """A rendezvous port derived from the job id: jobs sharing a node use different ports."""
-    return 20000 + int(job_id) % 20000
+    return PORT_BASE + int(job_id) % PORT_BASE
 
 
 def slurm_env(env: Mapping[str, str] = os.environ) -> dict[str, str]:

@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Optional
 
 from src.core.errors import ArgumentParser, ConfigError, UserError
+from src.distributed.launch import PORT_BASE
 
 REQUEUES = "TESSERA_SLURM_MAX_REQUEUES"  # set in the jobs submit writes: the run may requeue
 
 
 def _sbatch_lines(s, name: str, log: Path, array: int = 0) -> list[str]:
-    tasks = s.tasks_per_node or s.gpus_per_node or 1
+    tasks = s.processes_per_node
     lines = [
         f"--job-name={name}",
         f"--nodes={s.nodes}",
@@ -59,7 +60,7 @@ def _sbatch_lines(s, name: str, log: Path, array: int = 0) -> list[str]:
 
 def _launch(s, args: str) -> str:
     """The srun line: torchrun per node with a c10d rendezvous, or one task per process."""
-    tasks = s.tasks_per_node or s.gpus_per_node or 1
+    tasks = s.processes_per_node
     python = shlex.quote(sys.executable)
     if s.launcher == "torchrun" and s.nodes * tasks > 1:
         return (
@@ -104,7 +105,7 @@ cd {shlex.quote(str(root))}
 export {REQUEUES}={s.max_requeues}
 export PYTHONUNBUFFERED=1
 head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-port=$((20000 + SLURM_JOB_ID % 20000))
+port=$(({PORT_BASE} + SLURM_JOB_ID % {PORT_BASE}))
 attempt=$((${{SLURM_RESTART_COUNT:-0}} + 1))
 echo "slurm    job $SLURM_JOB_ID, attempt $attempt of {s.max_requeues + 1}, on $SLURM_JOB_NODELIST"
 # {grace} s before the time limit every task gets SIGTERM: it finishes its step, saves, and rank 0

@@ -94,6 +94,8 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_intermixed_args(argv)  # overrides may follow --workers N
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers: expected a positive number, got {args.workers}")
+    if (args.dry_run or args.wait) and not args.slurm:
+        raise UserError(f"{'--dry-run' if args.dry_run else '--wait'}: only with --slurm")
     rank = int(os.environ.get("RANK", "0"))
     try:
         sweep, experiment, overrides = load_sweep(args.config, args.overrides)
@@ -119,6 +121,12 @@ def main(argv: list[str]) -> int:
                 lambda: check_space(sweep, Path(args.config), experiment, overrides, args.imports)
             )
         check_sampler_and_pruner(sweep)
+        if args.slurm and args.dry_run:  # the batch script alone: no study is created
+            from src.run.slurm import submit_sweep
+
+            return submit_sweep(
+                base, sweep.name, sweep_dir, _slurm_args(args), workers, True, False
+            )
         # under a launcher, rank 0 alone talks to the study and tells the others
         study = (
             open_study(sweep, sweep_dir, create=True, worker=args.worker or 0)
@@ -131,11 +139,8 @@ def main(argv: list[str]) -> int:
     if args.slurm and args.worker is None:
         from src.run.slurm import submit_sweep
 
-        sweep_args = ["--config", str(Path(args.config).absolute()), *args.overrides]
-        for module in args.imports:
-            sweep_args += ["--import", module]
         return submit_sweep(
-            base, sweep.name, sweep_dir, sweep_args, workers, args.dry_run, args.wait
+            base, sweep.name, sweep_dir, _slurm_args(args), workers, False, args.wait
         )
     if workers > 1 and args.worker is None:
         return _spawn(argv, workers, study, sweep, sweep_dir)
@@ -168,6 +173,14 @@ def main(argv: list[str]) -> int:
         write_outputs(study, sweep, sweep_dir)
         print_table(study, sweep, sweep_dir)
     return code
+
+
+def _slurm_args(args) -> list[str]:
+    """What each array task of ``sweep --slurm`` runs the sweep with."""
+    out = ["--config", str(Path(args.config).absolute()), *args.overrides]
+    for module in args.imports:
+        out += ["--import", module]
+    return out
 
 
 def _quietly(fn):

@@ -144,3 +144,30 @@ def test_an_image_damaged_after_its_check_is_one_line_from_a_loader_worker(
     assert main(["--config", str(path), *overrides, "name=second"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {victim}: unreadable image"), err
+
+
+@pytest.mark.parametrize(
+    "channels, normalize", [(1, None), (3, None), (3, "imagenet"), (1, "imagenet")]
+)
+def test_the_resize_transform_is_torchvisions_pipeline(folder, channels, normalize):
+    """augment: none gives exactly what v2.Compose([ToImage, Grayscale/RGB, Resize, ToDtype,
+    Normalize]) gives, for grey and RGB images."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from src.data.image_transforms import ImageTransforms
+
+    t = ImageTransforms(12, channels, None, normalize)
+    steps = [
+        v2.ToImage(),
+        v2.Grayscale(1) if channels == 1 else v2.RGB(),
+        v2.Resize((12, 12), antialias=True),
+        v2.ToDtype(torch.float32, scale=True),
+    ]
+    if t.norm is not None:
+        steps.append(v2.Normalize(list(t.norm[0]), list(t.norm[1])))
+    reference = v2.Compose(steps)
+    for path in sorted(folder.glob("*/*.png"))[:20]:
+        for mode in ("RGB", "L"):
+            im = Image.open(path).convert(mode)
+            assert torch.equal(t.train(im), reference(im))

@@ -505,3 +505,25 @@ def test_a_sweep_submitted_as_a_job_array_runs_each_trial_once(cluster, tmp_path
     assert len(done) == 4 and len(study.trials) == 4
     assert len({t.user_attrs["run"] for t in done}) == 4
     assert len({t.user_attrs["pid"] for t in done}) == 2  # both array tasks ran trials
+
+
+def test_a_sweep_dry_run_prints_the_array_and_creates_no_study(tmp_path):
+    exp = _config(tmp_path, "exp", {})
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "name": "s",
+                "experiment": exp.name,
+                "metric": "val/accuracy",
+                "trials": 4,
+                "space": {"optimizer.lr": {"loguniform": [1e-3, 3e-2]}},
+            }
+        )
+    )
+    out = _main("sweep", "--config", str(sweep), "--slurm", "--workers", "3", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "#SBATCH --array=0-2" in out.stdout and '--worker "$SLURM_ARRAY_TASK_ID"' in out.stdout
+    assert not (tmp_path / "runs").exists()
+    out = _main("sweep", "--config", str(sweep), "--dry-run")
+    assert out.returncode == 2 and out.stderr.strip() == "error: --dry-run: only with --slurm"
