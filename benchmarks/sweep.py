@@ -4,7 +4,7 @@ its Hyperband pruner, with 1 and 2 worker processes.
     python -m benchmarks.sweep                    # the four sweeps; prints the section
     python -m benchmarks.sweep --quick            # 4 trials of 20 steps each (what CI runs)
 
-Each sweep runs as the README shows it (``python -m src.main sweep --config ...``) into a fresh
+Each sweep runs as the docs show it (``python -m src.main sweep --config ...``) into a fresh
 folder, timed whole; its trials.csv gives the states, the best value and the steps trained.
 """
 

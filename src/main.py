@@ -23,6 +23,17 @@ import argparse
 import sys
 
 MAX_ERROR_LINES = 10
+# A rank other than 0 that finds the config at fault leaves the printing to rank 0 and waits this
+# long before it exits: a launcher stops every rank as soon as one exits, and leaving first could
+# stop rank 0 before it has printed the line (rank 0 exits first, and the launcher ends the wait).
+QUIET_RANK_GRACE_S = 10.0
+
+
+def _error_line(line: str) -> None:
+    """``error: LINE`` on stderr in one write: the ranks of a run share one stderr, and a line
+    written in two parts (print writes the text, then the newline) can be split by another's."""
+    sys.stderr.write(f"error: {line}\n")
+    sys.stderr.flush()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -172,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except UserError as exc:
         if getattr(exc, "quiet", False):
+            import time
+
+            time.sleep(getattr(exc, "linger_s", 0.0))
             return exc.exit_code
         lines = exc.lines or ["(no message)"]
         if len(lines) > MAX_ERROR_LINES:
@@ -183,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exception(getattr(exc, "origin", None) or exc, file=sys.stderr)
         for line in lines:
-            print(f"error: {line}", file=sys.stderr)
+            _error_line(line)
         return exc.exit_code
 
 
@@ -222,6 +236,7 @@ def _prepare_and_build(args):
             )
         # every rank of a launcher reads the same config: rank 0 alone reports what is wrong
         err.quiet = os.environ.get("RANK", "0") != "0"
+        err.linger_s = QUIET_RANK_GRACE_S if err.quiet else 0.0
         raise err from None
     except BaseException:
         outcome = "console"  # not the config's fault: keep whatever was printed, with the traceback
@@ -334,20 +349,20 @@ def _dispatch(argv: list[str]) -> int:
         raise
     except TrainingDiverged as exc:  # decided on values all ranks agree on
         in_step = True
-        print(f"error: {exc}", file=sys.stderr)
+        _error_line(str(exc))
         return 1
     except CheckpointSaveError as exc:
         if exc.every_rank:  # each rank says it before any leaves: a launcher stops the other
             in_step = True  # processes as soon as one exits, maybe before they have printed
             for line in exc.lines:
-                print(f"error: {line}", file=sys.stderr)
+                _error_line(line)
             exc.quiet = True
         raise
     except RuntimeError as exc:
         line = strategy.describe_failure(exc)
         if line is None:
             raise
-        print(f"error: {line}", file=sys.stderr)
+        _error_line(line)
         return 1
     finally:
         del exp  # the wrapped model holds the process group: free it before the group goes

@@ -1,4 +1,4 @@
-"""Imports point down only, and no two modules import each other (README, "Architecture").
+"""Imports point down only, and no two modules import each other (docs/extending.md, "Architecture").
 
     main                 the command line
     run                  the composition root: builds an experiment from a config, exports, lists

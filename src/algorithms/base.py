@@ -11,6 +11,7 @@ see every call::
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Protocol, cast
@@ -116,6 +117,8 @@ class Task(nn.Module):
     device_views = None
 
     def forward(self, batch: Any, stage: str = "train") -> dict[str, torch.Tensor]:
+        """``training_step(batch)`` (``stage="train"``) or ``validation_step(batch)``: the
+        strategy's wrapper calls the task, so both go through its forward."""
         if stage != "train":
             return self.validation_step(batch)
         if self.device_views is not None and "views" not in batch:
@@ -164,7 +167,9 @@ class Task(nn.Module):
         out = tuple(t[:0] for t in tensors) if self.padding_batch else tensors
         return out[0] if len(out) == 1 else out
 
-    def validation_epoch_end(self, gather) -> dict[str, Any]:
+    def validation_epoch_end(
+        self, gather: Callable[[torch.Tensor], torch.Tensor]
+    ) -> dict[str, Any]:
         """Metrics over the whole split (retrieval, confusion ...), after all validation steps.
 
         Args:

@@ -84,6 +84,7 @@ class UserError(Exception):
     exit_code = 2
     origin: BaseException | None = None  # the exception it reports, printed by --traceback
     quiet = False  # set on ranks other than 0 under a launcher: rank 0 alone prints the line
+    linger_s = 0.0  # how long a quiet rank waits before it exits (src/main.py)
 
     def __init__(self, *lines: str):
         lines = tuple(_from_worker(str(line)) for line in lines)

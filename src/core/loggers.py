@@ -8,6 +8,7 @@ Each receives ``start(run_info, resume_step)`` once, ``log(metrics, step)`` with
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import time
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from wandb.sdk.wandb_run import Run as WandbRun
 
 
-class Logger:
+class Logger(abc.ABC):
     """Base of every LOGGERS entry. ``sink`` is what ``start`` opens (a file, a writer) and
     ``finish`` closes."""
 
@@ -33,19 +34,23 @@ class Logger:
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
 
-    def start(self, run_info: dict[str, Any], resume_step: int = 0) -> None:
-        pass
+    def start(self, run_info: dict[str, Any], resume_step: int = 0) -> None:  # noqa: B027
+        """Open the sink, once, before the first ``log``; ``run_info`` is the run record
+        (``run_info.json``), ``resume_step`` the step a resumed run goes on from."""
 
+    @abc.abstractmethod
     def log(self, metrics: dict[str, float], step: int) -> None:
-        raise NotImplementedError
+        """Record ``metrics`` (``{"train/loss": 0.41, ...}``, plain floats) at ``step``."""
 
-    def log_text(self, texts: dict[str, str], step: int) -> None:
+    def log_text(self, texts: dict[str, str], step: int) -> None:  # noqa: B027
         """Named texts (generated samples ...) at ``step``; loggers without text ignore them."""
 
-    def log_images(self, images: dict[str, Path], step: int) -> None:
+    def log_images(self, images: dict[str, Path], step: int) -> None:  # noqa: B027
         """PNG files of the finished run (``curves``, ``confusion_matrix``) by name."""
 
     def finish(self, status: str = "FINISHED") -> None:
+        """Close the sink at the end of the run; ``status`` is ``FINISHED``, ``KILLED`` (stopped
+        by a signal) or ``FAILED``."""
         if self.sink is not None:
             self.sink.close()
             self.sink = None

@@ -10,7 +10,7 @@ import abc
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -170,6 +170,7 @@ class Strategy(abc.ABC):
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the process that logs and writes the run's shared files."""
         return self.rank == 0
 
     @abc.abstractmethod
@@ -198,7 +199,11 @@ class Strategy(abc.ABC):
         self.settings = settings
 
     @abc.abstractmethod
-    def wrap(self, task: nn.Module, make_optimizer=None):
+    def wrap(
+        self,
+        task: nn.Module,
+        make_optimizer: Optional[Callable[[nn.Module], torch.optim.Optimizer]] = None,
+    ):
         """Place (and wrap) the task; build the optimizer over the placed parameters.
 
         Args:
@@ -221,6 +226,7 @@ class Strategy(abc.ABC):
         return move_batch(batch, self.device, self.input_dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's (already scaled) loss; DeepSpeed's engine overrides it."""
         loss.backward()
 
     @contextlib.contextmanager

@@ -177,7 +177,7 @@ def test_a_stopped_rank_fails_the_others_within_the_timeout(write_config, tmp_pa
 
 def test_two_nodes_rendezvous_over_c10d_and_match_one_node(write_config, tmp_path, started):
     """torchrun --nnodes 2 --rdzv-backend c10d on localhost, one process per "node", trains
-    exactly as 2 processes on one node do (the multi-node command in the README)."""
+    exactly as 2 processes on one node do (the multi-node command of docs/distributed.md)."""
     (tmp_path / "pace_plugin.py").write_text(SLOW_PLUGIN)
     common = {**BASE, "strategy": {"type": "ddp"}, "callbacks": [], "imports": []}
     launch(2, write_config({**common, "name": "one_node"}, "a.yaml"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -736,10 +737,12 @@ def test_a_save_failing_on_one_rank_stops_every_rank_alike(write_config, tmp_pat
         }
     )
     out = launch(2, cfg, expect=1)
-    errors = [ln for ln in out.stderr.splitlines() if "checkpoint not saved" in ln]
-    assert len(errors) == 2, out.stderr[-3000:]
-    assert any("No space left on device" in e for e in errors)
-    assert any("another rank failed to write its part" in e for e in errors)
+    # each rank says it once (the two ranks share one stderr: count sayings, not lines, as
+    # another process's output may precede a line without a newline of its own)
+    errors = re.findall(
+        r"checkpoint not saved: (No space left on device|another rank failed)", out.stderr
+    )
+    assert sorted(errors) == ["No space left on device", "another rank failed"], out.stderr[-3000:]
     ck = tmp_path / "runs/tiny/checkpoints"
     assert not (ck / "step_00000015").exists() and (ck / "latest").read_text() == "step_00000010"
     (tmp_path / "full_disk.py").write_text("")  # space is back

@@ -14,7 +14,7 @@ from helpers import metrics
 
 from src import Experiment, UserError
 
-README = (ROOT / "README.md").read_text()
+EXTENDING = (ROOT / "docs/extending.md").read_text()
 
 
 def fresh(script: str, cwd, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -35,8 +35,8 @@ def fresh(script: str, cwd, timeout: int = 300) -> subprocess.CompletedProcess:
     return out
 
 
-def test_the_readme_example_runs_in_a_fresh_interpreter_and_resumes(tmp_path):
-    code = re.search(r"```python\n# api_example.py\n(.*?)```", README, re.S).group(1)
+def test_the_docs_example_runs_in_a_fresh_interpreter_and_resumes(tmp_path):
+    code = re.search(r"```python\n# api_example.py\n(.*?)```", EXTENDING, re.S).group(1)
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     first = fresh(code, tmp_path).stdout
     cnn = float(re.search(r"^cnn (\S+)", first, re.M).group(1))

@@ -42,10 +42,11 @@ class Callback:
         """After training, also when it stops on an error."""
 
     def state_dict(self) -> dict[str, Any]:
+        """What a resume needs of this callback (tensors and plain values); checkpointed."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        """Restore what ``state_dict`` returned, before the first step of a resumed run."""
 
 
 class ValAccuracy:

@@ -1,0 +1,93 @@
+"""The documentation's references, made from the code itself.
+
+``components()`` is every registry and every registered component with its parameters (what
+``--list`` and ``--list REGISTRY.NAME`` print); ``commands()`` is the ``--help`` of the command
+line and of each of its commands. The docs site inserts both at build time
+(``docs/hooks.py``), so the reference cannot drift from what the platform accepts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import os
+
+from src.run.catalog import load_builtins, parameters, summary
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ") or " "
+
+
+def components(imports: list[str] | None = None) -> str:
+    """Markdown: a section per registry, a table of parameters per component."""
+    from src.core.registry import ALL
+
+    load_builtins()
+    if imports:
+        from src.run.plugins import import_user_modules
+
+        import_user_modules(imports, "--import")
+    out = []
+    for r_name, reg in ALL.items():
+        names = reg.names()
+        if not names:
+            continue
+        out += [f"## {r_name}", "", reg.doc, ""]
+        if reg.injected:
+            out += [
+                f"Set by the platform, not by a config: `{'`, `'.join(sorted(reg.injected))}`.",
+                "",
+            ]
+        out += ["| name | what it is |", "|---|---|"]
+        out += [f"| [`{n}`](#{r_name}-{n}) | {_cell(_summary(reg.get(n)))} |" for n in names]
+        out.append("")
+        for n in names:
+            entry = reg.get(n)
+            doc = _doc(entry)
+            out += [f"### {r_name}.{n} {{#{r_name}-{n}}}", "", _cell(summary(doc)), ""]
+            rows = parameters(entry, doc, reg.injected, reg.field_types(n))
+            if not rows:
+                out += ["No parameters.", ""]
+                continue
+            out += ["| parameter | type | default | description |", "|---|---|---|---|"]
+            out += [
+                f"| `{p}` | {_cell(f'`{k}`')} | {_cell(f'`{d}`')} | {_cell(t)} |"
+                for p, k, d, t in rows
+            ]
+            out.append("")
+    return "\n".join(out)
+
+
+def _doc(entry) -> str:
+    doc = inspect.getdoc(entry) or ""
+    if inspect.isclass(entry) and not doc.strip():
+        doc = inspect.getdoc(entry.__init__) or ""
+    return doc
+
+
+def _summary(entry) -> str:
+    return summary(_doc(entry))
+
+
+def commands(main, names) -> str:
+    """Markdown: the ``--help`` of ``python -m src.main`` and of each command in ``names``
+    (``main`` is ``src.main.main``, passed in: the command line sits above this layer)."""
+    out = []
+    for command in ("", *names):
+        argv = [command, "--help"] if command else ["--help"]
+        text = io.StringIO()
+        old = os.environ.get("COLUMNS")
+        os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal: the same page anywhere
+        try:
+            with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
+                main(argv)
+        finally:
+            if old is None:
+                os.environ.pop("COLUMNS")
+            else:
+                os.environ["COLUMNS"] = old
+        title = f"python -m src.main {command}".strip()
+        out += [f"## `{title}`", "", "```text", text.getvalue().rstrip(), "```", ""]
+    return "\n".join(out)
