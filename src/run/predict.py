@@ -252,7 +252,7 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--out",
         help="output file: .jsonl (default), .csv or .npy; default "
-        "RUN/predictions/<split>-step_<N>.jsonl",
+        "RUN/predictions/<split>-step_<N>.jsonl (with --data: <split>-<type>-<hash>-step_<N>.jsonl)",
     )
     p.add_argument(
         "--batch-size",
@@ -339,7 +339,13 @@ def _predict(args, out: Optional[Path], overrides: list[str], strategy) -> int:
             )
     if out is None:
         base = run.run_dir / "predictions" if run.run_dir else Path("predictions")
-        out = base / f"{split}-step_{run.step:08d}.jsonl"
+        tag = split
+        if args.data:  # other data: a name of its own, never the run's own split's file
+            import hashlib
+
+            digest = hashlib.sha256("\n".join(args.data).encode()).hexdigest()[:8]
+            tag = f"{split}-{run.cfg.data.type}-{digest}"
+        out = base / f"{tag}-step_{run.step:08d}.jsonl"
     d = run.cfg.data
     batch_size = args.batch_size or d.eval_batch_size or d.batch_size
     options = dict(

@@ -44,6 +44,16 @@ def last_val_accuracy(run_dir: Path) -> float:
     return [r["val/accuracy"] for r in rows if "val/accuracy" in r][-1]
 
 
+def test_predictions_on_other_data_do_not_replace_the_runs_own(digits_run):
+    assert main(["predict", "--run", str(digits_run)]) == 0
+    own = digits_run / "predictions" / "val-step_00000040.jsonl"
+    before = own.read_bytes()
+    assert main(["predict", "--run", str(digits_run), "--data", "val_fraction=0.5"]) == 0
+    assert own.read_bytes() == before
+    (other,) = (digits_run / "predictions").glob("val-digits-*-step_00000040.jsonl")
+    assert len(read(other)) > len(read(own))  # half the digits, not the run's fifth
+
+
 def test_predict_writes_every_validation_sample_in_order_with_the_runs_accuracy(digits_run, capsys):
     assert main(["predict", "--run", str(digits_run)]) == 0
     out = digits_run / "predictions" / "val-step_00000040.jsonl"
