@@ -13,7 +13,11 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Imported now, while this checkout is first on the path: MkDocs restores sys.path once the hook
+# is loaded, and a later import could find another installed copy of the platform.
 sys.path.insert(0, ROOT)
+from src.main import COMMANDS, main  # noqa: E402
+from src.run import reference  # noqa: E402
 
 
 def _recorded(name: str) -> str:
@@ -25,14 +29,10 @@ def _recorded(name: str) -> str:
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
     if "<!-- generated: components -->" in markdown:
-        from src.run.reference import components
-
-        markdown = markdown.replace("<!-- generated: components -->", components())
+        markdown = markdown.replace("<!-- generated: components -->", reference.components())
     if "<!-- generated: commands -->" in markdown:
-        from src.main import COMMANDS, main
-        from src.run.reference import commands
-
-        markdown = markdown.replace("<!-- generated: commands -->", commands(main, COMMANDS))
+        text = reference.commands(main, COMMANDS)
+        markdown = markdown.replace("<!-- generated: commands -->", text)
     if "<!-- generated: results -->" in markdown:
         markdown = markdown.replace("<!-- generated: results -->", _recorded("RESULTS.md"))
     if "<!-- generated: gpu_results -->" in markdown:

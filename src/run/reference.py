@@ -12,12 +12,16 @@ import contextlib
 import inspect
 import io
 import os
+import re
 
 from src.run.catalog import load_builtins, parameters, summary
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ") or " "
+    """Text for a table cell: one line, ``|`` escaped outside code spans (inside them the
+    table reads it as text already, and an escape would show)."""
+    parts = re.split(r"(`+[^`]*`+)", text.replace("\n", " "))
+    return "".join(p if p.startswith("`") else p.replace("|", "\\|") for p in parts) or " "
 
 
 def components(imports: list[str] | None = None) -> str:
