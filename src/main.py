@@ -113,17 +113,13 @@ def _list(which: str, imports: list[str]) -> int:
 
 
 def _list_component(reg_name: str, name: str) -> int:
-    import inspect
-
     from src.core.registry import ALL
-    from src.run.catalog import load_builtins, parameters, summary
+    from src.run.catalog import entry_doc, load_builtins, parameters, summary
 
     load_builtins()
     reg = ALL[reg_name]
     entry = reg.get(name, f"--list {reg_name}.{name}")
-    doc = inspect.getdoc(entry) or ""
-    if inspect.isclass(entry) and not doc.strip():
-        doc = inspect.getdoc(entry.__init__) or ""
+    doc = entry_doc(entry)
     print(f"{reg.singular} {name}: {summary(doc)}")
     rows = parameters(entry, doc, reg.injected, reg.field_types(name))
     if not rows:

@@ -24,6 +24,7 @@ What cannot run on one machine without a cluster (several hosts, a SLURM control
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import os
 import re
@@ -87,6 +88,7 @@ def _body_of(path: Path) -> str:
     return "\n".join(lines).strip()
 
 
+@functools.cache
 def _shipped() -> dict[str, Path]:
     out = {}
     for path in (ROOT / "configs").rglob("*.yaml"):
@@ -197,10 +199,10 @@ class Reader:
             return
         if command.startswith("pip install"):
             # the set-up command: CI runs it (test_ci_runs_the_readme_commands); then its run
-            rest = command.split("&&", 1)
-            assert command.split("&&")[0].strip() in (ROOT / ".ci/run").read_text(), command
-            if len(rest) == 2:
-                self.command(rest[1].strip())
+            install, _, then = command.partition("&&")
+            assert install.strip() in (ROOT / ".ci/run").read_text(), command
+            if then:
+                self.command(then.strip())
             return
         argv = shlex.split(command)
         if argv[:3] == ["python", "-m", "src.main"]:

@@ -41,6 +41,16 @@ def summary(doc: str) -> str:
     return text[: m.start()] if m else text
 
 
+def entry_doc(entry) -> str:
+    """A registered component's docstring: the class's, else its ``__init__``'s."""
+    import inspect
+
+    doc = inspect.getdoc(entry) or ""
+    if inspect.isclass(entry) and not doc.strip():
+        doc = inspect.getdoc(entry.__init__) or ""
+    return doc
+
+
 _BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
 
 

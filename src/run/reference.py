@@ -9,12 +9,11 @@ line and of each of its commands. The docs site inserts both at build time
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import os
 import re
 
-from src.run.catalog import load_builtins, parameters, summary
+from src.run.catalog import entry_doc, load_builtins, parameters, summary
 
 
 def _cell(text: str) -> str:
@@ -24,15 +23,11 @@ def _cell(text: str) -> str:
     return "".join(p if p.startswith("`") else p.replace("|", "\\|") for p in parts) or " "
 
 
-def components(imports: list[str] | None = None) -> str:
-    """Markdown: a section per registry, a table of parameters per component."""
+def components() -> str:
+    """Markdown: a section per registry, a table of parameters per built-in component."""
     from src.core.registry import ALL
 
     load_builtins()
-    if imports:
-        from src.run.plugins import import_user_modules
-
-        import_user_modules(imports, "--import")
     out = []
     for r_name, reg in ALL.items():
         names = reg.names()
@@ -45,11 +40,11 @@ def components(imports: list[str] | None = None) -> str:
                 "",
             ]
         out += ["| name | what it is |", "|---|---|"]
-        out += [f"| [`{n}`](#{r_name}-{n}) | {_cell(_summary(reg.get(n)))} |" for n in names]
+        docs = {n: entry_doc(reg.get(n)) for n in names}
+        out += [f"| [`{n}`](#{r_name}-{n}) | {_cell(summary(docs[n]))} |" for n in names]
         out.append("")
         for n in names:
-            entry = reg.get(n)
-            doc = _doc(entry)
+            entry, doc = reg.get(n), docs[n]
             out += [f"### {r_name}.{n} {{#{r_name}-{n}}}", "", _cell(summary(doc)), ""]
             rows = parameters(entry, doc, reg.injected, reg.field_types(n))
             if not rows:
@@ -62,17 +57,6 @@ def components(imports: list[str] | None = None) -> str:
             ]
             out.append("")
     return "\n".join(out)
-
-
-def _doc(entry) -> str:
-    doc = inspect.getdoc(entry) or ""
-    if inspect.isclass(entry) and not doc.strip():
-        doc = inspect.getdoc(entry.__init__) or ""
-    return doc
-
-
-def _summary(entry) -> str:
-    return summary(_doc(entry))
 
 
 def commands(main, names) -> str:
